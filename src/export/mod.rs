@@ -1,0 +1,146 @@
+//! Checkpoint -> ONNX: the graph is written from Rust with protobuf types of the ONNX IR, in
+//! FP32 or with every linear layer's weights in INT8.
+
+mod decoder;
+mod emit;
+mod encoder;
+mod graph;
+mod quantize;
+
+/// Generated protobuf types of the ONNX IR subset in `proto/onnx.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::checkpoint::{Checkpoint, ModelConfig, tensor_specs};
+use emit::Emitter;
+use graph::GraphBuilder;
+
+pub use quantize::{quantize_rows, transpose};
+
+/// How INT8 linear layers are expressed for ONNX Runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Int8Format {
+    /// `DynamicQuantizeLinear` + `MatMulInteger` (ONNX Runtime fuses them into
+    /// `DynamicQuantizeMatMul`): per-channel int8 weights, per-tensor uint8 activations.
+    #[value(name = "matmul-integer")]
+    MatMulInteger,
+    /// ONNX Runtime's `MatMulNBits` with 8 bits, blocks of 32 along the input axis, int8
+    /// compute (`accuracy_level` 4).
+    #[value(name = "matmul-nbits")]
+    MatMulNBits,
+    /// Quantize/dequantize pairs around a float `MatMul`, left to ONNX Runtime's QDQ fusion.
+    #[value(name = "qdq")]
+    Qdq,
+}
+
+/// Numeric precision of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// All weights in `f32`.
+    Fp32,
+    /// Linear layers and the token embedding in int8.
+    Int8(Int8Format),
+}
+
+impl Precision {
+    /// The INT8 layout the README recommends: the fastest one that stayed accurate in
+    /// `cargo bench --bench student`.
+    pub const DEFAULT_INT8: Precision = Precision::Int8(Int8Format::MatMulInteger);
+
+    fn label(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8(Int8Format::MatMulInteger) => "int8-matmul-integer",
+            Precision::Int8(Int8Format::MatMulNBits) => "int8-matmul-nbits",
+            Precision::Int8(Int8Format::Qdq) => "int8-qdq",
+        }
+    }
+}
+
+/// When weights go to a separate `model.onnx_data` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalData {
+    /// Only when the model would pass protobuf's 2 GB limit.
+    Auto,
+    Always,
+    Never,
+}
+
+/// File name of the exported graph.
+pub const MODEL_FILE: &str = "model.onnx";
+/// File name of the external weights, when used.
+pub const EXTERNAL_DATA_FILE: &str = "model.onnx_data";
+/// Above this estimated size, `ExternalData::Auto` writes external data (protobuf caps a
+/// message at 2 GiB; leave room for the graph itself).
+const EXTERNAL_THRESHOLD: u64 = 1_800_000_000;
+
+/// What an export wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    /// Files written, the graph first.
+    pub files: Vec<PathBuf>,
+    /// Bytes of the graph plus external data.
+    pub model_bytes: u64,
+    /// Precision label, e.g. `fp32` or `int8-matmul-integer`.
+    pub precision: &'static str,
+}
+
+/// Exports the checkpoint in `checkpoint_dir` to `out_dir/model.onnx`, copying `config.json`
+/// and the tokenizer files beside it.
+pub fn export(
+    checkpoint_dir: &Path,
+    out_dir: &Path,
+    precision: Precision,
+    external: ExternalData,
+) -> Result<ExportReport> {
+    let ckpt = Checkpoint::open(checkpoint_dir)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let bytes_per_weight = if precision == Precision::Fp32 { 4 } else { 1 };
+    let estimate: u64 = tensor_specs(&ckpt.config)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64 * bytes_per_weight)
+        .sum();
+    let use_external = match external {
+        ExternalData::Always => true,
+        ExternalData::Never => false,
+        ExternalData::Auto => estimate > EXTERNAL_THRESHOLD,
+    };
+    let model_path = out_dir.join(MODEL_FILE);
+    let data_path = out_dir.join(EXTERNAL_DATA_FILE);
+    if !use_external && data_path.exists() {
+        std::fs::remove_file(&data_path)?;
+    }
+    let family = ckpt.config.family();
+    let builder = GraphBuilder::new(family.model_type(), use_external.then_some(data_path.as_path()))?;
+    let mut e = Emitter::new(builder, &ckpt.weights, precision);
+    match &ckpt.config {
+        ModelConfig::Decoder(c) => decoder::build(&mut e, c)?,
+        ModelConfig::Encoder(c) => encoder::build(&mut e, c)?,
+    }
+    let metadata = [
+        ("distill_serve.family", family.model_type().to_string()),
+        ("distill_serve.precision", precision.label().to_string()),
+    ];
+    let mut files = e.b.finish(&model_path, &metadata)?;
+    let model_bytes = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()))
+        .sum::<Result<u64, _>>()?;
+    for src in std::iter::once(ckpt.dir.join("config.json").as_path()).chain(ckpt.tokenizer.files()) {
+        let name = src.file_name().context("tokenizer file without a name")?;
+        let dst = out_dir.join(name);
+        std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        files.push(dst);
+    }
+    Ok(ExportReport {
+        files,
+        model_bytes,
+        precision: precision.label(),
+    })
+}

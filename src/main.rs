@@ -1,0 +1,75 @@
+//! The `distill-serve` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use distill_serve::export::{self, ExternalData, Int8Format, Precision};
+use distill_serve::tiny::{self, TinySpec};
+
+#[derive(Parser)]
+#[command(
+    name = "distill-serve",
+    version,
+    about = "Serve, export and refresh distilled INT8 student models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a deterministic random-weight student checkpoint (Hugging Face layout).
+    Tiny {
+        #[command(flatten)]
+        spec: TinySpec,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Export a checkpoint to ONNX (FP32, or INT8 with --int8).
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint folder (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output folder for model.onnx and the copied config and tokenizer files.
+    #[arg(long)]
+    out: PathBuf,
+    /// Quantise linear layers and the token embedding to INT8.
+    #[arg(long)]
+    int8: bool,
+    /// How INT8 layers are expressed for ONNX Runtime.
+    #[arg(long, value_enum, default_value = "matmul-integer", requires = "int8")]
+    int8_format: Int8Format,
+    /// When to write weights to model.onnx_data.
+    #[arg(long, value_enum, default_value = "auto")]
+    external_data: ExternalData,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Tiny { spec, out } => {
+            let config = tiny::write_tiny(&spec, &out)?;
+            eprintln!("wrote a {} student to {}", config.family().model_type(), out.display());
+        }
+        Command::Export(args) => {
+            let precision = if args.int8 {
+                Precision::Int8(args.int8_format)
+            } else {
+                Precision::Fp32
+            };
+            let report = export::export(&args.checkpoint, &args.out, precision, args.external_data)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Helpers shared by the integration tests: tiny students in temporary folders, exports, and
+//! padded batches run through ONNX Runtime.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use distill_serve::checkpoint::Family;
+use distill_serve::engine::{DecoderSession, EncoderSession, SessionOptions};
+use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::tiny::{TinySpec, write_tiny};
+use ndarray::Array2;
+use tempfile::TempDir;
+
+/// A tiny student written to a fresh temporary folder.
+pub struct Student {
+    pub dir: TempDir,
+    pub checkpoint: PathBuf,
+}
+
+/// Writes a tiny student of `family`, letting `tweak` adjust the spec first.
+pub fn student(family: Family, seed: u64, tweak: impl FnOnce(&mut TinySpec)) -> Student {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    let mut spec = TinySpec::new(family, seed);
+    tweak(&mut spec);
+    write_tiny(&spec, &checkpoint).unwrap();
+    Student { dir, checkpoint }
+}
+
+impl Student {
+    /// Exports into `<tmp>/<label>` and returns the model path.
+    pub fn export(&self, label: &str, precision: Precision, external: ExternalData) -> PathBuf {
+        let out = self.dir.path().join(label);
+        export::export(&self.checkpoint, &out, precision, external).unwrap();
+        out.join(export::MODEL_FILE)
+    }
+
+    pub fn decoder(&self, label: &str, precision: Precision) -> DecoderSession {
+        DecoderSession::open(
+            &self.export(label, precision, ExternalData::Never),
+            SessionOptions::default(),
+        )
+        .unwrap()
+    }
+
+    pub fn encoder(&self, label: &str, precision: Precision) -> EncoderSession {
+        EncoderSession::open(
+            &self.export(label, precision, ExternalData::Never),
+            SessionOptions::default(),
+        )
+        .unwrap()
+    }
+
+    /// Token ids of `text` under the student's own tokenizer.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let tok = tokenizers::Tokenizer::from_file(self.checkpoint.join("tokenizer.json")).unwrap();
+        tok.encode(text, false).unwrap().get_ids().to_vec()
+    }
+}
+
+/// Prompts of different lengths for padded batches.
+pub const PROMPTS: [&str; 3] = [
+    "The patient has type 2 diabetes mellitus without complications.",
+    "Code: E11.9",
+    "The market opened higher on Monday as bond yields fell and technology shares rallied.",
+];
+
+/// Which side padding goes on.
+#[derive(Clone, Copy, Debug)]
+pub enum Padding {
+    Left,
+    Right,
+}
+
+/// A padded batch: ids, attention mask, position ids (counting real tokens only).
+pub fn pad(seqs: &[Vec<u32>], padding: Padding, pad_id: u32) -> (Array2<i64>, Array2<i64>, Array2<i64>) {
+    let len = seqs.iter().map(Vec::len).max().unwrap();
+    let mut ids = Array2::from_elem((seqs.len(), len), i64::from(pad_id));
+    let mut mask = Array2::zeros((seqs.len(), len));
+    let mut pos = Array2::zeros((seqs.len(), len));
+    for (b, s) in seqs.iter().enumerate() {
+        let start = match padding {
+            Padding::Left => len - s.len(),
+            Padding::Right => 0,
+        };
+        for (i, &t) in s.iter().enumerate() {
+            ids[[b, start + i]] = i64::from(t);
+            mask[[b, start + i]] = 1;
+            pos[[b, start + i]] = i as i64;
+        }
+    }
+    (ids, mask, pos)
+}
+
+/// Logits of the real (unpadded) positions of each sequence, from one padded ORT batch.
+pub fn decoder_batch_logits(session: &mut DecoderSession, seqs: &[Vec<u32>], padding: Padding) -> Vec<Vec<Vec<f32>>> {
+    let (ids, mask, pos) = pad(seqs, padding, 0);
+    let cache = session.empty_cache(seqs.len()).unwrap();
+    let (logits, _) = session.forward(&ids, &mask, &pos, cache).unwrap();
+    let len = ids.ncols();
+    seqs.iter()
+        .enumerate()
+        .map(|(b, s)| {
+            let start = match padding {
+                Padding::Left => len - s.len(),
+                Padding::Right => 0,
+            };
+            (start..start + s.len())
+                .map(|i| logits.slice(ndarray::s![b, i, ..]).to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+/// Greedy continuation with the ORT session and its KV cache.
+pub fn ort_greedy(session: &mut DecoderSession, prompt: &[u32], n: usize) -> Vec<u32> {
+    let ids = Array2::from_shape_fn((1, prompt.len()), |(_, i)| i64::from(prompt[i]));
+    let pos = Array2::from_shape_fn((1, prompt.len()), |(_, i)| i as i64);
+    let mask = Array2::ones((1, prompt.len()));
+    let (mut logits, mut cache) = session
+        .forward(&ids, &mask, &pos, session.empty_cache(1).unwrap())
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let last = logits.slice(ndarray::s![0, -1, ..]).to_vec();
+        let next = argmax(&last);
+        out.push(next);
+        let total = cache.len() + 1;
+        let (l, c) = session
+            .forward(
+                &Array2::from_elem((1, 1), i64::from(next)),
+                &Array2::ones((1, total)),
+                &Array2::from_elem((1, 1), (total - 1) as i64),
+                cache,
+            )
+            .unwrap();
+        logits = l;
+        cache = c;
+    }
+    out
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i as u32, x) } else { b },
+        )
+        .0
+}
+
+/// The path of the built `distill-serve` binary.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_distill-serve"))
+}

@@ -1,0 +1,162 @@
+//! ONNX exports run by ONNX Runtime against the candle-transformers reference on the same
+//! checkpoint: padded batches, incremental decoding with the KV cache, greedy generation.
+
+mod common;
+
+use common::{PROMPTS, Padding, decoder_batch_logits, ort_greedy, pad, student};
+use distill_serve::checkpoint::Family;
+use distill_serve::export::Precision;
+use distill_serve::reference::{ReferenceDecoder, ReferenceEncoder, max_abs_diff};
+use distill_serve::tiny::{BertHeadArg, TransformersFormat};
+use ndarray::{Array2, s};
+
+const TOLERANCE: f32 = 1e-3;
+
+fn assert_decoder_matches_reference(family: Family, tweak: impl FnOnce(&mut distill_serve::tiny::TinySpec)) {
+    let st = student(family, 7, tweak);
+    let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
+    assert!(
+        seqs.iter().map(Vec::len).min() < seqs.iter().map(Vec::len).max(),
+        "lengths must differ"
+    );
+    let mut reference = ReferenceDecoder::load(&st.checkpoint).unwrap();
+    let mut session = st.decoder("fp32", Precision::Fp32);
+    for padding in [Padding::Left, Padding::Right] {
+        let ort = decoder_batch_logits(&mut session, &seqs, padding);
+        for (b, seq) in seqs.iter().enumerate() {
+            let want = reference.logits(seq).unwrap();
+            for (pos, (got, want)) in ort[b].iter().zip(&want).enumerate() {
+                let diff = max_abs_diff(got, want);
+                assert!(
+                    diff < TOLERANCE,
+                    "{family:?} {padding:?} seq {b} pos {pos}: max abs diff {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_fp32_matches_candle_on_padded_batch() {
+    assert_decoder_matches_reference(Family::Qwen2, |_| {});
+}
+
+#[test]
+fn llama_fp32_matches_candle_on_padded_batch() {
+    assert_decoder_matches_reference(Family::Llama, |_| {});
+}
+
+#[test]
+fn transformers_5x_layout_sharded_untied_qwen2_matches_candle() {
+    assert_decoder_matches_reference(Family::Qwen2, |s| {
+        s.format = TransformersFormat::V5;
+        s.shards = 3;
+        s.tie_word_embeddings = Some(false);
+        s.num_kv_heads = Some(1);
+        s.rope_theta = 1_000_000.0;
+    });
+}
+
+fn assert_encoder_matches_reference(head: BertHeadArg) {
+    let st = student(Family::Bert, 3, |s| s.bert_head = head);
+    let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
+    let reference = ReferenceEncoder::load(&st.checkpoint).unwrap();
+    let mut session = st.encoder("fp32", Precision::Fp32);
+    let (ids, mask, _) = pad(&seqs, Padding::Right, 0);
+    let logits = session.forward(&ids, &mask).unwrap();
+    for (b, seq) in seqs.iter().enumerate() {
+        let want = reference.logits(seq).unwrap();
+        let got: Vec<Vec<f32>> = match head {
+            BertHeadArg::Sequence => vec![logits.slice(s![b, ..]).to_vec()],
+            BertHeadArg::Token => (0..seq.len()).map(|i| logits.slice(s![b, i, ..]).to_vec()).collect(),
+        };
+        assert_eq!(got.len(), want.len());
+        for (got, want) in got.iter().zip(&want) {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < TOLERANCE, "{head:?} seq {b}: max abs diff {diff}");
+        }
+    }
+}
+
+#[test]
+fn bert_sequence_classifier_matches_candle_on_padded_batch() {
+    assert_encoder_matches_reference(BertHeadArg::Sequence);
+}
+
+#[test]
+fn bert_token_classifier_matches_candle_on_padded_batch() {
+    assert_encoder_matches_reference(BertHeadArg::Token);
+}
+
+/// 16 decode steps with the KV cache give the logits of recomputing the whole sequence, on a
+/// left-padded batch of two.
+fn assert_incremental_equals_full(family: Family) {
+    let st = student(family, 11, |_| {});
+    let mut session = st.decoder("fp32", Precision::Fp32);
+    let prompts = [st.encode(PROMPTS[0]), st.encode(PROMPTS[1])];
+    let steps = 16;
+    let continuation: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..steps).map(|i| (7 * i + 13 * b + 5) as u32).collect())
+        .collect();
+    let full: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&continuation)
+        .map(|(p, c)| [p.clone(), c.clone()].concat())
+        .collect();
+    let want = decoder_batch_logits(&mut session, &full, Padding::Left);
+
+    let (ids, mut mask, pos) = pad(&prompts, Padding::Left, 0);
+    let cache = session.empty_cache(2).unwrap();
+    let (_, mut cache) = session.forward(&ids, &mask, &pos, cache).unwrap();
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    for step in 0..steps {
+        let ids = Array2::from_shape_fn((2, 1), |(b, _)| i64::from(continuation[b][step]));
+        let pos = Array2::from_shape_fn((2, 1), |(b, _)| next_pos[b]);
+        mask.push_column(ndarray::ArrayView1::from(&[1, 1])).unwrap();
+        let (logits, c) = session.forward(&ids, &mask, &pos, cache).unwrap();
+        cache = c;
+        for b in 0..2 {
+            let got = logits.slice(s![b, 0, ..]).to_vec();
+            let diff = max_abs_diff(&got, &want[b][prompts[b].len() + step]);
+            assert!(diff < 1e-4, "{family:?} seq {b} step {step}: max abs diff {diff}");
+            next_pos[b] += 1;
+        }
+    }
+    assert_eq!(cache.len(), ids.ncols() + steps);
+}
+
+#[test]
+fn qwen2_incremental_decode_equals_full_recompute() {
+    assert_incremental_equals_full(Family::Qwen2);
+}
+
+#[test]
+fn llama_incremental_decode_equals_full_recompute() {
+    assert_incremental_equals_full(Family::Llama);
+}
+
+fn assert_greedy_identical(family: Family) {
+    let st = student(family, 5, |_| {});
+    let prompt = st.encode(PROMPTS[0]);
+    let want = ReferenceDecoder::load(&st.checkpoint)
+        .unwrap()
+        .greedy(&prompt, 32)
+        .unwrap();
+    let got = ort_greedy(&mut st.decoder("fp32", Precision::Fp32), &prompt, 32);
+    assert_eq!(got, want, "{family:?}: greedy tokens differ");
+    let distinct: std::collections::HashSet<_> = got.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "a constant continuation would make the test vacuous: {got:?}"
+    );
+}
+
+#[test]
+fn qwen2_greedy_32_tokens_identical_to_candle() {
+    assert_greedy_identical(Family::Qwen2);
+}
+
+#[test]
+fn llama_greedy_32_tokens_identical_to_candle() {
+    assert_greedy_identical(Family::Llama);
+}
