@@ -160,3 +160,41 @@ fn qwen2_greedy_32_tokens_identical_to_candle() {
 fn llama_greedy_32_tokens_identical_to_candle() {
     assert_greedy_identical(Family::Llama);
 }
+
+#[test]
+fn llama3_rope_scaling_matches_candle() {
+    // A Llama 3.1 style frequency schedule; the small original context makes every band
+    // (kept, scaled, smoothed) occur among the 8 frequencies of a 16-wide head.
+    let st = student(Family::Llama, 8, |s| s.rope_theta = 500_000.0);
+    let path = st.checkpoint.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
+    let mut reference = ReferenceDecoder::load(&st.checkpoint).unwrap();
+    let scaled = decoder_batch_logits(&mut st.decoder("fp32", Precision::Fp32), &seqs, Padding::Left);
+    let plain = {
+        let mut c = config.clone();
+        c.as_object_mut().unwrap().remove("rope_scaling");
+        std::fs::write(&path, c.to_string()).unwrap();
+        let logits = decoder_batch_logits(&mut st.decoder("plain", Precision::Fp32), &seqs, Padding::Left);
+        std::fs::write(&path, config.to_string()).unwrap();
+        logits
+    };
+    let mut changed = 0.0f32;
+    for (b, seq) in seqs.iter().enumerate() {
+        let want = reference.logits(seq).unwrap();
+        for (pos, got) in scaled[b].iter().enumerate() {
+            let diff = max_abs_diff(got, &want[pos]);
+            assert!(diff < TOLERANCE, "seq {b} pos {pos}: max abs diff {diff}");
+            changed = changed.max(max_abs_diff(got, &plain[b][pos]));
+        }
+    }
+    assert!(
+        changed > 1e-2,
+        "the scaling must change the logits (max change {changed})"
+    );
+}

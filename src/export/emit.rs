@@ -29,6 +29,7 @@ pub struct Emitter<'w> {
     precision: Precision,
     /// Activations already quantised, by value name: q/k/v and gate/up share one quantisation.
     quantized: HashMap<String, Quantized>,
+    per_token: HashMap<String, Quantized>,
 }
 
 impl<'w> Emitter<'w> {
@@ -39,6 +40,7 @@ impl<'w> Emitter<'w> {
             weights,
             precision,
             quantized: HashMap::new(),
+            per_token: HashMap::new(),
         }
     }
 
@@ -81,11 +83,11 @@ impl<'w> Emitter<'w> {
                     .b
                     .initializer(&format!("{weight}.int8"), Elem::I8, &[inp, out], as_bytes(&codes))?;
                 let ws = self.b.f32_init(&format!("{weight}.scale"), &[out], &q.scales)?;
-                let xq = self.quantize_activation(x);
+                let xq = self.quantize_per_token(x)?;
                 let acc = self.b.op("MatMulInteger", &[&xq.codes, &wq, &xq.zero_point], vec![]);
                 let acc = self.b.op("Cast", &[&acc], vec![("to", Attr::Int(1))]);
-                let scale = self.b.op("Mul", &[&xq.scale, &ws], vec![]);
-                self.b.op("Mul", &[&acc, &scale], vec![])
+                let acc = self.b.op("Mul", &[&acc, &ws], vec![]);
+                self.b.op("Mul", &[&acc, &xq.scale], vec![])
             }
             Precision::Int8(Int8Format::Qdq) => {
                 let q = quantize_rows(&w, inp);
@@ -134,6 +136,39 @@ impl<'w> Emitter<'w> {
             }
             None => Ok(y),
         }
+    }
+
+    /// Symmetric per-token quantisation of `x` (`[.., K]`) to uint8 around 128: one scale per
+    /// row, so a sequence's result does not depend on the other sequences in its batch.
+    fn quantize_per_token(&mut self, x: &str) -> Result<Quantized> {
+        if let Some(q) = self.per_token.get(x) {
+            return Ok(q.clone());
+        }
+        let b = &mut self.b;
+        let abs = b.op("Abs", &[x], vec![]);
+        let amax = b.op(
+            "ReduceMax",
+            &[&abs],
+            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+        );
+        let (qmax, tiny) = (b.scalar_f32(127.0), b.scalar_f32(f32::MIN_POSITIVE));
+        let scale = b.op("Div", &[&amax, &qmax], vec![]);
+        let scale = b.op("Max", &[&scale, &tiny], vec![]);
+        let inverse = b.op("Reciprocal", &[&scale], vec![]);
+        let scaled = b.op("Mul", &[x, &inverse], vec![]);
+        // Cast truncates, so adding 128.5 rounds to nearest and offsets to the zero point at once.
+        let offset = b.scalar_f32(128.5);
+        let shifted = b.op("Add", &[&scaled, &offset], vec![]);
+        let codes = b.op("Cast", &[&shifted], vec![("to", Attr::Int(2))]);
+        let zp_name = b.fresh("zp128");
+        let zero_point = b.initializer(&zp_name, Elem::U8, &[], vec![128])?;
+        let q = Quantized {
+            codes,
+            scale,
+            zero_point,
+        };
+        self.per_token.insert(x.to_string(), q.clone());
+        Ok(q)
     }
 
     fn quantize_activation(&mut self, x: &str) -> Quantized {

@@ -76,9 +76,9 @@ pub enum ExternalData {
 pub const MODEL_FILE: &str = "model.onnx";
 /// File name of the external weights, when used.
 pub const EXTERNAL_DATA_FILE: &str = "model.onnx_data";
-/// Above this estimated size, `ExternalData::Auto` writes external data (protobuf caps a
-/// message at 2 GiB; leave room for the graph itself).
-const EXTERNAL_THRESHOLD: u64 = 1_800_000_000;
+/// Above this estimated size, `ExternalData::Auto` writes external data: protobuf caps a
+/// message at 2 GiB, and a model this large is better mapped from disk than parsed in memory.
+const EXTERNAL_THRESHOLD: u64 = 1 << 30;
 
 /// What an export wrote.
 #[derive(Debug, Clone, serde::Serialize)]

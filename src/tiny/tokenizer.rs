@@ -59,7 +59,8 @@ pub fn train_tokenizer(family: Family, vocab_size: usize) -> Result<TinyTokenize
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
+    // No prefix space, as Qwen2 and Llama 3 tokenizers: decoding must give back the exact text.
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     tokenizer
         .train(&mut trainer, CORPUS.lines())
