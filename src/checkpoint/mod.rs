@@ -85,12 +85,4 @@ impl Checkpoint {
             tokenizer,
         })
     }
-
-    /// The decoder configuration, or an error if this is an encoder.
-    pub fn decoder(&self) -> Result<&DecoderConfig, CheckpointError> {
-        match &self.config {
-            ModelConfig::Decoder(d) => Ok(d),
-            ModelConfig::Encoder(_) => Err(CheckpointError::Config("expected a decoder, found an encoder".into())),
-        }
-    }
 }

@@ -58,18 +58,6 @@ impl Weights {
         Ok(Self { shards, by_name })
     }
 
-    /// Whether a tensor of that name exists.
-    pub fn contains(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
-    }
-
-    /// All tensor names, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        names
-    }
-
     /// The files the weights were read from.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.shards.iter().map(|s| s.path.as_path())

@@ -21,8 +21,6 @@ use crate::checkpoint::{Checkpoint, ModelConfig, tensor_specs};
 use emit::Emitter;
 use graph::GraphBuilder;
 
-pub use quantize::{quantize_rows, transpose};
-
 /// How INT8 linear layers are expressed for ONNX Runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Int8Format {

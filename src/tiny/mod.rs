@@ -21,7 +21,7 @@ use crate::checkpoint::{
     DecoderConfig, EncoderConfig, EncoderHead, Family, ModelConfig, RopeConfig, TensorRole, TensorSpec, tensor_specs,
 };
 
-pub use tokenizer::{TinyTokenizer, train_tokenizer};
+use tokenizer::train_tokenizer;
 
 /// Named shapes for `--shape`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
