@@ -1,9 +1,11 @@
 //! The `distill-serve` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use distill_serve::config::ServeArgs;
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
 use distill_serve::tiny::{self, TinySpec};
 
@@ -30,6 +32,8 @@ enum Command {
     },
     /// Export a checkpoint to ONNX (FP32, or INT8 with --int8).
     Export(ExportArgs),
+    /// Serve the models of a model repository over HTTP.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Tiny { spec, out } => {
@@ -69,6 +74,10 @@ fn main() -> Result<()> {
             };
             let report = export::export(&args.checkpoint, &args.out, precision, args.external_data)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            tokio::runtime::Runtime::new()?.block_on(distill_serve::server::run(config))?;
         }
     }
     Ok(())

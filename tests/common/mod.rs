@@ -2,6 +2,8 @@
 //! padded batches run through ONNX Runtime.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 use distill_serve::checkpoint::Family;

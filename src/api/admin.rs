@@ -1,0 +1,73 @@
+//! Admin routes under `/admin/v1/`, behind a bearer token: list, load (or reload) and unload
+//! models.
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Rejects requests without the configured token: 401 when absent, 403 when wrong (or when the
+/// server has no admin token, which turns the admin API off).
+pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (&state.admin_token, given) {
+        (None, _) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the admin API is off; start the server with --admin-token",
+        )
+        .into_response(),
+        (Some(_), None) => {
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token").into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+        (Some(expected), Some(token)) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        (Some(_), Some(_)) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong bearer token").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /admin/v1/models`: every model's state, version and load error.
+pub async fn list(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"models": state.repository.statuses()}))
+}
+
+/// `POST /admin/v1/models/{name}/load` (also `/reload`): loads the chosen version beside the
+/// serving one and swaps it in.
+pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let repository = state.repository.clone();
+    let loaded = tokio::task::spawn_blocking(move || repository.load(&name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()))?;
+    match loaded {
+        Ok(model) => Ok(Json(
+            json!({"name": model.name, "version": model.version, "state": "READY"}),
+        )),
+        Err(crate::repository::RepositoryError::Invalid(message)) => {
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "load_failed", message))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /admin/v1/models/{name}/unload`.
+pub async fn unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    state.repository.unload(&name)?;
+    Ok(Json(json!({"name": name, "state": "UNLOADED"})))
+}

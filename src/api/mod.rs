@@ -1,0 +1,58 @@
+//! The HTTP API: OpenAI-compatible routes, KServe v2 health and metadata, Prometheus metrics
+//! and the admin routes, on one axum router.
+
+mod admin;
+pub mod error;
+mod kserve;
+pub mod openai;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
+use crate::metrics::Metrics;
+use crate::repository::Repository;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub repository: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/admin/v1/models", get(admin::list))
+        .route("/admin/v1/models/{name}/load", post(admin::load))
+        .route("/admin/v1/models/{name}/reload", post(admin::load))
+        .route("/admin/v1/models/{name}/unload", post(admin::unload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_token,
+        ));
+    Router::new()
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v2", get(kserve::server_metadata))
+        .route("/v2/health/live", get(kserve::live))
+        .route("/v2/health/ready", get(kserve::ready))
+        .route("/v2/models/{name}", get(kserve::model_metadata))
+        .route("/v2/models/{name}/ready", get(kserve::model_ready))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,390 @@
+//! OpenAI-compatible routes: `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions`, with `stream: true` as server-sent events ending in
+//! `data: [DONE]`.
+
+mod types;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::generate::{Event, FinishReason, TokenLogprob};
+use crate::repository::ModelVersion;
+use crate::scheduler::EventResult;
+use crate::tokenize::ChatMessage;
+pub use types::{ChatRequest, CompletionRequest};
+
+/// Parses a JSON body, answering 400 with serde's message (which names the field).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .repository
+        .statuses()
+        .into_iter()
+        .filter(|s| s.state == "READY")
+        .map(|s| json!({"id": s.name, "object": "model", "created": 0, "owned_by": "distill-serve"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Which route a request came through; decides the response shapes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Completions,
+    Chat,
+}
+
+impl Route {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Route::Completions => "completions",
+            Route::Chat => "chat_completions",
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let req: CompletionRequest = parse_json(&body)?;
+        if req.echo == Some(true) {
+            return Err(ApiError::invalid("echo", "echo is not supported"));
+        }
+        let model = state.repository.get(&req.model)?;
+        let prompt = match req.prompt {
+            types::Prompt::Text(text) => encode(&model, &text, true)?,
+            types::Prompt::Texts(texts) if texts.len() == 1 => encode(&model, &texts[0], true)?,
+            types::Prompt::Texts(texts) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("one prompt per request, got {}", texts.len()),
+                ));
+            }
+            types::Prompt::Tokens(ids) => check_ids(&model, ids)?,
+        };
+        let request = types::build_request(&model, prompt, &req.sampling, req.sampling.max_tokens, req.logprobs)?;
+        let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let events = model.scheduler.submit(request)?;
+        Ok((model, events, req.sampling.stream, include_usage))
+    }
+    .await;
+    respond(state, Route::Completions, started, result).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let req: ChatRequest = parse_json(&body)?;
+        let model = state.repository.get(&req.model)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let messages = req
+            .messages
+            .iter()
+            .map(|m| {
+                Ok(ChatMessage {
+                    role: m.role.clone(),
+                    content: m.text()?,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let template = model.chat_template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "messages",
+                format!("model `{}` has no chat template; use /v1/completions", model.name),
+            )
+        })?;
+        let text = template
+            .render(&messages)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let prompt = encode(&model, &text, false)?;
+        let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+        let logprobs = match (req.logprobs, req.top_logprobs) {
+            (true, n) => Some(n.unwrap_or(0)),
+            (false, None) => None,
+            (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
+        };
+        let request = types::build_request(&model, prompt, &req.sampling, max_tokens, logprobs)?;
+        let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let events = model.scheduler.submit(request)?;
+        Ok((model, events, req.sampling.stream, include_usage))
+    }
+    .await;
+    respond(state, Route::Chat, started, result).await
+}
+
+fn encode(model: &ModelVersion, text: &str, special: bool) -> Result<Vec<u32>, ApiError> {
+    model
+        .tokenizer
+        .encode(text, special)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))
+}
+
+fn check_ids(model: &ModelVersion, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+    let vocab = model.tokenizer.get_vocab_size(true) as u32;
+    match ids.iter().find(|&&id| id >= vocab) {
+        Some(id) => Err(ApiError::invalid(
+            "prompt",
+            format!("token id {id} is outside the vocabulary of {vocab}"),
+        )),
+        None => Ok(ids),
+    }
+}
+
+type Admitted = (Arc<ModelVersion>, mpsc::Receiver<EventResult>, bool, bool);
+
+async fn respond(state: AppState, route: Route, started: Instant, admitted: Result<Admitted, ApiError>) -> Response {
+    let (model, events, stream, include_usage) = match admitted {
+        Ok(a) => a,
+        Err(e) => {
+            state
+                .metrics
+                .observe_request("", route.endpoint(), e.status.as_u16(), started.elapsed());
+            return e.into_response();
+        }
+    };
+    if stream {
+        let body = sse_stream(state, route, started, model, events, include_usage);
+        return Sse::new(body).keep_alive(KeepAlive::default()).into_response();
+    }
+    let response = collect(route, &model, events).await;
+    let status = match &response {
+        Ok(_) => 200,
+        Err(e) => e.status.as_u16(),
+    };
+    state
+        .metrics
+        .observe_request(&model.name, route.endpoint(), status, started.elapsed());
+    match response {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Everything a non-streamed response needs.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    reason: Option<FinishReason>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(
+    route: Route,
+    model: &ModelVersion,
+    mut events: mpsc::Receiver<EventResult>,
+) -> Result<Value, ApiError> {
+    let mut c = Collected::default();
+    while let Some(event) = events.recv().await {
+        match event.map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e))? {
+            Event::Token { text, logprob, .. } => {
+                c.text.push_str(&text);
+                c.logprobs.extend(logprob);
+            }
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                c.text.push_str(&text);
+                c.reason = Some(reason);
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+            }
+        }
+    }
+    let reason = c.reason.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "generation ended early",
+        )
+    })?;
+    let usage = usage(c.prompt_tokens, c.completion_tokens);
+    let has_logprobs = !c.logprobs.is_empty();
+    Ok(match route {
+        Route::Completions => json!({
+            "id": request_id("cmpl"),
+            "object": "text_completion",
+            "created": unix_now(),
+            "model": model.name,
+            "choices": [{
+                "index": 0,
+                "text": c.text,
+                "logprobs": has_logprobs.then(|| completion_logprobs(&c.logprobs)),
+                "finish_reason": reason.as_str(),
+            }],
+            "usage": usage,
+        }),
+        Route::Chat => json!({
+            "id": request_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": unix_now(),
+            "model": model.name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": has_logprobs.then(|| json!({"content": chat_logprobs(&c.logprobs)})),
+                "finish_reason": reason.as_str(),
+            }],
+            "usage": usage,
+        }),
+    })
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The legacy completions shape: parallel lists.
+fn completion_logprobs(lps: &[TokenLogprob]) -> Value {
+    let top: Vec<Value> = lps
+        .iter()
+        .map(|l| Value::Object(l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect()))
+        .collect();
+    json!({
+        "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+    })
+}
+
+/// The chat shape: one object per token with its alternatives.
+fn chat_logprobs(lps: &[TokenLogprob]) -> Vec<Value> {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    lps.iter()
+        .map(|l| {
+            let mut e = entry(&l.token, l.logprob);
+            e["top_logprobs"] = Value::Array(l.top.iter().map(|(t, p)| entry(t, *p)).collect());
+            e
+        })
+        .collect()
+}
+
+fn sse_stream(
+    state: AppState,
+    route: Route,
+    started: Instant,
+    model: Arc<ModelVersion>,
+    mut events: mpsc::Receiver<EventResult>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let (id, created) = (
+        request_id(if route == Route::Chat { "chatcmpl" } else { "cmpl" }),
+        unix_now(),
+    );
+    let name = model.name.clone();
+    let chunk = move |delta: Value, logprobs: Option<Value>, reason: Option<&str>| -> Value {
+        let (object, choice) = match route {
+            Route::Chat => (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}),
+            ),
+            Route::Completions => (
+                "text_completion",
+                json!({"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": reason}),
+            ),
+        };
+        json!({"id": id, "object": object, "created": created, "model": model.name, "choices": [choice]})
+    };
+    let text_delta = move |text: String| match route {
+        Route::Chat => json!({"content": text}),
+        Route::Completions => json!(text),
+    };
+    // Records the request when the stream ends; a stream dropped before its end (the client went
+    // away) is recorded as 499, as nginx does.
+    struct Record {
+        state: AppState,
+        name: String,
+        endpoint: &'static str,
+        started: Instant,
+        status: u16,
+    }
+    impl Drop for Record {
+        fn drop(&mut self) {
+            self.state
+                .metrics
+                .observe_request(&self.name, self.endpoint, self.status, self.started.elapsed());
+        }
+    }
+    let record = Record {
+        name,
+        state,
+        endpoint: route.endpoint(),
+        started,
+        status: 499,
+    };
+    async_stream::stream! {
+        // Move the whole guard in (a closure would capture only the field it assigns).
+        let mut record = record;
+        if route == Route::Chat {
+            yield Ok(SseEvent::default().data(chunk(json!({"role": "assistant", "content": ""}), None, None).to_string()));
+        }
+        while let Some(event) = events.recv().await {
+            match event {
+                Ok(Event::Token { text, logprob, .. }) => {
+                    let lp = logprob.map(|l| match route {
+                        Route::Chat => json!({"content": chat_logprobs(std::slice::from_ref(&l))}),
+                        Route::Completions => completion_logprobs(std::slice::from_ref(&l)),
+                    });
+                    if text.is_empty() && lp.is_none() {
+                        continue;
+                    }
+                    yield Ok(SseEvent::default().data(chunk(text_delta(text), lp, None).to_string()));
+                }
+                Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens }) => {
+                    let delta = if text.is_empty() && route == Route::Chat { json!({}) } else { text_delta(text) };
+                    yield Ok(SseEvent::default().data(chunk(delta, None, Some(reason.as_str())).to_string()));
+                    if include_usage {
+                        let mut last = chunk(json!({}), None, None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(prompt_tokens, completion_tokens);
+                        yield Ok(SseEvent::default().data(last.to_string()));
+                    }
+                    record.status = 200;
+                }
+                Err(message) => {
+                    let error = json!({"error": {"message": message, "type": "internal_error", "code": 500}});
+                    yield Ok(SseEvent::default().data(error.to_string()));
+                    record.status = 500;
+                    break;
+                }
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    }
+}

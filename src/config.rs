@@ -1,0 +1,134 @@
+//! Server configuration: one TOML file, every field overridable by a flag or an environment
+//! variable (flag > environment > file > default). The same defaults serve every entry point.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::repository::ModelDefaults;
+
+/// Settings of `distill-serve serve`, as given (any may be absent).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the flags, with underscores).
+    #[arg(long, env = "DISTILL_SERVE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model repository folder [default: models].
+    #[arg(long, env = "DISTILL_SERVE_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "DISTILL_SERVE_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// gRPC listen address [default: 127.0.0.1:8081].
+    #[arg(long, env = "DISTILL_SERVE_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Bearer token of the admin API under /admin/v1/ (the admin API is off without one).
+    #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
+    #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
+    pub intra_threads: Option<usize>,
+    /// Requests that may wait per model before new ones get 429 [default: 64].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// `max_tokens` of requests that give none [default: 256].
+    #[arg(long, env = "DISTILL_SERVE_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+}
+
+/// Settings with every default applied.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model_repository: PathBuf,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub admin_token: Option<String>,
+    pub ort_library: Option<PathBuf>,
+    pub model_defaults: ModelDefaults,
+}
+
+impl ServeArgs {
+    /// Applies the file (if any) under the flags and environment, then the defaults.
+    pub fn resolve(self) -> Result<ServerConfig> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => ServeArgs::default(),
+        };
+        Ok(ServerConfig {
+            model_repository: self
+                .model_repository
+                .or(file.model_repository)
+                .unwrap_or_else(|| "models".into()),
+            http_addr: self
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            grpc_addr: self
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            ort_library: self.ort_library.or(file.ort_library),
+            model_defaults: ModelDefaults {
+                intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),
+                max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),
+                max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(256),
+            },
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<ServeArgs> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.toml");
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:9000\"\nmax_queue = 5\nmodel_repository = \"repo\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            max_queue: Some(7),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.grpc_addr.port(), 8081);
+        assert_eq!(c.model_defaults.max_queue, 7);
+        assert_eq!(c.model_repository, PathBuf::from("repo"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.toml");
+        std::fs::write(&file, "http_adr = \"127.0.0.1:9000\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            ServeArgs {
+                config: Some(file),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+        );
+        assert!(err.contains("http_adr"), "{err}");
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics: every name and histogram bucket is defined here, with the
+//! `distill_serve_` prefix and a `model` label.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Latency buckets in seconds, 1 ms to 60 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+];
+
+/// The server's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    queue_time: HistogramVec,
+    time_to_first_token: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    generated_tokens: IntCounterVec,
+    cancelled: IntCounterVec,
+    model_version: IntGaugeVec,
+    /// The version each model's info gauge shows, to remove it on a swap.
+    serving: Mutex<HashMap<String, u32>>,
+}
+
+/// The metrics one model's worker updates.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    pub queue_depth: IntGauge,
+    pub queue_time: Histogram,
+    pub time_to_first_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub cancelled: IntCounter,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
+        let gauge = |name: &str, help: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help), labels);
+        let m = Self {
+            requests: counter(
+                "distill_serve_requests_total",
+                "Requests by model, endpoint and HTTP status",
+                &["model", "endpoint", "status"],
+            )?,
+            request_duration: histogram(
+                "distill_serve_request_duration_seconds",
+                "End-to-end request latency",
+                &["model", "endpoint"],
+            )?,
+            queue_depth: gauge(
+                "distill_serve_queue_depth",
+                "Requests waiting in the model's queue",
+                &["model"],
+            )?,
+            queue_time: histogram(
+                "distill_serve_queue_time_seconds",
+                "Time from admission to start",
+                &["model"],
+            )?,
+            time_to_first_token: histogram(
+                "distill_serve_time_to_first_token_seconds",
+                "Time from start to the first generated token",
+                &["model"],
+            )?,
+            prompt_tokens: counter(
+                "distill_serve_prompt_tokens_total",
+                "Prompt tokens processed",
+                &["model"],
+            )?,
+            generated_tokens: counter("distill_serve_generated_tokens_total", "Tokens generated", &["model"])?,
+            cancelled: counter(
+                "distill_serve_cancelled_requests_total",
+                "Requests stopped because the client went away",
+                &["model"],
+            )?,
+            model_version: gauge(
+                "distill_serve_model_version_info",
+                "1 for the version each model serves",
+                &["model", "version"],
+            )?,
+            serving: Mutex::new(HashMap::new()),
+            registry,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.request_duration.clone()))?;
+        m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.queue_time.clone()))?;
+        m.registry.register(Box::new(m.time_to_first_token.clone()))?;
+        m.registry.register(Box::new(m.prompt_tokens.clone()))?;
+        m.registry.register(Box::new(m.generated_tokens.clone()))?;
+        m.registry.register(Box::new(m.cancelled.clone()))?;
+        m.registry.register(Box::new(m.model_version.clone()))?;
+        Ok(m)
+    }
+
+    /// The handles one model's worker uses.
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        ModelMetrics {
+            queue_depth: self.queue_depth.with_label_values(&[model]),
+            queue_time: self.queue_time.with_label_values(&[model]),
+            time_to_first_token: self.time_to_first_token.with_label_values(&[model]),
+            prompt_tokens: self.prompt_tokens.with_label_values(&[model]),
+            generated_tokens: self.generated_tokens.with_label_values(&[model]),
+            cancelled: self.cancelled.with_label_values(&[model]),
+        }
+    }
+
+    /// Records a finished request.
+    pub fn observe_request(&self, model: &str, endpoint: &str, status: u16, duration: Duration) {
+        self.requests
+            .with_label_values(&[model, endpoint, &status.to_string()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[model, endpoint])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Marks `version` as the one `model` serves (and no other).
+    pub fn set_model_version(&self, model: &str, version: Option<u32>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = serving.remove(model) {
+            let _ = self.model_version.remove_label_values(&[model, &old.to_string()]);
+        }
+        if let Some(version) = version {
+            self.model_version
+                .with_label_values(&[model, &version.to_string()])
+                .set(1);
+            serving.insert(model.to_string(), version);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

@@ -1,0 +1,275 @@
+//! The model repository (Triton-like): `<root>/<model>/model.toml` plus numbered version folders
+//! `1/`, `2/`, ... each holding `model.onnx`, `config.json` and the tokenizer files.
+//!
+//! Each model serves one version at a time. A reload loads the chosen version beside the one
+//! serving and swaps the shared pointer: requests already holding the old version finish on it,
+//! and its worker thread ends when the last of them lets go. A model that fails to load is
+//! recorded with its error and does not affect the others.
+
+mod settings;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokenizers::Tokenizer;
+
+use crate::checkpoint::{ModelConfig, TokenizerFiles};
+use crate::engine::{DecoderSession, SessionOptions};
+use crate::export::MODEL_FILE;
+use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
+use crate::tokenize::{ChatTemplate, stop_token_ids};
+pub use settings::{ExecutionProvider, ModelSettings};
+
+/// Why a model is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    /// No model of that name exists in the repository.
+    #[error("model `{0}` not found")]
+    NotFound(String),
+    /// The model exists but is not serving (failed to load, or unloaded).
+    #[error("model `{name}` is not ready: {reason}")]
+    NotReady { name: String, reason: String },
+    /// The model's files are invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Server-wide defaults for settings a `model.toml` leaves out.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelDefaults {
+    pub intra_threads: usize,
+    pub max_queue: usize,
+    pub max_tokens: usize,
+}
+
+/// A loaded, serving version of a model.
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u32,
+    pub dir: PathBuf,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub stop_token_ids: Vec<u32>,
+    /// Longest prompt + completion the model takes (`max_position_embeddings`).
+    pub context_length: usize,
+    /// Default `max_tokens` of a request.
+    pub max_tokens: usize,
+    pub scheduler: Scheduler,
+}
+
+/// State of one model name.
+enum Slot {
+    Ready(Arc<ModelVersion>),
+    Failed(String),
+    Unloaded,
+}
+
+/// What the admin API and health routes report about a model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    /// `READY`, `UNAVAILABLE` (failed) or `UNLOADED`.
+    pub state: &'static str,
+    pub version: Option<u32>,
+    pub reason: Option<String>,
+}
+
+/// The repository and the state of every model in it.
+pub struct Repository {
+    root: PathBuf,
+    defaults: ModelDefaults,
+    metrics: Arc<Metrics>,
+    models: RwLock<BTreeMap<String, Slot>>,
+}
+
+impl Repository {
+    /// Opens `root` and loads every model folder in it (a folder with a `model.toml`).
+    pub fn open(root: &Path, defaults: ModelDefaults, metrics: Arc<Metrics>) -> Result<Self, RepositoryError> {
+        let repo = Self {
+            root: root.to_path_buf(),
+            defaults,
+            metrics,
+            models: RwLock::new(BTreeMap::new()),
+        };
+        for name in repo.model_folders()? {
+            if let Err(e) = repo.load(&name) {
+                tracing::error!(model = %name, error = %e, "model failed to load");
+            }
+        }
+        Ok(repo)
+    }
+
+    fn model_folders(&self) -> Result<Vec<String>, RepositoryError> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| RepositoryError::Invalid(format!("model repository {}: {e}", self.root.display())))?;
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("model.toml").is_file())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The serving version of `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        match models.get(name) {
+            Some(Slot::Ready(m)) => Ok(Arc::clone(m)),
+            Some(Slot::Failed(reason)) => Err(RepositoryError::NotReady {
+                name: name.into(),
+                reason: reason.clone(),
+            }),
+            Some(Slot::Unloaded) => Err(RepositoryError::NotReady {
+                name: name.into(),
+                reason: "unloaded".into(),
+            }),
+            None => Err(RepositoryError::NotFound(name.into())),
+        }
+    }
+
+    /// Every model's state.
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .map(|(name, slot)| {
+                let (state, version, reason) = match slot {
+                    Slot::Ready(m) => ("READY", Some(m.version), None),
+                    Slot::Failed(r) => ("UNAVAILABLE", None, Some(r.clone())),
+                    Slot::Unloaded => ("UNLOADED", None, None),
+                };
+                ModelStatus {
+                    name: name.clone(),
+                    state,
+                    version,
+                    reason,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether every model that is not deliberately unloaded is serving.
+    pub fn all_ready(&self) -> bool {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        !models.is_empty() && models.values().all(|s| !matches!(s, Slot::Failed(_)))
+    }
+
+    /// Loads (or reloads) the model in folder `name` and swaps it in. Blocking: call it off the
+    /// async runtime.
+    pub fn load(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+        let dir = self.root.join(name);
+        if !dir.join("model.toml").is_file() {
+            return Err(RepositoryError::NotFound(name.into()));
+        }
+        match self.load_version(name, &dir) {
+            Ok(model) => {
+                let model = Arc::new(model);
+                self.metrics.set_model_version(name, Some(model.version));
+                tracing::info!(model = %name, version = model.version, "model ready");
+                self.set(name, Slot::Ready(Arc::clone(&model)));
+                Ok(model)
+            }
+            Err(e) => {
+                // A failed reload keeps the version that is serving.
+                let serving = matches!(
+                    self.models.read().unwrap_or_else(|p| p.into_inner()).get(name),
+                    Some(Slot::Ready(_))
+                );
+                if !serving {
+                    self.set(name, Slot::Failed(e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops serving `name`; in-flight requests finish on the version they hold.
+    pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        match models.get_mut(name) {
+            Some(slot) => {
+                *slot = Slot::Unloaded;
+                self.metrics.set_model_version(name, None);
+                Ok(())
+            }
+            None => Err(RepositoryError::NotFound(name.into())),
+        }
+    }
+
+    fn set(&self, name: &str, slot: Slot) {
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), slot);
+    }
+
+    fn load_version(&self, name: &str, dir: &Path) -> Result<ModelVersion, RepositoryError> {
+        let settings = ModelSettings::read(dir)?;
+        if let Some(declared) = &settings.name
+            && declared != name
+        {
+            return Err(RepositoryError::Invalid(format!(
+                "{}: name {declared:?} differs from its folder {name:?}",
+                dir.join("model.toml").display()
+            )));
+        }
+        if settings.execution_provider != ExecutionProvider::Cpu {
+            return Err(RepositoryError::Invalid(format!(
+                "execution provider {:?} is not available in this build (only cpu)",
+                settings.execution_provider
+            )));
+        }
+        let available = settings::versions(dir)?;
+        let version = match settings.version {
+            Some(v) if available.contains(&v) => v,
+            Some(v) => {
+                return Err(RepositoryError::Invalid(format!(
+                    "pinned version {v} has no folder {v}/"
+                )));
+            }
+            None => *available.last().ok_or_else(|| {
+                RepositoryError::Invalid(format!("{}: no version folder (1/, 2/, ...)", dir.display()))
+            })?,
+        };
+        let vdir = dir.join(version.to_string());
+        let invalid = |what: String| RepositoryError::Invalid(format!("{name} version {version}: {what}"));
+        let files = TokenizerFiles::open(&vdir).map_err(|e| invalid(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_file(&files.tokenizer_json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+        let chat_template = ChatTemplate::from_files(&files).map_err(|e| invalid(e.to_string()))?;
+        let config_text =
+            std::fs::read_to_string(vdir.join("config.json")).map_err(|e| invalid(format!("config.json: {e}")))?;
+        let ModelConfig::Decoder(config) = ModelConfig::from_json(&config_text).map_err(|e| invalid(e.to_string()))?
+        else {
+            return Err(invalid("encoders cannot generate text; serve a decoder".into()));
+        };
+        let options = SessionOptions {
+            intra_threads: settings.intra_threads.unwrap_or(self.defaults.intra_threads),
+        };
+        let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
+        let tokenizer = Arc::new(tokenizer);
+        let stops = stop_token_ids(&tokenizer, &config.eos_token_ids, files.eos_token.as_deref());
+        let scheduler = Scheduler::spawn(
+            name,
+            session,
+            Arc::clone(&tokenizer),
+            settings.max_queue.unwrap_or(self.defaults.max_queue),
+            self.metrics.for_model(name),
+        )
+        .map_err(|e| invalid(format!("starting the worker: {e}")))?;
+        Ok(ModelVersion {
+            name: name.to_string(),
+            version,
+            dir: vdir,
+            tokenizer,
+            chat_template,
+            stop_token_ids: stops,
+            context_length: config.max_position_embeddings,
+            max_tokens: settings.max_tokens.unwrap_or(self.defaults.max_tokens),
+            scheduler,
+        })
+    }
+}

@@ -1,0 +1,77 @@
+//! `model.toml`: the per-model settings of the model repository. Every field is optional; a
+//! file with only `name = "..."` serves the newest version with defaults.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::RepositoryError;
+
+/// Where a model's graph runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+/// The contents of `model.toml`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Name clients use; the folder name when absent.
+    pub name: Option<String>,
+    /// Serve this version instead of the newest.
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
+    /// ONNX Runtime intra-op threads (server default when absent).
+    pub intra_threads: Option<usize>,
+    /// Requests that may wait in the queue (server default when absent).
+    pub max_queue: Option<usize>,
+    /// Default `max_tokens` of a request (server default when absent).
+    pub max_tokens: Option<usize>,
+}
+
+impl ModelSettings {
+    /// Reads `model.toml` in `dir`.
+    pub fn read(dir: &Path) -> Result<Self, RepositoryError> {
+        let path = dir.join("model.toml");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| RepositoryError::Invalid(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| RepositoryError::Invalid(format!("{}: {e}", path.display())))
+    }
+}
+
+/// The numbered version folders of a model, ascending.
+pub fn versions(dir: &Path) -> Result<Vec<u32>, RepositoryError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| RepositoryError::Invalid(format!("{}: {e}", dir.display())))?;
+    let mut versions: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_and_full_settings_parse() {
+        let s: ModelSettings = toml::from_str("name = \"coder\"").unwrap();
+        assert_eq!(s.name.as_deref(), Some("coder"));
+        assert_eq!(s.execution_provider, ExecutionProvider::Cpu);
+        let s: ModelSettings = toml::from_str("version = 2\nexecution_provider = \"tensorrt\"\nmax_queue = 8").unwrap();
+        assert_eq!(
+            (s.version, s.execution_provider, s.max_queue),
+            (Some(2), ExecutionProvider::Tensorrt, Some(8))
+        );
+        let err = toml::from_str::<ModelSettings>("max_qeue = 8").unwrap_err().to_string();
+        assert!(err.contains("max_qeue"), "{err}");
+    }
+}

@@ -1,0 +1,122 @@
+//! A real `distill-serve serve` process on loopback, over a model repository of tiny students.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use distill_serve::checkpoint::Family;
+use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::tiny::{TinySpec, write_tiny};
+use tempfile::TempDir;
+
+/// Admin token the test servers use.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Writes version `version` of model `name` (a tiny qwen2 of `seed`) into `repo`.
+pub fn add_version(repo: &Path, name: &str, version: u32, seed: u64) {
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = TinySpec::new(Family::Qwen2, seed);
+    spec.init_std = Some(0.3);
+    write_tiny(&spec, work.path()).unwrap();
+    let out = repo.join(name).join(version.to_string());
+    export::export(work.path(), &out, Precision::DEFAULT_INT8, ExternalData::Never).unwrap();
+    let toml = repo.join(name).join("model.toml");
+    if !toml.exists() {
+        std::fs::write(toml, format!("name = \"{name}\"\n")).unwrap();
+    }
+}
+
+/// A running server; killed on drop.
+pub struct TestServer {
+    child: Child,
+    pub base: String,
+    pub repo: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server over a repository with one model `tiny` (version 1), passing `extra`
+    /// flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("models");
+        add_version(&repo, "tiny", 1, 1);
+        Self::start_on(dir, repo, extra)
+    }
+
+    fn start_on(dir: TempDir, repo: PathBuf, extra: &[&str]) -> Self {
+        let mut child = Command::new(super::binary())
+            .arg("serve")
+            .arg("--model-repository")
+            .arg(&repo)
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-token",
+                ADMIN_TOKEN,
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Read the bound address from the log, then keep draining it so the server never
+        // blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server did not start within 60 s");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            repo,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The value of a metric line (name with labels, as printed) in `/metrics`.
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `check` every 50 ms for up to `limit`.
+    pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

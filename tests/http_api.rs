@@ -1,0 +1,380 @@
+//! The HTTP API of a real server process on loopback, as OpenAI SDK and KServe clients use it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{ADMIN_TOKEN, TestServer, add_version};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+async fn post(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(server.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+async fn completion_text(server: &TestServer, prompt: &str, seed: u64) -> String {
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0.8, "seed": seed});
+    let (status, v) = post(server, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Concatenated content of an SSE chat stream, checking it ends with `[DONE]`.
+async fn stream_chat(server: &TestServer, body: Value) -> (String, Vec<Value>) {
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = r.text().await.unwrap();
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let content = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    (content, chunks)
+}
+
+#[tokio::test]
+async fn greedy_text_is_the_same_on_every_route() {
+    let server = TestServer::start(&[]);
+    let messages = json!([{"role": "user", "content": "What is the code for essential hypertension?"}]);
+    let chat = json!({"model": "tiny", "messages": messages, "max_tokens": 20, "temperature": 0});
+    let (status, v) = post(&server, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let chat_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!chat_text.is_empty());
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() + v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["total_tokens"].as_u64().unwrap()
+    );
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (stream_text, chunks) = stream_chat(&server, streamed).await;
+    assert_eq!(stream_text, chat_text);
+    assert_eq!(chunks.last().unwrap()["usage"], v["usage"]);
+
+    // The same prompt, rendered by hand with the student's template, through /v1/completions.
+    let prompt = "<|im_start|>user\nWhat is the code for essential hypertension?<|im_end|>\n<|im_start|>assistant\n";
+    let completion = json!({"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0});
+    let (status, v) = post(&server, "/v1/completions", completion).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), chat_text);
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_requests_each_get_their_own_answer() {
+    let server = TestServer::start(&[]);
+    let prompts: Vec<String> = (0..64).map(|i| format!("Patient {i} reports")).collect();
+    let mut expected = Vec::new();
+    for (i, p) in prompts.iter().enumerate().take(8) {
+        expected.push(completion_text(&server, p, i as u64).await);
+    }
+    let answers = futures::future::join_all(
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| completion_text(&server, p, i as u64)),
+    )
+    .await;
+    assert_eq!(answers.len(), 64);
+    assert_eq!(
+        &answers[..8],
+        &expected[..],
+        "concurrent answers differ from sequential ones"
+    );
+    let distinct: std::collections::HashSet<_> = answers.iter().collect();
+    assert!(
+        distinct.len() > 32,
+        "answers are not per request: {} distinct",
+        distinct.len()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_the_server_stays_up() {
+    let server = TestServer::start(&[]);
+    let client = reqwest::Client::new();
+    let raw = |body: Vec<u8>| {
+        client
+            .post(server.url("/v1/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = raw(b"{\"model\": \"tiny\", \"prompt\": ".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+
+    let r = raw(b"{\"model\": \"tiny\", \"prompt\": \"\xff\xfe\"}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "invalid UTF-8");
+
+    let (status, v) = post(&server, "/v1/completions", json!({"model": "nope", "prompt": "x"})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (404, Some("model")));
+
+    let long = "word ".repeat(3000);
+    let (status, v) = post(&server, "/v1/completions", json!({"model": "tiny", "prompt": long})).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("2048"), "{v}");
+
+    for max_tokens in [json!(0), json!(-5), json!(5000)] {
+        let (status, v) = post(
+            &server,
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "max_tokens": max_tokens}),
+        )
+        .await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some("max_tokens")), "{v}");
+    }
+    let (status, v) = post(
+        &server,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "max_tokens": "many"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("max_tokens")
+            || v["error"]["message"].as_str().unwrap().contains("invalid type"),
+        "{v}"
+    );
+    let (status, _) = post(
+        &server,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": []}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, v) = post(
+        &server,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+    )
+    .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("top_logprobs")));
+
+    assert!(!completion_text(&server, "still up?", 1).await.is_empty());
+}
+
+#[tokio::test]
+async fn logprobs_are_reported_with_alternatives() {
+    let server = TestServer::start(&[]);
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (status, v) = post(&server, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5);
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(entry["logprob"], top[0]["logprob"]);
+        assert!(top[0]["logprob"].as_f64().unwrap() >= top[1]["logprob"].as_f64().unwrap());
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_frees_its_work() {
+    let server = TestServer::start(&[]);
+    let body = json!({"model": "tiny", "prompt": "Once", "max_tokens": 2000, "stream": true, "temperature": 0,
+                      "stop": ["never-appears-xyz"]});
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    drop(stream);
+    let cancelled = TestServer::wait_for(Duration::from_secs(20), || async {
+        server
+            .metric("distill_serve_cancelled_requests_total{model=\"tiny\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(cancelled, "the disconnected request was not cancelled");
+    let generated = server
+        .metric("distill_serve_generated_tokens_total{model=\"tiny\"}")
+        .await;
+    assert!(generated < 2000.0, "generation ran to the end: {generated} tokens");
+    // The worker is free for the next request.
+    assert!(!completion_text(&server, "next", 2).await.is_empty());
+}
+
+#[tokio::test]
+async fn admin_routes_check_the_bearer_token() {
+    let server = TestServer::start(&[]);
+    let client = reqwest::Client::new();
+    let url = server.url("/admin/v1/models");
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client.get(&url).bearer_auth("wrong").send().await.unwrap().status(),
+        403
+    );
+    let r = client.get(&url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["models"][0]["state"], "READY");
+    let r = client
+        .post(server.url("/admin/v1/models/missing/load"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn kserve_health_and_metadata() {
+    let server = TestServer::start(&[]);
+    let get = |path: &str| reqwest::get(server.url(path));
+    assert_eq!(get("/v2/health/live").await.unwrap().status(), 200);
+    assert_eq!(get("/v2/health/ready").await.unwrap().status(), 200);
+    assert_eq!(get("/v2/models/tiny/ready").await.unwrap().status(), 200);
+    assert_eq!(get("/v2/models/nope/ready").await.unwrap().status(), 404);
+    let v: Value = get("/v2/models/tiny").await.unwrap().json().await.unwrap();
+    assert_eq!(v["versions"], json!(["1"]));
+    assert_eq!(v["inputs"][0]["datatype"], "BYTES");
+    let models: Value = get("/v1/models").await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish() {
+    let server = TestServer::start(&["--max-queue", "2"]);
+    let client = reqwest::Client::new();
+    let body = json!({"model": "tiny", "prompt": "Long", "max_tokens": 300, "temperature": 0,
+                      "stop": ["never-appears-xyz"]});
+    let responses =
+        futures::future::join_all((0..12).map(|_| client.post(server.url("/v1/completions")).json(&body).send())).await;
+    let mut ok = 0;
+    let mut rejected = 0;
+    for r in responses {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => {
+                let v: Value = r.json().await.unwrap();
+                assert!(v["choices"][0]["finish_reason"].is_string(), "{v}");
+                ok += 1;
+            }
+            429 => {
+                assert!(r.headers().contains_key("retry-after"));
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["type"], "overloaded");
+                rejected += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= 1 && rejected >= 1, "{ok} admitted, {rejected} rejected");
+}
+
+#[tokio::test]
+async fn hot_reload_swaps_versions_without_failing_requests() {
+    let server = TestServer::start(&[]);
+    let before = completion_text(&server, "Reload test", 5).await;
+    add_version(&server.repo, "tiny", 2, 99);
+    let client = reqwest::Client::new();
+    let load = async {
+        let mut statuses = Vec::new();
+        for i in 0..40u64 {
+            let body = json!({"model": "tiny", "prompt": format!("Load {i}"), "max_tokens": 8, "seed": i});
+            statuses.push(
+                client
+                    .post(server.url("/v1/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
+        }
+        statuses
+    };
+    let reload = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = client
+            .post(server.url("/admin/v1/models/tiny/reload"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    let (statuses_a, statuses_b, reloaded) = tokio::join!(
+        load,
+        async {
+            let mut s = Vec::new();
+            for i in 0..40u64 {
+                let body = json!({"model": "tiny", "messages": [{"role": "user", "content": format!("Chat {i}")}], "max_tokens": 8});
+                s.push(
+                    client
+                        .post(server.url("/v1/chat/completions"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16(),
+                );
+            }
+            s
+        },
+        reload
+    );
+    assert_eq!(reloaded["version"], 2);
+    assert!(
+        statuses_a.iter().chain(&statuses_b).all(|&s| s == 200),
+        "{statuses_a:?} {statuses_b:?}"
+    );
+    let meta: Value = reqwest::get(server.url("/v2/models/tiny"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["versions"], json!(["2"]));
+    assert_ne!(
+        completion_text(&server, "Reload test", 5).await,
+        before,
+        "version 2 must answer differently"
+    );
+    assert_eq!(
+        server
+            .metric("distill_serve_model_version_info{model=\"tiny\",version=\"2\"}")
+            .await,
+        1.0
+    );
+}
