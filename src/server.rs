@@ -1,5 +1,5 @@
-//! Starting the server: the ONNX Runtime library, the model repository, then the HTTP listener,
-//! until Ctrl-C or SIGTERM.
+//! Starting the server: the ONNX Runtime library, the model repository, then the HTTP and gRPC
+//! listeners, until Ctrl-C or SIGTERM.
 
 use std::sync::Arc;
 
@@ -26,14 +26,38 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
     };
-    let listener = TcpListener::bind(config.http_addr)
+    let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", config.grpc_addr))?;
+    tracing::info!(addr = %http.local_addr()?, "HTTP listening");
+    tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let grpc_routes = grpc_routes(state.clone())?;
+    let mut grpc_stopped = stopped.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .add_routes(grpc_routes)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+            let _ = grpc_stopped.wait_for(|s| *s).await;
+        });
+    let mut http_stopped = stopped;
+    let http_server = axum::serve(http, router(state)).with_graceful_shutdown(async move {
+        let _ = http_stopped.wait_for(|s| *s).await;
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
+    http_result.context("HTTP server")?;
+    grpc_result.context("gRPC server")?;
     Ok(())
+}
+
+fn grpc_routes(state: AppState) -> Result<tonic::service::Routes> {
+    crate::api::grpc::routes(state).context("building gRPC reflection")
 }
 
 async fn shutdown_signal() {

@@ -3,19 +3,26 @@
 
 mod admin;
 pub mod error;
+pub mod grpc;
 mod kserve;
 pub mod openai;
+pub mod validate;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
+use tokio::sync::mpsc;
+
+use crate::generate::{Event, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::Repository;
+use crate::scheduler::EventResult;
+use error::ApiError;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -48,6 +55,43 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin)
         .with_state(state)
+}
+
+/// A whole generation, gathered from its events.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Gathers the events of one request until it finishes.
+pub async fn collect(mut events: mpsc::Receiver<EventResult>) -> Result<Collected, ApiError> {
+    let internal = |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message);
+    let mut c = Collected::default();
+    while let Some(event) = events.recv().await {
+        match event.map_err(internal)? {
+            Event::Token { text, logprob, .. } => {
+                c.text.push_str(&text);
+                c.logprobs.extend(logprob);
+            }
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                c.text.push_str(&text);
+                c.reason = reason;
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                return Ok(c);
+            }
+        }
+    }
+    Err(internal("generation ended before finishing".into()))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -31,9 +31,10 @@ pub struct GenerationRequest {
 }
 
 /// Why generation ended, in OpenAI's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FinishReason {
     /// `max_new_tokens` reached.
+    #[default]
     Length,
     /// A stop token or stop string.
     Stop,

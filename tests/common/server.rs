@@ -31,6 +31,8 @@ pub fn add_version(repo: &Path, name: &str, version: u32, seed: u64) {
 pub struct TestServer {
     child: Child,
     pub base: String,
+    /// `http://host:port` of the gRPC listener.
+    pub grpc: String,
     pub repo: PathBuf,
     _dir: TempDir,
 }
@@ -69,17 +71,28 @@ impl TestServer {
         // blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
+                for kind in ["HTTP", "gRPC"] {
+                    if let Some(addr) = line.split(&format!("{kind} listening addr=")).nth(1) {
+                        let _ = tx.send((kind, addr.trim().to_string()));
+                    }
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server did not start within 60 s");
+        let (mut http, mut grpc) = (None, None);
+        while http.is_none() || grpc.is_none() {
+            match rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("server did not start within 60 s")
+            {
+                ("HTTP", addr) => http = Some(addr),
+                (_, addr) => grpc = Some(addr),
+            }
+        }
+        let (http, grpc) = (http.unwrap(), grpc.unwrap());
         Self {
             child,
-            base: format!("http://{addr}"),
+            base: format!("http://{http}"),
+            grpc: format!("http://{grpc}"),
             repo,
             _dir: dir,
         }

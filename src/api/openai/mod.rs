@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::generate::{Event, FinishReason, TokenLogprob};
+use super::validate;
+use crate::generate::{Event, TokenLogprob};
 use crate::repository::ModelVersion;
 use crate::scheduler::EventResult;
 use crate::tokenize::ChatMessage;
@@ -80,17 +81,17 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
         }
         let model = state.repository.get(&req.model)?;
         let prompt = match req.prompt {
-            types::Prompt::Text(text) => encode(&model, &text, true)?,
-            types::Prompt::Texts(texts) if texts.len() == 1 => encode(&model, &texts[0], true)?,
+            types::Prompt::Text(text) => validate::text_prompt(&model, &text)?,
+            types::Prompt::Texts(texts) if texts.len() == 1 => validate::text_prompt(&model, &texts[0])?,
             types::Prompt::Texts(texts) => {
                 return Err(ApiError::invalid(
                     "prompt",
                     format!("one prompt per request, got {}", texts.len()),
                 ));
             }
-            types::Prompt::Tokens(ids) => check_ids(&model, ids)?,
+            types::Prompt::Tokens(ids) => validate::check_token_ids(&model, ids)?,
         };
-        let request = types::build_request(&model, prompt, &req.sampling, req.sampling.max_tokens, req.logprobs)?;
+        let request = validate::build_request(&model, prompt, &req.sampling, req.sampling.max_tokens, req.logprobs)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
@@ -118,48 +119,20 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
                 })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let template = model.chat_template.as_ref().ok_or_else(|| {
-            ApiError::invalid(
-                "messages",
-                format!("model `{}` has no chat template; use /v1/completions", model.name),
-            )
-        })?;
-        let text = template
-            .render(&messages)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        let prompt = encode(&model, &text, false)?;
+        let prompt = validate::chat_prompt(&model, &messages)?;
         let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
         let logprobs = match (req.logprobs, req.top_logprobs) {
             (true, n) => Some(n.unwrap_or(0)),
             (false, None) => None,
             (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
         };
-        let request = types::build_request(&model, prompt, &req.sampling, max_tokens, logprobs)?;
+        let request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
     }
     .await;
     respond(state, Route::Chat, started, result).await
-}
-
-fn encode(model: &ModelVersion, text: &str, special: bool) -> Result<Vec<u32>, ApiError> {
-    model
-        .tokenizer
-        .encode(text, special)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))
-}
-
-fn check_ids(model: &ModelVersion, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
-    let vocab = model.tokenizer.get_vocab_size(true) as u32;
-    match ids.iter().find(|&&id| id >= vocab) {
-        Some(id) => Err(ApiError::invalid(
-            "prompt",
-            format!("token id {id} is outside the vocabulary of {vocab}"),
-        )),
-        None => Ok(ids),
-    }
 }
 
 type Admitted = (Arc<ModelVersion>, mpsc::Receiver<EventResult>, bool, bool);
@@ -192,48 +165,9 @@ async fn respond(state: AppState, route: Route, started: Instant, admitted: Resu
     }
 }
 
-/// Everything a non-streamed response needs.
-#[derive(Default)]
-struct Collected {
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    reason: Option<FinishReason>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
-async fn collect(
-    route: Route,
-    model: &ModelVersion,
-    mut events: mpsc::Receiver<EventResult>,
-) -> Result<Value, ApiError> {
-    let mut c = Collected::default();
-    while let Some(event) = events.recv().await {
-        match event.map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e))? {
-            Event::Token { text, logprob, .. } => {
-                c.text.push_str(&text);
-                c.logprobs.extend(logprob);
-            }
-            Event::Finished {
-                text,
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                c.text.push_str(&text);
-                c.reason = Some(reason);
-                c.prompt_tokens = prompt_tokens;
-                c.completion_tokens = completion_tokens;
-            }
-        }
-    }
-    let reason = c.reason.ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "generation ended early",
-        )
-    })?;
+async fn collect(route: Route, model: &ModelVersion, events: mpsc::Receiver<EventResult>) -> Result<Value, ApiError> {
+    let c = super::collect(events).await?;
+    let reason = c.reason;
     let usage = usage(c.prompt_tokens, c.completion_tokens);
     let has_logprobs = !c.logprobs.is_empty();
     Ok(match route {

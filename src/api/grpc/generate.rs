@@ -1,0 +1,98 @@
+//! `distill_serve.v1.Generate`: a raw prompt or chat messages in, the completion out, whole or
+//! streamed.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::proto::generate::{
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
+};
+use crate::api::error::ApiError;
+use crate::api::validate::{self, Sampling, Stop};
+use crate::api::{AppState, collect};
+use crate::generate::Event;
+use crate::scheduler::EventResult;
+use crate::tokenize::ChatMessage;
+
+pub struct GenerateService {
+    pub state: AppState,
+}
+
+impl GenerateService {
+    fn submit(&self, req: GenerateRequest) -> Result<tokio::sync::mpsc::Receiver<EventResult>, Status> {
+        let model = self.state.repository.get(&req.model).map_err(ApiError::from)?;
+        let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
+            (false, true) => validate::text_prompt(&model, &req.prompt)?,
+            (true, false) => {
+                let messages: Vec<ChatMessage> = req
+                    .messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                validate::chat_prompt(&model, &messages)?
+            }
+            _ => return Err(Status::invalid_argument("give exactly one of `prompt` and `messages`")),
+        };
+        let sampling = Sampling {
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
+            ..Default::default()
+        };
+        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None)?;
+        Ok(model.scheduler.submit(request).map_err(ApiError::from)?)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generate for GenerateService {
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let done = collect(self.submit(req.into_inner())?).await?;
+        Ok(Response::new(GenerateResponse {
+            text: done.text,
+            finish_reason: done.reason.as_str().into(),
+            usage: Some(Usage {
+                prompt_tokens: done.prompt_tokens as u32,
+                completion_tokens: done.completion_tokens as u32,
+            }),
+        }))
+    }
+
+    type GenerateStreamStream = ResponseStream;
+
+    async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
+        let mut events = self.submit(req.into_inner())?;
+        // Dropping this stream (the client cancelled) drops `events`, which stops the worker.
+        let stream = async_stream::stream! {
+            while let Some(event) = events.recv().await {
+                match event {
+                    Ok(Event::Token { text, .. }) if text.is_empty() => {}
+                    Ok(Event::Token { text, .. }) => yield Ok(GenerateStreamResponse { text, ..Default::default() }),
+                    Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens }) => {
+                        yield Ok(GenerateStreamResponse {
+                            text,
+                            finish_reason: reason.as_str().into(),
+                            usage: Some(Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: completion_tokens as u32 }),
+                        });
+                        break;
+                    }
+                    Err(message) => {
+                        yield Err(Status::internal(message));
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

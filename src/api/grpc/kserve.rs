@@ -1,0 +1,206 @@
+//! KServe v2 `GRPCInferenceService`: health, metadata, and `ModelInfer` with one BYTES input
+//! (`text_input`) and one BYTES output (`text_output`). Generation settings travel as request
+//! parameters: `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`.
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::inference::{
+    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice,
+    model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
+};
+use crate::api::kserve::{TEXT_INPUT, TEXT_OUTPUT};
+use crate::api::validate::{self, Sampling, Stop};
+use crate::api::{AppState, collect};
+use crate::repository::ModelVersion;
+
+pub struct KServe {
+    pub state: AppState,
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message)
+}
+
+impl KServe {
+    fn model(&self, name: &str, version: &str) -> Result<std::sync::Arc<ModelVersion>, Status> {
+        let model = self
+            .state
+            .repository
+            .get(name)
+            .map_err(crate::api::error::ApiError::from)?;
+        if !version.is_empty() && version != model.version.to_string() {
+            return Err(Status::not_found(format!(
+                "model `{name}` serves version {}, not {version}",
+                model.version
+            )));
+        }
+        Ok(model)
+    }
+}
+
+/// Reads one BYTES element: from `contents.bytes_contents`, or from `raw_input_contents` where
+/// each element is a 4-byte little-endian length followed by the bytes.
+fn text_input(req: &ModelInferRequest) -> Result<String, Status> {
+    let (index, input) = match req.inputs.iter().enumerate().find(|(_, i)| i.name == TEXT_INPUT) {
+        Some(found) => found,
+        None if req.inputs.len() == 1 => (0, &req.inputs[0]),
+        None => return Err(invalid(format!("expected one input named `{TEXT_INPUT}`"))),
+    };
+    if input.datatype != "BYTES" {
+        return Err(invalid(format!(
+            "input `{}` must have datatype BYTES, got {}",
+            input.name, input.datatype
+        )));
+    }
+    let elements: i64 = input.shape.iter().product();
+    if elements != 1 {
+        return Err(invalid(format!(
+            "input `{}` must hold one prompt (shape [1]), got shape {:?}",
+            input.name, input.shape
+        )));
+    }
+    let bytes = match (&input.contents, req.raw_input_contents.get(index)) {
+        (_, Some(raw)) => {
+            let len = raw
+                .get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            match len {
+                Some(len) if raw.len() == 4 + len => raw[4..].to_vec(),
+                _ => {
+                    return Err(invalid(
+                        "raw_input_contents: a BYTES element is a 4-byte length and that many bytes",
+                    ));
+                }
+            }
+        }
+        (Some(contents), None) if contents.bytes_contents.len() == 1 => contents.bytes_contents[0].clone(),
+        _ => return Err(invalid(format!("input `{}` has no contents", input.name))),
+    };
+    String::from_utf8(bytes).map_err(|_| invalid(format!("input `{}` is not valid UTF-8", input.name)))
+}
+
+fn int_param(params: &HashMap<String, InferParameter>, key: &str) -> Result<Option<i64>, Status> {
+    match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(v)) => Ok(Some(*v)),
+        Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v as i64)),
+        Some(_) => Err(invalid(format!("parameter `{key}` must be an integer"))),
+    }
+}
+
+fn float_param(params: &HashMap<String, InferParameter>, key: &str) -> Result<Option<f32>, Status> {
+    match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(ParameterChoice::DoubleParam(v)) => Ok(Some(*v as f32)),
+        Some(ParameterChoice::Int64Param(v)) => Ok(Some(*v as f32)),
+        Some(_) => Err(invalid(format!("parameter `{key}` must be a number"))),
+    }
+}
+
+fn sampling(params: &HashMap<String, InferParameter>) -> Result<Sampling, Status> {
+    let stop = match params.get("stop").and_then(|p| p.parameter_choice.as_ref()) {
+        None => None,
+        Some(ParameterChoice::StringParam(s)) => Some(Stop::One(s.clone())),
+        Some(_) => return Err(invalid("parameter `stop` must be a string")),
+    };
+    Ok(Sampling {
+        max_tokens: int_param(params, "max_tokens")?,
+        temperature: float_param(params, "temperature")?,
+        top_p: float_param(params, "top_p")?,
+        top_k: int_param(params, "top_k")?,
+        seed: int_param(params, "seed")?.map(|s| s as u64),
+        stop,
+        ..Default::default()
+    })
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for KServe {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.repository.all_ready(),
+        }))
+    }
+
+    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let req = req.into_inner();
+        match self.model(&req.name, &req.version) {
+            Ok(_) => Ok(Response::new(ModelReadyResponse { ready: true })),
+            Err(s) if s.code() == tonic::Code::Unavailable => Ok(Response::new(ModelReadyResponse { ready: false })),
+            Err(s) => Err(s),
+        }
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "distill-serve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let req = req.into_inner();
+        let model = self.model(&req.name, &req.version)?;
+        let tensor = |name: &str| TensorMetadata {
+            name: name.into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: model.name.clone(),
+            versions: vec![model.version.to_string()],
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor(TEXT_INPUT)],
+            outputs: vec![tensor(TEXT_OUTPUT)],
+        }))
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let req = req.into_inner();
+        let model = self.model(&req.model_name, &req.model_version)?;
+        let text = text_input(&req)?;
+        let sampling = sampling(&req.parameters)?;
+        let prompt = validate::text_prompt(&model, &text)?;
+        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None)?;
+        let events = model
+            .scheduler
+            .submit(request)
+            .map_err(crate::api::error::ApiError::from)?;
+        let done = collect(events).await?;
+        let mut raw = (done.text.len() as u32).to_le_bytes().to_vec();
+        raw.extend_from_slice(done.text.as_bytes());
+        let finish = InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(done.reason.as_str().into())),
+        };
+        Ok(Response::new(ModelInferResponse {
+            model_name: model.name.clone(),
+            model_version: model.version.to_string(),
+            id: req.id,
+            parameters: HashMap::from([("finish_reason".to_string(), finish)]),
+            outputs: vec![InferOutputTensor {
+                name: TEXT_OUTPUT.into(),
+                datatype: "BYTES".into(),
+                shape: vec![1],
+                parameters: HashMap::new(),
+                contents: None::<InferTensorContents>,
+            }],
+            raw_output_contents: vec![raw],
+        }))
+    }
+}

@@ -1,0 +1,73 @@
+//! The gRPC API on its own port: KServe v2 `inference.GRPCInferenceService`, our
+//! `distill_serve.v1.Generate` (with a server-streaming method), the standard
+//! `grpc.health.v1` service and server reflection.
+
+mod generate;
+mod kserve;
+
+use tonic::{Code, Status};
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Generated types and clients of the gRPC services.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    /// KServe v2 / Open Inference Protocol.
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+    /// distill-serve's generation API.
+    pub mod generate {
+        tonic::include_proto!("distill_serve.v1");
+    }
+    /// Encoded file descriptors, for reflection.
+    pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("services_descriptor");
+}
+
+/// Every gRPC service, ready to serve.
+pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // The health service reports the whole server; model-level readiness is `ModelReady`.
+    let ready = state.repository.all_ready();
+    tokio::spawn(async move {
+        let status = if ready {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health_reporter.set_service_status("", status).await;
+    });
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(
+            proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(kserve::KServe {
+                state: state.clone(),
+            }),
+        )
+        .add_service(proto::generate::generate_server::GenerateServer::new(
+            generate::GenerateService { state },
+        ))
+        .add_service(health)
+        .add_service(reflection);
+    Ok(routes.routes())
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let code = match e.status.as_u16() {
+            400 | 422 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        Status::new(code, e.message)
+    }
+}
