@@ -192,6 +192,7 @@ fn run_shape(o: &Options, shape: ShapePreset) -> Result<()> {
             model,
             SessionOptions {
                 intra_threads: o.threads,
+                ..Default::default()
             },
         )?;
         for (i, &batch) in o.batches.iter().enumerate() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what distill-serve needs beyond cargo: the ONNX Runtime shared library, taken out of
 # the pinned PyPI `onnxruntime` wheel (the only prebuilt ORT this environment can download),
-# checked against its sha256 and unpacked into the cache folder the binary looks in.
-# Idempotent: a second run finds the library and does nothing.
+# checked against its sha256 and unpacked into the cache folder the binary looks in; and the
+# OpenAI Python SDK the tests use as a client. Idempotent: a second run changes nothing.
 set -euo pipefail
 
 ORT_VERSION=1.32.0
@@ -11,6 +11,13 @@ WHEEL_SHA256=5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/distill-serve
 DEST=$CACHE/onnxruntime-$ORT_VERSION
 LIB=$DEST/libonnxruntime.so.$ORT_VERSION
+
+# The official OpenAI Python SDK: the test suite talks to the server with it, as users do.
+OPENAI_VERSION=3.57.0
+if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  echo "setup: installing openai==$OPENAI_VERSION (Python SDK) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+fi
 
 if [ -f "$LIB" ]; then
   echo "setup: ONNX Runtime $ORT_VERSION already at $LIB"

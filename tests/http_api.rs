@@ -378,3 +378,50 @@ async fn hot_reload_swaps_versions_without_failing_requests() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_is_reported_and_others_keep_serving() {
+    // A GPU execution provider in a CPU build fails to load; `tiny` must not care.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    add_version(&repo, "tiny", 1, 1);
+    add_version(&repo, "gpu", 1, 2);
+    std::fs::write(
+        repo.join("gpu/model.toml"),
+        "name = \"gpu\"\nexecution_provider = \"cuda\"\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    assert_eq!(
+        reqwest::get(server.url("/v2/health/ready")).await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        reqwest::get(server.url("/v2/models/tiny/ready"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = reqwest::get(server.url("/v2/models/gpu/ready")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("cuda"), "{v}");
+    let r = reqwest::Client::new()
+        .get(server.url("/admin/v1/models"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let gpu = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpu")
+        .unwrap()
+        .clone();
+    assert_eq!(gpu["state"], "UNAVAILABLE");
+    assert!(gpu["reason"].as_str().unwrap().contains("--features cuda"), "{gpu}");
+    assert!(!completion_text(&server, "still serving", 3).await.is_empty());
+}

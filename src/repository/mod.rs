@@ -20,7 +20,7 @@ use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::tokenize::{ChatTemplate, stop_token_ids};
-pub use settings::{ExecutionProvider, ModelSettings};
+pub use settings::ModelSettings;
 
 /// Why a model is not available.
 #[derive(Debug, thiserror::Error)]
@@ -216,12 +216,6 @@ impl Repository {
                 dir.join("model.toml").display()
             )));
         }
-        if settings.execution_provider != ExecutionProvider::Cpu {
-            return Err(RepositoryError::Invalid(format!(
-                "execution provider {:?} is not available in this build (only cpu)",
-                settings.execution_provider
-            )));
-        }
         let available = settings::versions(dir)?;
         let version = match settings.version {
             Some(v) if available.contains(&v) => v,
@@ -248,6 +242,7 @@ impl Repository {
         };
         let options = SessionOptions {
             intra_threads: settings.intra_threads.unwrap_or(self.defaults.intra_threads),
+            execution_provider: settings.execution_provider,
         };
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
         let tokenizer = Arc::new(tokenizer);

@@ -6,16 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::RepositoryError;
-
-/// Where a model's graph runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionProvider {
-    #[default]
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
+use crate::engine::ExecutionProvider;
 
 /// The contents of `model.toml`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -44,10 +44,11 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("models");
         add_version(&repo, "tiny", 1, 1);
-        Self::start_on(dir, repo, extra)
+        Self::start_with_repo(dir, repo, extra)
     }
 
-    fn start_on(dir: TempDir, repo: PathBuf, extra: &[&str]) -> Self {
+    /// Starts a server over `repo` (inside `dir`, kept alive with the server).
+    pub fn start_with_repo(dir: TempDir, repo: PathBuf, extra: &[&str]) -> Self {
         let mut child = Command::new(super::binary())
             .arg("serve")
             .arg("--model-repository")
