@@ -425,3 +425,18 @@ async fn a_model_that_fails_to_load_is_reported_and_others_keep_serving() {
     assert!(gpu["reason"].as_str().unwrap().contains("--features cuda"), "{gpu}");
     assert!(!completion_text(&server, "still serving", 3).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_version_without_config_json_serves_with_limits_from_the_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    add_version(&repo, "tiny", 1, 1);
+    std::fs::remove_file(repo.join("tiny/1/config.json")).unwrap();
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    assert!(!completion_text(&server, "no config", 4).await.is_empty());
+    // tokenizer_config.json of tiny students says model_max_length = 2048.
+    let long = "word ".repeat(3000);
+    let (status, v) = post(&server, "/v1/completions", json!({"model": "tiny", "prompt": long})).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("2048"), "{v}");
+}

@@ -27,6 +27,8 @@ pub struct TokenizerFiles {
     pub bos_token: Option<String>,
     /// The padding token text (`pad_token`), when configured.
     pub pad_token: Option<String>,
+    /// `model_max_length`, when it is a real limit (`transformers` writes 1e30 for "none").
+    pub model_max_length: Option<usize>,
 }
 
 impl TokenizerFiles {
@@ -64,6 +66,11 @@ impl TokenizerFiles {
             eos_token: token("eos_token"),
             bos_token: token("bos_token"),
             pad_token: token("pad_token"),
+            model_max_length: config
+                .as_ref()
+                .and_then(|c| c.get("model_max_length")?.as_u64())
+                .filter(|&n| n > 0 && n < 1 << 24)
+                .map(|n| n as usize),
             tokenizer_json,
             tokenizer_config: config.is_some().then_some(config_path),
             chat_template_file,

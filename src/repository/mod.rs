@@ -36,6 +36,9 @@ pub enum RepositoryError {
     Invalid(String),
 }
 
+/// Context length of a model version that has no `config.json` nor `model_max_length`.
+const DEFAULT_CONTEXT_LENGTH: usize = 2048;
+
 /// Server-wide defaults for settings a `model.toml` leaves out.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelDefaults {
@@ -234,11 +237,19 @@ impl Repository {
         let tokenizer =
             Tokenizer::from_file(&files.tokenizer_json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
         let chat_template = ChatTemplate::from_files(&files).map_err(|e| invalid(e.to_string()))?;
-        let config_text =
-            std::fs::read_to_string(vdir.join("config.json")).map_err(|e| invalid(format!("config.json: {e}")))?;
-        let ModelConfig::Decoder(config) = ModelConfig::from_json(&config_text).map_err(|e| invalid(e.to_string()))?
-        else {
-            return Err(invalid("encoders cannot generate text; serve a decoder".into()));
+        // Context length and EOS ids come from config.json; without one, from the tokenizer's
+        // `model_max_length` and `eos_token`.
+        let (context_length, eos_ids) = match std::fs::read_to_string(vdir.join("config.json")) {
+            Ok(text) => match ModelConfig::from_json(&text).map_err(|e| invalid(e.to_string()))? {
+                ModelConfig::Decoder(c) => (c.max_position_embeddings, c.eos_token_ids),
+                ModelConfig::Encoder(_) => {
+                    return Err(invalid("encoders cannot generate text; serve a decoder".into()));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (files.model_max_length.unwrap_or(DEFAULT_CONTEXT_LENGTH), Vec::new())
+            }
+            Err(e) => return Err(invalid(format!("config.json: {e}"))),
         };
         let options = SessionOptions {
             intra_threads: settings.intra_threads.unwrap_or(self.defaults.intra_threads),
@@ -246,7 +257,7 @@ impl Repository {
         };
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
         let tokenizer = Arc::new(tokenizer);
-        let stops = stop_token_ids(&tokenizer, &config.eos_token_ids, files.eos_token.as_deref());
+        let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
         let scheduler = Scheduler::spawn(
             name,
             session,
@@ -262,7 +273,7 @@ impl Repository {
             tokenizer,
             chat_template,
             stop_token_ids: stops,
-            context_length: config.max_position_embeddings,
+            context_length,
             max_tokens: settings.max_tokens.unwrap_or(self.defaults.max_tokens),
             scheduler,
         })
