@@ -38,6 +38,18 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that give none [default: 256].
     #[arg(long, env = "DISTILL_SERVE_MAX_TOKENS")]
     pub max_tokens: Option<usize>,
+    /// Most sequences decoded together per model; 1 turns batching off [default: 32].
+    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Most padded prompt tokens per prefill batch [default: 4096].
+    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Longest a request waits for its length bucket to fill, in ms [default: 5].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: Option<u64>,
+    /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
+    #[arg(long, env = "DISTILL_SERVE_BUCKETS", value_delimiter = ',')]
+    pub buckets: Option<Vec<usize>>,
     /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -80,6 +92,10 @@ impl ServeArgs {
                 intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),
                 max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),
                 max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(256),
+                max_batch_size: self.max_batch_size.or(file.max_batch_size).unwrap_or(32),
+                max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(4096),
+                max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms).unwrap_or(5),
+                buckets: self.buckets.or(file.buckets),
             },
         })
     }

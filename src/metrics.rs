@@ -26,20 +26,42 @@ pub struct Metrics {
     prompt_tokens: IntCounterVec,
     generated_tokens: IntCounterVec,
     cancelled: IntCounterVec,
+    rejected: IntCounterVec,
+    batch_size: HistogramVec,
+    padding_ratio: HistogramVec,
+    bucket_dispatches: IntCounterVec,
+    inter_token_latency: HistogramVec,
     model_version: IntGaugeVec,
     /// The version each model's info gauge shows, to remove it on a swap.
     serving: Mutex<HashMap<String, u32>>,
 }
 
-/// The metrics one model's worker updates.
+/// The metrics one model's scheduler updates.
 #[derive(Clone)]
 pub struct ModelMetrics {
+    model: String,
     pub queue_depth: IntGauge,
     pub queue_time: Histogram,
     pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub cancelled: IntCounter,
+    pub rejected_queue_full: IntCounter,
+    /// Sequences per decode step.
+    pub batch_size: Histogram,
+    /// Padded positions over computed positions, per prefill batch.
+    pub padding_ratio: Histogram,
+    bucket_dispatches: IntCounterVec,
+}
+
+impl ModelMetrics {
+    /// Counts a prefill batch sent from the bucket bounded by `bound` tokens.
+    pub fn bucket_dispatch(&self, bound: usize) {
+        self.bucket_dispatches
+            .with_label_values(&[&self.model, &bound.to_string()])
+            .inc();
+    }
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
@@ -89,6 +111,34 @@ impl Metrics {
                 "Requests stopped because the client went away",
                 &["model"],
             )?,
+            rejected: counter(
+                "distill_serve_rejected_requests_total",
+                "Requests refused at admission, by reason",
+                &["model", "reason"],
+            )?,
+            batch_size: HistogramVec::new(
+                HistogramOpts::new("distill_serve_batch_size", "Sequences per decode step")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                &["model"],
+            )?,
+            padding_ratio: HistogramVec::new(
+                HistogramOpts::new(
+                    "distill_serve_padding_ratio",
+                    "Padded positions over computed positions, per prefill batch",
+                )
+                .buckets(vec![0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]),
+                &["model"],
+            )?,
+            bucket_dispatches: counter(
+                "distill_serve_bucket_dispatches_total",
+                "Prefill batches sent, by length bucket (upper bound in tokens)",
+                &["model", "bucket"],
+            )?,
+            inter_token_latency: histogram(
+                "distill_serve_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence",
+                &["model"],
+            )?,
             model_version: gauge(
                 "distill_serve_model_version_info",
                 "1 for the version each model serves",
@@ -105,6 +155,11 @@ impl Metrics {
         m.registry.register(Box::new(m.prompt_tokens.clone()))?;
         m.registry.register(Box::new(m.generated_tokens.clone()))?;
         m.registry.register(Box::new(m.cancelled.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
+        m.registry.register(Box::new(m.batch_size.clone()))?;
+        m.registry.register(Box::new(m.padding_ratio.clone()))?;
+        m.registry.register(Box::new(m.bucket_dispatches.clone()))?;
+        m.registry.register(Box::new(m.inter_token_latency.clone()))?;
         m.registry.register(Box::new(m.model_version.clone()))?;
         Ok(m)
     }
@@ -112,12 +167,18 @@ impl Metrics {
     /// The handles one model's worker uses.
     pub fn for_model(&self, model: &str) -> ModelMetrics {
         ModelMetrics {
+            model: model.to_string(),
             queue_depth: self.queue_depth.with_label_values(&[model]),
             queue_time: self.queue_time.with_label_values(&[model]),
             time_to_first_token: self.time_to_first_token.with_label_values(&[model]),
+            inter_token_latency: self.inter_token_latency.with_label_values(&[model]),
             prompt_tokens: self.prompt_tokens.with_label_values(&[model]),
             generated_tokens: self.generated_tokens.with_label_values(&[model]),
             cancelled: self.cancelled.with_label_values(&[model]),
+            rejected_queue_full: self.rejected.with_label_values(&[model, "queue_full"]),
+            batch_size: self.batch_size.with_label_values(&[model]),
+            padding_ratio: self.padding_ratio.with_label_values(&[model]),
+            bucket_dispatches: self.bucket_dispatches.clone(),
         }
     }
 

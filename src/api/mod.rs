@@ -16,12 +16,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use tokio::sync::mpsc;
-
 use crate::generate::{Event, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::Repository;
-use crate::scheduler::EventResult;
+use crate::scheduler::Events;
 use error::ApiError;
 
 /// What every handler shares.
@@ -68,7 +66,7 @@ pub struct Collected {
 }
 
 /// Gathers the events of one request until it finishes.
-pub async fn collect(mut events: mpsc::Receiver<EventResult>) -> Result<Collected, ApiError> {
+pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
     let internal = |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message);
     let mut c = Collected::default();
     while let Some(event) = events.recv().await {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use ndarray::{Array2, Array3, Array4, Ix3};
+use ndarray::{Array2, Array3, Array4, Ix3, Ix4};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef, ValueType};
 
@@ -28,6 +28,30 @@ impl KvCache {
     /// Whether the cache holds no position.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Copies the cache out of ONNX Runtime: `[key_0, value_0, key_1, ...]`, each
+    /// `[batch, kv_heads, len, head_dim]`.
+    pub fn into_arrays(self) -> Result<Vec<Array4<f32>>, EngineError> {
+        self.values
+            .iter()
+            .map(|v| {
+                v.try_extract_array::<f32>()?
+                    .into_dimensionality::<Ix4>()
+                    .map(|a| a.to_owned())
+                    .map_err(|e| EngineError::Layout(format!("KV cache: {e}")))
+            })
+            .collect()
+    }
+
+    /// A cache from arrays laid out as [`KvCache::into_arrays`] returns them.
+    pub fn from_arrays(arrays: Vec<Array4<f32>>) -> Result<Self, EngineError> {
+        let len = arrays.first().map_or(0, |a| a.dim().2);
+        let values = arrays
+            .into_iter()
+            .map(|a| Ok(Tensor::from_array(a.as_standard_layout().into_owned())?.into_dyn()))
+            .collect::<Result<_, EngineError>>()?;
+        Ok(Self { values, len })
     }
 }
 

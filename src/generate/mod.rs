@@ -1,13 +1,12 @@
-//! The decode loop of one sequence: prefill, then one token at a time with the KV cache,
-//! sampling, stop tokens and stop strings, log-probabilities, streamed text deltas.
+//! Generating one sequence: sampling, stop tokens and stop strings, log-probabilities and
+//! streamed text deltas, one position at a time (the scheduler runs the model).
 
 mod sampling;
 mod text;
 
-use ndarray::Array2;
 use tokenizers::Tokenizer;
 
-use crate::engine::{DecoderSession, EngineError};
+use crate::engine::EngineError;
 pub use sampling::{Choice, Sampler, SamplingParams, argmax, log_softmax};
 pub use text::{IncrementalDecoder, StopMatcher, StopStep};
 
@@ -92,50 +91,73 @@ fn token_text(tokenizer: &Tokenizer, id: u32) -> Result<String, GenerateError> {
         .map_err(|e| GenerateError::Tokenizer(e.to_string()))
 }
 
-/// Runs `request` on `session`, handing each event to `emit`; `emit` returning `false` means
-/// the client is gone, and generation stops at once. Returns the number of tokens generated.
-pub fn generate(
-    session: &mut DecoderSession,
-    tokenizer: &Tokenizer,
-    request: &GenerationRequest,
-    mut emit: impl FnMut(Event) -> bool,
-) -> Result<usize, GenerateError> {
-    let prompt_len = request.prompt.len();
-    let ids = Array2::from_shape_fn((1, prompt_len), |(_, i)| i64::from(request.prompt[i]));
-    let positions = Array2::from_shape_fn((1, prompt_len), |(_, i)| i as i64);
-    let (mut logits, mut cache) = session.forward(
-        &ids,
-        &Array2::ones((1, prompt_len)),
-        &positions,
-        session.empty_cache(1)?,
-    )?;
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut decoder = IncrementalDecoder::new();
-    let mut stops = StopMatcher::new(request.stop.clone());
-    let mut generated = 0;
-    let finish = |text: String, reason, generated| Event::Finished {
-        text,
-        reason,
-        prompt_tokens: prompt_len,
-        completion_tokens: generated,
-    };
-    loop {
-        if generated == request.max_new_tokens {
-            emit(finish(stops.flush(), FinishReason::Length, generated));
-            return Ok(generated);
+/// One sequence being generated: it turns each position's logits into events and the next
+/// token, whatever batch it runs in.
+pub struct Sequence {
+    request: GenerationRequest,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    generated: usize,
+}
+
+/// The outcome of one step of a sequence.
+#[derive(Debug)]
+pub struct Advance {
+    /// Events to send, in order (a token, and the end when there is one).
+    pub events: Vec<Event>,
+    /// The token to feed next, or `None` when the sequence has finished.
+    pub next: Option<u32>,
+}
+
+impl Sequence {
+    /// Starts a sequence for `request`.
+    pub fn new(request: GenerationRequest) -> Self {
+        Self {
+            sampler: Sampler::new(request.sampling.clone()),
+            decoder: IncrementalDecoder::new(),
+            stops: StopMatcher::new(request.stop.clone()),
+            generated: 0,
+            request,
         }
-        let last = logits.slice(ndarray::s![0, -1, ..]).to_vec();
-        let choice = sampler.choose(&last, request.logprobs.unwrap_or(0));
-        generated += 1;
-        if request.stop_token_ids.contains(&choice.token) {
-            emit(finish(stops.flush(), FinishReason::Stop, generated));
-            return Ok(generated);
+    }
+
+    /// The request's prompt.
+    pub fn prompt(&self) -> &[u32] {
+        &self.request.prompt
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    fn finish(&mut self, text: String, reason: FinishReason) -> Event {
+        Event::Finished {
+            text,
+            reason,
+            prompt_tokens: self.request.prompt.len(),
+            completion_tokens: self.generated,
         }
-        let delta = decoder
+    }
+
+    /// Chooses the token after the last position whose `logits` are given.
+    pub fn advance(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Advance, GenerateError> {
+        let choice = self.sampler.choose(logits, self.request.logprobs.unwrap_or(0));
+        self.generated += 1;
+        if self.request.stop_token_ids.contains(&choice.token) {
+            let text = self.stops.flush();
+            return Ok(Advance {
+                events: vec![self.finish(text, FinishReason::Stop)],
+                next: None,
+            });
+        }
+        let delta = self
+            .decoder
             .push(tokenizer, choice.token)
             .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
-        let step = stops.push(&delta);
-        let logprob = match request.logprobs {
+        let step = self.stops.push(&delta);
+        let logprob = match self.request.logprobs {
             Some(_) => Some(TokenLogprob {
                 token: token_text(tokenizer, choice.token)?,
                 logprob: choice.logprob,
@@ -147,25 +169,21 @@ pub fn generate(
             }),
             None => None,
         };
-        if !emit(Event::Token {
+        let mut events = vec![Event::Token {
             id: choice.token,
             text: step.emit,
             logprob,
-        }) {
-            return Ok(generated);
-        }
-        if step.stopped {
-            emit(finish(String::new(), FinishReason::Stop, generated));
-            return Ok(generated);
-        }
-        let total = cache.len() + 1;
-        let (next_logits, next_cache) = session.forward(
-            &Array2::from_elem((1, 1), i64::from(choice.token)),
-            &Array2::ones((1, total)),
-            &Array2::from_elem((1, 1), (total - 1) as i64),
-            cache,
-        )?;
-        logits = next_logits;
-        cache = next_cache;
+        }];
+        let next = if step.stopped {
+            events.push(self.finish(String::new(), FinishReason::Stop));
+            None
+        } else if self.generated >= self.request.max_new_tokens {
+            let text = self.stops.flush();
+            events.push(self.finish(text, FinishReason::Length));
+            None
+        } else {
+            Some(choice.token)
+        };
+        Ok(Advance { events, next })
     }
 }

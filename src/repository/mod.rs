@@ -11,6 +11,7 @@ mod settings;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokenizers::Tokenizer;
 
@@ -18,7 +19,7 @@ use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{BatchPolicy, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
 pub use settings::ModelSettings;
 
@@ -40,11 +41,16 @@ pub enum RepositoryError {
 const DEFAULT_CONTEXT_LENGTH: usize = 2048;
 
 /// Server-wide defaults for settings a `model.toml` leaves out.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ModelDefaults {
     pub intra_threads: usize,
     pub max_queue: usize,
     pub max_tokens: usize,
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_queue_delay_ms: u64,
+    /// Length buckets; powers of two up to the context length when `None`.
+    pub buckets: Option<Vec<usize>>,
 }
 
 /// A loaded, serving version of a model.
@@ -258,10 +264,22 @@ impl Repository {
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
+        let d = &self.defaults;
+        let policy = BatchPolicy {
+            max_batch_size: settings.max_batch_size.unwrap_or(d.max_batch_size),
+            max_batch_tokens: settings.max_batch_tokens.unwrap_or(d.max_batch_tokens),
+            max_queue_delay: Duration::from_millis(settings.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms)),
+            buckets: settings
+                .buckets
+                .clone()
+                .or_else(|| d.buckets.clone())
+                .unwrap_or_else(|| BatchPolicy::default_buckets(context_length)),
+        };
         let scheduler = Scheduler::spawn(
             name,
             session,
             Arc::clone(&tokenizer),
+            policy,
             settings.max_queue.unwrap_or(self.defaults.max_queue),
             self.metrics.for_model(name),
         )

@@ -24,6 +24,14 @@ pub struct ModelSettings {
     pub max_queue: Option<usize>,
     /// Default `max_tokens` of a request (server default when absent).
     pub max_tokens: Option<usize>,
+    /// Most sequences decoded together; 1 turns batching off (server default when absent).
+    pub max_batch_size: Option<usize>,
+    /// Most padded prompt tokens per prefill batch (server default when absent).
+    pub max_batch_tokens: Option<usize>,
+    /// Longest wait for a length bucket to fill, in milliseconds (server default when absent).
+    pub max_queue_delay_ms: Option<u64>,
+    /// Upper bounds of the length buckets (server default when absent).
+    pub buckets: Option<Vec<usize>>,
 }
 
 impl ModelSettings {

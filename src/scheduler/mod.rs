@@ -1,24 +1,36 @@
-//! Per-model request queue and the worker that runs it.
+//! Per-model scheduling: bounded admission, length buckets, batched prefill and continuous
+//! decode batching.
 //!
-//! Admission is bounded: a request is queued with `try_send`, and a full queue is an immediate
-//! [`SubmitError::QueueFull`] (HTTP 429 / `RESOURCE_EXHAUSTED`), never a wait. One worker thread
-//! owns the model's ONNX Runtime session (`Session::run` needs `&mut`) and serves the queue in
-//! order, one sequence at a time; events go back over a bounded channel per request, and a
-//! request whose receiver is gone (client disconnected) is skipped or stopped at the next token.
+//! Admission is bounded: past `max_queue` waiting requests, [`Scheduler::submit`] answers
+//! [`SubmitError::QueueFull`] at once (HTTP 429 / `RESOURCE_EXHAUSTED`). One worker thread owns
+//! the model's ONNX Runtime session (`Session::run` needs `&mut`) and loops: take arrivals into
+//! their length bucket, prefill the next ready bucket into the free decode slots, then run one
+//! decode step for every active sequence. Sequences join and leave between steps; events go back
+//! over an unbounded channel per request, so a slow client never stalls the batch, and a request
+//! whose receiver is gone (client disconnected) leaves at its next step.
+
+mod batch;
+mod queue;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::engine::DecoderSession;
-use crate::generate::{Event, GenerationRequest, generate};
+use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence};
 use crate::metrics::ModelMetrics;
+use batch::DecodeBatch;
+pub use queue::{BatchPolicy, BucketQueue, Pending};
 
 /// Events a request receives: generation events, or the error that ended it.
 pub type EventResult = Result<Event, String>;
+
+/// The receiving end of a request's events.
+pub type Events = mpsc::UnboundedReceiver<EventResult>;
 
 /// Why a request was not queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,109 +45,242 @@ pub enum SubmitError {
 
 struct Job {
     request: GenerationRequest,
-    events: mpsc::Sender<EventResult>,
+    events: mpsc::UnboundedSender<EventResult>,
     queued_at: Instant,
 }
 
-/// Handle to a model's queue; cloning shares the queue.
+/// Where a running sequence's events go, and its timings.
+struct Meta {
+    events: mpsc::UnboundedSender<EventResult>,
+    queued_at: Instant,
+    last_event: Option<Instant>,
+}
+
+/// Handle to a model's scheduler; cloning shares it.
 #[derive(Clone)]
 pub struct Scheduler {
-    jobs: mpsc::Sender<Job>,
-    capacity: usize,
+    jobs: std_mpsc::Sender<Job>,
+    max_queue: usize,
     waiting: Arc<AtomicUsize>,
     metrics: ModelMetrics,
 }
 
 impl Scheduler {
-    /// Starts the worker thread for `session`; at most `capacity` requests wait.
+    /// Starts the worker thread for `session`.
     pub fn spawn(
         name: &str,
-        mut session: DecoderSession,
+        session: DecoderSession,
         tokenizer: Arc<Tokenizer>,
-        capacity: usize,
+        policy: BatchPolicy,
+        max_queue: usize,
         metrics: ModelMetrics,
     ) -> std::io::Result<Self> {
-        let capacity = capacity.max(1);
-        let (jobs, mut queue) = mpsc::channel::<Job>(capacity);
+        let (jobs, arrivals) = std_mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
-        let worker_waiting = Arc::clone(&waiting);
-        let worker_metrics = metrics.clone();
+        let worker = Worker {
+            session,
+            tokenizer,
+            queue: BucketQueue::new(policy.clone()),
+            max_batch_size: policy.max_batch_size.max(1),
+            batch: DecodeBatch::default(),
+            waiting: Arc::clone(&waiting),
+            metrics: metrics.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("model-{name}"))
-            .spawn(move || {
-                // Ends when every `Scheduler` clone is dropped (the model version was swapped out or
-                // unloaded) and the queue is drained.
-                while let Some(job) = queue.blocking_recv() {
-                    worker_waiting.fetch_sub(1, Ordering::Relaxed);
-                    worker_metrics
-                        .queue_depth
-                        .set(worker_waiting.load(Ordering::Relaxed) as i64);
-                    worker_metrics.queue_time.observe(job.queued_at.elapsed().as_secs_f64());
-                    run_job(&mut session, &tokenizer, job, &worker_metrics);
-                }
-            })?;
+            .spawn(move || worker.run(arrivals))?;
         Ok(Self {
             jobs,
-            capacity,
+            max_queue: max_queue.max(1),
             waiting,
             metrics,
         })
     }
 
     /// Queues `request`; its events arrive on the returned receiver.
-    pub fn submit(&self, request: GenerationRequest) -> Result<mpsc::Receiver<EventResult>, SubmitError> {
-        let (events, receiver) = mpsc::channel(64);
+    pub fn submit(&self, request: GenerationRequest) -> Result<Events, SubmitError> {
+        // Reserve a place first: the worker may take the job (and count it down) at once.
+        let depth = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        if depth > self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.rejected_queue_full.inc();
+            return Err(SubmitError::QueueFull(self.max_queue));
+        }
+        let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
             request,
             events,
             queued_at: Instant::now(),
         };
-        // Count before sending: the worker may take the job (and count it down) at once.
-        let depth = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.jobs.try_send(job) {
-            Ok(()) => {
-                self.metrics.queue_depth.set(depth as i64);
-                Ok(receiver)
+        if self.jobs.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::Closed);
+        }
+        self.metrics.queue_depth.set(depth as i64);
+        Ok(receiver)
+    }
+}
+
+struct Worker {
+    session: DecoderSession,
+    tokenizer: Arc<Tokenizer>,
+    queue: BucketQueue<Job>,
+    max_batch_size: usize,
+    batch: DecodeBatch<Meta>,
+    waiting: Arc<AtomicUsize>,
+    metrics: ModelMetrics,
+}
+
+/// Sends one sequence's events; false when its client is gone or it failed.
+fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &ModelMetrics) -> bool {
+    let now = Instant::now();
+    match meta.last_event {
+        None => metrics
+            .time_to_first_token
+            .observe(now.duration_since(meta.queued_at).as_secs_f64()),
+        Some(previous) => metrics
+            .inter_token_latency
+            .observe(now.duration_since(previous).as_secs_f64()),
+    }
+    meta.last_event = Some(now);
+    match advance {
+        Ok(advance) => {
+            for event in advance.events {
+                if let Event::Finished {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } = &event
+                {
+                    metrics.prompt_tokens.inc_by(*prompt_tokens as u64);
+                    metrics.generated_tokens.inc_by(*completion_tokens as u64);
+                }
+                if meta.events.send(Ok(event)).is_err() {
+                    metrics.cancelled.inc();
+                    return false;
+                }
             }
-            Err(e) => {
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
-                    mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
-                })
-            }
+            true
+        }
+        Err(e) => {
+            let _ = meta.events.send(Err(e.to_string()));
+            false
         }
     }
 }
 
-fn run_job(session: &mut DecoderSession, tokenizer: &Tokenizer, job: Job, metrics: &ModelMetrics) {
-    if job.events.is_closed() {
-        metrics.cancelled.inc();
-        return;
+impl Worker {
+    fn enqueue(&mut self, job: Job) {
+        let tokens = job.request.prompt.len();
+        let arrived = job.queued_at;
+        self.queue.push(job, tokens, arrived);
     }
-    let started = Instant::now();
-    let mut first = true;
-    let mut cancelled = false;
-    let result = generate(session, tokenizer, &job.request, |event| {
-        if first {
-            metrics.time_to_first_token.observe(started.elapsed().as_secs_f64());
-            first = false;
-        }
-        let sent = job.events.blocking_send(Ok(event)).is_ok();
-        cancelled |= !sent;
-        sent
-    });
-    match result {
-        Ok(tokens) => {
-            metrics.generated_tokens.inc_by(tokens as u64);
-            metrics.prompt_tokens.inc_by(job.request.prompt.len() as u64);
-            if cancelled {
-                metrics.cancelled.inc();
+
+    /// Runs until every [`Scheduler`] handle is gone and the work is done.
+    fn run(mut self, arrivals: std_mpsc::Receiver<Job>) {
+        let mut open = true;
+        loop {
+            if self.batch.is_empty() && self.queue.is_empty() {
+                match arrivals.recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(_) => return,
+                }
+            }
+            while open {
+                match arrivals.try_recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_cancelled_waiting();
+            self.admit();
+            if self.batch.is_empty() {
+                // Nothing decoding and no bucket ready: wait for an arrival or the next deadline.
+                if let Some(deadline) = self.queue.next_deadline() {
+                    match arrivals.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(job) => self.enqueue(job),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => open = false,
+                    }
+                } else if !open {
+                    return;
+                }
+                continue;
+            }
+            self.metrics.batch_size.observe(self.batch.len() as f64);
+            let (tokenizer, metrics) = (&self.tokenizer, &self.metrics);
+            if let Err(e) = self.batch.step(&mut self.session, tokenizer, |meta, advance| {
+                deliver(meta, advance, metrics)
+            }) {
+                tracing::error!(error = %e, "decode step failed");
+                self.fail_batch(&e.to_string());
             }
         }
-        Err(e) => {
-            // The receiver may be gone too; nothing else to tell.
-            let _ = job.events.blocking_send(Err(e.to_string()));
+    }
+
+    fn drop_cancelled_waiting(&mut self) {
+        let mut dropped = 0;
+        self.queue.retain(|job| {
+            let open = !job.events.is_closed();
+            dropped += usize::from(!open);
+            open
+        });
+        if dropped > 0 {
+            self.waiting.fetch_sub(dropped, Ordering::Relaxed);
+            self.metrics.cancelled.inc_by(dropped as u64);
         }
+    }
+
+    /// Prefills ready buckets into the free decode slots.
+    fn admit(&mut self) {
+        loop {
+            let free = self.max_batch_size - self.batch.len();
+            let Some((bucket, pending)) = self.queue.next_batch(Instant::now(), free) else {
+                return;
+            };
+            let depth = self.waiting.fetch_sub(pending.len(), Ordering::Relaxed) - pending.len();
+            self.metrics.queue_depth.set(depth as i64);
+            self.metrics.bucket_dispatch(self.queue.bucket_bound(bucket));
+            let seqs: Vec<(Sequence, Meta)> = pending
+                .into_iter()
+                .map(|p| {
+                    self.metrics.queue_time.observe(p.arrived.elapsed().as_secs_f64());
+                    let job = p.item;
+                    (
+                        Sequence::new(job.request),
+                        Meta {
+                            events: job.events,
+                            queued_at: job.queued_at,
+                            last_event: None,
+                        },
+                    )
+                })
+                .collect();
+            let metrics = &self.metrics;
+            let result = batch::prefill(&mut self.session, &self.tokenizer, seqs, |meta, advance| {
+                deliver(meta, advance, metrics)
+            });
+            match result {
+                Ok((prefilled, padding)) => {
+                    self.metrics.padding_ratio.observe(padding);
+                    if let Some(prefilled) = prefilled
+                        && let Err(e) = self.batch.join(prefilled)
+                    {
+                        tracing::error!(error = %e, "joining the decode batch failed");
+                        self.fail_batch(&e.to_string());
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "prefill failed"),
+            }
+        }
+    }
+
+    /// Ends every running sequence with `message` (after an engine failure).
+    fn fail_batch(&mut self, message: &str) {
+        for meta in self.batch.metas() {
+            let _ = meta.events.send(Err(message.to_string()));
+        }
+        self.batch = DecodeBatch::default();
     }
 }

@@ -13,7 +13,7 @@ use crate::api::error::ApiError;
 use crate::api::validate::{self, Sampling, Stop};
 use crate::api::{AppState, collect};
 use crate::generate::Event;
-use crate::scheduler::EventResult;
+use crate::scheduler::Events;
 use crate::tokenize::ChatMessage;
 
 pub struct GenerateService {
@@ -21,7 +21,7 @@ pub struct GenerateService {
 }
 
 impl GenerateService {
-    fn submit(&self, req: GenerateRequest) -> Result<tokio::sync::mpsc::Receiver<EventResult>, Status> {
+    fn submit(&self, req: GenerateRequest) -> Result<Events, Status> {
         let model = self.state.repository.get(&req.model).map_err(ApiError::from)?;
         let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
             (false, true) => validate::text_prompt(&model, &req.prompt)?,

@@ -16,14 +16,13 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::AppState;
 use super::error::ApiError;
 use super::validate;
 use crate::generate::{Event, TokenLogprob};
 use crate::repository::ModelVersion;
-use crate::scheduler::EventResult;
+use crate::scheduler::Events;
 use crate::tokenize::ChatMessage;
 pub use types::{ChatRequest, CompletionRequest};
 
@@ -135,7 +134,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
     respond(state, Route::Chat, started, result).await
 }
 
-type Admitted = (Arc<ModelVersion>, mpsc::Receiver<EventResult>, bool, bool);
+type Admitted = (Arc<ModelVersion>, Events, bool, bool);
 
 async fn respond(state: AppState, route: Route, started: Instant, admitted: Result<Admitted, ApiError>) -> Response {
     let (model, events, stream, include_usage) = match admitted {
@@ -165,7 +164,7 @@ async fn respond(state: AppState, route: Route, started: Instant, admitted: Resu
     }
 }
 
-async fn collect(route: Route, model: &ModelVersion, events: mpsc::Receiver<EventResult>) -> Result<Value, ApiError> {
+async fn collect(route: Route, model: &ModelVersion, events: Events) -> Result<Value, ApiError> {
     let c = super::collect(events).await?;
     let reason = c.reason;
     let usage = usage(c.prompt_tokens, c.completion_tokens);
@@ -234,7 +233,7 @@ fn sse_stream(
     route: Route,
     started: Instant,
     model: Arc<ModelVersion>,
-    mut events: mpsc::Receiver<EventResult>,
+    mut events: Events,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let (id, created) = (
