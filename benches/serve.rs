@@ -7,7 +7,8 @@
 //! cargo bench --bench serve -- --shape mid       # a 16M-parameter student
 //! ```
 //! Flags: `--shape tiny|mid`, `--requests N` (per level, default 64), `--max-tokens N`
-//! (default 32), `--concurrency 1,16`.
+//! (default 32), `--concurrency 1,16`, `--max-batch-size N` (passed to the server; 1 turns
+//! batching off).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,6 +21,8 @@ use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use serde_json::{Value, json};
 
 struct Options {
+    /// Extra flags for `distill-serve serve` (e.g. `--max-batch-size 1`).
+    server_args: Vec<String>,
     shape: ShapePreset,
     requests: usize,
     max_tokens: usize,
@@ -28,6 +31,7 @@ struct Options {
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
+        server_args: Vec::new(),
         shape: ShapePreset::Tiny,
         requests: 64,
         max_tokens: 32,
@@ -47,6 +51,8 @@ fn parse_args() -> Result<Options> {
             "--requests" => o.requests = value()?.parse()?,
             "--max-tokens" => o.max_tokens = value()?.parse()?,
             "--concurrency" => o.levels = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--max-batch-size" => o.server_args.extend(["--max-batch-size".to_string(), value()?]),
+            "--intra-threads" => o.server_args.extend(["--intra-threads".to_string(), value()?]),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -79,6 +85,20 @@ async fn client(base: String, ids: Vec<usize>, max_tokens: usize, deadline: Inst
     Ok(out)
 }
 
+/// (sum, count) of the server's decode batch size histogram.
+async fn batch_counts(base: &str) -> Result<(f64, f64)> {
+    let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
+    let value = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("distill_serve_batch_size_sum{model=\"bench\"}"),
+        value("distill_serve_batch_size_count{model=\"bench\"}"),
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = parse_args()?;
@@ -106,6 +126,7 @@ async fn main() -> Result<()> {
             "--max-queue",
             "256",
         ])
+        .args(&o.server_args)
         .arg("--model-repository")
         .arg(&repo)
         .env("RUST_LOG", "info")
@@ -123,11 +144,13 @@ async fn main() -> Result<()> {
     let base = format!("http://{}", rx.recv_timeout(Duration::from_secs(60))?);
 
     println!(
-        "\n### serve: {:?} student, INT8, /v1/completions, max_tokens {}\n",
-        o.shape, o.max_tokens
+        "\n### serve: {:?} student, INT8, /v1/completions, max_tokens {}, server flags {:?}\n",
+        o.shape, o.max_tokens, o.server_args
     );
-    println!("| clients | requests | p50 ms | p95 ms | p99 ms | requests/s | generated tok/s | x 1 client |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| clients | requests | p50 ms | p95 ms | p99 ms | requests/s | generated tok/s | x 1 client | mean decode batch |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     // Warm-up.
     client(
         base.clone(),
@@ -137,6 +160,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     let mut baseline = None;
+    let mut batches = batch_counts(&base).await?;
     for &level in &o.levels {
         let deadline = Instant::now() + Duration::from_secs(120);
         let started = Instant::now();
@@ -156,8 +180,11 @@ async fn main() -> Result<()> {
         let tokens: u64 = results.iter().map(|r| r.1).sum();
         let tps = tokens as f64 / wall;
         let base_tps = *baseline.get_or_insert(tps);
+        let now = batch_counts(&base).await?;
+        let mean_batch = (now.0 - batches.0) / (now.1 - batches.1).max(1.0);
+        batches = now;
         println!(
-            "| {level} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            "| {level} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {mean_batch:.1} |",
             results.len(),
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.95),

@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// Most padded prompt tokens per prefill batch [default: 4096].
     #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
-    /// Longest a request waits for its length bucket to fill, in ms [default: 5].
+    /// Longest a request waits for its length bucket to fill, in ms [default: 0: batch what is waiting].
     #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: Option<u64>,
     /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
@@ -94,7 +94,7 @@ impl ServeArgs {
                 max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(256),
                 max_batch_size: self.max_batch_size.or(file.max_batch_size).unwrap_or(32),
                 max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(4096),
-                max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms).unwrap_or(5),
+                max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms).unwrap_or(0),
                 buckets: self.buckets.or(file.buckets),
             },
         })

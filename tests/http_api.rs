@@ -440,3 +440,30 @@ async fn a_version_without_config_json_serves_with_limits_from_the_tokenizer() {
     assert_eq!(status, 400);
     assert!(v["error"]["message"].as_str().unwrap().contains("2048"), "{v}");
 }
+
+#[tokio::test]
+async fn a_client_that_gives_up_on_a_non_streamed_request_frees_its_work() {
+    let server = TestServer::start(&[]);
+    let body = json!({"model": "tiny", "prompt": "Once", "max_tokens": 2000, "temperature": 0,
+                      "stop": ["never-appears-xyz"]});
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let gave_up = client.post(server.url("/v1/completions")).json(&body).send().await;
+    assert!(gave_up.is_err(), "the request should have timed out on the client");
+    let cancelled = TestServer::wait_for(Duration::from_secs(20), || async {
+        server
+            .metric("distill_serve_cancelled_requests_total{model=\"tiny\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(cancelled, "the abandoned request was not cancelled");
+    assert!(
+        server
+            .metric("distill_serve_generated_tokens_total{model=\"tiny\"}")
+            .await
+            < 2000.0
+    );
+}

@@ -143,6 +143,7 @@ pub fn build_request(
         stop,
         stop_token_ids: model.stop_token_ids.clone(),
         logprobs,
+        stream: sampling.stream,
     })
 }
 

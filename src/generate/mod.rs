@@ -27,6 +27,9 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// `Some(n)`: report each token's log-probability and its `n` best alternatives.
     pub logprobs: Option<usize>,
+    /// Whether the client reads events as they happen; otherwise they are delivered together
+    /// at the end, which spares a wake-up per token.
+    pub stream: bool,
 }
 
 /// Why generation ended, in OpenAI's words.

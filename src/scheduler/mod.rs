@@ -52,6 +52,8 @@ struct Job {
 /// Where a running sequence's events go, and its timings.
 struct Meta {
     events: mpsc::UnboundedSender<EventResult>,
+    /// Events held back until the end for a client that does not stream.
+    held: Option<Vec<Event>>,
     queued_at: Instant,
     last_event: Option<Instant>,
 }
@@ -134,39 +136,49 @@ struct Worker {
 /// Sends one sequence's events; false when its client is gone or it failed.
 fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &ModelMetrics) -> bool {
     let now = Instant::now();
+    let since = now
+        .duration_since(meta.last_event.unwrap_or(meta.queued_at))
+        .as_secs_f64();
     match meta.last_event {
-        None => metrics
-            .time_to_first_token
-            .observe(now.duration_since(meta.queued_at).as_secs_f64()),
-        Some(previous) => metrics
-            .inter_token_latency
-            .observe(now.duration_since(previous).as_secs_f64()),
+        None => metrics.time_to_first_token.observe(since),
+        Some(_) => metrics.inter_token_latency.observe(since),
     }
     meta.last_event = Some(now);
-    match advance {
-        Ok(advance) => {
-            for event in advance.events {
-                if let Event::Finished {
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                } = &event
-                {
-                    metrics.prompt_tokens.inc_by(*prompt_tokens as u64);
-                    metrics.generated_tokens.inc_by(*completion_tokens as u64);
-                }
-                if meta.events.send(Ok(event)).is_err() {
-                    metrics.cancelled.inc();
-                    return false;
-                }
-            }
-            true
-        }
+    let advance = match advance {
+        Ok(advance) => advance,
         Err(e) => {
             let _ = meta.events.send(Err(e.to_string()));
-            false
+            return false;
+        }
+    };
+    let mut finished = false;
+    for event in advance.events {
+        match &event {
+            Event::Token { .. } => metrics.generated_tokens.inc(),
+            Event::Finished { .. } => finished = true,
+        }
+        match &mut meta.held {
+            Some(held) => held.push(event),
+            None if meta.events.send(Ok(event)).is_err() => {
+                metrics.cancelled.inc();
+                return false;
+            }
+            None => {}
         }
     }
+    if let Some(held) = &mut meta.held {
+        // A client that does not stream is still watched: when it is gone, stop.
+        if meta.events.is_closed() {
+            metrics.cancelled.inc();
+            return false;
+        }
+        if finished {
+            for event in held.drain(..) {
+                let _ = meta.events.send(Ok(event));
+            }
+        }
+    }
+    true
 }
 
 impl Worker {
@@ -246,15 +258,16 @@ impl Worker {
                 .into_iter()
                 .map(|p| {
                     self.metrics.queue_time.observe(p.arrived.elapsed().as_secs_f64());
+                    self.metrics.prompt_tokens.inc_by(p.tokens as u64);
                     let job = p.item;
-                    (
-                        Sequence::new(job.request),
-                        Meta {
-                            events: job.events,
-                            queued_at: job.queued_at,
-                            last_event: None,
-                        },
-                    )
+                    let held = (!job.request.stream).then(Vec::new);
+                    let meta = Meta {
+                        events: job.events,
+                        held,
+                        queued_at: job.queued_at,
+                        last_event: None,
+                    };
+                    (Sequence::new(job.request), meta)
                 })
                 .collect();
             let metrics = &self.metrics;

@@ -21,7 +21,7 @@ pub struct GenerateService {
 }
 
 impl GenerateService {
-    fn submit(&self, req: GenerateRequest) -> Result<Events, Status> {
+    fn submit(&self, req: GenerateRequest, stream: bool) -> Result<Events, Status> {
         let model = self.state.repository.get(&req.model).map_err(ApiError::from)?;
         let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
             (false, true) => validate::text_prompt(&model, &req.prompt)?,
@@ -45,6 +45,7 @@ impl GenerateService {
             top_k: req.top_k,
             seed: req.seed,
             stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
+            stream,
             ..Default::default()
         };
         let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None)?;
@@ -57,7 +58,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, S
 #[tonic::async_trait]
 impl Generate for GenerateService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let done = collect(self.submit(req.into_inner())?).await?;
+        let done = collect(self.submit(req.into_inner(), false)?).await?;
         Ok(Response::new(GenerateResponse {
             text: done.text,
             finish_reason: done.reason.as_str().into(),
@@ -71,7 +72,7 @@ impl Generate for GenerateService {
     type GenerateStreamStream = ResponseStream;
 
     async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
-        let mut events = self.submit(req.into_inner())?;
+        let mut events = self.submit(req.into_inner(), true)?;
         // Dropping this stream (the client cancelled) drops `events`, which stops the worker.
         let stream = async_stream::stream! {
             while let Some(event) = events.recv().await {
