@@ -270,6 +270,8 @@ impl Worker {
                     (Sequence::new(job.request), meta)
                 })
                 .collect();
+            // Kept to report a failed prefill to its requests.
+            let senders: Vec<_> = seqs.iter().map(|(_, meta)| meta.events.clone()).collect();
             let metrics = &self.metrics;
             let result = batch::prefill(&mut self.session, &self.tokenizer, seqs, |meta, advance| {
                 deliver(meta, advance, metrics)
@@ -284,7 +286,12 @@ impl Worker {
                         self.fail_batch(&e.to_string());
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "prefill failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "prefill failed");
+                    for events in senders {
+                        let _ = events.send(Err(e.to_string()));
+                    }
+                }
             }
         }
     }
