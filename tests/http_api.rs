@@ -467,3 +467,30 @@ async fn a_client_that_gives_up_on_a_non_streamed_request_frees_its_work() {
             < 2000.0
     );
 }
+
+#[tokio::test]
+async fn responses_carry_timing_headers() {
+    let server = TestServer::start(&[]);
+    let body = json!({"model": "tiny", "prompt": "Timing", "max_tokens": 8});
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| -> f64 { r.headers()[name].to_str().unwrap().parse().unwrap() };
+    let (queue, inference, total) = (
+        header("x-queue-time"),
+        header("x-inference-time"),
+        header("x-total-time"),
+    );
+    assert!(
+        queue >= 0.0 && inference > 0.0,
+        "queue {queue} ms, inference {inference} ms"
+    );
+    assert!(
+        total >= inference + queue,
+        "total {total} ms < queue {queue} + inference {inference}"
+    );
+}

@@ -16,7 +16,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::generate::{Event, FinishReason, TokenLogprob};
+use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 use crate::scheduler::Events;
@@ -63,6 +63,7 @@ pub struct Collected {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    pub timings: Timings,
 }
 
 /// Gathers the events of one request until it finishes.
@@ -80,11 +81,13 @@ pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                timings,
             } => {
                 c.text.push_str(&text);
                 c.reason = reason;
                 c.prompt_tokens = prompt_tokens;
                 c.completion_tokens = completion_tokens;
+                c.timings = timings;
                 return Ok(c);
             }
         }

@@ -4,6 +4,8 @@
 mod sampling;
 mod text;
 
+use std::time::Duration;
+
 use tokenizers::Tokenizer;
 
 use crate::engine::EngineError;
@@ -70,13 +72,23 @@ pub enum Event {
         text: String,
         logprob: Option<TokenLogprob>,
     },
-    /// The end: remaining text, the reason and the token counts.
+    /// The end: remaining text, the reason, the token counts and where the time went.
     Finished {
         text: String,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        timings: Timings,
     },
+}
+
+/// Where a request's time went; the scheduler fills it in.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// From admission to the start of its prefill.
+    pub queue: Duration,
+    /// From the start of its prefill to its last token.
+    pub inference: Duration,
 }
 
 /// Why generation failed.
@@ -141,6 +153,7 @@ impl Sequence {
             reason,
             prompt_tokens: self.request.prompt.len(),
             completion_tokens: self.generated,
+            timings: Timings::default(),
         }
     }
 

@@ -21,7 +21,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::engine::DecoderSession;
-use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence};
+use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence, Timings};
 use crate::metrics::ModelMetrics;
 use batch::DecodeBatch;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
@@ -55,6 +55,8 @@ struct Meta {
     /// Events held back until the end for a client that does not stream.
     held: Option<Vec<Event>>,
     queued_at: Instant,
+    /// When its prefill started.
+    admitted_at: Instant,
     last_event: Option<Instant>,
 }
 
@@ -152,10 +154,16 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
         }
     };
     let mut finished = false;
-    for event in advance.events {
-        match &event {
+    for mut event in advance.events {
+        match &mut event {
             Event::Token { .. } => metrics.generated_tokens.inc(),
-            Event::Finished { .. } => finished = true,
+            Event::Finished { timings, .. } => {
+                *timings = Timings {
+                    queue: meta.admitted_at.duration_since(meta.queued_at),
+                    inference: now.duration_since(meta.admitted_at),
+                };
+                finished = true;
+            }
         }
         match &mut meta.held {
             Some(held) => held.push(event),
@@ -265,6 +273,7 @@ impl Worker {
                         events: job.events,
                         held,
                         queued_at: job.queued_at,
+                        admitted_at: Instant::now(),
                         last_event: None,
                     };
                     (Sequence::new(job.request), meta)

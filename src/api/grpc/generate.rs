@@ -79,7 +79,7 @@ impl Generate for GenerateService {
                 match event {
                     Ok(Event::Token { text, .. }) if text.is_empty() => {}
                     Ok(Event::Token { text, .. }) => yield Ok(GenerateStreamResponse { text, ..Default::default() }),
-                    Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens }) => {
+                    Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens, .. }) => {
                         yield Ok(GenerateStreamResponse {
                             text,
                             finish_reason: reason.as_str().into(),

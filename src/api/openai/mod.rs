@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::validate;
-use crate::generate::{Event, TokenLogprob};
+use crate::generate::{Event, Timings, TokenLogprob};
 use crate::repository::ModelVersion;
 use crate::scheduler::Events;
 use crate::tokenize::ChatMessage;
@@ -159,17 +159,26 @@ async fn respond(state: AppState, route: Route, started: Instant, admitted: Resu
         .metrics
         .observe_request(&model.name, route.endpoint(), status, started.elapsed());
     match response {
-        Ok(body) => Json(body).into_response(),
+        Ok((body, timings)) => {
+            // Where the time went, as TEI reports it (milliseconds).
+            let ms = |d: std::time::Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+            let headers = [
+                ("x-queue-time", ms(timings.queue)),
+                ("x-inference-time", ms(timings.inference)),
+                ("x-total-time", ms(started.elapsed())),
+            ];
+            (headers, Json(body)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn collect(route: Route, model: &ModelVersion, events: Events) -> Result<Value, ApiError> {
+async fn collect(route: Route, model: &ModelVersion, events: Events) -> Result<(Value, Timings), ApiError> {
     let c = super::collect(events).await?;
     let reason = c.reason;
     let usage = usage(c.prompt_tokens, c.completion_tokens);
     let has_logprobs = !c.logprobs.is_empty();
-    Ok(match route {
+    let body = match route {
         Route::Completions => json!({
             "id": request_id("cmpl"),
             "object": "text_completion",
@@ -196,7 +205,8 @@ async fn collect(route: Route, model: &ModelVersion, events: Events) -> Result<V
             }],
             "usage": usage,
         }),
-    })
+    };
+    Ok((body, c.timings))
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -299,7 +309,7 @@ fn sse_stream(
                     }
                     yield Ok(SseEvent::default().data(chunk(text_delta(text), lp, None).to_string()));
                 }
-                Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens }) => {
+                Ok(Event::Finished { text, reason, prompt_tokens, completion_tokens, .. }) => {
                     let delta = if text.is_empty() && route == Route::Chat { json!({}) } else { text_delta(text) };
                     yield Ok(SseEvent::default().data(chunk(delta, None, Some(reason.as_str())).to_string()));
                     if include_usage {
