@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -50,6 +51,10 @@ pub struct ServeArgs {
     /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
     #[arg(long, env = "DISTILL_SERVE_BUCKETS", value_delimiter = ',')]
     pub buckets: Option<Vec<usize>>,
+    /// Deadline of requests that set none (header x-request-timeout-ms, gRPC deadline), in ms;
+    /// 0 = none [default: 300000].
+    #[arg(long, env = "DISTILL_SERVE_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
     /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -63,6 +68,7 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     pub admin_token: Option<String>,
     pub ort_library: Option<PathBuf>,
+    pub request_timeout: Option<Duration>,
     pub model_defaults: ModelDefaults,
 }
 
@@ -88,6 +94,10 @@ impl ServeArgs {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8081))),
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             ort_library: self.ort_library.or(file.ort_library),
+            request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             model_defaults: ModelDefaults {
                 intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),
                 max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),

@@ -48,6 +48,8 @@ pub struct ModelMetrics {
     pub generated_tokens: IntCounter,
     pub cancelled: IntCounter,
     pub rejected_queue_full: IntCounter,
+    /// Requests dropped because their deadline passed.
+    pub deadline_exceeded: IntCounter,
     /// Sequences per decode step.
     pub batch_size: Histogram,
     /// Padded positions over computed positions, per prefill batch.
@@ -176,6 +178,7 @@ impl Metrics {
             generated_tokens: self.generated_tokens.with_label_values(&[model]),
             cancelled: self.cancelled.with_label_values(&[model]),
             rejected_queue_full: self.rejected.with_label_values(&[model, "queue_full"]),
+            deadline_exceeded: self.rejected.with_label_values(&[model, "deadline_exceeded"]),
             batch_size: self.batch_size.with_label_values(&[model]),
             padding_ratio: self.padding_ratio.with_label_values(&[model]),
             bucket_dispatches: self.bucket_dispatches.clone(),

@@ -25,6 +25,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         repository: Arc::new(repository),
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
+        request_timeout: config.request_timeout,
     };
     let http = TcpListener::bind(config.http_addr)
         .await

@@ -494,3 +494,43 @@ async fn responses_carry_timing_headers() {
         "total {total} ms < queue {queue} + inference {inference}"
     );
 }
+
+#[tokio::test]
+async fn requests_past_their_deadline_are_dropped_with_504() {
+    let server = TestServer::start(&["--max-batch-size", "1"]);
+    let client = reqwest::Client::new();
+    let long = json!({"model": "tiny", "prompt": "Long", "max_tokens": 1500, "temperature": 0, "stop": ["never-xyz"]});
+    let send = |timeout_ms: &'static str| {
+        client
+            .post(server.url("/v1/completions"))
+            .header("x-request-timeout-ms", timeout_ms)
+            .json(&long)
+            .send()
+    };
+    // Running: the deadline passes mid-generation.
+    let r = send("40").await.unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "deadline_exceeded");
+    // Waiting: with batching off, a second request queues behind a long one and expires there.
+    let (first, second) = tokio::join!(send("5000"), async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        send("30").await
+    });
+    assert_eq!(second.unwrap().status(), 504);
+    assert_eq!(first.unwrap().status(), 200);
+    assert!(
+        server
+            .metric("distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_exceeded\"}")
+            .await
+            >= 2.0
+    );
+    let r = client
+        .post(server.url("/v1/completions"))
+        .header("x-request-timeout-ms", "soon")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

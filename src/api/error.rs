@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::repository::RepositoryError;
-use crate::scheduler::SubmitError;
+use crate::scheduler::{RequestError, SubmitError};
 
 /// An error answered to an HTTP client.
 #[derive(Debug)]
@@ -86,6 +86,17 @@ impl From<SubmitError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
             },
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::DeadlineExceeded => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", e.to_string())
+            }
+            RequestError::Failed(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct AppState {
     pub repository: Arc<Repository>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Option<Arc<str>>,
+    /// Deadline of requests that set none.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 /// The whole HTTP surface.
@@ -68,7 +70,7 @@ pub struct Collected {
 
 /// Gathers the events of one request until it finishes.
 pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
-    let internal = |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message);
+    let internal = ApiError::from;
     let mut c = Collected::default();
     while let Some(event) = events.recv().await {
         match event.map_err(internal)? {
@@ -92,7 +94,11 @@ pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
             }
         }
     }
-    Err(internal("generation ended before finishing".into()))
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "generation ended before finishing",
+    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

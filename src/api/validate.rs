@@ -1,6 +1,9 @@
 //! Checks shared by every protocol: sampling settings, prompt length against the context, and
 //! the [`GenerationRequest`] they become.
 
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use super::error::ApiError;
@@ -39,13 +42,15 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
 }
 
-/// Checks the sampling fields and builds the request for `prompt` on `model`.
+/// Checks the sampling fields and builds the request for `prompt` on `model`, to be dropped
+/// at `deadline` if it has not finished by then.
 pub fn build_request(
     model: &ModelVersion,
     prompt: Vec<u32>,
     sampling: &Sampling,
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
+    deadline: Option<Instant>,
 ) -> Result<GenerationRequest, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
@@ -144,6 +149,7 @@ pub fn build_request(
         stop_token_ids: model.stop_token_ids.clone(),
         logprobs,
         stream: sampling.stream,
+        deadline,
     })
 }
 
@@ -185,4 +191,28 @@ fn encode(model: &ModelVersion, text: &str, special: bool) -> Result<Vec<u32>, A
         .encode(text, special)
         .map(|e| e.get_ids().to_vec())
         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))
+}
+
+/// Header giving a request's timeout in milliseconds (overrides the server default).
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// The deadline of a request: its timeout header, else the server default (none when neither).
+pub fn deadline(headers: &HeaderMap, default: Option<Duration>) -> Result<Option<Instant>, ApiError> {
+    let timeout = match headers.get(TIMEOUT_HEADER) {
+        Some(value) => {
+            let ms = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "x-request-timeout-ms",
+                        "the x-request-timeout-ms header must be whole milliseconds",
+                    )
+                })?;
+            Some(Duration::from_millis(ms))
+        }
+        None => default,
+    };
+    Ok(timeout.map(|t| Instant::now() + t))
 }

@@ -32,6 +32,8 @@ pub struct GenerationRequest {
     /// Whether the client reads events as they happen; otherwise they are delivered together
     /// at the end, which spares a wake-up per token.
     pub stream: bool,
+    /// When the client stops waiting: work still queued or running then is dropped.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Why generation ended, in OpenAI's words.

@@ -26,8 +26,19 @@ use crate::metrics::ModelMetrics;
 use batch::DecodeBatch;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 
+/// Why a request ended without finishing.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// Its deadline passed while it waited or ran.
+    #[error("the request's deadline passed before it finished")]
+    DeadlineExceeded,
+    /// The engine failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Events a request receives: generation events, or the error that ended it.
-pub type EventResult = Result<Event, String>;
+pub type EventResult = Result<Event, RequestError>;
 
 /// The receiving end of a request's events.
 pub type Events = mpsc::UnboundedReceiver<EventResult>;
@@ -57,6 +68,7 @@ struct Meta {
     queued_at: Instant,
     /// When its prefill started.
     admitted_at: Instant,
+    deadline: Option<Instant>,
     last_event: Option<Instant>,
 }
 
@@ -146,10 +158,15 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
         Some(_) => metrics.inter_token_latency.observe(since),
     }
     meta.last_event = Some(now);
+    if meta.deadline.is_some_and(|d| now > d) {
+        metrics.deadline_exceeded.inc();
+        let _ = meta.events.send(Err(RequestError::DeadlineExceeded));
+        return false;
+    }
     let advance = match advance {
         Ok(advance) => advance,
         Err(e) => {
-            let _ = meta.events.send(Err(e.to_string()));
+            let _ = meta.events.send(Err(RequestError::Failed(e.to_string())));
             return false;
         }
     };
@@ -213,7 +230,7 @@ impl Worker {
                     Err(std_mpsc::TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.drop_cancelled_waiting();
+            self.drop_abandoned_waiting();
             self.admit();
             if self.batch.is_empty() {
                 // Nothing decoding and no bucket ready: wait for an arrival or the next deadline.
@@ -239,16 +256,26 @@ impl Worker {
         }
     }
 
-    fn drop_cancelled_waiting(&mut self) {
-        let mut dropped = 0;
+    /// Drops waiting requests whose client is gone or whose deadline passed.
+    fn drop_abandoned_waiting(&mut self) {
+        let now = Instant::now();
+        let (mut cancelled, mut expired) = (0, 0);
         self.queue.retain(|job| {
-            let open = !job.events.is_closed();
-            dropped += usize::from(!open);
-            open
+            if job.events.is_closed() {
+                cancelled += 1;
+                return false;
+            }
+            if job.request.deadline.is_some_and(|d| now > d) {
+                let _ = job.events.send(Err(RequestError::DeadlineExceeded));
+                expired += 1;
+                return false;
+            }
+            true
         });
-        if dropped > 0 {
-            self.waiting.fetch_sub(dropped, Ordering::Relaxed);
-            self.metrics.cancelled.inc_by(dropped as u64);
+        if cancelled + expired > 0 {
+            self.waiting.fetch_sub(cancelled + expired, Ordering::Relaxed);
+            self.metrics.cancelled.inc_by(cancelled as u64);
+            self.metrics.deadline_exceeded.inc_by(expired as u64);
         }
     }
 
@@ -274,6 +301,7 @@ impl Worker {
                         held,
                         queued_at: job.queued_at,
                         admitted_at: Instant::now(),
+                        deadline: job.request.deadline,
                         last_event: None,
                     };
                     (Sequence::new(job.request), meta)
@@ -298,7 +326,7 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, "prefill failed");
                     for events in senders {
-                        let _ = events.send(Err(e.to_string()));
+                        let _ = events.send(Err(RequestError::Failed(e.to_string())));
                     }
                 }
             }
@@ -308,7 +336,7 @@ impl Worker {
     /// Ends every running sequence with `message` (after an engine failure).
     fn fail_batch(&mut self, message: &str) {
         for meta in self.batch.metas() {
-            let _ = meta.events.send(Err(message.to_string()));
+            let _ = meta.events.send(Err(RequestError::Failed(message.to_string())));
         }
         self.batch = DecodeBatch::default();
     }

@@ -2,6 +2,7 @@
 //! streamed.
 
 use std::pin::Pin;
+use std::time::Instant;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -21,7 +22,12 @@ pub struct GenerateService {
 }
 
 impl GenerateService {
-    fn submit(&self, req: GenerateRequest, stream: bool) -> Result<Events, Status> {
+    fn submit_request(&self, req: Request<GenerateRequest>, stream: bool) -> Result<Events, Status> {
+        let deadline = super::deadline(&req, self.state.request_timeout);
+        self.submit(req.into_inner(), stream, deadline)
+    }
+
+    fn submit(&self, req: GenerateRequest, stream: bool, deadline: Option<Instant>) -> Result<Events, Status> {
         let model = self.state.repository.get(&req.model).map_err(ApiError::from)?;
         let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
             (false, true) => validate::text_prompt(&model, &req.prompt)?,
@@ -48,7 +54,7 @@ impl GenerateService {
             stream,
             ..Default::default()
         };
-        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None)?;
+        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
         Ok(model.scheduler.submit(request).map_err(ApiError::from)?)
     }
 }
@@ -58,7 +64,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, S
 #[tonic::async_trait]
 impl Generate for GenerateService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let done = collect(self.submit(req.into_inner(), false)?).await?;
+        let done = collect(self.submit_request(req, false)?).await?;
         Ok(Response::new(GenerateResponse {
             text: done.text,
             finish_reason: done.reason.as_str().into(),
@@ -72,7 +78,7 @@ impl Generate for GenerateService {
     type GenerateStreamStream = ResponseStream;
 
     async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
-        let mut events = self.submit(req.into_inner(), true)?;
+        let mut events = self.submit_request(req, true)?;
         // Dropping this stream (the client cancelled) drops `events`, which stops the worker.
         let stream = async_stream::stream! {
             while let Some(event) = events.recv().await {
@@ -88,7 +94,7 @@ impl Generate for GenerateService {
                         break;
                     }
                     Err(message) => {
-                        yield Err(Status::internal(message));
+                        yield Err(Status::from(message));
                         break;
                     }
                 }

@@ -172,12 +172,13 @@ impl GrpcInferenceService for KServe {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = super::deadline(&req, self.state.request_timeout);
         let req = req.into_inner();
         let model = self.model(&req.model_name, &req.model_version)?;
         let text = text_input(&req)?;
         let sampling = sampling(&req.parameters)?;
         let prompt = validate::text_prompt(&model, &text)?;
-        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None)?;
+        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
         let events = model
             .scheduler
             .submit(request)

@@ -5,6 +5,8 @@
 mod generate;
 mod kserve;
 
+use std::time::{Duration, Instant};
+
 use tonic::{Code, Status};
 
 use super::AppState;
@@ -57,6 +59,37 @@ pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflectio
     Ok(routes.routes())
 }
 
+/// The deadline the client set (`grpc-timeout`), else the server default.
+pub fn deadline<T>(request: &tonic::Request<T>, default: Option<Duration>) -> Option<Instant> {
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+            let n: u64 = digits.parse().ok()?;
+            Some(match unit {
+                "H" => Duration::from_secs(n * 3600),
+                "M" => Duration::from_secs(n * 60),
+                "S" => Duration::from_secs(n),
+                "m" => Duration::from_millis(n),
+                "u" => Duration::from_micros(n),
+                "n" => Duration::from_nanos(n),
+                _ => return None,
+            })
+        });
+    timeout.or(default).map(|t| Instant::now() + t)
+}
+
+impl From<crate::scheduler::RequestError> for Status {
+    fn from(e: crate::scheduler::RequestError) -> Self {
+        match e {
+            crate::scheduler::RequestError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+            crate::scheduler::RequestError::Failed(message) => Status::internal(message),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let code = match e.status.as_u16() {
@@ -66,6 +99,7 @@ impl From<ApiError> for Status {
             404 => Code::NotFound,
             429 => Code::ResourceExhausted,
             503 => Code::Unavailable,
+            504 => Code::DeadlineExceeded,
             _ => Code::Internal,
         };
         Status::new(code, e.message)

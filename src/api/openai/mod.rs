@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -71,7 +72,7 @@ impl Route {
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let req: CompletionRequest = parse_json(&body)?;
@@ -90,7 +91,15 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
             }
             types::Prompt::Tokens(ids) => validate::check_token_ids(&model, ids)?,
         };
-        let request = validate::build_request(&model, prompt, &req.sampling, req.sampling.max_tokens, req.logprobs)?;
+        let deadline = validate::deadline(&headers, state.request_timeout)?;
+        let request = validate::build_request(
+            &model,
+            prompt,
+            &req.sampling,
+            req.sampling.max_tokens,
+            req.logprobs,
+            deadline,
+        )?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
@@ -100,7 +109,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let req: ChatRequest = parse_json(&body)?;
@@ -125,7 +134,8 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
             (false, None) => None,
             (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
         };
-        let request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs)?;
+        let deadline = validate::deadline(&headers, state.request_timeout)?;
+        let request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs, deadline)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
@@ -320,10 +330,11 @@ fn sse_stream(
                     }
                     record.status = 200;
                 }
-                Err(message) => {
-                    let error = json!({"error": {"message": message, "type": "internal_error", "code": 500}});
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    let error = json!({"error": {"message": e.message, "type": e.kind, "code": e.status.as_u16()}});
                     yield Ok(SseEvent::default().data(error.to_string()));
-                    record.status = 500;
+                    record.status = e.status.as_u16();
                     break;
                 }
             }
