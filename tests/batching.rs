@@ -8,14 +8,9 @@ use std::time::Duration;
 use common::server::TestServer;
 use serde_json::{Value, json};
 
-async fn greedy(client: &reqwest::Client, server: &TestServer, prompt: &str, max_tokens: u32) -> String {
+async fn greedy(server: &TestServer, prompt: &str, max_tokens: u32) -> String {
     let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
-    let r = client
-        .post(server.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = server.post("/v1/completions", &body).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v["choices"][0]["text"].as_str().unwrap().to_string()
@@ -24,7 +19,6 @@ async fn greedy(client: &reqwest::Client, server: &TestServer, prompt: &str, max
 #[tokio::test]
 async fn outputs_under_concurrent_load_equal_outputs_alone() {
     let server = TestServer::start(&["--max-batch-size", "6", "--max-queue-delay-ms", "2"]);
-    let client = reqwest::Client::new();
     // Prompts of very different lengths (different buckets) and answers of different lengths,
     // so sequences leave at different steps and others join mid-way.
     let cases: Vec<(String, u32)> = (0..14)
@@ -37,15 +31,14 @@ async fn outputs_under_concurrent_load_equal_outputs_alone() {
         .collect();
     let mut alone = Vec::new();
     for (prompt, n) in &cases {
-        alone.push(greedy(&client, &server, prompt, *n).await);
+        alone.push(greedy(&server, prompt, *n).await);
     }
     let together = futures::future::join_all(cases.iter().enumerate().map(|(i, (prompt, n))| {
-        let client = client.clone();
         let server = &server;
         async move {
             // Staggered arrivals: later requests join a batch that is already decoding.
             tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
-            greedy(&client, server, prompt, *n).await
+            greedy(server, prompt, *n).await
         }
     }))
     .await;

@@ -28,12 +28,7 @@ async fn completion_text(server: &TestServer, prompt: &str, seed: u64) -> String
 
 /// Concatenated content of an SSE chat stream, checking it ends with `[DONE]`.
 async fn stream_chat(server: &TestServer, body: Value) -> (String, Vec<Value>) {
-    let r = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = server.post("/v1/chat/completions", &body).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -305,23 +300,11 @@ async fn hot_reload_swaps_versions_without_failing_requests() {
     let before = completion_text(&server, "Reload test", 5).await;
     add_version(&server.repo, "tiny", 2, 99);
     let client = reqwest::Client::new();
-    let load = async {
-        let mut statuses = Vec::new();
-        for i in 0..40u64 {
-            let body = json!({"model": "tiny", "prompt": format!("Load {i}"), "max_tokens": 8, "seed": i});
-            statuses.push(
-                client
-                    .post(server.url("/v1/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16(),
-            );
-        }
-        statuses
-    };
+    let completions =
+        (0..40u64).map(|i| json!({"model": "tiny", "prompt": format!("Load {i}"), "max_tokens": 8, "seed": i}));
+    let chats = (0..40u64).map(
+        |i| json!({"model": "tiny", "messages": [{"role": "user", "content": format!("Chat {i}")}], "max_tokens": 8}),
+    );
     let reload = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let r = client
@@ -334,24 +317,8 @@ async fn hot_reload_swaps_versions_without_failing_requests() {
         r.json::<Value>().await.unwrap()
     };
     let (statuses_a, statuses_b, reloaded) = tokio::join!(
-        load,
-        async {
-            let mut s = Vec::new();
-            for i in 0..40u64 {
-                let body = json!({"model": "tiny", "messages": [{"role": "user", "content": format!("Chat {i}")}], "max_tokens": 8});
-                s.push(
-                    client
-                        .post(server.url("/v1/chat/completions"))
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap()
-                        .status()
-                        .as_u16(),
-                );
-            }
-            s
-        },
+        server.statuses("/v1/completions", completions),
+        server.statuses("/v1/chat/completions", chats),
         reload
     );
     assert_eq!(reloaded["version"], 2);

@@ -103,6 +103,25 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs each body to `path` one after another and returns the HTTP statuses.
+    pub async fn statuses(&self, path: &str, bodies: impl IntoIterator<Item = serde_json::Value>) -> Vec<u16> {
+        let mut statuses = Vec::new();
+        for body in bodies {
+            statuses.push(self.post(path, &body).await.status().as_u16());
+        }
+        statuses
+    }
+
     /// The value of a metric line (name with labels, as printed) in `/metrics`.
     pub async fn metric(&self, line_prefix: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
