@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Requests that may wait per model before new ones get 429 [default: 64].
     #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Requests per model that may be waiting or generating at once, beyond which new ones get
+    /// 429 [default: 128].
+    #[arg(long, env = "DISTILL_SERVE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
     /// `max_tokens` of requests that give none [default: 256].
     #[arg(long, env = "DISTILL_SERVE_MAX_TOKENS")]
     pub max_tokens: Option<usize>,
@@ -101,6 +105,10 @@ impl ServeArgs {
             model_defaults: ModelDefaults {
                 intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),
                 max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),
+                max_concurrent_requests: self
+                    .max_concurrent_requests
+                    .or(file.max_concurrent_requests)
+                    .unwrap_or(128),
                 max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(256),
                 max_batch_size: self.max_batch_size.or(file.max_batch_size).unwrap_or(32),
                 max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(4096),

@@ -29,6 +29,8 @@ pub struct Metrics {
     rejected: IntCounterVec,
     batch_size: HistogramVec,
     padding_ratio: HistogramVec,
+    batch_tokens: HistogramVec,
+    padding_tokens: IntCounterVec,
     bucket_dispatches: IntCounterVec,
     inter_token_latency: HistogramVec,
     model_version: IntGaugeVec,
@@ -44,16 +46,19 @@ pub struct ModelMetrics {
     pub queue_time: Histogram,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
-    pub prompt_tokens: IntCounter,
+    prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub cancelled: IntCounter,
     pub rejected_queue_full: IntCounter,
+    /// Requests refused because the model had `max_concurrent` in flight.
+    pub rejected_concurrency: IntCounter,
     /// Requests dropped because their deadline passed.
     pub deadline_exceeded: IntCounter,
     /// Sequences per decode step.
     pub batch_size: Histogram,
-    /// Padded positions over computed positions, per prefill batch.
-    pub padding_ratio: Histogram,
+    padding_ratio: Histogram,
+    batch_tokens: Histogram,
+    padding_tokens: IntCounter,
     bucket_dispatches: IntCounterVec,
 }
 
@@ -63,6 +68,15 @@ impl ModelMetrics {
         self.bucket_dispatches
             .with_label_values(&[&self.model, &bound.to_string()])
             .inc();
+    }
+
+    /// Records a prefill batch that computes `computed` positions for `prompt` prompt tokens.
+    pub fn observe_prefill(&self, computed: usize, prompt: usize) {
+        let padding = computed.saturating_sub(prompt);
+        self.batch_tokens.observe(computed as f64);
+        self.prompt_tokens.inc_by(prompt as u64);
+        self.padding_tokens.inc_by(padding as u64);
+        self.padding_ratio.observe(padding as f64 / computed.max(1) as f64);
     }
 }
 
@@ -131,6 +145,19 @@ impl Metrics {
                 .buckets(vec![0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]),
                 &["model"],
             )?,
+            batch_tokens: HistogramVec::new(
+                HistogramOpts::new(
+                    "distill_serve_batch_tokens",
+                    "Positions computed per prefill batch (sequences times the longest prompt)",
+                )
+                .buckets(prometheus::exponential_buckets(16.0, 2.0, 10)?),
+                &["model"],
+            )?,
+            padding_tokens: counter(
+                "distill_serve_padding_tokens_total",
+                "Padded positions computed by prefill batches (over these plus prompt tokens: the padding ratio)",
+                &["model"],
+            )?,
             bucket_dispatches: counter(
                 "distill_serve_bucket_dispatches_total",
                 "Prefill batches sent, by length bucket (upper bound in tokens)",
@@ -160,6 +187,8 @@ impl Metrics {
         m.registry.register(Box::new(m.rejected.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.padding_ratio.clone()))?;
+        m.registry.register(Box::new(m.batch_tokens.clone()))?;
+        m.registry.register(Box::new(m.padding_tokens.clone()))?;
         m.registry.register(Box::new(m.bucket_dispatches.clone()))?;
         m.registry.register(Box::new(m.inter_token_latency.clone()))?;
         m.registry.register(Box::new(m.model_version.clone()))?;
@@ -178,9 +207,12 @@ impl Metrics {
             generated_tokens: self.generated_tokens.with_label_values(&[model]),
             cancelled: self.cancelled.with_label_values(&[model]),
             rejected_queue_full: self.rejected.with_label_values(&[model, "queue_full"]),
+            rejected_concurrency: self.rejected.with_label_values(&[model, "max_concurrent"]),
             deadline_exceeded: self.rejected.with_label_values(&[model, "deadline_exceeded"]),
             batch_size: self.batch_size.with_label_values(&[model]),
             padding_ratio: self.padding_ratio.with_label_values(&[model]),
+            batch_tokens: self.batch_tokens.with_label_values(&[model]),
+            padding_tokens: self.padding_tokens.with_label_values(&[model]),
             bucket_dispatches: self.bucket_dispatches.clone(),
         }
     }

@@ -264,9 +264,10 @@ async fn kserve_health_and_metadata() {
     assert_eq!(models["data"][0]["id"], "tiny");
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish() {
-    let server = TestServer::start(&["--max-queue", "2"]);
+/// Sends a burst of 12 long requests to a server started with `flags`: some must be refused
+/// with 429 (counted under `reason`) and every admitted one must finish.
+async fn burst_gets_429s_and_admitted_requests_finish(flags: &[&str], reason: &str) {
+    let server = TestServer::start(flags);
     let client = reqwest::Client::new();
     let body = json!({"model": "tiny", "prompt": "Long", "max_tokens": 300, "temperature": 0,
                       "stop": ["never-appears-xyz"]});
@@ -292,6 +293,23 @@ async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish(
         }
     }
     assert!(ok >= 1 && rejected >= 1, "{ok} admitted, {rejected} rejected");
+    let counted = server
+        .metric(&format!(
+            "distill_serve_rejected_requests_total{{model=\"tiny\",reason=\"{reason}\"}}"
+        ))
+        .await;
+    assert_eq!(counted, rejected as f64, "rejections counted under {reason}");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_finish() {
+    burst_gets_429s_and_admitted_requests_finish(&["--max-queue", "2"], "queue_full").await;
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_answers_429_and_admitted_requests_finish() {
+    let flags = ["--max-concurrent-requests", "3", "--max-batch-size", "2"];
+    burst_gets_429s_and_admitted_requests_finish(&flags, "max_concurrent").await;
 }
 
 #[tokio::test]

@@ -78,7 +78,7 @@ impl From<RepositoryError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::QueueFull(_) => Self {
+            SubmitError::QueueFull(_) | SubmitError::TooManyRequests(_) => Self {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
             },

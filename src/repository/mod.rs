@@ -19,7 +19,7 @@ use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
-use crate::scheduler::{BatchPolicy, Scheduler};
+use crate::scheduler::{AdmissionLimits, BatchPolicy, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
 pub use settings::ModelSettings;
 
@@ -45,6 +45,7 @@ const DEFAULT_CONTEXT_LENGTH: usize = 2048;
 pub struct ModelDefaults {
     pub intra_threads: usize,
     pub max_queue: usize,
+    pub max_concurrent_requests: usize,
     pub max_tokens: usize,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
@@ -280,7 +281,10 @@ impl Repository {
             session,
             Arc::clone(&tokenizer),
             policy,
-            settings.max_queue.unwrap_or(self.defaults.max_queue),
+            AdmissionLimits {
+                max_queue: settings.max_queue.unwrap_or(d.max_queue),
+                max_concurrent: settings.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
+            },
             self.metrics.for_model(name),
         )
         .map_err(|e| invalid(format!("starting the worker: {e}")))?;

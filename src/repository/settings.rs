@@ -22,6 +22,8 @@ pub struct ModelSettings {
     pub intra_threads: Option<usize>,
     /// Requests that may wait in the queue (server default when absent).
     pub max_queue: Option<usize>,
+    /// Requests that may be waiting or generating at once (server default when absent).
+    pub max_concurrent_requests: Option<usize>,
     /// Default `max_tokens` of a request (server default when absent).
     pub max_tokens: Option<usize>,
     /// Most sequences decoded together; 1 turns batching off (server default when absent).

@@ -30,14 +30,13 @@ pub struct Prefilled<T> {
 
 /// Runs the prefill of `seqs` as one left-padded batch. Each sequence's first token is chosen
 /// at once; `on_advance` receives it (with the row's meta) and sequences that finish there are
-/// dropped. Returns the rows still generating, and the padding ratio of the batch (padded
-/// positions over computed positions).
+/// dropped. Returns the rows still generating.
 pub fn prefill<T>(
     session: &mut DecoderSession,
     tokenizer: &Tokenizer,
     seqs: Vec<(Sequence, T)>,
     mut on_advance: impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
-) -> Result<(Option<Prefilled<T>>, f64), EngineError> {
+) -> Result<Option<Prefilled<T>>, EngineError> {
     let longest = seqs.iter().map(|(s, _)| s.prompt().len()).max().unwrap_or(0);
     let n = seqs.len();
     let mut ids = Array2::<i64>::zeros((n, longest));
@@ -52,8 +51,6 @@ pub fn prefill<T>(
             positions[[b, pad + i]] = i as i64;
         }
     }
-    let real: usize = seqs.iter().map(|(s, _)| s.prompt().len()).sum();
-    let padding_ratio = 1.0 - real as f64 / (n * longest).max(1) as f64;
     let (logits, cache) = session.forward(&ids, &mask, &positions, session.empty_cache(n)?)?;
     let mut keep = Vec::new();
     let mut rows = Vec::new();
@@ -74,7 +71,7 @@ pub fn prefill<T>(
         }
     }
     if rows.is_empty() {
-        return Ok((None, padding_ratio));
+        return Ok(None);
     }
     let (mask, cache) = if keep.len() == n {
         (mask, cache)
@@ -86,7 +83,7 @@ pub fn prefill<T>(
             .collect();
         (mask.select(Axis(0), &keep), KvCache::from_arrays(arrays)?)
     };
-    Ok((Some(Prefilled { rows, mask, cache }), padding_ratio))
+    Ok(Some(Prefilled { rows, mask, cache }))
 }
 
 /// The decode batch.

@@ -1,19 +1,19 @@
 //! Per-model scheduling: bounded admission, length buckets, batched prefill and continuous
 //! decode batching.
 //!
-//! Admission is bounded: past `max_queue` waiting requests, [`Scheduler::submit`] answers
-//! [`SubmitError::QueueFull`] at once (HTTP 429 / `RESOURCE_EXHAUSTED`). One worker thread owns
+//! Admission is bounded: past `max_queue` waiting requests or `max_concurrent` requests in
+//! flight, [`Scheduler::submit`] refuses at once (HTTP 429 / `RESOURCE_EXHAUSTED`). One worker thread owns
 //! the model's ONNX Runtime session (`Session::run` needs `&mut`) and loops: take arrivals into
 //! their length bucket, prefill the next ready bucket into the free decode slots, then run one
 //! decode step for every active sequence. Sequences join and leave between steps; events go back
 //! over an unbounded channel per request, so a slow client never stalls the batch, and a request
 //! whose receiver is gone (client disconnected) leaves at its next step.
 
+mod admission;
 mod batch;
 mod queue;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::engine::DecoderSession;
 use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence, Timings};
 use crate::metrics::ModelMetrics;
+pub use admission::{Admission, AdmissionLimits, Ticket};
 use batch::DecodeBatch;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 
@@ -49,6 +50,9 @@ pub enum SubmitError {
     /// The queue is at capacity.
     #[error("the model's queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    /// The model has as many requests in flight as it takes.
+    #[error("the model has {0} requests in flight, its limit")]
+    TooManyRequests(usize),
     /// The worker has stopped (the model is being unloaded).
     #[error("the model is shutting down")]
     Closed,
@@ -58,6 +62,7 @@ struct Job {
     request: GenerationRequest,
     events: mpsc::UnboundedSender<EventResult>,
     queued_at: Instant,
+    ticket: Ticket,
 }
 
 /// Where a running sequence's events go, and its timings.
@@ -70,14 +75,15 @@ struct Meta {
     admitted_at: Instant,
     deadline: Option<Instant>,
     last_event: Option<Instant>,
+    /// Gives the request's place back when the sequence leaves, however it ends.
+    _ticket: Ticket,
 }
 
 /// Handle to a model's scheduler; cloning shares it.
 #[derive(Clone)]
 pub struct Scheduler {
     jobs: std_mpsc::Sender<Job>,
-    max_queue: usize,
-    waiting: Arc<AtomicUsize>,
+    admission: Admission,
     metrics: ModelMetrics,
 }
 
@@ -88,18 +94,18 @@ impl Scheduler {
         session: DecoderSession,
         tokenizer: Arc<Tokenizer>,
         policy: BatchPolicy,
-        max_queue: usize,
+        limits: AdmissionLimits,
         metrics: ModelMetrics,
     ) -> std::io::Result<Self> {
         let (jobs, arrivals) = std_mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let admission = Admission::new(limits);
         let worker = Worker {
             session,
             tokenizer,
             queue: BucketQueue::new(policy.clone()),
             max_batch_size: policy.max_batch_size.max(1),
             batch: DecodeBatch::default(),
-            waiting: Arc::clone(&waiting),
+            admission: admission.clone(),
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
@@ -107,32 +113,33 @@ impl Scheduler {
             .spawn(move || worker.run(arrivals))?;
         Ok(Self {
             jobs,
-            max_queue: max_queue.max(1),
-            waiting,
+            admission,
             metrics,
         })
     }
 
     /// Queues `request`; its events arrive on the returned receiver.
     pub fn submit(&self, request: GenerationRequest) -> Result<Events, SubmitError> {
-        // Reserve a place first: the worker may take the job (and count it down) at once.
-        let depth = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        if depth > self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.rejected_queue_full.inc();
-            return Err(SubmitError::QueueFull(self.max_queue));
-        }
+        let ticket = match self.admission.admit() {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                match e {
+                    SubmitError::TooManyRequests(_) => self.metrics.rejected_concurrency.inc(),
+                    _ => self.metrics.rejected_queue_full.inc(),
+                }
+                return Err(e);
+            }
+        };
         let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
             request,
             events,
             queued_at: Instant::now(),
+            ticket,
         };
-        if self.jobs.send(job).is_err() {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Err(SubmitError::Closed);
-        }
-        self.metrics.queue_depth.set(depth as i64);
+        // A failed send drops the job and its ticket, which gives the places back.
+        self.jobs.send(job).map_err(|_| SubmitError::Closed)?;
+        self.metrics.queue_depth.set(self.admission.waiting() as i64);
         Ok(receiver)
     }
 }
@@ -143,7 +150,7 @@ struct Worker {
     queue: BucketQueue<Job>,
     max_batch_size: usize,
     batch: DecodeBatch<Meta>,
-    waiting: Arc<AtomicUsize>,
+    admission: Admission,
     metrics: ModelMetrics,
 }
 
@@ -273,7 +280,7 @@ impl Worker {
             true
         });
         if cancelled + expired > 0 {
-            self.waiting.fetch_sub(cancelled + expired, Ordering::Relaxed);
+            self.metrics.queue_depth.set(self.admission.waiting() as i64);
             self.metrics.cancelled.inc_by(cancelled as u64);
             self.metrics.deadline_exceeded.inc_by(expired as u64);
         }
@@ -286,15 +293,16 @@ impl Worker {
             let Some((bucket, pending)) = self.queue.next_batch(Instant::now(), free) else {
                 return;
             };
-            let depth = self.waiting.fetch_sub(pending.len(), Ordering::Relaxed) - pending.len();
-            self.metrics.queue_depth.set(depth as i64);
             self.metrics.bucket_dispatch(self.queue.bucket_bound(bucket));
+            let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
+            let prompt_tokens: usize = pending.iter().map(|p| p.tokens).sum();
+            self.metrics.observe_prefill(pending.len() * longest, prompt_tokens);
             let seqs: Vec<(Sequence, Meta)> = pending
                 .into_iter()
                 .map(|p| {
                     self.metrics.queue_time.observe(p.arrived.elapsed().as_secs_f64());
-                    self.metrics.prompt_tokens.inc_by(p.tokens as u64);
-                    let job = p.item;
+                    let mut job = p.item;
+                    job.ticket.started();
                     let held = (!job.request.stream).then(Vec::new);
                     let meta = Meta {
                         events: job.events,
@@ -303,10 +311,12 @@ impl Worker {
                         admitted_at: Instant::now(),
                         deadline: job.request.deadline,
                         last_event: None,
+                        _ticket: job.ticket,
                     };
                     (Sequence::new(job.request), meta)
                 })
                 .collect();
+            self.metrics.queue_depth.set(self.admission.waiting() as i64);
             // Kept to report a failed prefill to its requests.
             let senders: Vec<_> = seqs.iter().map(|(_, meta)| meta.events.clone()).collect();
             let metrics = &self.metrics;
@@ -314,8 +324,7 @@ impl Worker {
                 deliver(meta, advance, metrics)
             });
             match result {
-                Ok((prefilled, padding)) => {
-                    self.metrics.padding_ratio.observe(padding);
+                Ok(prefilled) => {
                     if let Some(prefilled) = prefilled
                         && let Err(e) = self.batch.join(prefilled)
                     {
