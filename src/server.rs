@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 use crate::api::{AppState, router};
 use crate::config::ServerConfig;
@@ -38,12 +40,22 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let grpc_routes = grpc_routes(state.clone())?;
     let mut grpc_stopped = stopped.clone();
+    // Nagle's algorithm with the client's delayed ACK holds small writes (a streamed token) for
+    // up to 40 ms: send each write at once.
+    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
     let grpc_server = tonic::transport::Server::builder()
         .add_routes(grpc_routes)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stopped.wait_for(|s| *s).await;
         });
     let mut http_stopped = stopped;
+    let http = http.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http_server = axum::serve(http, router(state)).with_graceful_shutdown(async move {
         let _ = http_stopped.wait_for(|s| *s).await;
     });
