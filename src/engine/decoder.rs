@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use ndarray::{Array2, Array3, Array4, Ix3, Ix4};
+use ndarray::{Array2, Array3, Array4, Ix3, Ix4, s};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef, ValueType};
 
@@ -30,29 +30,83 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Copies the cache out of ONNX Runtime: `[key_0, value_0, key_1, ...]`, each
-    /// `[batch, kv_heads, len, head_dim]`.
-    pub fn into_arrays(self) -> Result<Vec<Array4<f32>>, EngineError> {
-        self.values
-            .iter()
-            .map(|v| {
-                v.try_extract_array::<f32>()?
-                    .into_dimensionality::<Ix4>()
-                    .map(|a| a.to_owned())
-                    .map_err(|e| EngineError::Layout(format!("KV cache: {e}")))
+    /// A new cache of `len` positions made of rows of existing caches, in order, in one copy per
+    /// tensor. Each part's rows keep their columns from `from` on, right-aligned (rows are
+    /// left-padded); what is left of them is zero (masked padding).
+    pub fn gather(parts: &[CacheRows<'_>], len: usize) -> Result<Self, EngineError> {
+        let Some(first) = parts.first() else {
+            return Err(EngineError::Layout("gathering KV caches: no parts".into()));
+        };
+        let total: usize = parts.iter().map(|p| p.rows.len()).sum();
+        let values = (0..first.cache.values.len())
+            .map(|i| {
+                let mut out: Option<Array4<f32>> = None;
+                let mut offset = 0;
+                for part in parts {
+                    let view = part
+                        .cache
+                        .values
+                        .get(i)
+                        .ok_or_else(|| EngineError::Layout("gathering KV caches of different depths".into()))?
+                        .try_extract_array::<f32>()?
+                        .into_dimensionality::<Ix4>()
+                        .map_err(|e| EngineError::Layout(format!("KV cache: {e}")))?;
+                    let (_, heads, cols, dim) = view.dim();
+                    let kept = cols.saturating_sub(part.from);
+                    if kept > len {
+                        return Err(EngineError::Layout(format!("gathering {kept} KV positions into {len}")));
+                    }
+                    let out = out.get_or_insert_with(|| Array4::zeros((total, heads, len, dim)));
+                    for (j, &row) in part.rows.iter().enumerate() {
+                        out.slice_mut(s![offset + j, .., len - kept.., ..])
+                            .assign(&view.slice(s![row, .., part.from.., ..]));
+                    }
+                    offset += part.rows.len();
+                }
+                let out = out.unwrap_or_else(|| Array4::zeros((0, 0, len, 0)));
+                Ok(Tensor::from_array(out)?.into_dyn())
             })
-            .collect()
-    }
-
-    /// A cache from arrays laid out as [`KvCache::into_arrays`] returns them.
-    pub fn from_arrays(arrays: Vec<Array4<f32>>) -> Result<Self, EngineError> {
-        let len = arrays.first().map_or(0, |a| a.dim().2);
-        let values = arrays
-            .into_iter()
-            .map(|a| Ok(Tensor::from_array(a.as_standard_layout().into_owned())?.into_dyn()))
             .collect::<Result<_, EngineError>>()?;
         Ok(Self { values, len })
     }
+}
+
+impl KvCache {
+    /// Overwrites rows of this cache in place with rows of `src`: `(src_row, dst_row)` pairs.
+    /// The source's positions are right-aligned (rows are left-padded); columns left of them
+    /// are zeroed. `src` must hold no more positions than this cache.
+    pub fn write_rows(&mut self, src: &KvCache, pairs: &[(usize, usize)]) -> Result<(), EngineError> {
+        if src.len > self.len || src.values.len() != self.values.len() {
+            return Err(EngineError::Layout(format!(
+                "writing a KV cache of {} positions into one of {}",
+                src.len, self.len
+            )));
+        }
+        let start = self.len - src.len;
+        for (dst, from) in self.values.iter_mut().zip(&src.values) {
+            let from = from
+                .try_extract_array::<f32>()?
+                .into_dimensionality::<Ix4>()
+                .map_err(|e| EngineError::Layout(format!("KV cache: {e}")))?;
+            let mut dst = dst
+                .try_extract_array_mut::<f32>()?
+                .into_dimensionality::<Ix4>()
+                .map_err(|e| EngineError::Layout(format!("KV cache: {e}")))?;
+            for &(s_row, d_row) in pairs {
+                dst.slice_mut(s![d_row, .., ..start, ..]).fill(0.0);
+                dst.slice_mut(s![d_row, .., start.., ..])
+                    .assign(&from.slice(s![s_row, .., .., ..]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows of a cache to [`KvCache::gather`]: which rows, and the first column kept.
+pub struct CacheRows<'a> {
+    pub cache: &'a KvCache,
+    pub rows: &'a [usize],
+    pub from: usize,
 }
 
 /// A decoder session plus the cache geometry read from its inputs.

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use ort::session::{Session, builder::GraphOptimizationLevel};
 
-pub use decoder::{DecoderSession, KvCache};
+pub use decoder::{CacheRows, DecoderSession, KvCache};
 pub use encoder::EncoderSession;
 pub use runtime::{ORT_VERSION, default_library_path, environment};
 

@@ -24,15 +24,17 @@ use graph::GraphBuilder;
 /// How INT8 linear layers are expressed for ONNX Runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Int8Format {
-    /// `DynamicQuantizeLinear` + `MatMulInteger` (ONNX Runtime fuses them into
-    /// `DynamicQuantizeMatMul`): per-channel int8 weights, per-tensor uint8 activations.
+    /// `MatMulInteger` on per-channel int8 weights and uint8 activations quantised per token
+    /// (symmetric, one scale per row), so a sequence's result does not depend on its batch.
     #[value(name = "matmul-integer")]
     MatMulInteger,
     /// ONNX Runtime's `MatMulNBits` with 8 bits, blocks of 32 along the input axis, int8
     /// compute (`accuracy_level` 4).
     #[value(name = "matmul-nbits")]
     MatMulNBits,
-    /// Quantize/dequantize pairs around a float `MatMul`, left to ONNX Runtime's QDQ fusion.
+    /// Quantize/dequantize pairs around a float `MatMul` (`DynamicQuantizeLinear`, one scale per
+    /// tensor: fastest, but a row's result depends on its batch-mates), left to ONNX Runtime's
+    /// QDQ fusion.
     #[value(name = "qdq")]
     Qdq,
 }

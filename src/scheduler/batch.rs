@@ -3,13 +3,13 @@
 //! Rows are left-padded so every sequence's newest position is the last column; the attention
 //! mask marks padding. A decode step feeds one token per row and the cache grows by one column
 //! inside ONNX Runtime (no copy on our side). Only when rows join (after their prefill) or leave
-//! (finished or cancelled) is the cache copied out, re-laid and handed back; columns that are
+//! (finished or cancelled) is the cache re-laid, in one copy per tensor; columns that are
 //! padding for every row are trimmed then.
 
-use ndarray::{Array2, Array4, Axis, concatenate, s};
+use ndarray::{Array2, Axis, concatenate, s};
 use tokenizers::Tokenizer;
 
-use crate::engine::{DecoderSession, EngineError, KvCache};
+use crate::engine::{CacheRows, DecoderSession, EngineError, KvCache};
 use crate::generate::{Advance, GenerateError, Sequence};
 
 /// One decoding row.
@@ -76,19 +76,33 @@ pub fn prefill<T>(
     let (mask, cache) = if keep.len() == n {
         (mask, cache)
     } else {
-        let arrays = cache
-            .into_arrays()?
-            .into_iter()
-            .map(|a| a.select(Axis(0), &keep))
-            .collect();
-        (mask.select(Axis(0), &keep), KvCache::from_arrays(arrays)?)
+        let rows = CacheRows {
+            cache: &cache,
+            rows: &keep,
+            from: 0,
+        };
+        (mask.select(Axis(0), &keep), KvCache::gather(&[rows], longest)?)
     };
     Ok(Some(Prefilled { rows, mask, cache }))
 }
 
-/// The decode batch.
+/// Left-pads a mask `[rows, len]` with zeros to `len` columns.
+fn left_pad2(a: Array2<i64>, len: usize) -> Array2<i64> {
+    let (r, t) = a.dim();
+    if t == len {
+        return a;
+    }
+    let mut out = Array2::zeros((r, len));
+    out.slice_mut(s![.., len - t..]).assign(&a);
+    out
+}
+
+/// The decode batch: rows (slots) sharing one left-padded KV cache. A finished row leaves its
+/// slot empty instead of re-laying the cache; a joining row is written into an empty slot in
+/// place when it fits, so in steady state no step copies the cache on our side. The batch is
+/// compacted (one copy) only when empty slots outnumber live rows, or a newcomer does not fit.
 pub struct DecodeBatch<T> {
-    rows: Vec<Row<T>>,
+    rows: Vec<Option<Row<T>>>,
     mask: Array2<i64>,
     cache: Option<KvCache>,
 }
@@ -103,73 +117,91 @@ impl<T> Default for DecodeBatch<T> {
     }
 }
 
-/// Left-pads `[rows, kv, len, dim]` to `len` columns.
-fn left_pad4(a: Array4<f32>, len: usize) -> Array4<f32> {
-    let (r, h, t, d) = a.dim();
-    if t == len {
-        return a;
-    }
-    let mut out = Array4::zeros((r, h, len, d));
-    out.slice_mut(s![.., .., len - t.., ..]).assign(&a);
-    out
-}
-
-fn left_pad2(a: Array2<i64>, len: usize) -> Array2<i64> {
-    let (r, t) = a.dim();
-    if t == len {
-        return a;
-    }
-    let mut out = Array2::zeros((r, len));
-    out.slice_mut(s![.., len - t..]).assign(&a);
-    out
-}
-
 impl<T> DecodeBatch<T> {
     /// Number of rows decoding.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.iter().flatten().count()
     }
 
     /// Whether no row is decoding.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     /// The rows' bookkeeping.
     pub fn metas(&self) -> impl Iterator<Item = &T> {
-        self.rows.iter().map(|r| &r.meta)
+        self.rows.iter().flatten().map(|r| &r.meta)
     }
 
     /// Adds freshly prefilled rows.
     pub fn join(&mut self, new: Prefilled<T>) -> Result<(), EngineError> {
-        let Some(cache) = self.cache.take() else {
-            self.rows = new.rows;
+        let Some(cache) = &mut self.cache else {
+            self.rows = new.rows.into_iter().map(Some).collect();
             self.mask = new.mask;
             self.cache = Some(new.cache);
             return Ok(());
         };
-        let len = cache.len().max(new.cache.len());
-        let old = cache.into_arrays()?;
-        let add = new.cache.into_arrays()?;
-        let arrays = old
+        let free: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_none()).collect();
+        if free.len() < new.rows.len() || new.cache.len() > cache.len() {
+            return self.relayout(Some(new));
+        }
+        let pairs: Vec<(usize, usize)> = free.iter().copied().enumerate().take(new.rows.len()).collect();
+        cache.write_rows(&new.cache, &pairs)?;
+        let start = self.mask.ncols() - new.mask.ncols();
+        for ((src, dst), row) in pairs.into_iter().zip(new.rows) {
+            self.mask.row_mut(dst).fill(0);
+            self.mask.slice_mut(s![dst, start..]).assign(&new.mask.row(src));
+            self.rows[dst] = Some(row);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the cache with the live rows only (and `new` after them), trimming columns that
+    /// are padding for every row: one copy per tensor.
+    fn relayout(&mut self, new: Option<Prefilled<T>>) -> Result<(), EngineError> {
+        let Some(cache) = self.cache.take() else {
+            return Ok(());
+        };
+        let live: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_some()).collect();
+        let mask = self.mask.select(Axis(0), &live);
+        let first_used = (0..mask.ncols())
+            .find(|&c| mask.column(c).iter().any(|&m| m != 0))
+            .unwrap_or(mask.ncols());
+        let kept = mask.ncols() - first_used;
+        let len = kept.max(new.as_ref().map_or(0, |n| n.cache.len()));
+        let mut parts = vec![CacheRows {
+            cache: &cache,
+            rows: &live,
+            from: first_used,
+        }];
+        let new_rows: Vec<usize> = new.as_ref().map_or(Vec::new(), |n| (0..n.rows.len()).collect());
+        if let Some(n) = &new {
+            parts.push(CacheRows {
+                cache: &n.cache,
+                rows: &new_rows,
+                from: 0,
+            });
+        }
+        let gathered = KvCache::gather(&parts, len)?;
+        let mut masks = vec![left_pad2(mask.slice(s![.., first_used..]).to_owned(), len)];
+        let mut rows: Vec<Option<Row<T>>> = std::mem::take(&mut self.rows)
             .into_iter()
-            .zip(add)
-            .map(|(a, b)| {
-                let (a, b) = (left_pad4(a, len), left_pad4(b, len));
-                concatenate(Axis(0), &[a.view(), b.view()])
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Layout(format!("joining KV caches: {e}")))?;
-        let masks = [left_pad2(std::mem::take(&mut self.mask), len), left_pad2(new.mask, len)];
-        self.mask = concatenate(Axis(0), &[masks[0].view(), masks[1].view()])
-            .map_err(|e| EngineError::Layout(format!("joining masks: {e}")))?;
-        self.cache = Some(KvCache::from_arrays(arrays)?);
-        self.rows.extend(new.rows);
+            .filter(Option::is_some)
+            .collect();
+        if let Some(n) = new {
+            masks.push(left_pad2(n.mask, len));
+            rows.extend(n.rows.into_iter().map(Some));
+        }
+        let views: Vec<_> = masks.iter().map(|m| m.view()).collect();
+        self.mask = concatenate(Axis(0), &views).map_err(|e| EngineError::Layout(format!("joining masks: {e}")))?;
+        self.rows = rows;
+        self.cache = Some(gathered);
         Ok(())
     }
 
     /// Runs one decode step for every row. `on_advance` gets each row's outcome and returns
-    /// whether the row should go on (false: its client is gone); finished rows leave.
+    /// whether the row should go on (false: its client is gone); finished rows leave their
+    /// slot. Empty slots are computed too (their output is ignored) until compaction.
     pub fn step(
         &mut self,
         session: &mut DecoderSession,
@@ -178,14 +210,17 @@ impl<T> DecodeBatch<T> {
     ) -> Result<(), EngineError> {
         let Some(cache) = self.cache.take() else { return Ok(()) };
         let n = self.rows.len();
-        let ids = Array2::from_shape_fn((n, 1), |(b, _)| i64::from(self.rows[b].next_token));
-        let positions = Array2::from_shape_fn((n, 1), |(b, _)| self.rows[b].next_position);
+        let ids = Array2::from_shape_fn((n, 1), |(b, _)| {
+            self.rows[b].as_ref().map_or(0, |r| i64::from(r.next_token))
+        });
+        let positions = Array2::from_shape_fn((n, 1), |(b, _)| self.rows[b].as_ref().map_or(0, |r| r.next_position));
         let mask = std::mem::take(&mut self.mask);
         self.mask = concatenate(Axis(1), &[mask.view(), Array2::ones((n, 1)).view()])
             .map_err(|e| EngineError::Layout(format!("growing the mask: {e}")))?;
         let (logits, cache) = session.forward(&ids, &self.mask, &positions, cache)?;
-        let mut keep = Vec::with_capacity(n);
-        for (b, row) in self.rows.iter_mut().enumerate() {
+        self.cache = Some(cache);
+        for (b, slot) in self.rows.iter_mut().enumerate() {
+            let Some(row) = slot else { continue };
             let last = logits.slice(s![b, 0, ..]).to_vec();
             let advance = row.seq.advance(tokenizer, &last);
             let next = advance.as_ref().ok().and_then(|a| a.next);
@@ -194,39 +229,17 @@ impl<T> DecodeBatch<T> {
             {
                 row.next_token = token;
                 row.next_position += 1;
-                keep.push(b);
+            } else {
+                // Finished or abandoned: the slot (and the request's place) frees at once.
+                *slot = None;
             }
         }
-        if keep.len() == n {
-            self.cache = Some(cache);
-            return Ok(());
+        let live = self.len();
+        if live == 0 {
+            *self = Self::default();
+        } else if n - live > live {
+            self.relayout(None)?;
         }
-        self.retain_rows(&keep, cache)
-    }
-
-    /// Keeps the rows at `keep`, trimming columns that became padding for every row.
-    fn retain_rows(&mut self, keep: &[usize], cache: KvCache) -> Result<(), EngineError> {
-        let mut index = 0;
-        self.rows.retain(|_| {
-            let kept = keep.contains(&index);
-            index += 1;
-            kept
-        });
-        if keep.is_empty() {
-            self.mask = Array2::zeros((0, 0));
-            return Ok(());
-        }
-        let mask = self.mask.select(Axis(0), keep);
-        let first_used = (0..mask.ncols())
-            .find(|&c| mask.column(c).iter().any(|&m| m != 0))
-            .unwrap_or(0);
-        self.mask = mask.slice(s![.., first_used..]).to_owned();
-        let arrays = cache
-            .into_arrays()?
-            .into_iter()
-            .map(|a| a.select(Axis(0), keep).slice(s![.., .., first_used.., ..]).to_owned())
-            .collect();
-        self.cache = Some(KvCache::from_arrays(arrays)?);
         Ok(())
     }
 }
