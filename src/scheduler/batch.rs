@@ -163,10 +163,8 @@ impl<T> DecodeBatch<T> {
             return Ok(());
         };
         let live: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_some()).collect();
+        let first_used = self.unused_columns();
         let mask = self.mask.select(Axis(0), &live);
-        let first_used = (0..mask.ncols())
-            .find(|&c| mask.column(c).iter().any(|&m| m != 0))
-            .unwrap_or(mask.ncols());
         let kept = mask.ncols() - first_used;
         let len = kept.max(new.as_ref().map_or(0, |n| n.cache.len()));
         let mut parts = vec![CacheRows {
@@ -237,9 +235,28 @@ impl<T> DecodeBatch<T> {
         let live = self.len();
         if live == 0 {
             *self = Self::default();
-        } else if n - live > live {
+        } else if n - live > live || 2 * self.unused_columns() > self.mask.ncols() {
+            // Amortised: a re-layout copies the cache once, and only after the batch has lost
+            // half of its rows or half of its columns.
             self.relayout(None)?;
         }
         Ok(())
+    }
+
+    /// Leading columns that are padding for every live row (they grow as rows are replaced).
+    fn unused_columns(&self) -> usize {
+        self.rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_some())
+            .map(|(b, _)| {
+                self.mask
+                    .row(b)
+                    .iter()
+                    .position(|&m| m != 0)
+                    .unwrap_or(self.mask.ncols())
+            })
+            .min()
+            .unwrap_or(0)
     }
 }
