@@ -1,13 +1,17 @@
 //! The serving benchmark: one server binary under the `loadtest` 10x scenario (closed loop at a
-//! baseline concurrency C, then 10C) in three configurations, then the bare engine on the same
-//! batch shapes. Bounded in count and time; every figure is a ratio within this one run.
+//! baseline concurrency C, then 10C) in three configurations, each compared with the bare
+//! engine doing exactly the same work. Bounded in count and time; every figure is a ratio
+//! within this one run.
 //!
 //! - batching: the defaults (length buckets, continuous decode batching);
 //! - off: `--max-batch-size 1`;
-//! - FIFO: one bucket (`--buckets <context>`): plain first-come batches padded to the longest;
-//! - engine: `DecoderSession` alone, static batches of 10C prompts of the same mix sorted by
-//!   length, greedy, every row decoding `max_tokens` steps: the ceiling the server's generated
-//!   tokens/s is compared against (serving efficiency).
+//! - FIFO: one bucket (`--buckets 512`): plain first-come batches padded to the longest.
+//!
+//! Serving efficiency: the server logs the shape of every ONNX Runtime run (rows, new tokens,
+//! cached positions) at debug level; after the 10C level the bench replays those runs, in order
+//! and with the same shapes, on a bare `DecoderSession` in this process. The replay's time is
+//! what the engine alone needs for the server's work; the server's wall time over it is the
+//! cost of serving (HTTP, scheduling, sampling, cache re-layouts, idle gaps).
 //!
 //! ```sh
 //! cargo bench --bench serve                                 # the mid (16M) student
@@ -19,16 +23,16 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use distill_serve::checkpoint::Family;
-use distill_serve::engine::{DecoderSession, SessionOptions};
+use distill_serve::engine::{DecoderSession, KvCache, SessionOptions};
 use distill_serve::export::{self, ExternalData, Precision};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, TenX, Workload, workload};
-use ndarray::{Array2, s};
+use ndarray::Array2;
 
 struct Options {
     shape: ShapePreset,
@@ -72,8 +76,27 @@ fn parse_args() -> Result<Options> {
 
 const MAX_WORDS: usize = 130;
 
-/// A `distill-serve serve` process on loopback; killed on drop.
-struct Server(Child, String);
+/// The shape of one ONNX Runtime run: rows, new tokens per row, cached positions.
+type Shape = (usize, usize, usize);
+
+/// Reads `rows=.. tokens=.. past=..` from a server's debug line.
+fn parse_shape(line: &str) -> Option<Shape> {
+    let fields = line.split(" forward ").nth(1)?;
+    let value = |key: &str| -> Option<usize> {
+        fields
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((value("rows=")?, value("tokens=")?, value("past=")?))
+}
+
+/// A `distill-serve serve` process on loopback, and the shapes of its runs; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    shapes: Arc<Mutex<Vec<Shape>>>,
+}
 
 impl Server {
     fn start(repo: &Path, flags: &[&str]) -> Result<Self> {
@@ -83,14 +106,18 @@ impl Server {
             .args(flags)
             .arg("--model-repository")
             .arg(repo)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,distill_serve::engine::decoder=debug")
             .stderr(Stdio::piped())
             .spawn()?;
         let stderr = child.stderr.take().context("no stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let shapes = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&shapes);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
+                if let Some(shape) = parse_shape(&line) {
+                    recorded.lock().unwrap_or_else(|p| p.into_inner()).push(shape);
+                } else if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
             }
@@ -98,18 +125,28 @@ impl Server {
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .context("server did not start")?;
-        Ok(Self(child, format!("http://{addr}")))
+        Ok(Self {
+            child,
+            base: format!("http://{addr}"),
+            shapes,
+        })
+    }
+
+    /// Takes the shapes recorded so far.
+    fn take_shapes(&self) -> Vec<Shape> {
+        std::mem::take(&mut *self.shapes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-async fn ten_x(o: &Options, workload: &Arc<Workload>, base: &str) -> Result<Report> {
+/// Runs one closed-loop level of `concurrency` clients.
+async fn level(o: &Options, workload: &Arc<Workload>, base: &str, concurrency: usize, warmup: u64) -> Result<Report> {
     let sampling = Sampling {
         model: "bench".into(),
         max_tokens: o.max_tokens,
@@ -123,90 +160,50 @@ async fn ten_x(o: &Options, workload: &Arc<Workload>, base: &str) -> Result<Repo
         sampling,
         workload: Arc::clone(workload),
         seed: 0,
-        loads: vec![
-            Load::Closed {
-                concurrency: o.baseline,
-            },
-            Load::Closed {
-                concurrency: o.baseline * 10,
-            },
-        ],
+        loads: vec![Load::Closed { concurrency }],
         bounds: Bounds {
             requests: o.requests,
             duration: Duration::from_secs(120),
             max_in_flight: 1024,
         },
-        warmup: 4,
+        warmup,
         metrics_url: Some(format!("{base}/metrics")),
     };
-    let mut report = loadtest::execute(&plan).await;
-    report.ten_x = Some(TenX::compare(o.baseline, &report.levels[0], &report.levels[1]));
-    Ok(report)
+    Ok(loadtest::execute(&plan).await)
 }
 
-/// Generated tokens/s of the bare engine, and its prefill padding: static batches of `batch`
-/// prompts of similar length (left-padded to the longest), greedy, `max_tokens` steps each.
-fn bare_engine(version: &Path, workload: &Workload, o: &Options, batch: usize) -> Result<(f64, f64)> {
-    let tokenizer = tokenizers::Tokenizer::from_file(version.join("tokenizer.json")).map_err(anyhow::Error::msg)?;
-    let mut session = DecoderSession::open(&version.join("model.onnx"), SessionOptions::default())?;
-    let mut prompts: Vec<Vec<u32>> = (0..o.requests)
-        .map(|i| {
-            let encoding = tokenizer
-                .encode(workload.prompt(0, i), false)
-                .map_err(anyhow::Error::msg)?;
-            Ok(encoding.get_ids().to_vec())
-        })
-        .collect::<Result<_>>()?;
-    // Sorted by length, so batches are as little padded as batches can be.
-    prompts.sort_by_key(Vec::len);
-    let steps = o.max_tokens as usize;
-    let (mut generated, mut padded, mut computed) = (0usize, 0usize, 0usize);
-    let started = Instant::now();
-    for group in prompts.chunks(batch) {
-        let (n, longest) = (group.len(), group.iter().map(Vec::len).max().unwrap_or(1));
-        let mut ids = Array2::<i64>::zeros((n, longest));
-        let mut mask = Array2::<i64>::zeros((n, longest + steps));
-        let mut positions = Array2::<i64>::zeros((n, longest));
-        for (b, p) in group.iter().enumerate() {
-            let pad = longest - p.len();
-            for (i, &t) in p.iter().enumerate() {
-                ids[[b, pad + i]] = i64::from(t);
-                mask[[b, pad + i]] = 1;
-                positions[[b, pad + i]] = i as i64;
-            }
-        }
-        padded += n * longest - group.iter().map(Vec::len).sum::<usize>();
-        computed += n * longest;
-        let mut next: Vec<i64> = group.iter().map(|p| p.len() as i64).collect();
-        let cache = session.empty_cache(n)?;
-        let (mut logits, mut cache) =
-            session.forward(&ids, &mask.slice(s![.., ..longest]).to_owned(), &positions, cache)?;
-        for step in 0..steps {
-            let last = logits.shape()[1] - 1;
-            let tokens = Array2::from_shape_fn((n, 1), |(b, _)| {
-                let row = logits.slice(s![b, last, ..]);
-                row.iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
-                    .0 as i64
-            });
-            generated += n;
-            if step + 1 == steps {
-                break;
-            }
-            for b in 0..n {
-                mask[[b, longest + step]] = 1;
-            }
-            let pos = Array2::from_shape_fn((n, 1), |(b, _)| next[b]);
-            next.iter_mut().for_each(|p| *p += 1);
-            let view = mask.slice(s![.., ..longest + step + 1]).to_owned();
-            (logits, cache) = session.forward(&tokens, &view, &pos, cache)?;
-        }
+/// The 10x scenario against `server`, and the shapes the server ran during the 10C level.
+async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server) -> Result<(Report, Vec<Shape>)> {
+    let mut report = level(o, workload, &server.base, o.baseline, 4).await?;
+    server.take_shapes();
+    let ten = level(o, workload, &server.base, o.baseline * 10, 0).await?;
+    // The server logs each run before it returns; give the last lines time to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shapes = server.take_shapes();
+    report.levels.extend(ten.levels);
+    report.ten_x = Some(TenX::compare(o.baseline, &report.levels[0], &report.levels[1]));
+    Ok((report, shapes))
+}
+
+/// Time the bare engine needs to run `shapes` in order (cache set-up between runs whose
+/// shapes do not chain is not counted).
+fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
+    let mut held: Option<(usize, KvCache)> = None;
+    let mut busy = Duration::ZERO;
+    for &(rows, tokens, past) in shapes {
+        let cache = match held.take() {
+            Some((r, cache)) if r == rows && cache.len() == past => cache,
+            _ => session.zeroed_cache(rows, past)?,
+        };
+        let ids = Array2::<i64>::zeros((rows, tokens));
+        let mask = Array2::<i64>::ones((rows, past + tokens));
+        let positions = Array2::from_shape_fn((rows, tokens), |(_, i)| (past + i) as i64);
+        let started = Instant::now();
+        let (_, cache) = session.forward_last(&ids, &mask, &positions, cache)?;
+        busy += started.elapsed();
+        held = Some((rows, cache));
     }
-    Ok((
-        generated as f64 / started.elapsed().as_secs_f64(),
-        padded as f64 / computed.max(1) as f64,
-    ))
+    Ok(busy)
 }
 
 #[tokio::main]
@@ -226,6 +223,8 @@ async fn main() -> Result<()> {
         max_words: MAX_WORDS,
     });
 
+    let mut session = DecoderSession::open(&version.join("model.onnx"), SessionOptions::default())?;
+
     let configs: [(&str, &[&str]); 3] = [
         ("batching (buckets)", &[]),
         ("off (--max-batch-size 1)", &["--max-batch-size", "1"]),
@@ -234,11 +233,12 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
     for (name, flags) in configs {
         let server = Server::start(&repo, flags)?;
-        let report = ten_x(&o, &workload, &server.1).await?;
+        let (report, shapes) = ten_x(&o, &workload, &server).await?;
+        drop(server);
         println!("\n#### {name}\n\n{}", report.markdown());
-        rows.push((name, report));
+        let engine = replay(&mut session, &shapes)?;
+        rows.push((name, report, engine, shapes.len()));
     }
-    let (engine_tps, engine_padding) = bare_engine(&version, &workload, &o, o.baseline * 10)?;
 
     println!(
         "\n### serve: {:?} student, INT8, {} clients (10 x {}), max_tokens {}, {} requests per level\n",
@@ -249,18 +249,19 @@ async fn main() -> Result<()> {
         o.requests
     );
     println!(
-        "| configuration | gen tok/s | x off | p50 ms | p99 ms | errors | mean decode batch | prefill padding | of engine |"
+        "| configuration | gen tok/s | x off | p50 ms | p99 ms | errors | mean decode batch | prefill padding | engine runs | engine alone tok/s | efficiency |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let off_tps = rows[1].1.levels[1].tokens_per_s;
-    for (name, report) in &rows {
+    for (name, report, engine, runs) in &rows {
         let l = &report.levels[1];
         let (p50, p99) = l.latency_ms.map_or((f64::NAN, f64::NAN), |p| (p.p50, p.p99));
         let (batch, padding) = l
             .server
             .map_or((f64::NAN, f64::NAN), |s| (s.mean_decode_batch, s.padding_ratio));
+        let engine_tps = l.completion_tokens as f64 / engine.as_secs_f64().max(1e-9);
         println!(
-            "| {name} | {:.0} | {:.2} | {p50:.1} | {p99:.1} | {} | {batch:.1} | {:.1}% | {:.0}% |",
+            "| {name} | {:.0} | {:.2} | {p50:.1} | {p99:.1} | {} | {batch:.1} | {:.1}% | {runs} | {engine_tps:.0} | {:.0}% |",
             l.tokens_per_s,
             l.tokens_per_s / off_tps,
             l.failed(),
@@ -268,12 +269,5 @@ async fn main() -> Result<()> {
             100.0 * l.tokens_per_s / engine_tps
         );
     }
-    println!(
-        "| bare engine, static batches of {} | {engine_tps:.0} | {:.2} | - | - | - | {} | {:.1}% | 100% |",
-        o.baseline * 10,
-        engine_tps / off_tps,
-        o.baseline * 10,
-        engine_padding * 100.0
-    );
     Ok(())
 }

@@ -183,13 +183,18 @@ impl DecoderSession {
 
     /// An empty cache for `batch` sequences.
     pub fn empty_cache(&self, batch: usize) -> Result<KvCache, EngineError> {
+        self.zeroed_cache(batch, 0)
+    }
+
+    /// A cache of `len` zeroed positions for `batch` sequences (benchmarks replay shapes with it).
+    pub fn zeroed_cache(&self, batch: usize, len: usize) -> Result<KvCache, EngineError> {
         let values = (0..self.num_layers * 2)
             .map(|_| {
-                let empty = Array4::<f32>::zeros((batch, self.kv_heads, 0, self.head_dim));
-                Ok(Tensor::from_array(empty)?.into_dyn())
+                let zeros = Array4::<f32>::zeros((batch, self.kv_heads, len, self.head_dim));
+                Ok(Tensor::from_array(zeros)?.into_dyn())
             })
             .collect::<Result<_, EngineError>>()?;
-        Ok(KvCache { values, len: 0 })
+        Ok(KvCache { values, len })
     }
 
     /// Runs `input_ids` (`[batch, seq]`) after the cached positions. `attention_mask` covers
@@ -202,8 +207,34 @@ impl DecoderSession {
         position_ids: &Array2<i64>,
         cache: KvCache,
     ) -> Result<(Array3<f32>, KvCache), EngineError> {
+        self.run(input_ids, attention_mask, position_ids, cache, false)
+    }
+
+    /// As [`DecoderSession::forward`], but copies out only the logits of the last position
+    /// (`[batch, 1, vocab]`): what generation needs, without copying a prefill's
+    /// `seq x vocab` rows (150k-token vocabularies make those hundreds of megabytes).
+    pub fn forward_last(
+        &mut self,
+        input_ids: &Array2<i64>,
+        attention_mask: &Array2<i64>,
+        position_ids: &Array2<i64>,
+        cache: KvCache,
+    ) -> Result<(Array3<f32>, KvCache), EngineError> {
+        self.run(input_ids, attention_mask, position_ids, cache, true)
+    }
+
+    fn run(
+        &mut self,
+        input_ids: &Array2<i64>,
+        attention_mask: &Array2<i64>,
+        position_ids: &Array2<i64>,
+        cache: KvCache,
+        last_only: bool,
+    ) -> Result<(Array3<f32>, KvCache), EngineError> {
         let (batch, seq) = input_ids.dim();
         let total = cache.len + seq;
+        // The shape of every run, for `cargo bench --bench serve` to replay on the bare engine.
+        tracing::debug!(rows = batch, tokens = seq, past = cache.len, "forward");
         if attention_mask.dim() != (batch, total) || position_ids.dim() != (batch, seq) {
             return Err(EngineError::Input(format!(
                 "input_ids {:?} with a cache of {} needs attention_mask [{batch}, {total}] and position_ids [{batch}, {seq}], got {:?} and {:?}",
@@ -240,8 +271,12 @@ impl DecoderSession {
             .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
             .try_extract_array::<f32>()?
             .into_dimensionality::<Ix3>()
-            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?
-            .to_owned();
+            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        let logits = if last_only {
+            logits.slice(s![.., -1.., ..]).to_owned()
+        } else {
+            logits.to_owned()
+        };
         let mut values = Vec::with_capacity(self.num_layers * 2);
         for layer in 0..self.num_layers {
             for kind in ["key", "value"] {

@@ -51,11 +51,11 @@ pub fn prefill<T>(
             positions[[b, pad + i]] = i as i64;
         }
     }
-    let (logits, cache) = session.forward(&ids, &mask, &positions, session.empty_cache(n)?)?;
+    let (logits, cache) = session.forward_last(&ids, &mask, &positions, session.empty_cache(n)?)?;
     let mut keep = Vec::new();
     let mut rows = Vec::new();
     for (b, (mut seq, mut meta)) in seqs.into_iter().enumerate() {
-        let last = logits.slice(s![b, -1, ..]).to_vec();
+        let last = logits.slice(s![b, 0, ..]).to_vec();
         let advance = seq.advance(tokenizer, &last);
         let next = advance.as_ref().ok().and_then(|a| a.next);
         let wanted = on_advance(&mut meta, advance);
@@ -215,7 +215,7 @@ impl<T> DecodeBatch<T> {
         let mask = std::mem::take(&mut self.mask);
         self.mask = concatenate(Axis(1), &[mask.view(), Array2::ones((n, 1)).view()])
             .map_err(|e| EngineError::Layout(format!("growing the mask: {e}")))?;
-        let (logits, cache) = session.forward(&ids, &self.mask, &positions, cache)?;
+        let (logits, cache) = session.forward_last(&ids, &self.mask, &positions, cache)?;
         self.cache = Some(cache);
         for (b, slot) in self.rows.iter_mut().enumerate() {
             let Some(row) = slot else { continue };
