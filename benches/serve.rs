@@ -76,10 +76,11 @@ fn parse_args() -> Result<Options> {
 
 const MAX_WORDS: usize = 130;
 
-/// The shape of one ONNX Runtime run: rows, new tokens per row, cached positions.
-type Shape = (usize, usize, usize);
+/// One ONNX Runtime run of the server: rows, new tokens per row, cached positions, and how long
+/// it took there (microseconds).
+type Shape = (usize, usize, usize, u64);
 
-/// Reads `rows=.. tokens=.. past=..` from a server's debug line.
+/// Reads `rows=.. tokens=.. past=.. micros=..` from a server's debug line.
 fn parse_shape(line: &str) -> Option<Shape> {
     let fields = line.split(" forward ").nth(1)?;
     let value = |key: &str| -> Option<usize> {
@@ -88,7 +89,12 @@ fn parse_shape(line: &str) -> Option<Shape> {
             .find_map(|f| f.strip_prefix(key))
             .and_then(|v| v.parse().ok())
     };
-    Some((value("rows=")?, value("tokens=")?, value("past=")?))
+    Some((
+        value("rows=")?,
+        value("tokens=")?,
+        value("past=")?,
+        value("micros=")? as u64,
+    ))
 }
 
 /// A `distill-serve serve` process on loopback, and the shapes of its runs; killed on drop.
@@ -190,7 +196,7 @@ async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server) -> Result
 fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
     let mut held: Option<(usize, KvCache)> = None;
     let mut busy = Duration::ZERO;
-    for &(rows, tokens, past) in shapes {
+    for &(rows, tokens, past, _) in shapes {
         let cache = match held.take() {
             Some((r, cache)) if r == rows && cache.len() == past => cache,
             _ => session.zeroed_cache(rows, past)?,
@@ -237,7 +243,8 @@ async fn main() -> Result<()> {
         drop(server);
         println!("\n#### {name}\n\n{}", report.markdown());
         let engine = replay(&mut session, &shapes)?;
-        rows.push((name, report, engine, shapes.len()));
+        let in_server = Duration::from_micros(shapes.iter().map(|s| s.3).sum());
+        rows.push((name, report, engine, in_server));
     }
 
     println!(
@@ -249,11 +256,11 @@ async fn main() -> Result<()> {
         o.requests
     );
     println!(
-        "| configuration | gen tok/s | x off | p50 ms | p99 ms | errors | mean decode batch | prefill padding | engine runs | engine alone tok/s | efficiency |"
+        "| configuration | gen tok/s | x off | p50 ms | p99 ms | errors | mean decode batch | prefill padding | engine alone tok/s | efficiency | wall s: in ORT / replayed |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let off_tps = rows[1].1.levels[1].tokens_per_s;
-    for (name, report, engine, runs) in &rows {
+    for (name, report, engine, in_server) in &rows {
         let l = &report.levels[1];
         let (p50, p99) = l.latency_ms.map_or((f64::NAN, f64::NAN), |p| (p.p50, p.p99));
         let (batch, padding) = l
@@ -261,12 +268,15 @@ async fn main() -> Result<()> {
             .map_or((f64::NAN, f64::NAN), |s| (s.mean_decode_batch, s.padding_ratio));
         let engine_tps = l.completion_tokens as f64 / engine.as_secs_f64().max(1e-9);
         println!(
-            "| {name} | {:.0} | {:.2} | {p50:.1} | {p99:.1} | {} | {batch:.1} | {:.1}% | {runs} | {engine_tps:.0} | {:.0}% |",
+            "| {name} | {:.0} | {:.2} | {p50:.1} | {p99:.1} | {} | {batch:.1} | {:.1}% | {engine_tps:.0} | {:.0}% | {:.2}: {:.2} / {:.2} |",
             l.tokens_per_s,
             l.tokens_per_s / off_tps,
             l.failed(),
             padding * 100.0,
-            100.0 * l.tokens_per_s / engine_tps
+            100.0 * l.tokens_per_s / engine_tps,
+            l.duration_s,
+            in_server.as_secs_f64(),
+            engine.as_secs_f64()
         );
     }
     Ok(())

@@ -233,8 +233,6 @@ impl DecoderSession {
     ) -> Result<(Array3<f32>, KvCache), EngineError> {
         let (batch, seq) = input_ids.dim();
         let total = cache.len + seq;
-        // The shape of every run, for `cargo bench --bench serve` to replay on the bare engine.
-        tracing::debug!(rows = batch, tokens = seq, past = cache.len, "forward");
         if attention_mask.dim() != (batch, total) || position_ids.dim() != (batch, seq) {
             return Err(EngineError::Input(format!(
                 "input_ids {:?} with a cache of {} needs attention_mask [{batch}, {total}] and position_ids [{batch}, {seq}], got {:?} and {:?}",
@@ -261,11 +259,22 @@ impl DecoderSession {
                 TensorRef::from_array_view(position_ids.view())?.into(),
             ));
         }
+        let past = cache.len;
         for (i, value) in cache.values.into_iter().enumerate() {
             let kind = if i % 2 == 0 { "key" } else { "value" };
             inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), value.into()));
         }
+        let started = std::time::Instant::now();
         let mut outputs = self.session.run(inputs)?;
+        // The shape and time of every run, for `cargo bench --bench serve` to replay on the bare
+        // engine and to split the server's time.
+        tracing::debug!(
+            rows = batch,
+            tokens = seq,
+            past,
+            micros = started.elapsed().as_micros() as u64,
+            "forward"
+        );
         let logits = outputs
             .get("logits")
             .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
