@@ -317,3 +317,24 @@ async fn a_full_queue_is_resource_exhausted() {
     assert_eq!(ok + exhausted, 10, "only OK or RESOURCE_EXHAUSTED expected");
     assert!(ok >= 1 && exhausted >= 1, "{ok} ok, {exhausted} exhausted");
 }
+
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded() {
+    // The server default deadline applies to calls that set none (a client-set `grpc-timeout`
+    // is enforced by the client too, so its ending would race the server's).
+    let server = TestServer::start(&["--request-timeout-ms", "40"]);
+    let request = GenerateRequest {
+        model: "tiny".into(),
+        prompt: "Long".into(),
+        max_tokens: Some(1500),
+        stop: vec!["never-xyz".into()],
+        ..Default::default()
+    };
+    let mut client = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    let status = client.generate(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let expired = server
+        .metric("distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_exceeded\"}")
+        .await;
+    assert_eq!(expired, 1.0);
+}

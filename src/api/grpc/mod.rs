@@ -105,3 +105,25 @@ impl From<ApiError> for Status {
         Status::new(code, e.message)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_sets_the_deadline_and_the_default_fills_in() {
+        let hour = Some(Duration::from_secs(3600));
+        let mut request = tonic::Request::new(());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        let before = Instant::now();
+        let set = deadline(&request, hour).unwrap();
+        let after = Instant::now();
+        let quarter = Duration::from_millis(250);
+        assert!(set >= before + quarter && set <= after + quarter);
+        let plain = tonic::Request::new(());
+        assert!(deadline(&plain, hour).unwrap() >= before + Duration::from_secs(3600));
+        assert_eq!(deadline(&plain, None), None);
+        request.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(deadline(&request, None), None, "an unreadable timeout is ignored");
+    }
+}
