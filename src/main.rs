@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use distill_serve::config::ServeArgs;
+use distill_serve::constrain::{self, DescriptionTypes, SnomedOptions, SourceKind};
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
 use distill_serve::tiny::{self, TinySpec};
 
@@ -34,6 +35,34 @@ enum Command {
     Export(ExportArgs),
     /// Serve the models of a model repository over HTTP.
     Serve(ServeArgs),
+    /// Terminologies (ICD-10-CM, SNOMED CT, lists) for constrained decoding.
+    #[command(subcommand)]
+    Terminology(TerminologyCommand),
+}
+
+#[derive(Subcommand)]
+enum TerminologyCommand {
+    /// Load a release file and print, as JSON, what it yields and what loading it cost.
+    Inspect {
+        /// The release format.
+        #[arg(value_enum)]
+        kind: SourceKind,
+        path: PathBuf,
+        /// SNOMED CT: language codes to keep (all when none).
+        #[arg(long, value_delimiter = ',')]
+        language: Vec<String>,
+        /// SNOMED CT: which descriptions become terms.
+        #[arg(long, value_enum, default_value = "all")]
+        descriptions: DescriptionTypes,
+    },
+}
+
+/// Resident memory of this process, in bytes (Linux; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
 }
 
 #[derive(Args)]
@@ -78,6 +107,30 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             tokio::runtime::Runtime::new()?.block_on(distill_serve::server::run(config))?;
+        }
+        Command::Terminology(TerminologyCommand::Inspect {
+            kind,
+            path,
+            language,
+            descriptions,
+        }) => {
+            let options = SnomedOptions {
+                languages: language,
+                types: descriptions,
+                concepts: None,
+            };
+            let before = resident_bytes();
+            let started = std::time::Instant::now();
+            let terminology = constrain::load(kind, &path, &options)?;
+            let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let report = serde_json::json!({
+                "kind": kind,
+                "path": path,
+                "stats": terminology.stats(),
+                "load_ms": load_ms,
+                "resident_growth_bytes": resident_bytes().saturating_sub(before),
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }
     Ok(())

@@ -215,3 +215,32 @@ fn malformed_icd10cm_files_are_errors_with_a_line() {
     let e = load_icd10cm_xml(&binary).unwrap_err().to_string();
     assert!(e.contains("binary.xml:2") && e.contains("UTF-8"), "{e}");
 }
+
+#[test]
+fn terminology_inspect_prints_counts_and_errors_name_the_line() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_distill-serve"));
+    let out = std::process::Command::new(bin)
+        .args(["terminology", "inspect", "icd10cm-xml"])
+        .arg(fixture("icd10cm_tabular_small.xml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kind"], "icd10cm-xml");
+    assert_eq!(report["stats"]["codes"], 28);
+    assert_eq!(report["stats"]["billable"], 15);
+    assert!(report["load_ms"].as_f64().unwrap() >= 0.0);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "bad.tsv", "code\tterm\nX\n");
+    let out = std::process::Command::new(bin)
+        .args(["terminology", "inspect", "tsv"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.tsv:2") && stderr.contains("missing term"),
+        "{stderr}"
+    );
+}

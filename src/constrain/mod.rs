@@ -12,6 +12,32 @@ pub use snomed::{DescriptionTypes, SnomedOptions, load_snomed_rf2};
 pub use terminology::{Entry, LoadError, Terminology, TerminologyStats};
 pub use tsv::load_list;
 
+use std::path::Path;
+
+/// The release formats a terminology is loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// CMS ICD-10-CM tabular XML (`icd10cm_tabular_*.xml`).
+    Icd10cmXml,
+    /// CMS ICD-10-CM order file (`icd10cm_order_*.txt`).
+    Icd10cmOrder,
+    /// SNOMED CT RF2 description snapshot (`sct2_Description_Snapshot-*.txt`).
+    SnomedRf2,
+    /// A TSV (or `.csv`) list with `code`, `term` and optionally `synonyms` columns.
+    Tsv,
+}
+
+/// Loads `path` as a terminology of `kind` (`snomed` applies to RF2 files only).
+pub fn load(kind: SourceKind, path: &Path, snomed: &SnomedOptions) -> Result<Terminology, LoadError> {
+    match kind {
+        SourceKind::Icd10cmXml => load_icd10cm_xml(path),
+        SourceKind::Icd10cmOrder => load_icd10cm_order(path),
+        SourceKind::SnomedRf2 => load_snomed_rf2(path, snomed),
+        SourceKind::Tsv => load_list(path),
+    }
+}
+
 /// The ICD-10-CM release `scripts/setup.sh` installs: the CMS tabular XML and the code list.
 pub fn icd10cm_release() -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = crate::config::setup_cache_dir().join("icd10cm-2026");
