@@ -2,15 +2,19 @@
 //! SNOMED CT, plain lists) and, on top of them, the automata that keep generation inside a
 //! vocabulary.
 
+mod automaton;
 mod icd10cm;
 mod snomed;
 mod terminology;
 mod tsv;
+mod vocab;
 
+pub use automaton::{Automaton, State, States, TermSet, TokenMask};
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
 pub use snomed::{DescriptionTypes, SnomedOptions, load_snomed_rf2};
 pub use terminology::{Entry, LoadError, Terminology, TerminologyStats};
 pub use tsv::load_list;
+pub use vocab::{TokenTrie, token_bytes};
 
 use std::path::Path;
 

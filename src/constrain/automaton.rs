@@ -1,0 +1,255 @@
+//! The byte automaton of allowed answers: up to `max_items` members of a term set, joined by a
+//! separator. The term set is an `fst` (a minimal automaton over sorted strings, compact for
+//! millions of terms); a state is a node of it, or a position in the separator. Terms may
+//! contain the separator (", " inside "Fracture of femur, initial encounter"), so a byte can
+//! lead to two states: states travel as small sets.
+
+use fst::raw::{CompiledAddr, Fst};
+use smallvec::SmallVec;
+
+use super::vocab::TokenTrie;
+
+/// A set of allowed strings, compiled once and shared.
+pub struct TermSet {
+    set: fst::Set<Vec<u8>>,
+}
+
+impl TermSet {
+    /// The set of `terms` (empty strings are dropped).
+    pub fn new<I, T>(terms: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<[u8]>,
+    {
+        let mut all: Vec<Vec<u8>> = terms
+            .into_iter()
+            .map(|t| t.as_ref().to_vec())
+            .filter(|t| !t.is_empty())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        // Sorted, deduplicated input cannot fail to build.
+        let set = fst::Set::from_iter(all).unwrap_or_default();
+        Self { set }
+    }
+
+    /// Number of strings.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Whether `term` is a member.
+    pub fn contains(&self, term: &[u8]) -> bool {
+        self.set.contains(term)
+    }
+
+    /// Bytes of the compiled automaton.
+    pub fn heap_bytes(&self) -> usize {
+        self.set.as_fst().as_bytes().len()
+    }
+
+    fn fst(&self) -> &Fst<Vec<u8>> {
+        self.set.as_fst()
+    }
+}
+
+/// Where an answer is: inside a term (at an fst node), or `sep` bytes into a separator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct State {
+    node: CompiledAddr,
+    /// 0 inside a term; k: k bytes of the separator read.
+    sep: u16,
+    /// Items completed before this one.
+    done: u16,
+}
+
+/// The states an answer may be in (usually one).
+pub type States = SmallVec<[State; 2]>;
+
+/// Up to `max_items` terms of a [`TermSet`], joined by `separator`.
+pub struct Automaton<'a> {
+    terms: &'a TermSet,
+    max_items: usize,
+    separator: &'a [u8],
+}
+
+impl<'a> Automaton<'a> {
+    /// An automaton over `terms` (`max_items` at least 1).
+    pub fn new(terms: &'a TermSet, max_items: usize, separator: &'a [u8]) -> Self {
+        Self {
+            terms,
+            max_items: max_items.max(1),
+            separator,
+        }
+    }
+
+    /// The state before any byte.
+    pub fn start(&self) -> States {
+        let mut s = States::new();
+        if !self.terms.is_empty() {
+            s.push(State {
+                node: self.terms.fst().root().addr(),
+                sep: 0,
+                done: 0,
+            });
+        }
+        s
+    }
+
+    fn step_one(&self, s: State, byte: u8, out: &mut States) {
+        let fst = self.terms.fst();
+        let mut push = |next: State| {
+            if !out.contains(&next) {
+                out.push(next);
+            }
+        };
+        let root = fst.root().addr();
+        if s.sep == 0 {
+            let node = fst.node(s.node);
+            if let Some(i) = node.find_input(byte) {
+                push(State {
+                    node: node.transition_addr(i),
+                    ..s
+                });
+            }
+            let more = usize::from(s.done) + 1 < self.max_items;
+            if node.is_final() && more && self.separator.first() == Some(&byte) {
+                push(State {
+                    node: root,
+                    sep: if self.separator.len() == 1 { 0 } else { 1 },
+                    done: s.done + 1,
+                });
+            }
+        } else if self.separator.get(usize::from(s.sep)) == Some(&byte) {
+            let read = usize::from(s.sep) + 1;
+            push(State {
+                node: root,
+                sep: if read == self.separator.len() { 0 } else { read as u16 },
+                done: s.done,
+            });
+        }
+    }
+
+    /// The states after `byte` (empty: the byte leads nowhere).
+    pub fn step(&self, states: &States, byte: u8) -> States {
+        let mut out = States::new();
+        for &s in states {
+            self.step_one(s, byte, &mut out);
+        }
+        out
+    }
+
+    /// The states after `bytes`.
+    pub fn advance(&self, states: &States, bytes: &[u8]) -> States {
+        let mut states = states.clone();
+        for &b in bytes {
+            if states.is_empty() {
+                break;
+            }
+            states = self.step(&states, b);
+        }
+        states
+    }
+
+    /// Whether the answer may end here (a whole term was just read).
+    pub fn accepts(&self, states: &States) -> bool {
+        states
+            .iter()
+            .any(|s| s.sep == 0 && self.terms.fst().node(s.node).is_final())
+    }
+
+    /// Marks in `mask` every token whose bytes lead somewhere from `states`.
+    pub fn fill_mask(&self, trie: &TokenTrie, states: &States, mask: &mut TokenMask) {
+        let mut stack: Vec<(u32, States)> = vec![(TokenTrie::ROOT, states.clone())];
+        while let Some((node, states)) = stack.pop() {
+            for &(byte, child) in trie.children(node) {
+                let next = self.step(&states, byte);
+                if next.is_empty() {
+                    continue;
+                }
+                for &id in trie.tokens_at(child) {
+                    mask.insert(id);
+                }
+                if !trie.children(child).is_empty() {
+                    stack.push((child, next));
+                }
+            }
+        }
+    }
+}
+
+/// A set of token ids as a bitset over the vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenMask {
+    words: Vec<u64>,
+}
+
+impl TokenMask {
+    /// An empty mask for `vocab_size` tokens.
+    pub fn new(vocab_size: usize) -> Self {
+        Self {
+            words: vec![0; vocab_size.div_ceil(64)],
+        }
+    }
+
+    /// Adds `id` (ids past the vocabulary are ignored).
+    pub fn insert(&mut self, id: u32) {
+        if let Some(w) = self.words.get_mut(id as usize / 64) {
+            *w |= 1 << (id % 64);
+        }
+    }
+
+    /// Whether `id` is in.
+    pub fn contains(&self, id: u32) -> bool {
+        self.words
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    /// Number of ids in.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Empties the mask.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepts_text(a: &Automaton, text: &str) -> bool {
+        let s = a.advance(&a.start(), text.as_bytes());
+        a.accepts(&s)
+    }
+
+    #[test]
+    fn single_items_are_exact_members() {
+        let terms = TermSet::new(["E11.9", "E11.65", "I10"]);
+        let a = Automaton::new(&terms, 1, b", ");
+        assert!(accepts_text(&a, "E11.9") && accepts_text(&a, "I10"));
+        assert!(!accepts_text(&a, "E11") && !accepts_text(&a, "E11.9, I10"));
+        assert!(a.advance(&a.start(), b"E12").is_empty());
+    }
+
+    #[test]
+    fn items_join_with_the_separator_even_when_terms_contain_it() {
+        let terms = TermSet::new(["fracture of femur", "fracture of femur, initial encounter", "fever"]);
+        let a = Automaton::new(&terms, 2, b", ");
+        assert!(accepts_text(&a, "fever, fracture of femur"));
+        assert!(accepts_text(&a, "fracture of femur, initial encounter"), "one item");
+        assert!(accepts_text(&a, "fracture of femur, fever"), "two items");
+        let ambiguous = a.advance(&a.start(), b"fracture of femur, ");
+        assert_eq!(ambiguous.len(), 2, "inside the term and past a separator");
+        assert!(!accepts_text(&a, "fever, fever, fever"), "at most two items");
+        assert!(!accepts_text(&a, "fever, "));
+    }
+}
