@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::constrain::TerminologySpec;
 use crate::repository::ModelDefaults;
 
 /// Where `scripts/setup.sh` installs what the project downloads (the ONNX Runtime library, the
@@ -69,6 +70,11 @@ pub struct ServeArgs {
     /// 0 = none [default: 300000].
     #[arg(long, env = "DISTILL_SERVE_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Terminologies for constrained decoding, `NAME=KIND:PATH` (kinds: icd10cm-xml,
+    /// icd10cm-order, snomed-rf2, tsv); repeatable.
+    #[arg(long = "terminology", env = "DISTILL_SERVE_TERMINOLOGIES", value_delimiter = ',')]
+    #[serde(default, rename = "terminology")]
+    pub terminologies: Vec<TerminologySpec>,
     /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -84,6 +90,7 @@ pub struct ServerConfig {
     pub ort_library: Option<PathBuf>,
     pub request_timeout: Option<Duration>,
     pub model_defaults: ModelDefaults,
+    pub terminologies: Vec<TerminologySpec>,
 }
 
 impl ServeArgs {
@@ -111,6 +118,11 @@ impl ServeArgs {
             request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
+            },
+            terminologies: if self.terminologies.is_empty() {
+                file.terminologies
+            } else {
+                self.terminologies
             },
             model_defaults: ModelDefaults {
                 intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),

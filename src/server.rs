@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 
 use crate::api::{AppState, router};
 use crate::config::ServerConfig;
+use crate::constrain::Terminologies;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 
@@ -23,8 +24,16 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let repository = tokio::task::spawn_blocking(move || Repository::open(&root, defaults, repo_metrics))
         .await
         .context("loading the model repository")??;
+    let specs = config.terminologies.clone();
+    let terminologies = tokio::task::spawn_blocking(move || Terminologies::load(&specs))
+        .await
+        .context("loading terminologies")??;
+    for t in terminologies.summaries() {
+        tracing::info!(name = %t.name, codes = t.stats.codes, terms = t.stats.terms, "terminology loaded");
+    }
     let state = AppState {
         repository: Arc::new(repository),
+        terminologies: Arc::new(terminologies),
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
         request_timeout: config.request_timeout,

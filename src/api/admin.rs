@@ -1,5 +1,5 @@
 //! Admin routes under `/admin/v1/`, behind a bearer token: list, load (or reload) and unload
-//! models.
+//! models; list terminologies.
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
@@ -70,4 +70,9 @@ pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Re
 pub async fn unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     state.repository.unload(&name)?;
     Ok(Json(json!({"name": name, "state": "UNLOADED"})))
+}
+
+/// `GET /admin/v1/terminologies`: the loaded terminologies and what each holds.
+pub async fn terminologies(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "terminologies": state.terminologies.summaries() }))
 }

@@ -16,6 +16,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
+use crate::constrain::Terminologies;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::Repository;
@@ -26,6 +27,8 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub repository: Arc<Repository>,
+    /// Terminologies requests may be constrained to.
+    pub terminologies: Arc<Terminologies>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Option<Arc<str>>,
     /// Deadline of requests that set none.
@@ -36,6 +39,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/v1/models", get(admin::list))
+        .route("/admin/v1/terminologies", get(admin::terminologies))
         .route("/admin/v1/models/{name}/load", post(admin::load))
         .route("/admin/v1/models/{name}/reload", post(admin::load))
         .route("/admin/v1/models/{name}/unload", post(admin::unload))

@@ -7,6 +7,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::constrain::{ConstraintRequest, Guide, Terminologies};
 use crate::generate::{GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams};
 use crate::repository::ModelVersion;
 use crate::tokenize::ChatMessage;
@@ -40,6 +41,41 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Not in OpenAI's API: keep the answer inside a loaded terminology.
+    pub constraint: Option<ConstraintRequest>,
+}
+
+/// Most items a constrained answer may hold.
+pub const MAX_CONSTRAINT_ITEMS: usize = 64;
+
+/// Checks `spec` and builds the sequence's guide over `model`'s vocabulary.
+pub fn constraint(
+    terminologies: &Terminologies,
+    model: &ModelVersion,
+    spec: Option<&ConstraintRequest>,
+) -> Result<Option<Guide>, ApiError> {
+    let Some(spec) = spec else { return Ok(None) };
+    if !(1..=MAX_CONSTRAINT_ITEMS).contains(&spec.max_items) {
+        return Err(ApiError::invalid(
+            "constraint.max_items",
+            format!("max_items must be 1 to {MAX_CONSTRAINT_ITEMS}, got {}", spec.max_items),
+        ));
+    }
+    if spec.max_items > 1 && spec.separator.is_empty() {
+        return Err(ApiError::invalid(
+            "constraint.separator",
+            "several items need a non-empty separator",
+        ));
+    }
+    let terms = terminologies
+        .term_set(&spec.terminology, spec.match_kind, spec.code_format, spec.billable_only)
+        .map_err(|e| ApiError::invalid("constraint.terminology", e.to_string()))?;
+    Ok(Some(Guide::new(
+        terms,
+        std::sync::Arc::clone(&model.token_trie),
+        spec.max_items,
+        spec.separator.as_bytes().to_vec(),
+    )))
 }
 
 /// Checks the sampling fields and builds the request for `prompt` on `model`, to be dropped
@@ -150,6 +186,7 @@ pub fn build_request(
         logprobs,
         stream: sampling.stream,
         deadline,
+        constraint: None,
     })
 }
 

@@ -3,14 +3,20 @@
 //! vocabulary.
 
 mod automaton;
+mod guide;
 mod icd10cm;
+mod registry;
 mod snomed;
 mod terminology;
 mod tsv;
 mod vocab;
 
 pub use automaton::{Automaton, State, States, TermSet, TokenMask};
+pub use guide::Guide;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
+pub use registry::{
+    CodeFormat, ConstraintError, ConstraintRequest, MatchKind, Terminologies, TerminologySpec, TerminologySummary,
+};
 pub use snomed::{DescriptionTypes, SnomedOptions, load_snomed_rf2};
 pub use terminology::{Entry, LoadError, Terminology, TerminologyStats};
 pub use tsv::load_list;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokenizers::Tokenizer;
 
+use crate::constrain::Guide;
 use crate::engine::EngineError;
 pub use sampling::{Choice, Sampler, SamplingParams, argmax, log_softmax};
 pub use text::{IncrementalDecoder, StopMatcher, StopStep};
@@ -34,6 +35,8 @@ pub struct GenerationRequest {
     pub stream: bool,
     /// When the client stops waiting: work still queued or running then is dropped.
     pub deadline: Option<std::time::Instant>,
+    /// Keeps the output inside a terminology.
+    pub constraint: Option<Guide>,
 }
 
 /// Why generation ended, in OpenAI's words.
@@ -161,6 +164,16 @@ impl Sequence {
 
     /// Chooses the token after the last position whose `logits` are given.
     pub fn advance(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Advance, GenerateError> {
+        let masked;
+        let logits = match &self.request.constraint {
+            Some(guide) => {
+                let mut copy = logits.to_vec();
+                guide.apply(&mut copy, &self.request.stop_token_ids);
+                masked = copy;
+                &masked[..]
+            }
+            None => logits,
+        };
         let choice = self.sampler.choose(logits, self.request.logprobs.unwrap_or(0));
         self.generated += 1;
         if self.request.stop_token_ids.contains(&choice.token) {
@@ -175,6 +188,10 @@ impl Sequence {
             .push(tokenizer, choice.token)
             .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
         let step = self.stops.push(&delta);
+        if let Some(guide) = &mut self.request.constraint {
+            guide.commit(choice.token);
+        }
+        let exhausted = self.request.constraint.as_ref().is_some_and(Guide::is_exhausted);
         let logprob = match self.request.logprobs {
             Some(_) => Some(TokenLogprob {
                 token: token_text(tokenizer, choice.token)?,
@@ -194,6 +211,11 @@ impl Sequence {
         }];
         let next = if step.stopped {
             events.push(self.finish(String::new(), FinishReason::Stop));
+            None
+        } else if exhausted {
+            // The constrained answer is complete: nothing may follow but the end.
+            let text = self.stops.flush();
+            events.push(self.finish(text, FinishReason::Stop));
             None
         } else if self.generated >= self.request.max_new_tokens {
             let text = self.stops.flush();

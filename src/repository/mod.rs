@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
+use crate::constrain::TokenTrie;
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
@@ -60,6 +61,8 @@ pub struct ModelVersion {
     pub version: u32,
     pub dir: PathBuf,
     pub tokenizer: Arc<Tokenizer>,
+    /// The vocabulary as a byte trie, for constrained decoding.
+    pub token_trie: Arc<TokenTrie>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_token_ids: Vec<u32>,
     /// Longest prompt + completion the model takes (`max_position_embeddings`).
@@ -292,6 +295,7 @@ impl Repository {
             name: name.to_string(),
             version,
             dir: vdir,
+            token_trie: Arc::new(TokenTrie::new(&tokenizer)),
             tokenizer,
             chat_template,
             stop_token_ids: stops,

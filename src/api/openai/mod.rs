@@ -92,7 +92,7 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
             types::Prompt::Tokens(ids) => validate::check_token_ids(&model, ids)?,
         };
         let deadline = validate::deadline(&headers, state.request_timeout)?;
-        let request = validate::build_request(
+        let mut request = validate::build_request(
             &model,
             prompt,
             &req.sampling,
@@ -100,6 +100,7 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
             req.logprobs,
             deadline,
         )?;
+        request.constraint = validate::constraint(&state.terminologies, &model, req.sampling.constraint.as_ref())?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
@@ -135,7 +136,8 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
             (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
         };
         let deadline = validate::deadline(&headers, state.request_timeout)?;
-        let request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs, deadline)?;
+        let mut request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs, deadline)?;
+        request.constraint = validate::constraint(&state.terminologies, &model, req.sampling.constraint.as_ref())?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))

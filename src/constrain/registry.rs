@@ -1,0 +1,261 @@
+//! The terminologies a server has loaded, and the term sets compiled from them, built once per
+//! (terminology, what to match) and shared by every request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::automaton::TermSet;
+use super::terminology::{LoadError, Terminology, TerminologyStats};
+use super::{SnomedOptions, SourceKind, load};
+
+/// What an answer may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchKind {
+    /// A code (`E11.9`).
+    #[default]
+    Code,
+    /// A description or synonym.
+    Term,
+    /// Either.
+    CodeOrTerm,
+}
+
+/// How codes are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeFormat {
+    /// As the release writes them (`E11.9`).
+    #[default]
+    Dotted,
+    /// Without the dot (`E119`).
+    Compact,
+    /// Either.
+    Both,
+}
+
+/// A request's constraint, as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintRequest {
+    /// Name of a loaded terminology.
+    pub terminology: String,
+    #[serde(default, rename = "match")]
+    pub match_kind: MatchKind,
+    /// Most items in the answer (default 1).
+    #[serde(default = "one")]
+    pub max_items: usize,
+    /// Between items (default `", "`).
+    #[serde(default = "comma")]
+    pub separator: String,
+    #[serde(default)]
+    pub code_format: CodeFormat,
+    /// Only billable (leaf) codes, and their terms (default true).
+    #[serde(default = "yes")]
+    pub billable_only: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn comma() -> String {
+    ", ".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A terminology to load at start-up: `NAME=KIND:PATH` (e.g. `icd10cm=icd10cm-xml:/data/icd.xml`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TerminologySpec {
+    pub name: String,
+    pub kind: SourceKind,
+    pub path: PathBuf,
+}
+
+impl FromStr for TerminologySpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("`{s}`: expected NAME=KIND:PATH (kinds: icd10cm-xml, icd10cm-order, snomed-rf2, tsv)");
+        let (name, rest) = s.split_once('=').ok_or_else(usage)?;
+        let (kind, path) = rest.split_once(':').ok_or_else(usage)?;
+        let kind = <SourceKind as clap::ValueEnum>::from_str(kind, true).map_err(|_| usage())?;
+        if name.is_empty() || path.is_empty() {
+            return Err(usage());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            kind,
+            path: PathBuf::from(path),
+        })
+    }
+}
+
+impl TryFrom<String> for TerminologySpec {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<TerminologySpec> for String {
+    fn from(spec: TerminologySpec) -> String {
+        let kind = clap::ValueEnum::to_possible_value(&spec.kind)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        format!("{}={kind}:{}", spec.name, spec.path.display())
+    }
+}
+
+/// Why a constraint cannot be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConstraintError {
+    #[error("unknown terminology `{name}` (loaded: {loaded})")]
+    UnknownTerminology { name: String, loaded: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type SetKey = (MatchKind, CodeFormat, bool);
+
+struct Loaded {
+    spec: TerminologySpec,
+    terminology: Terminology,
+    sets: Mutex<HashMap<SetKey, Arc<TermSet>>>,
+}
+
+/// One loaded terminology, as the admin API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TerminologySummary {
+    pub name: String,
+    pub kind: SourceKind,
+    pub path: PathBuf,
+    pub stats: TerminologyStats,
+}
+
+/// Every terminology the server loaded.
+#[derive(Default)]
+pub struct Terminologies {
+    loaded: BTreeMap<String, Loaded>,
+}
+
+impl Terminologies {
+    /// Loads `specs` and compiles the default term sets of each.
+    pub fn load(specs: &[TerminologySpec]) -> Result<Self, LoadError> {
+        let mut loaded = BTreeMap::new();
+        for spec in specs {
+            let terminology = load(spec.kind, &spec.path, &SnomedOptions::default())?;
+            loaded.insert(
+                spec.name.clone(),
+                Loaded {
+                    spec: spec.clone(),
+                    terminology,
+                    sets: Mutex::default(),
+                },
+            );
+        }
+        let all = Self { loaded };
+        for name in all.loaded.keys() {
+            for kind in [MatchKind::Code, MatchKind::Term, MatchKind::CodeOrTerm] {
+                let _ = all.term_set(name, kind, CodeFormat::default(), true);
+            }
+        }
+        Ok(all)
+    }
+
+    /// What is loaded.
+    pub fn summaries(&self) -> Vec<TerminologySummary> {
+        self.loaded
+            .iter()
+            .map(|(name, l)| TerminologySummary {
+                name: name.clone(),
+                kind: l.spec.kind,
+                path: l.spec.path.clone(),
+                stats: l.terminology.stats(),
+            })
+            .collect()
+    }
+
+    /// The terminology named `name`.
+    pub fn get(&self, name: &str) -> Option<&Terminology> {
+        self.loaded.get(name).map(|l| &l.terminology)
+    }
+
+    /// The compiled set of what `kind` allows from terminology `name`.
+    pub fn term_set(
+        &self,
+        name: &str,
+        kind: MatchKind,
+        format: CodeFormat,
+        billable_only: bool,
+    ) -> Result<Arc<TermSet>, ConstraintError> {
+        let loaded = self
+            .loaded
+            .get(name)
+            .ok_or_else(|| ConstraintError::UnknownTerminology {
+                name: name.to_string(),
+                loaded: if self.loaded.is_empty() {
+                    "none".into()
+                } else {
+                    self.loaded.keys().cloned().collect::<Vec<_>>().join(", ")
+                },
+            })?;
+        let key = (kind, format, billable_only);
+        let mut sets = loaded.sets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = sets.get(&key) {
+            return Ok(Arc::clone(set));
+        }
+        let entries = loaded
+            .terminology
+            .entries
+            .iter()
+            .filter(|e| e.billable || !billable_only);
+        let mut strings: Vec<String> = Vec::new();
+        for e in entries {
+            if kind != MatchKind::Term {
+                if format != CodeFormat::Compact {
+                    strings.push(e.code.clone());
+                }
+                if format != CodeFormat::Dotted {
+                    strings.push(e.code.replace('.', ""));
+                }
+            }
+            if kind != MatchKind::Code {
+                strings.push(e.description.clone());
+                strings.extend(e.synonyms.iter().cloned());
+            }
+        }
+        let set = Arc::new(TermSet::new(strings));
+        if set.is_empty() {
+            return Err(ConstraintError::Invalid(format!(
+                "terminology `{name}` has nothing to match as {kind:?}"
+            )));
+        }
+        sets.insert(key, Arc::clone(&set));
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let spec: TerminologySpec = "icd10cm=icd10cm-xml:/data/icd.xml".parse().unwrap();
+        assert_eq!(spec.kind, SourceKind::Icd10cmXml);
+        assert_eq!(String::from(spec.clone()), "icd10cm=icd10cm-xml:/data/icd.xml");
+        for bad in ["icd10cm", "x=unknown:/p", "=tsv:/p", "x=tsv:"] {
+            assert!(bad.parse::<TerminologySpec>().is_err(), "{bad}");
+        }
+    }
+}

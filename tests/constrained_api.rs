@@ -1,0 +1,128 @@
+//! Terminology constraints over the wire: a real server with the test ICD-10-CM extract loaded
+//! answers only with members of it, through both OpenAI routes; bad constraints are 400s.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::server::{ADMIN_TOKEN, TestServer};
+use distill_serve::constrain::load_icd10cm_xml;
+use serde_json::{Value, json};
+
+fn fixture() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/terminology/icd10cm_tabular_small.xml")
+        .display()
+        .to_string()
+}
+
+fn server() -> TestServer {
+    TestServer::start(&["--terminology", &format!("icd=icd10cm-xml:{}", fixture())])
+}
+
+/// Billable codes and their terms in the fixture.
+fn members() -> (BTreeSet<String>, BTreeSet<String>) {
+    let t = load_icd10cm_xml(Path::new(&fixture())).unwrap();
+    let billable: Vec<_> = t.entries.iter().filter(|e| e.billable).collect();
+    let codes = billable.iter().map(|e| e.code.clone()).collect();
+    let terms = billable
+        .iter()
+        .flat_map(|e| std::iter::once(e.description.clone()).chain(e.synonyms.iter().cloned()))
+        .collect();
+    (codes, terms)
+}
+
+async fn complete(server: &TestServer, constraint: Value, seed: u64, temperature: f32) -> (String, String) {
+    let body = json!({"model": "tiny", "prompt": "Code for the patient:", "max_tokens": 400,
+                      "temperature": temperature, "seed": seed, "constraint": constraint});
+    let r = server.post("/v1/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let choice = &v["choices"][0];
+    (
+        choice["text"].as_str().unwrap().to_string(),
+        choice["finish_reason"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn constrained_answers_are_members_of_the_terminology() {
+    let server = server();
+    let (codes, terms) = members();
+    for seed in 0..6 {
+        let temperature = if seed == 0 { 0.0 } else { 1.0 };
+        let (text, reason) = complete(&server, json!({"terminology": "icd"}), seed, temperature).await;
+        assert!(codes.contains(&text), "{text:?} is not a billable code");
+        assert_eq!(reason, "stop");
+        let (text, _) = complete(
+            &server,
+            json!({"terminology": "icd", "match": "term"}),
+            seed,
+            temperature,
+        )
+        .await;
+        assert!(terms.contains(&text), "{text:?} is not a term");
+        let constraint = json!({"terminology": "icd", "max_items": 3, "separator": "; ", "code_format": "compact"});
+        let (text, _) = complete(&server, constraint, seed, temperature).await;
+        let items: Vec<&str> = text.split("; ").collect();
+        assert!((1..=3).contains(&items.len()), "{text:?}");
+        let compact: BTreeSet<String> = codes.iter().map(|c| c.replace('.', "")).collect();
+        assert!(items.iter().all(|item| compact.contains(*item)), "{text:?}");
+    }
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Code?"}], "max_tokens": 50,
+                      "temperature": 0.8, "seed": 1, "constraint": {"terminology": "icd"}});
+    let v: Value = server.post("/v1/chat/completions", &body).await.json().await.unwrap();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(codes.contains(text), "{text:?}");
+}
+
+#[tokio::test]
+async fn bad_constraints_are_400_naming_the_problem() {
+    let server = server();
+    let cases = [
+        (
+            json!({"terminology": "snomed"}),
+            "unknown terminology `snomed` (loaded: icd)",
+        ),
+        (json!({"terminology": "icd", "max_items": 0}), "max_items"),
+        (
+            json!({"terminology": "icd", "max_items": 2, "separator": ""}),
+            "separator",
+        ),
+        (
+            json!({"terminology": "icd", "match": "everything"}),
+            "unknown variant `everything`",
+        ),
+        (json!({"terminology": "icd", "colour": "red"}), "colour"),
+    ];
+    for (constraint, needle) in cases {
+        let body = json!({"model": "tiny", "prompt": "x", "constraint": constraint});
+        let r = server.post("/v1/completions", &body).await;
+        assert_eq!(r.status(), 400, "{constraint}");
+        let v: Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{constraint}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_lists_loaded_terminologies() {
+    let server = server();
+    let v: Value = reqwest::Client::new()
+        .get(server.url("/admin/v1/terminologies"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t = &v["terminologies"][0];
+    assert_eq!(t["name"], "icd");
+    assert_eq!(t["kind"], "icd10cm-xml");
+    assert_eq!(
+        (t["stats"]["codes"].as_u64(), t["stats"]["billable"].as_u64()),
+        (Some(28), Some(15))
+    );
+}
