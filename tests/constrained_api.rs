@@ -126,3 +126,36 @@ async fn the_admin_api_lists_loaded_terminologies() {
         (Some(28), Some(15))
     );
 }
+
+#[tokio::test]
+async fn grpc_generate_takes_the_same_constraint() {
+    use distill_serve::api::grpc::proto::generate::{Constraint, GenerateRequest, generate_client::GenerateClient};
+    let server = server();
+    let (codes, _) = members();
+    let mut client = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    let request = |constraint: Constraint, seed: u64| GenerateRequest {
+        model: "tiny".into(),
+        prompt: "Code:".into(),
+        max_tokens: Some(100),
+        temperature: Some(1.0),
+        seed: Some(seed),
+        constraint: Some(constraint),
+        ..Default::default()
+    };
+    for seed in 0..4 {
+        let constraint = Constraint {
+            terminology: "icd".into(),
+            ..Default::default()
+        };
+        let answer = client.generate(request(constraint, seed)).await.unwrap().into_inner();
+        assert!(codes.contains(&answer.text), "{:?}", answer.text);
+    }
+    let bad = Constraint {
+        terminology: "icd".into(),
+        r#match: "everything".into(),
+        ..Default::default()
+    };
+    let status = client.generate(request(bad, 0)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("everything"), "{}", status.message());
+}

@@ -8,11 +8,12 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::proto::generate::{
-    GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
+    Constraint, GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
 };
 use crate::api::error::ApiError;
 use crate::api::validate::{self, Sampling, Stop};
 use crate::api::{AppState, collect};
+use crate::constrain::ConstraintRequest;
 use crate::generate::Event;
 use crate::scheduler::Events;
 use crate::tokenize::ChatMessage;
@@ -54,7 +55,9 @@ impl GenerateService {
             stream,
             ..Default::default()
         };
-        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
+        let mut request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
+        let constraint = req.constraint.map(constraint_request).transpose()?;
+        request.constraint = validate::constraint(&self.state.terminologies, &model, constraint.as_ref())?;
         Ok(model.scheduler.submit(request).map_err(ApiError::from)?)
     }
 }
@@ -102,4 +105,25 @@ impl Generate for GenerateService {
         };
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// The API's constraint from its gRPC form (empty strings take the defaults).
+fn constraint_request(c: Constraint) -> Result<ConstraintRequest, Status> {
+    let mut json = serde_json::json!({ "terminology": c.terminology });
+    if !c.r#match.is_empty() {
+        json["match"] = c.r#match.into();
+    }
+    if !c.code_format.is_empty() {
+        json["code_format"] = c.code_format.into();
+    }
+    if let Some(n) = c.max_items {
+        json["max_items"] = n.into();
+    }
+    if let Some(sep) = c.separator {
+        json["separator"] = sep.into();
+    }
+    if let Some(b) = c.billable_only {
+        json["billable_only"] = b.into();
+    }
+    serde_json::from_value(json).map_err(|e| Status::invalid_argument(format!("constraint: {e}")))
 }
