@@ -95,3 +95,45 @@ fn terms_with_spaces_and_separators_inside_as_multi_item_answers() {
         ", ",
     );
 }
+
+#[test]
+fn a_guide_after_a_marker_lets_the_model_think_first() {
+    use distill_serve::constrain::Guide;
+    use std::sync::Arc;
+    let tokenizer = tokenizer();
+    let trie = Arc::new(TokenTrie::new(&tokenizer));
+    let set = Arc::new(TermSet::new(["E11.9", "I10"]));
+    let think_end = tokenizer.token_to_id("</think>").unwrap();
+    let free_text: Vec<u32> = tokenizer.encode("the patient", false).unwrap().get_ids().to_vec();
+    let masked = |guide: &Guide| {
+        let mut logits = vec![0.0f32; trie.vocab_size()];
+        guide.apply(&mut logits, &[]);
+        logits.iter().filter(|l| l.is_infinite()).count()
+    };
+    for (marker, opening) in [
+        (b"</think>".to_vec(), vec![think_end]),
+        (
+            b"Answer:".to_vec(),
+            tokenizer.encode("Answer:", false).unwrap().get_ids().to_vec(),
+        ),
+    ] {
+        let mut guide = Guide::new(Arc::clone(&set), Arc::clone(&trie), 1, b", ".to_vec()).after(&marker);
+        assert_eq!(masked(&guide), 0, "nothing is masked while thinking");
+        for &t in &free_text {
+            guide.commit(t);
+        }
+        assert_eq!(masked(&guide), 0);
+        assert!(!guide.is_exhausted());
+        for &t in &opening {
+            guide.commit(t);
+        }
+        let allowed = trie.vocab_size() - masked(&guide);
+        assert_eq!(
+            allowed,
+            guide.mask().count(),
+            "after {:?} only the terminology",
+            String::from_utf8_lossy(&marker)
+        );
+        assert!(allowed > 0 && allowed < 50);
+    }
+}

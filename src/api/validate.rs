@@ -70,12 +70,13 @@ pub fn constraint(
     let terms = terminologies
         .term_set(&spec.terminology, spec.match_kind, spec.code_format, spec.billable_only)
         .map_err(|e| ApiError::invalid("constraint.terminology", e.to_string()))?;
-    Ok(Some(Guide::new(
+    let guide = Guide::new(
         terms,
         std::sync::Arc::clone(&model.token_trie),
         spec.max_items,
         spec.separator.as_bytes().to_vec(),
-    )))
+    );
+    Ok(Some(guide.after(spec.after.as_deref().unwrap_or_default().as_bytes())))
 }
 
 /// Checks the sampling fields and builds the request for `prompt` on `model`, to be dropped

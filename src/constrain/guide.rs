@@ -16,6 +16,9 @@ pub struct Guide {
     states: States,
     /// Tokens allowed at the current state.
     mask: TokenMask,
+    /// While set, the constraint waits for this text (`</think>`) before it applies; holds
+    /// the marker and the tail of the text written so far.
+    waiting: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Guide {
@@ -40,10 +43,20 @@ impl Guide {
             separator,
             states: States::new(),
             mask,
+            waiting: None,
         };
         guide.states = guide.automaton().start();
         guide.refresh_mask();
         guide
+    }
+
+    /// The same guide, applying only once the text `marker` has been generated (a reasoning
+    /// student thinks freely first); an empty marker applies at once.
+    pub fn after(mut self, marker: &[u8]) -> Self {
+        if !marker.is_empty() {
+            self.waiting = Some((marker.to_vec(), Vec::new()));
+        }
+        self
     }
 
     fn automaton(&self) -> Automaton<'_> {
@@ -64,12 +77,15 @@ impl Guide {
 
     /// Whether no token may extend the answer: it is finished (or, defensively, stuck).
     pub fn is_exhausted(&self) -> bool {
-        self.mask.count() == 0
+        self.waiting.is_none() && self.mask.count() == 0
     }
 
     /// Sets every disallowed logit to minus infinity; `stop_ids` stay allowed only where the
     /// answer may end.
     pub fn apply(&self, logits: &mut [f32], stop_ids: &[u32]) {
+        if self.waiting.is_some() {
+            return;
+        }
         let accepts = self.accepts();
         for (id, logit) in logits.iter_mut().enumerate() {
             let id = id as u32;
@@ -82,6 +98,16 @@ impl Guide {
 
     /// Follows the chosen (allowed) token.
     pub fn commit(&mut self, token: u32) {
+        if let Some((marker, tail)) = &mut self.waiting {
+            tail.extend_from_slice(self.trie.text(token));
+            if tail.ends_with(marker) {
+                self.waiting = None;
+            } else {
+                let keep = tail.len().saturating_sub(marker.len());
+                tail.drain(..keep);
+            }
+            return;
+        }
         let bytes = self.trie.bytes(token).to_vec();
         self.states = self.automaton().advance(&self.states, &bytes);
         self.refresh_mask();

@@ -57,6 +57,9 @@ pub struct ConstraintRequest {
     /// Only billable (leaf) codes, and their terms (default true).
     #[serde(default = "yes")]
     pub billable_only: bool,
+    /// Apply only after this text is generated (`"</think>"` for reasoning students).
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 fn one() -> usize {

@@ -86,12 +86,21 @@ pub struct TokenTrie {
     tokens: Vec<u32>,
     /// Bytes of each token id.
     bytes: Vec<Vec<u8>>,
+    /// Text of special tokens (`</think>`), which no constraint allows but which may start one.
+    special: HashMap<u32, Vec<u8>>,
 }
 
 impl TokenTrie {
     /// The trie of `tokenizer`'s vocabulary.
     pub fn new(tokenizer: &Tokenizer) -> Self {
-        Self::from_token_bytes(token_bytes(tokenizer))
+        let mut trie = Self::from_token_bytes(token_bytes(tokenizer));
+        trie.special = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content.into_bytes()))
+            .collect();
+        trie
     }
 
     /// The trie of tokens given by their bytes (index = token id).
@@ -123,6 +132,7 @@ impl TokenTrie {
             token_start: Vec::with_capacity(children.len() + 1),
             tokens: Vec::new(),
             bytes,
+            special: HashMap::new(),
         };
         for (mut kids, ids) in children.into_iter().zip(ends) {
             kids.sort_unstable();
@@ -154,6 +164,14 @@ impl TokenTrie {
     /// The bytes of token `id` (empty for special tokens and ids out of range).
     pub fn bytes(&self, id: u32) -> &[u8] {
         self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The text token `id` writes: its bytes, or a special token's content.
+    pub fn text(&self, id: u32) -> &[u8] {
+        match self.special.get(&id) {
+            Some(content) => content,
+            None => self.bytes(id),
+        }
     }
 
     /// Number of token ids (the mask length).

@@ -125,5 +125,8 @@ fn constraint_request(c: Constraint) -> Result<ConstraintRequest, Status> {
     if let Some(b) = c.billable_only {
         json["billable_only"] = b.into();
     }
+    if let Some(after) = c.after {
+        json["after"] = after.into();
+    }
     serde_json::from_value(json).map_err(|e| Status::invalid_argument(format!("constraint: {e}")))
 }
