@@ -4,14 +4,22 @@
 //! contain the separator (", " inside "Fracture of femur, initial encounter"), so a byte can
 //! lead to two states: states travel as small sets.
 
+use std::sync::{Arc, Mutex};
+
 use fst::raw::{CompiledAddr, Fst};
 use smallvec::SmallVec;
 
 use super::vocab::TokenTrie;
 
+/// Key of a cached start mask: the vocabulary trie (by address), max items, separator.
+type StartKey = (usize, usize, Vec<u8>);
+
 /// A set of allowed strings, compiled once and shared.
 pub struct TermSet {
     set: fst::Set<Vec<u8>>,
+    /// The mask at the start of an answer is the widest (every token that begins a term) and
+    /// the same for every request: computed once per vocabulary and answer shape.
+    start_masks: Mutex<Vec<(StartKey, Arc<TokenMask>)>>,
 }
 
 impl TermSet {
@@ -30,7 +38,26 @@ impl TermSet {
         all.dedup();
         // Sorted, deduplicated input cannot fail to build.
         let set = fst::Set::from_iter(all).unwrap_or_default();
-        Self { set }
+        Self {
+            set,
+            start_masks: Mutex::default(),
+        }
+    }
+
+    /// The mask at the start of an answer of up to `max_items` joined by `separator`, over
+    /// `trie`, computed on first use.
+    pub fn start_mask(&self, trie: &Arc<TokenTrie>, max_items: usize, separator: &[u8]) -> Arc<TokenMask> {
+        let key = (Arc::as_ptr(trie) as usize, max_items, separator.to_vec());
+        let mut cached = self.start_masks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, mask)) = cached.iter().find(|(k, _)| *k == key) {
+            return Arc::clone(mask);
+        }
+        let automaton = Automaton::new(self, max_items, separator);
+        let mut mask = TokenMask::new(trie.vocab_size());
+        automaton.fill_mask(trie, &automaton.start(), &mut mask);
+        let mask = Arc::new(mask);
+        cached.push((key, Arc::clone(&mask)));
+        mask
     }
 
     /// Number of strings.
@@ -165,8 +192,16 @@ impl<'a> Automaton<'a> {
 
     /// Marks in `mask` every token whose bytes lead somewhere from `states`.
     pub fn fill_mask(&self, trie: &TokenTrie, states: &States, mask: &mut TokenMask) {
-        let mut stack: Vec<(u32, States)> = vec![(TokenTrie::ROOT, states.clone())];
-        while let Some((node, states)) = stack.pop() {
+        // (trie node, states, whether the fast single-term path may take it)
+        let mut stack: Vec<(u32, States, bool)> = vec![(TokenTrie::ROOT, states.clone(), true)];
+        while let Some((node, states, fast)) = stack.pop() {
+            if fast
+                && let [s] = states[..]
+                && s.sep == 0
+            {
+                self.fill_term(trie, node, self.terms.fst().node(s.node), s.done, mask, &mut stack);
+                continue;
+            }
             for &(byte, child) in trie.children(node) {
                 let next = self.step(&states, byte);
                 if next.is_empty() {
@@ -176,7 +211,56 @@ impl<'a> Automaton<'a> {
                     mask.insert(id);
                 }
                 if !trie.children(child).is_empty() {
-                    stack.push((child, next));
+                    stack.push((child, next, true));
+                }
+            }
+        }
+    }
+
+    /// The common case, walked without state sets: one state inside a term. Where a separator
+    /// could start (a whole term was read and more items are allowed), the frame goes back to
+    /// the general walk.
+    fn fill_term(
+        &self,
+        trie: &TokenTrie,
+        trie_node: u32,
+        node: fst::raw::Node<'_>,
+        done: u16,
+        mask: &mut TokenMask,
+        stack: &mut Vec<(u32, States, bool)>,
+    ) {
+        let more = usize::from(done) + 1 < self.max_items && !self.separator.is_empty();
+        if node.is_final() && more {
+            let state = State {
+                node: node.addr(),
+                sep: 0,
+                done,
+            };
+            stack.push((trie_node, smallvec::smallvec![state], false));
+            return;
+        }
+        let fst = self.terms.fst();
+        let children = trie.children(trie_node);
+        let mut visit = |child: u32, i: usize, mask: &mut TokenMask| {
+            for &id in trie.tokens_at(child) {
+                mask.insert(id);
+            }
+            if !trie.children(child).is_empty() {
+                self.fill_term(trie, child, fst.node(node.transition_addr(i)), done, mask, stack);
+            }
+        };
+        // Walk whichever side is smaller: the automaton's transitions or the trie's children.
+        if node.len() < children.len() {
+            for i in 0..node.len() {
+                let byte = node.transition(i).inp;
+                if let Ok(k) = children.binary_search_by_key(&byte, |&(b, _)| b) {
+                    visit(children[k].1, i, mask);
+                }
+            }
+        } else {
+            for &(byte, child) in children {
+                if let Some(i) = node.find_input(byte) {
+                    visit(child, i, mask);
                 }
             }
         }
@@ -214,6 +298,15 @@ impl TokenMask {
     /// Number of ids in.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The ids in, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &bits)| {
+            (0..64u32)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| w as u32 * 64 + b)
+        })
     }
 
     /// Empties the mask.

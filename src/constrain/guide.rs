@@ -46,7 +46,7 @@ impl Guide {
             waiting: None,
         };
         guide.states = guide.automaton().start();
-        guide.refresh_mask();
+        guide.mask = (*guide.terms.start_mask(&guide.trie, max_items, &guide.separator)).clone();
         guide
     }
 
@@ -64,6 +64,11 @@ impl Guide {
     }
 
     fn refresh_mask(&mut self) {
+        let automaton = self.automaton();
+        if self.states == automaton.start() {
+            self.mask = (*self.terms.start_mask(&self.trie, self.max_items, &self.separator)).clone();
+            return;
+        }
         let mut mask = std::mem::replace(&mut self.mask, TokenMask::new(0));
         mask.clear();
         self.automaton().fill_mask(&self.trie, &self.states, &mut mask);

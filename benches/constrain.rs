@@ -1,0 +1,281 @@
+//! Terminology constraints at full size: build time and memory of the term sets, and the time
+//! to compute one sequence's token mask per step, on the full ICD-10-CM release and on a
+//! SNOMED-sized synthetic list of 1M descriptions, with real 100k- and 200k-token byte-level
+//! BPE vocabularies (tiktoken cl100k_base and o200k_base, bracketing Qwen2's 151k).
+//!
+//! ```sh
+//! bash scripts/setup.sh && bash scripts/fetch-bench-vocab.sh
+//! cargo bench --bench constrain
+//! ```
+//! Each answer is walked token by token as a model would write it (the longest allowed token
+//! that continues it), timing the mask at every step, as a sequence's `Guide` computes it (the
+//! start-of-answer mask is computed once per term set and vocabulary, then copied).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use distill_serve::constrain::{
+    CodeFormat, Guide, MatchKind, SourceKind, TermSet, Terminologies, TerminologySpec, TokenTrie, icd10cm_release,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Token bytes of a tiktoken file (`base64 rank` per line).
+fn tiktoken(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: run scripts/fetch-bench-vocab.sh", path.display()))?;
+    let mut tokens = Vec::new();
+    for line in text.lines() {
+        let (b64, rank) = line.split_once(' ').context("bad tiktoken line")?;
+        let rank: usize = rank.parse()?;
+        if tokens.len() <= rank {
+            tokens.resize(rank + 1, Vec::new());
+        }
+        tokens[rank] = base64::engine::general_purpose::STANDARD.decode(b64)?;
+    }
+    Ok(tokens)
+}
+
+/// Writes `answer` through a [`Guide`] as a model would (the longest allowed token that
+/// continues it), timing each step's mask: the first from creating the guide, then each commit.
+/// `least` gets the least of three runs on copies of the guide (this shared machine's
+/// preemptions are not the step's cost), `single` the first run.
+fn walk(
+    set: &Arc<TermSet>,
+    trie: &Arc<TokenTrie>,
+    answer: &[u8],
+    least: &mut Vec<Duration>,
+    single: &mut Vec<Duration>,
+) {
+    let started = Instant::now();
+    let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ".to_vec());
+    least.push(started.elapsed());
+    single.push(started.elapsed());
+    let mut at = 0;
+    while at < answer.len() {
+        let rest = &answer[at..];
+        let Some((id, len)) = guide
+            .mask()
+            .iter()
+            .map(|id| (id, trie.bytes(id)))
+            .filter(|(_, b)| rest.starts_with(b))
+            .map(|(id, b)| (id, b.len()))
+            .max_by_key(|&(_, len)| len)
+        else {
+            panic!("no allowed token continues {:?}", String::from_utf8_lossy(rest));
+        };
+        let runs: Vec<Duration> = (0..3)
+            .map(|_| {
+                let mut trial = guide.clone();
+                let started = Instant::now();
+                trial.commit(id);
+                started.elapsed()
+            })
+            .collect();
+        single.push(runs[0]);
+        least.push(runs.into_iter().min().unwrap_or_default());
+        guide.commit(id);
+        at += len;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+fn report(name: &str, set: &Arc<TermSet>, vocab: &str, trie: &Arc<TokenTrie>, answers: &[Vec<u8>]) {
+    let (mut least, mut single) = (Vec::new(), Vec::new());
+    for a in answers {
+        walk(set, trie, a, &mut least, &mut single);
+    }
+    least.sort();
+    single.sort();
+    println!(
+        "| {name} | {vocab} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        answers.len(),
+        least.len(),
+        percentile(&least, 0.5),
+        percentile(&least, 0.99),
+        percentile(&single, 0.5),
+        percentile(&single, 0.99),
+    );
+}
+
+fn sample(set_strings: &[String], n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| set_strings[rng.random_range(0..set_strings.len())].as_bytes().to_vec())
+        .collect()
+}
+
+/// A synthetic SNOMED-sized list: `n` distinct clinical-looking descriptions.
+fn synthetic_descriptions(n: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "acute",
+        "chronic",
+        "left",
+        "right",
+        "bilateral",
+        "fracture",
+        "of",
+        "the",
+        "femur",
+        "tibia",
+        "disorder",
+        "disease",
+        "infection",
+        "due",
+        "to",
+        "with",
+        "without",
+        "complication",
+        "syndrome",
+        "congenital",
+        "primary",
+        "secondary",
+        "malignant",
+        "benign",
+        "neoplasm",
+        "lesion",
+        "injury",
+        "pain",
+        "ulcer",
+        "stenosis",
+        "artery",
+        "vein",
+        "kidney",
+        "liver",
+        "lung",
+        "heart",
+        "valve",
+        "muscle",
+        "tendon",
+        "nerve",
+        "skin",
+        "bone",
+        "joint",
+        "upper",
+        "lower",
+        "limb",
+        "hand",
+        "foot",
+        "finding",
+        "procedure",
+        "history",
+        "family",
+        "diabetic",
+        "renal",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut out = std::collections::BTreeSet::new();
+    while out.len() < n {
+        let words = rng.random_range(2..9);
+        let mut d: Vec<&str> = (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+        let id = rng.random_range(0..1000u32);
+        let kind = ["(disorder)", "(finding)", "(procedure)", "(body structure)"][rng.random_range(0..4)];
+        let id_text = id.to_string();
+        d.push(&id_text);
+        out.insert(format!("{} {kind}", d.join(" ")));
+    }
+    out.into_iter().collect()
+}
+
+fn main() -> Result<()> {
+    let (xml, _) = icd10cm_release();
+    let spec = TerminologySpec {
+        name: "icd10cm".into(),
+        kind: SourceKind::Icd10cmXml,
+        path: xml,
+    };
+    let before = resident_bytes();
+    let started = Instant::now();
+    let terminologies = Terminologies::load(&[spec])?;
+    let icd_build = started.elapsed();
+    let icd_memory = resident_bytes().saturating_sub(before);
+    let stats = terminologies.summaries()[0].stats;
+    let sets: Vec<(&str, Arc<TermSet>)> = [
+        ("ICD-10-CM codes", MatchKind::Code),
+        ("ICD-10-CM terms", MatchKind::Term),
+        ("ICD-10-CM codes or terms", MatchKind::CodeOrTerm),
+    ]
+    .into_iter()
+    .map(|(name, kind)| Ok((name, terminologies.term_set("icd10cm", kind, CodeFormat::Dotted, true)?)))
+    .collect::<Result<_>>()?;
+    let terminology = terminologies.get("icd10cm").context("loaded")?;
+    let billable: Vec<_> = terminology.entries.iter().filter(|e| e.billable).collect();
+    let codes: Vec<String> = billable.iter().map(|e| e.code.clone()).collect();
+    let terms: Vec<String> = billable
+        .iter()
+        .flat_map(|e| std::iter::once(e.description.clone()).chain(e.synonyms.iter().cloned()))
+        .collect();
+
+    println!("\n### constrain: build (this 2-core machine)\n");
+    println!("| what | strings | build s | memory MB |");
+    println!("|---|---|---|---|");
+    println!(
+        "| ICD-10-CM 2026: load XML + compile codes, terms, codes-or-terms | {} codes, {} terms | {:.2} | {:.0} (resident growth) |",
+        stats.codes,
+        stats.terms,
+        icd_build.as_secs_f64(),
+        icd_memory as f64 / 1e6
+    );
+    for (name, set) in &sets {
+        println!(
+            "| {name} (fst) | {} | - | {:.1} |",
+            set.len(),
+            set.heap_bytes() as f64 / 1e6
+        );
+    }
+    let synthetic = synthetic_descriptions(1_000_000);
+    let before = resident_bytes();
+    let started = Instant::now();
+    let big = Arc::new(TermSet::new(&synthetic));
+    println!(
+        "| synthetic SNOMED-sized list | {} | {:.2} | {:.1} fst ({:.0} resident growth) |",
+        big.len(),
+        started.elapsed().as_secs_f64(),
+        big.heap_bytes() as f64 / 1e6,
+        resident_bytes().saturating_sub(before) as f64 / 1e6
+    );
+
+    let cache = distill_serve::config::setup_cache_dir().join("bench-vocab");
+    let mut tries = Vec::new();
+    for vocab in ["cl100k_base", "o200k_base"] {
+        let started = Instant::now();
+        let trie = Arc::new(TokenTrie::from_token_bytes(tiktoken(
+            &cache.join(format!("{vocab}.tiktoken")),
+        )?));
+        println!(
+            "| {vocab} vocabulary trie | {} tokens | {:.2} | {:.1} |",
+            trie.vocab_size(),
+            started.elapsed().as_secs_f64(),
+            trie.heap_bytes() as f64 / 1e6
+        );
+        tries.push((vocab, trie));
+    }
+
+    println!("\n### constrain: mask per sequence step, microseconds (least of three runs, then single runs)\n");
+    println!("| list | vocabulary | answers | steps | median | p99 | single-run median | single-run p99 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let code_answers = sample(&codes, 200, 1);
+    let term_answers = sample(&terms, 100, 2);
+    let big_answers = sample(&synthetic, 100, 3);
+    for (vocab, trie) in &tries {
+        report("ICD-10-CM codes", &sets[0].1, vocab, trie, &code_answers);
+        report("ICD-10-CM terms", &sets[1].1, vocab, trie, &term_answers);
+        report("ICD-10-CM codes or terms", &sets[2].1, vocab, trie, &term_answers);
+        report("1M synthetic descriptions", &big, vocab, trie, &big_answers);
+    }
+    Ok(())
+}
