@@ -159,3 +159,30 @@ async fn grpc_generate_takes_the_same_constraint() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("everything"), "{}", status.message());
 }
+
+#[tokio::test]
+async fn knowledge_coverage_counts_code_mentions_that_exist() {
+    let server = server();
+    let text = "Assessment: E11.9 and I10, rule out E11.99; fracture S72001A.";
+    let r = server
+        .post("/v1/terminologies/icd/coverage", &json!({"text": text}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["mentions"].as_u64(), v["matched"].as_u64()),
+        (Some(4), Some(3)),
+        "{v}"
+    );
+    assert_eq!(v["items"][2]["text"], "E11.99");
+    assert!(v["items"][2]["code"].is_null());
+    assert_eq!(v["items"][3]["code"], "S72.001A");
+    let r = server
+        .post("/v1/terminologies/snomed/coverage", &json!({"text": text}))
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = server
+        .post("/v1/terminologies/icd/coverage", &json!({"txt": text}))
+        .await;
+    assert_eq!(r.status(), 400);
+}

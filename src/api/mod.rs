@@ -6,6 +6,7 @@ pub mod error;
 pub mod grpc;
 mod kserve;
 pub mod openai;
+mod terminology;
 pub mod validate;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
         .route("/v2", get(kserve::server_metadata))
         .route("/v2/health/live", get(kserve::live))
         .route("/v2/health/ready", get(kserve::ready))

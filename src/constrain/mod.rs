@@ -3,6 +3,7 @@
 //! vocabulary.
 
 mod automaton;
+mod coverage;
 mod guide;
 mod icd10cm;
 mod registry;
@@ -12,6 +13,7 @@ mod tsv;
 mod vocab;
 
 pub use automaton::{Automaton, State, States, TermSet, TokenMask};
+pub use coverage::{CodeShape, Coverage, Mention, coverage};
 pub use guide::Guide;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
 pub use registry::{

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::automaton::TermSet;
+use super::coverage::{CodeShape, Coverage, coverage};
 use super::terminology::{LoadError, Terminology, TerminologyStats};
 use super::{SnomedOptions, SourceKind, load};
 
@@ -133,6 +134,7 @@ type SetKey = (MatchKind, CodeFormat, bool);
 struct Loaded {
     spec: TerminologySpec,
     terminology: Terminology,
+    shape: CodeShape,
     sets: Mutex<HashMap<SetKey, Arc<TermSet>>>,
 }
 
@@ -161,6 +163,7 @@ impl Terminologies {
                 spec.name.clone(),
                 Loaded {
                     spec: spec.clone(),
+                    shape: CodeShape::of(&terminology),
                     terminology,
                     sets: Mutex::default(),
                 },
@@ -193,16 +196,8 @@ impl Terminologies {
         self.loaded.get(name).map(|l| &l.terminology)
     }
 
-    /// The compiled set of what `kind` allows from terminology `name`.
-    pub fn term_set(
-        &self,
-        name: &str,
-        kind: MatchKind,
-        format: CodeFormat,
-        billable_only: bool,
-    ) -> Result<Arc<TermSet>, ConstraintError> {
-        let loaded = self
-            .loaded
+    fn loaded(&self, name: &str) -> Result<&Loaded, ConstraintError> {
+        self.loaded
             .get(name)
             .ok_or_else(|| ConstraintError::UnknownTerminology {
                 name: name.to_string(),
@@ -211,7 +206,24 @@ impl Terminologies {
                 } else {
                     self.loaded.keys().cloned().collect::<Vec<_>>().join(", ")
                 },
-            })?;
+            })
+    }
+
+    /// The code mentions of `text` checked against terminology `name`.
+    pub fn coverage(&self, name: &str, text: &str) -> Result<Coverage, ConstraintError> {
+        let loaded = self.loaded(name)?;
+        Ok(coverage(&loaded.terminology, &loaded.shape, text))
+    }
+
+    /// The compiled set of what `kind` allows from terminology `name`.
+    pub fn term_set(
+        &self,
+        name: &str,
+        kind: MatchKind,
+        format: CodeFormat,
+        billable_only: bool,
+    ) -> Result<Arc<TermSet>, ConstraintError> {
+        let loaded = self.loaded(name)?;
         let key = (kind, format, billable_only);
         let mut sets = loaded.sets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = sets.get(&key) {
