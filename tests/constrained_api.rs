@@ -186,3 +186,40 @@ async fn knowledge_coverage_counts_code_mentions_that_exist() {
         .await;
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn json_schema_records_hold_valid_codes() {
+    let server = server();
+    let (codes, terms) = members();
+    let schema = json!({"type": "object", "properties": {
+        "diagnosis": {"type": "string", "x-terminology": "icd"},
+        "description": {"type": "string", "x-terminology": "icd", "x-match": "term"},
+        "confirmed": {"type": "boolean"},
+        "other_codes": {"type": "array", "items": {"type": "string", "x-terminology": "icd"}, "maxItems": 2}
+    }});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "coding", "schema": schema, "strict": true}});
+    for seed in 0..5 {
+        let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Code this."}],
+                          "max_tokens": 400, "temperature": 1.0, "seed": seed, "response_format": format});
+        let r = server.post("/v1/chat/completions", &body).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let record: serde_json::Map<String, Value> =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let keys: Vec<&str> = record.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["diagnosis", "description", "confirmed", "other_codes"], "{text}");
+        assert!(codes.contains(record["diagnosis"].as_str().unwrap()), "{text}");
+        assert!(terms.contains(record["description"].as_str().unwrap()), "{text}");
+        assert!(record["confirmed"].is_boolean());
+        let others = record["other_codes"].as_array().unwrap();
+        assert!((1..=2).contains(&others.len()), "{text}");
+        assert!(others.iter().all(|c| codes.contains(c.as_str().unwrap())), "{text}");
+    }
+    let bad = json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"x": {"type": "number"}}}}});
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": bad});
+    let r = server.post("/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("property `x`"), "{v}");
+}

@@ -136,3 +136,39 @@ fn constrained_generation_yields_exact_members() {
     }
     assert_eq!(outcomes, 60);
 }
+
+#[test]
+fn constrained_json_records_parse_and_hold_members() {
+    use distill_serve::constrain::{JsonMachine, Terminologies, TerminologySpec};
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/terminology/icd10cm_tabular_small.xml");
+    let spec: TerminologySpec = format!("icd=icd10cm-xml:{}", fixture.display()).parse().unwrap();
+    let terminologies = Terminologies::load(&[spec]).unwrap();
+    let icd = terminologies.get("icd").unwrap();
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "code": {"type": "string", "x-terminology": "icd"},
+        "count": {"type": "integer"},
+        "note": {"type": "string", "maxLength": 12},
+        "also": {"type": "array", "items": {"type": "string", "x-terminology": "icd"}, "maxItems": 3}
+    }});
+    let machine = Arc::new(JsonMachine::compile(&schema, &terminologies).unwrap());
+    for (family, student_seed) in [(Family::Qwen2, 4), (Family::Llama, 5)] {
+        let st = student(family, student_seed, |s| s.init_std = Some(0.3));
+        let mut session = st.decoder("int8", Precision::DEFAULT_INT8);
+        let tokenizer = Tokenizer::from_file(st.checkpoint.join("tokenizer.json")).unwrap();
+        let trie = Arc::new(TokenTrie::new(&tokenizer));
+        let prompt = st.encode("Record:");
+        for seed in 0..4 {
+            let guide = Guide::json(Arc::clone(&machine), Arc::clone(&trie));
+            let (text, reason) = generate(&mut session, &tokenizer, &prompt, guide, seed);
+            assert_eq!(reason, FinishReason::Stop, "{text:?}");
+            let record: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let billable = |v: &serde_json::Value| v.as_str().and_then(|c| icd.get(c)).is_some_and(|e| e.billable);
+            assert!(billable(&record["code"]), "{text}");
+            assert!(record["count"].is_i64(), "{text}");
+            assert!(record["note"].as_str().is_some_and(|n| n.len() <= 12), "{text}");
+            let also = record["also"].as_array().unwrap();
+            assert!((1..=3).contains(&also.len()) && also.iter().all(billable), "{text}");
+        }
+    }
+}

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use crate::constrain::{ConstraintRequest, Guide, Terminologies};
+use crate::constrain::{ConstraintRequest, Guide, JsonMachine, Terminologies};
 use crate::generate::{GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams};
 use crate::repository::ModelVersion;
 use crate::tokenize::ChatMessage;
@@ -43,13 +43,57 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
     /// Not in OpenAI's API: keep the answer inside a loaded terminology.
     pub constraint: Option<ConstraintRequest>,
+    /// `{"type": "json_schema", "json_schema": {"schema": ...}}`: a JSON object of that schema,
+    /// whose string properties may carry `"x-terminology"`.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// Most items a constrained answer may hold.
 pub const MAX_CONSTRAINT_ITEMS: usize = 64;
 
+/// The guide of a request's `response_format` (a JSON schema) or `constraint`, over `model`'s
+/// vocabulary.
+pub fn guide(
+    terminologies: &Terminologies,
+    model: &ModelVersion,
+    sampling: &Sampling,
+) -> Result<Option<Guide>, ApiError> {
+    let schema = match &sampling.response_format {
+        None => None,
+        Some(format) => match format.get("type").and_then(serde_json::Value::as_str) {
+            Some("text") => None,
+            Some("json_schema") => Some(
+                format
+                    .pointer("/json_schema/schema")
+                    .ok_or_else(|| ApiError::invalid("response_format", "json_schema needs a \"schema\""))?,
+            ),
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!("type {other:?} is not supported (\"text\" or \"json_schema\")"),
+                ));
+            }
+        },
+    };
+    match (schema, &sampling.constraint) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "constraint",
+            "give either a constraint or a json_schema response_format",
+        )),
+        (Some(schema), None) => {
+            let machine = JsonMachine::compile(schema, terminologies)
+                .map_err(|e| ApiError::invalid("response_format", e.to_string()))?;
+            Ok(Some(Guide::json(
+                std::sync::Arc::new(machine),
+                std::sync::Arc::clone(&model.token_trie),
+            )))
+        }
+        (None, spec) => constraint(terminologies, model, spec.as_ref()),
+    }
+}
+
 /// Checks `spec` and builds the sequence's guide over `model`'s vocabulary.
-pub fn constraint(
+fn constraint(
     terminologies: &Terminologies,
     model: &ModelVersion,
     spec: Option<&ConstraintRequest>,

@@ -1,19 +1,85 @@
 //! One sequence's constraint during generation: masks the logits of each step to the tokens
-//! that keep the answer inside the terminology, and follows the chosen tokens.
+//! that keep the answer inside the terminology (or the JSON schema), and follows the chosen
+//! tokens.
 
 use std::sync::Arc;
 
 use super::automaton::{Automaton, States, TermSet, TokenMask};
+use super::json::{JsonMachine, JsonStates};
 use super::vocab::TokenTrie;
+
+/// What the answer must be, and where it is.
+#[derive(Clone)]
+enum Program {
+    /// Up to `max_items` members of a term set, joined by `separator`.
+    Terms {
+        terms: Arc<TermSet>,
+        max_items: usize,
+        separator: Vec<u8>,
+        states: States,
+    },
+    /// A JSON document of a schema.
+    Json {
+        machine: Arc<JsonMachine>,
+        states: JsonStates,
+    },
+}
+
+impl Program {
+    fn accepts(&self) -> bool {
+        match self {
+            Program::Terms {
+                terms,
+                max_items,
+                separator,
+                states,
+            } => Automaton::new(terms, *max_items, separator).accepts(states),
+            Program::Json { machine, states } => machine.accepts(states),
+        }
+    }
+
+    fn advance(&mut self, bytes: &[u8]) {
+        match self {
+            Program::Terms {
+                terms,
+                max_items,
+                separator,
+                states,
+            } => *states = Automaton::new(terms, *max_items, separator).advance(states, bytes),
+            Program::Json { machine, states } => *states = machine.advance(states, bytes),
+        }
+    }
+
+    /// The allowed tokens now; the start of a terminology answer comes from its cache.
+    fn fill_mask(&self, trie: &Arc<TokenTrie>, mask: &mut TokenMask) {
+        match self {
+            Program::Terms {
+                terms,
+                max_items,
+                separator,
+                states,
+            } => {
+                let automaton = Automaton::new(terms, *max_items, separator);
+                if *states == automaton.start() {
+                    *mask = (*terms.start_mask(trie, *max_items, separator)).clone();
+                } else {
+                    mask.clear();
+                    automaton.fill_mask(trie, states, mask);
+                }
+            }
+            Program::Json { machine, states } => {
+                mask.clear();
+                machine.fill_mask(trie, states, mask);
+            }
+        }
+    }
+}
 
 /// The constraint state of one generating sequence.
 #[derive(Clone)]
 pub struct Guide {
-    terms: Arc<TermSet>,
+    program: Program,
     trie: Arc<TokenTrie>,
-    max_items: usize,
-    separator: Vec<u8>,
-    states: States,
     /// Tokens allowed at the current state.
     mask: TokenMask,
     /// While set, the constraint waits for this text (`</think>`) before it applies; holds
@@ -23,31 +89,48 @@ pub struct Guide {
 
 impl std::fmt::Debug for Guide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.program {
+            Program::Terms { .. } => "terms",
+            Program::Json { .. } => "json",
+        };
         f.debug_struct("Guide")
-            .field("terms", &self.terms.len())
-            .field("max_items", &self.max_items)
-            .field("states", &self.states)
+            .field("kind", &kind)
             .field("allowed", &self.mask.count())
+            .field("waiting", &self.waiting.is_some())
             .finish()
     }
 }
 
 impl Guide {
-    /// A guide at the start of an answer.
+    /// A guide at the start of an answer of up to `max_items` members of `terms`.
     pub fn new(terms: Arc<TermSet>, trie: Arc<TokenTrie>, max_items: usize, separator: Vec<u8>) -> Self {
-        let mask = TokenMask::new(trie.vocab_size());
-        let mut guide = Self {
-            terms,
+        let states = Automaton::new(&terms, max_items, &separator).start();
+        Self::with(
+            Program::Terms {
+                terms,
+                max_items,
+                separator,
+                states,
+            },
             trie,
-            max_items,
-            separator,
-            states: States::new(),
+        )
+    }
+
+    /// A guide at the start of a JSON document of `machine`'s schema.
+    pub fn json(machine: Arc<JsonMachine>, trie: Arc<TokenTrie>) -> Self {
+        let states = machine.start();
+        Self::with(Program::Json { machine, states }, trie)
+    }
+
+    fn with(program: Program, trie: Arc<TokenTrie>) -> Self {
+        let mut mask = TokenMask::new(trie.vocab_size());
+        program.fill_mask(&trie, &mut mask);
+        Self {
+            program,
+            trie,
             mask,
             waiting: None,
-        };
-        guide.states = guide.automaton().start();
-        guide.mask = (*guide.terms.start_mask(&guide.trie, max_items, &guide.separator)).clone();
-        guide
+        }
     }
 
     /// The same guide, applying only once the text `marker` has been generated (a reasoning
@@ -59,25 +142,9 @@ impl Guide {
         self
     }
 
-    fn automaton(&self) -> Automaton<'_> {
-        Automaton::new(&self.terms, self.max_items, &self.separator)
-    }
-
-    fn refresh_mask(&mut self) {
-        let automaton = self.automaton();
-        if self.states == automaton.start() {
-            self.mask = (*self.terms.start_mask(&self.trie, self.max_items, &self.separator)).clone();
-            return;
-        }
-        let mut mask = std::mem::replace(&mut self.mask, TokenMask::new(0));
-        mask.clear();
-        self.automaton().fill_mask(&self.trie, &self.states, &mut mask);
-        self.mask = mask;
-    }
-
-    /// Whether the answer may end now (a whole item was just written).
+    /// Whether the answer may end now (a whole item, or the whole document, was written).
     pub fn accepts(&self) -> bool {
-        self.automaton().accepts(&self.states)
+        self.program.accepts()
     }
 
     /// Whether no token may extend the answer: it is finished (or, defensively, stuck).
@@ -113,9 +180,8 @@ impl Guide {
             }
             return;
         }
-        let bytes = self.trie.bytes(token).to_vec();
-        self.states = self.automaton().advance(&self.states, &bytes);
-        self.refresh_mask();
+        self.program.advance(self.trie.bytes(token));
+        self.program.fill_mask(&self.trie, &mut self.mask);
     }
 
     /// The tokens allowed now.

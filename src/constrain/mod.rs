@@ -6,6 +6,7 @@ mod automaton;
 mod coverage;
 mod guide;
 mod icd10cm;
+mod json;
 mod registry;
 mod snomed;
 mod terminology;
@@ -16,6 +17,7 @@ pub use automaton::{Automaton, State, States, TermSet, TokenMask};
 pub use coverage::{CodeShape, Coverage, Mention, coverage};
 pub use guide::Guide;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
+pub use json::{JsonMachine, JsonStates};
 pub use registry::{
     CodeFormat, ConstraintError, ConstraintRequest, MatchKind, Terminologies, TerminologySpec, TerminologySummary,
 };

@@ -129,7 +129,8 @@ pub enum ConstraintError {
     Invalid(String),
 }
 
-type SetKey = (MatchKind, CodeFormat, bool);
+/// (what to match, code format, billable only, JSON-quoted)
+type SetKey = (MatchKind, CodeFormat, bool, bool);
 
 struct Loaded {
     spec: TerminologySpec,
@@ -223,8 +224,24 @@ impl Terminologies {
         format: CodeFormat,
         billable_only: bool,
     ) -> Result<Arc<TermSet>, ConstraintError> {
+        self.compiled(name, (kind, format, billable_only, false))
+    }
+
+    /// As [`Terminologies::term_set`], each string as a JSON string literal (`"E11.9"`), for
+    /// structured output.
+    pub fn quoted_term_set(
+        &self,
+        name: &str,
+        kind: MatchKind,
+        format: CodeFormat,
+        billable_only: bool,
+    ) -> Result<Arc<TermSet>, ConstraintError> {
+        self.compiled(name, (kind, format, billable_only, true))
+    }
+
+    fn compiled(&self, name: &str, key: SetKey) -> Result<Arc<TermSet>, ConstraintError> {
+        let (kind, format, billable_only, quoted) = key;
         let loaded = self.loaded(name)?;
-        let key = (kind, format, billable_only);
         let mut sets = loaded.sets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = sets.get(&key) {
             return Ok(Arc::clone(set));
@@ -248,6 +265,12 @@ impl Terminologies {
                 strings.push(e.description.clone());
                 strings.extend(e.synonyms.iter().cloned());
             }
+        }
+        if quoted {
+            strings = strings
+                .iter()
+                .map(|s| serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\"")))
+                .collect();
         }
         let set = Arc::new(TermSet::new(strings));
         if set.is_empty() {

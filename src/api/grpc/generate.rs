@@ -56,8 +56,11 @@ impl GenerateService {
             ..Default::default()
         };
         let mut request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
-        let constraint = req.constraint.map(constraint_request).transpose()?;
-        request.constraint = validate::constraint(&self.state.terminologies, &model, constraint.as_ref())?;
+        let sampling = Sampling {
+            constraint: req.constraint.map(constraint_request).transpose()?,
+            ..sampling
+        };
+        request.constraint = validate::guide(&self.state.terminologies, &model, &sampling)?;
         Ok(model.scheduler.submit(request).map_err(ApiError::from)?)
     }
 }

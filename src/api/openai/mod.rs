@@ -100,7 +100,7 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
             req.logprobs,
             deadline,
         )?;
-        request.constraint = validate::constraint(&state.terminologies, &model, req.sampling.constraint.as_ref())?;
+        request.constraint = validate::guide(&state.terminologies, &model, &req.sampling)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
@@ -137,7 +137,7 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         };
         let deadline = validate::deadline(&headers, state.request_timeout)?;
         let mut request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs, deadline)?;
-        request.constraint = validate::constraint(&state.terminologies, &model, req.sampling.constraint.as_ref())?;
+        request.constraint = validate::guide(&state.terminologies, &model, &req.sampling)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let events = model.scheduler.submit(request)?;
         Ok((model, events, req.sampling.stream, include_usage))
