@@ -7,6 +7,10 @@
 //! bash scripts/setup.sh && bash scripts/fetch-bench-vocab.sh
 //! cargo bench --bench constrain
 //! ```
+//! The last table puts the per-row cost of a constraint (masking a 152k-logit row and following
+//! the token) next to a batch-32 decode step of the 1.5B-shape INT8 student, when `cargo bench
+//! --bench student -- --shape r1-distill-qwen-1.5b` has left it in `target/bench-models`.
+//!
 //! Each answer is walked token by token as a model would write it (the longest allowed token
 //! that continues it), timing the mask at every step, as a sequence's `Guide` computes it (the
 //! start-of-answer mask is computed once per term set and vocabulary, then copied).
@@ -191,6 +195,71 @@ fn synthetic_descriptions(n: usize) -> Vec<String> {
     out.into_iter().collect()
 }
 
+/// Mean time one constrained row adds to a decode step with a `vocab`-sized logits row: copying
+/// the logits, masking them, and following the chosen token.
+fn per_row_overhead(set: &Arc<TermSet>, trie: &Arc<TokenTrie>, answers: &[Vec<u8>], vocab: usize) -> Duration {
+    let logits: Vec<f32> = (0..vocab).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (mut total, mut steps) = (Duration::ZERO, 0u32);
+    for answer in answers {
+        let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ".to_vec());
+        let mut at = 0;
+        while at < answer.len() {
+            let rest = &answer[at..];
+            let Some((id, len)) = guide
+                .mask()
+                .iter()
+                .map(|id| (id, trie.bytes(id).len()))
+                .filter(|&(id, _)| rest.starts_with(trie.bytes(id)))
+                .max_by_key(|&(_, len)| len)
+            else {
+                break;
+            };
+            let started = Instant::now();
+            let mut row = logits.clone();
+            guide.apply(&mut row, &[0]);
+            guide.commit(id);
+            total += started.elapsed();
+            steps += 1;
+            at += len;
+        }
+    }
+    total / steps.max(1)
+}
+
+/// One decode step of the 1.5B-shape INT8 student at batch 32, if `cargo bench --bench student`
+/// has made it.
+fn decode_step_1_5b() -> Result<Option<(Duration, usize)>> {
+    use distill_serve::engine::{DecoderSession, SessionOptions};
+    use ndarray::Array2;
+    let model = Path::new("target/bench-models/r1-distill-qwen-1.5b/int8-matmul-integer/model.onnx");
+    if !model.exists() {
+        return Ok(None);
+    }
+    let mut session = DecoderSession::open(model, SessionOptions::default())?;
+    let (batch, prompt) = (32, 16);
+    let ids = Array2::from_shape_fn((batch, prompt), |(b, i)| ((b * 131 + i * 17) % 5000) as i64);
+    let positions = Array2::from_shape_fn((batch, prompt), |(_, i)| i as i64);
+    let (_, mut cache) = session.forward_last(
+        &ids,
+        &Array2::ones((batch, prompt)),
+        &positions,
+        session.empty_cache(batch)?,
+    )?;
+    let steps = 4;
+    let started = Instant::now();
+    for step in 0..steps {
+        let total = prompt + step + 1;
+        let (_, c) = session.forward_last(
+            &Array2::from_elem((batch, 1), 42),
+            &Array2::ones((batch, total)),
+            &Array2::from_elem((batch, 1), (total - 1) as i64),
+            cache,
+        )?;
+        cache = c;
+    }
+    Ok(Some((started.elapsed() / steps as u32, session.vocab_size())))
+}
+
 fn main() -> Result<()> {
     let (xml, _) = icd10cm_release();
     let spec = TerminologySpec {
@@ -276,6 +345,33 @@ fn main() -> Result<()> {
         report("ICD-10-CM terms", &sets[1].1, vocab, trie, &term_answers);
         report("ICD-10-CM codes or terms", &sets[2].1, vocab, trie, &term_answers);
         report("1M synthetic descriptions", &big, vocab, trie, &big_answers);
+    }
+    println!("\n### constrain: decoding throughput at batch 32, constrained vs not\n");
+    match decode_step_1_5b()? {
+        None => println!(
+            "(skipped: make the 1.5B-shape student with `cargo bench --bench student -- --shape r1-distill-qwen-1.5b`)"
+        ),
+        Some((step, vocab)) => {
+            println!(
+                "| list | vocabulary | decode step, batch 32 (ms) | added per row (us) | constrained / unconstrained throughput |"
+            );
+            println!("|---|---|---|---|---|");
+            for (vocab_name, trie) in &tries {
+                for (name, set, answers) in [
+                    ("ICD-10-CM codes", &sets[0].1, &code_answers),
+                    ("ICD-10-CM terms", &sets[1].1, &term_answers),
+                ] {
+                    let extra = per_row_overhead(set, trie, answers, vocab);
+                    let ratio = step.as_secs_f64() / (step + extra * 32).as_secs_f64();
+                    println!(
+                        "| {name} | {vocab_name} (logits of {vocab}) | {:.1} | {:.1} | {:.1}% |",
+                        step.as_secs_f64() * 1e3,
+                        extra.as_secs_f64() * 1e6,
+                        ratio * 100.0
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -309,6 +309,26 @@ impl TokenMask {
         })
     }
 
+    /// Sets `values[id]` to minus infinity for every id not in the mask (64 at a time).
+    pub fn mask_out(&self, values: &mut [f32]) {
+        for (chunk, &word) in values
+            .chunks_mut(64)
+            .zip(self.words.iter().chain(std::iter::repeat(&0)))
+        {
+            match word {
+                u64::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                _ => {
+                    for (bit, v) in chunk.iter_mut().enumerate() {
+                        if word & (1 << bit) == 0 {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Empties the mask.
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
@@ -322,6 +342,24 @@ mod tests {
     fn accepts_text(a: &Automaton, text: &str) -> bool {
         let s = a.advance(&a.start(), text.as_bytes());
         a.accepts(&s)
+    }
+
+    #[test]
+    fn masking_out_keeps_exactly_the_ids_in() {
+        let mut mask = TokenMask::new(200);
+        for id in [0, 63, 64, 130, 199] {
+            mask.insert(id);
+        }
+        let mut values = vec![1.0f32; 200];
+        mask.mask_out(&mut values);
+        let kept: Vec<u32> = (0..200u32).filter(|&i| values[i as usize].is_finite()).collect();
+        assert_eq!(kept, vec![0, 63, 64, 130, 199]);
+        assert_eq!(mask.iter().collect::<Vec<_>>(), kept);
+        let mut full = TokenMask::new(128);
+        (0..128).for_each(|i| full.insert(i));
+        let mut values = vec![2.0f32; 130];
+        full.mask_out(&mut values);
+        assert!(values[..128].iter().all(|v| *v == 2.0) && values[128..].iter().all(|v| v.is_infinite()));
     }
 
     #[test]

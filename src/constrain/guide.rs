@@ -158,13 +158,17 @@ impl Guide {
         if self.waiting.is_some() {
             return;
         }
-        let accepts = self.accepts();
-        for (id, logit) in logits.iter_mut().enumerate() {
-            let id = id as u32;
-            let allowed = self.mask.contains(id) || (accepts && stop_ids.contains(&id));
-            if !allowed {
-                *logit = f32::NEG_INFINITY;
-            }
+        let kept: Vec<(usize, f32)> = if self.accepts() {
+            stop_ids
+                .iter()
+                .filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.mask.mask_out(logits);
+        for (id, logit) in kept {
+            logits[id] = logit;
         }
     }
 
