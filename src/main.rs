@@ -42,7 +42,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TerminologyCommand {
-    /// Load a release file and print, as JSON, what it yields and what loading it cost.
+    /// Load a release file and print, as JSON, what it yields and what loading it and compiling
+    /// its constraint automata cost.
     Inspect {
         /// The release format.
         #[arg(value_enum)]
@@ -123,11 +124,21 @@ fn main() -> Result<()> {
             let started = std::time::Instant::now();
             let terminology = constrain::load(kind, &path, &options)?;
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // The automata constraints use: billable codes, and their terms.
+            let started = std::time::Instant::now();
+            let billable = || terminology.entries.iter().filter(|e| e.billable);
+            let codes = constrain::TermSet::new(billable().map(|e| e.code.as_bytes()));
+            let terms = constrain::TermSet::new(
+                billable().flat_map(|e| std::iter::once(&e.description).chain(&e.synonyms).map(|t| t.as_bytes())),
+            );
+            let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
             let report = serde_json::json!({
                 "kind": kind,
                 "path": path,
                 "stats": terminology.stats(),
                 "load_ms": load_ms,
+                "compile_ms": compile_ms,
+                "automaton_bytes": {"codes": codes.heap_bytes(), "terms": terms.heap_bytes()},
                 "resident_growth_bytes": resident_bytes().saturating_sub(before),
             });
             println!("{}", serde_json::to_string_pretty(&report)?);

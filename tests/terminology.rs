@@ -230,6 +230,8 @@ fn terminology_inspect_prints_counts_and_errors_name_the_line() {
     assert_eq!(report["stats"]["codes"], 28);
     assert_eq!(report["stats"]["billable"], 15);
     assert!(report["load_ms"].as_f64().unwrap() >= 0.0);
+    assert!(report["compile_ms"].as_f64().unwrap() >= 0.0);
+    assert!(report["automaton_bytes"]["codes"].as_u64().unwrap() > 0);
     let dir = tempfile::tempdir().unwrap();
     let bad = write(dir.path(), "bad.tsv", "code\tterm\nX\n");
     let out = std::process::Command::new(bin)
