@@ -260,6 +260,106 @@ fn decode_step_1_5b() -> Result<Option<(Duration, usize)>> {
     Ok(Some((started.elapsed() / steps as u32, session.vocab_size())))
 }
 
+/// The same list as a Lark grammar in llguidance (`start: TERM`, `TERM: "a" | "b" | ...`), over
+/// the same vocabulary: the time to compile it, then the mask per step along the same answers.
+fn llguidance_side_by_side(name: &str, strings: &[String], words: &[Vec<u8>], answers: &[Vec<u8>]) -> String {
+    use llguidance::api::TopLevelGrammar;
+    use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
+    use llguidance::{Matcher, ParserFactory};
+    let run = || -> Result<String> {
+        let mut words = words.to_vec();
+        let eos = words.len() as u32;
+        words.push([&[TokTrie::SPECIAL_TOKEN_MARKER][..], b"<eos>"].concat());
+        let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, eos), &words);
+        let env: llguidance::toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let mut factory = ParserFactory::new_simple(&env)?;
+        factory.quiet();
+        let limits = factory.limits_mut();
+        limits.initial_lexer_fuel = u64::MAX / 4;
+        limits.max_grammar_size = usize::MAX / 4;
+        limits.max_lexer_states = usize::MAX / 4;
+        limits.step_lexer_fuel = u64::MAX / 4;
+        let alternatives: Vec<String> = strings
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap_or_default())
+            .collect();
+        let grammar = TopLevelGrammar::from_lark(format!("start: TERM\nTERM: {}\n", alternatives.join(" | ")));
+        let started = Instant::now();
+        let first = factory.create_parser(grammar.clone())?;
+        let build = started.elapsed();
+        let by_bytes: std::collections::HashMap<&[u8], u32> = words
+            .iter()
+            .enumerate()
+            .map(|(id, w)| (w.as_slice(), id as u32))
+            .collect();
+        let mut times = Vec::new();
+        let mut create = Vec::new();
+        for answer in answers {
+            // A compiled parser is copied per request, as a server would.
+            let started = Instant::now();
+            let mut matcher = Matcher::new(Ok(first.deep_clone()));
+            create.push(started.elapsed());
+            let mut at = 0;
+            while at < answer.len() {
+                let started = Instant::now();
+                let mask = matcher.compute_mask()?;
+                times.push(started.elapsed());
+                let rest = &answer[at..];
+                let Some((id, len)) = (1..=rest.len().min(48))
+                    .rev()
+                    .filter_map(|n| by_bytes.get(&rest[..n]).map(|&id| (id, n)))
+                    .find(|&(id, _)| mask.is_allowed(id))
+                else {
+                    anyhow::bail!(
+                        "llguidance allows no token continuing {:?}",
+                        String::from_utf8_lossy(rest)
+                    );
+                };
+                matcher.consume_token(id)?;
+                at += len;
+            }
+        }
+        times.sort();
+        create.sort();
+        Ok(format!(
+            "| {name} | llguidance (Lark alternation) | {:.2} s | {:.0} | {:.1} | {:.1} |",
+            build.as_secs_f64(),
+            percentile(&create, 0.5),
+            percentile(&times, 0.5),
+            percentile(&times, 0.99)
+        ))
+    };
+    run().unwrap_or_else(|e| {
+        format!(
+            "| {name} | llguidance | failed: {} | - | - | - |",
+            e.to_string().lines().next().unwrap_or_default()
+        )
+    })
+}
+
+/// Our engine on the same terms: compile time, then single-run figures along the answers.
+fn ours_side_by_side(name: &str, strings: &[String], trie: &Arc<TokenTrie>, answers: &[Vec<u8>]) -> String {
+    let started = Instant::now();
+    let set = Arc::new(TermSet::new(strings));
+    let build = started.elapsed();
+    let (mut least, mut single) = (Vec::new(), Vec::new());
+    let mut setup = Vec::new();
+    for a in answers {
+        let from = single.len();
+        walk(&set, trie, a, &mut least, &mut single);
+        setup.push(single[from]);
+    }
+    single.sort();
+    setup.sort();
+    format!(
+        "| {name} | distill-serve (fst + vocabulary trie) | {:.2} s | {:.0} | {:.1} | {:.1} |",
+        build.as_secs_f64(),
+        percentile(&setup, 0.5),
+        percentile(&single, 0.5),
+        percentile(&single, 0.99)
+    )
+}
+
 fn main() -> Result<()> {
     let (xml, _) = icd10cm_release();
     let spec = TerminologySpec {
@@ -320,6 +420,7 @@ fn main() -> Result<()> {
 
     let cache = distill_serve::config::setup_cache_dir().join("bench-vocab");
     let mut tries = Vec::new();
+    let cl100k = tiktoken(&cache.join("cl100k_base.tiktoken"))?;
     for vocab in ["cl100k_base", "o200k_base"] {
         let started = Instant::now();
         let trie = Arc::new(TokenTrie::from_token_bytes(tiktoken(
@@ -373,5 +474,24 @@ fn main() -> Result<()> {
             }
         }
     }
+
+    println!("\n### constrain: the same lists in llguidance, cl100k_base, single runs\n");
+    println!("| list | engine | compile | per-request setup (us) | mask median (us) | mask p99 (us) |");
+    println!("|---|---|---|---|---|---|");
+    let cl = &tries[0].1;
+    let some_terms = &term_answers[..20];
+    println!(
+        "{}",
+        ours_side_by_side("ICD-10-CM codes", &codes, cl, &code_answers[..50])
+    );
+    println!(
+        "{}",
+        llguidance_side_by_side("ICD-10-CM codes", &codes, &cl100k, &code_answers[..50])
+    );
+    println!("{}", ours_side_by_side("ICD-10-CM terms", &terms, cl, some_terms));
+    println!(
+        "{}",
+        llguidance_side_by_side("ICD-10-CM terms", &terms, &cl100k, some_terms)
+    );
     Ok(())
 }
