@@ -1,6 +1,7 @@
 //! Terminology-constrained decoding: loaders for professional vocabularies (ICD-10-CM,
-//! SNOMED CT, plain lists) and, on top of them, the automata that keep generation inside a
-//! vocabulary.
+//! SNOMED CT, plain lists); the byte automata that keep generation inside one of them, or
+//! inside a JSON schema whose fields name one; the per-sequence guide that turns them into
+//! token masks; and knowledge coverage (which code mentions in a text exist).
 
 mod automaton;
 mod coverage;
