@@ -323,10 +323,12 @@ async fn a_call_past_its_deadline_is_deadline_exceeded() {
     // The server default deadline applies to calls that set none (a client-set `grpc-timeout`
     // is enforced by the client too, so its ending would race the server's).
     let server = TestServer::start(&["--request-timeout-ms", "40"]);
+    // Greedy: a sampled answer may reach an end-of-sequence token before the deadline.
     let request = GenerateRequest {
         model: "tiny".into(),
         prompt: "Long".into(),
         max_tokens: Some(1500),
+        temperature: Some(0.0),
         stop: vec!["never-xyz".into()],
         ..Default::default()
     };
