@@ -269,21 +269,11 @@ impl JsonMachine {
 
     /// Marks in `mask` every token whose bytes lead somewhere from `states`.
     pub fn fill_mask(&self, trie: &TokenTrie, states: &JsonStates, mask: &mut TokenMask) {
-        let mut stack: Vec<(u32, JsonStates)> = vec![(TokenTrie::ROOT, states.clone())];
-        while let Some((node, states)) = stack.pop() {
-            for &(byte, child) in trie.children(node) {
-                let next = self.step(&states, byte);
-                if next.is_empty() {
-                    continue;
-                }
-                for &id in trie.tokens_at(child) {
-                    mask.insert(id);
-                }
-                if !trie.children(child).is_empty() {
-                    stack.push((child, next));
-                }
-            }
-        }
+        trie.walk(
+            states.clone(),
+            |s, b| Some(self.step(s, b)).filter(|n| !n.is_empty()),
+            mask,
+        );
     }
 
     /// Compiles `schema` (an object schema; see the module docs for what it may hold).

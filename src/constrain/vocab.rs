@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use tokenizers::Tokenizer;
 
+use super::automaton::TokenMask;
+
 /// How the vocabulary spells bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spelling {
@@ -171,6 +173,23 @@ impl TokenTrie {
         match self.special.get(&id) {
             Some(content) => content,
             None => self.bytes(id),
+        }
+    }
+
+    /// Marks in `mask` every token whose bytes lead from `start` through `step` (`None`: the
+    /// byte leads nowhere), walking the trie depth first.
+    pub fn walk<S>(&self, start: S, step: impl Fn(&S, u8) -> Option<S>, mask: &mut TokenMask) {
+        let mut stack = vec![(Self::ROOT, start)];
+        while let Some((node, state)) = stack.pop() {
+            for &(byte, child) in self.children(node) {
+                let Some(next) = step(&state, byte) else { continue };
+                for &id in self.tokens_at(child) {
+                    mask.insert(id);
+                }
+                if !self.children(child).is_empty() {
+                    stack.push((child, next));
+                }
+            }
         }
     }
 
