@@ -8,6 +8,7 @@ pub mod api;
 pub mod checkpoint;
 pub mod config;
 pub mod constrain;
+pub mod distill;
 pub mod engine;
 pub mod export;
 pub mod generate;

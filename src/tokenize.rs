@@ -2,13 +2,13 @@
 //! the token ids that end a turn.
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::TokenizerFiles;
 
 /// One chat message as templates see it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,

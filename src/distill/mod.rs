@@ -1,0 +1,8 @@
+//! Distillation refresh: pull teacher outputs, fine-tune the student with knowledge
+//! distillation, export and quantise it, check that it is better, and swap it in.
+
+pub mod loss;
+pub mod model;
+pub mod store;
+pub mod teacher;
+pub mod trainer;

@@ -1,0 +1,346 @@
+//! The dataset store (SQLite): prompts by dataset, teacher outputs, refresh jobs and their
+//! evaluations. Every write is one transaction, so a crash leaves the store consistent; a
+//! rerun finds the teacher outputs already paid for.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::tokenize::ChatMessage;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("dataset store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("dataset store: malformed row: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A prompt of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prompt {
+    pub id: i64,
+    pub messages: Vec<ChatMessage>,
+    /// The expected answer, where the dataset has one (exact-match accuracy).
+    pub label: Option<String>,
+}
+
+/// What a teacher answered to one prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherOutput {
+    pub content: String,
+    /// The teacher's reasoning (`reasoning_content`), where it returns one.
+    pub reasoning: Option<String>,
+    /// Whether the teacher ended its answer itself (finish reason `stop`).
+    pub stopped: bool,
+    /// Token-level KD: the teacher's tokens, in the student's vocabulary.
+    pub token_ids: Option<Vec<u32>>,
+    /// Token-level KD: top-k `(id, logprob)` per token.
+    pub top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+}
+
+/// A refresh job's durable record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub model: String,
+    /// `queued`, `running`, `succeeded`, `rejected` (gate failed), `failed`, `cancelled`.
+    pub state: String,
+    /// The step it is in (or ended in).
+    pub stage: String,
+    pub spec: Value,
+    /// Stage progress, losses, evaluation, outcome.
+    pub result: Value,
+    pub error: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+impl JobRecord {
+    /// Whether the job has ended.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "rejected" | "failed" | "cancelled")
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    label TEXT,
+    created_at INTEGER NOT NULL,
+    UNIQUE (dataset, messages)
+);
+CREATE TABLE IF NOT EXISTS teacher_outputs (
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    teacher TEXT NOT NULL,
+    output TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (prompt_id, teacher)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    candidate TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+";
+
+/// The store; one connection behind a mutex (every statement is short).
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. Jobs a previous process left running are marked
+    /// failed: their process is gone.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute(
+            "UPDATE jobs SET state = 'failed', updated_at = ?1,
+                 error = 'interrupted: the server stopped during stage ' || stage
+             WHERE state IN ('queued', 'running')",
+            params![now()],
+        )?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds prompts to `dataset` in one transaction; a prompt already there is kept once.
+    /// Returns how many were new.
+    pub fn add_prompts(
+        &self,
+        dataset: &str,
+        prompts: &[(Vec<ChatMessage>, Option<String>)],
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR IGNORE INTO prompts (dataset, messages, label, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (messages, label) in prompts {
+                added += insert.execute(params![dataset, serde_json::to_string(messages)?, label, now()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// The prompts of `dataset`, oldest first.
+    pub fn prompts(&self, dataset: &str) -> Result<Vec<Prompt>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare("SELECT id, messages, label FROM prompts WHERE dataset = ?1 ORDER BY id")?;
+        let rows = query.query_map(params![dataset], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, messages, label) = row?;
+            Ok(Prompt {
+                id,
+                messages: serde_json::from_str(&messages)?,
+                label,
+            })
+        })
+        .collect()
+    }
+
+    /// Every dataset with its number of prompts.
+    pub fn datasets(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare("SELECT dataset, COUNT(*) FROM prompts GROUP BY dataset ORDER BY dataset")?;
+        let rows = query.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A cached teacher output for `prompt_id` from the teacher identified by `teacher`.
+    pub fn teacher_output(&self, prompt_id: i64, teacher: &str) -> Result<Option<TeacherOutput>, StoreError> {
+        let conn = self.conn();
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT output FROM teacher_outputs WHERE prompt_id = ?1 AND teacher = ?2",
+                params![prompt_id, teacher],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+    }
+
+    /// Records a teacher output (replacing an older one from the same teacher).
+    pub fn put_teacher_output(&self, prompt_id: i64, teacher: &str, output: &TeacherOutput) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO teacher_outputs (prompt_id, teacher, output, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![prompt_id, teacher, serde_json::to_string(output)?, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Records a new job as queued.
+    pub fn create_job(&self, id: &str, model: &str, spec: &Value) -> Result<(), StoreError> {
+        let t = now();
+        self.conn().execute(
+            "INSERT INTO jobs (id, model, state, stage, spec, result, created_at, updated_at)
+             VALUES (?1, ?2, 'queued', 'queued', ?3, '{}', ?4, ?4)",
+            params![id, model, spec.to_string(), t],
+        )?;
+        Ok(())
+    }
+
+    /// Updates a job's state, stage, result and error.
+    pub fn update_job(
+        &self,
+        id: &str,
+        state: &str,
+        stage: &str,
+        result: &Value,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = ?2, stage = ?3, result = ?4, error = ?5, updated_at = ?6 WHERE id = ?1",
+            params![id, state, stage, result.to_string(), error, now()],
+        )?;
+        Ok(())
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare(&format!("{JOB_COLUMNS} WHERE id = ?1"))?;
+        query.query_row(params![id], job_row).optional()?.transpose()
+    }
+
+    /// The newest jobs first, at most `limit`.
+    pub fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare(&format!("{JOB_COLUMNS} ORDER BY created_at DESC, rowid DESC LIMIT ?1"))?;
+        let rows = query.query_map(params![limit as i64], job_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Records the evaluation of one candidate (`current` or `candidate`) of a job.
+    pub fn add_evaluation(&self, job_id: &str, candidate: &str, metrics: &Value) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO evaluations (job_id, candidate, metrics, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![job_id, candidate, metrics.to_string(), now()],
+        )?;
+        Ok(())
+    }
+}
+
+const JOB_COLUMNS: &str = "SELECT id, model, state, stage, spec, result, error, created_at, updated_at FROM jobs";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+    let spec: String = r.get(4)?;
+    let result: String = r.get(5)?;
+    let parse = |s: &str| serde_json::from_str::<Value>(s).map_err(StoreError::from);
+    let (spec, result) = match (parse(&spec), parse(&result)) {
+        (Ok(s), Ok(res)) => (s, res),
+        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+    };
+    Ok(Ok(JobRecord {
+        id: r.get(0)?,
+        model: r.get(1)?,
+        state: r.get(2)?,
+        stage: r.get(3)?,
+        spec,
+        result,
+        error: r.get(6)?,
+        created_at: r.get::<_, i64>(7)? as u64,
+        updated_at: r.get::<_, i64>(8)? as u64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(text: &str) -> Vec<ChatMessage> {
+        vec![ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }]
+    }
+
+    #[test]
+    fn prompts_are_kept_once_and_teacher_outputs_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.sqlite")).unwrap();
+        let batch = vec![(user("a"), None), (user("b"), Some("B".into())), (user("a"), None)];
+        assert_eq!(store.add_prompts("d", &batch).unwrap(), 2);
+        assert_eq!(store.add_prompts("d", &batch).unwrap(), 0);
+        let prompts = store.prompts("d").unwrap();
+        assert_eq!(prompts.len(), 2);
+        assert_eq!(prompts[1].label.as_deref(), Some("B"));
+        assert_eq!(store.datasets().unwrap(), vec![("d".to_string(), 2)]);
+        let out = TeacherOutput {
+            content: "x".into(),
+            reasoning: None,
+            stopped: true,
+            token_ids: Some(vec![1, 2]),
+            top_logprobs: Some(vec![vec![(1, -0.5)], vec![(2, -0.1)]]),
+        };
+        store.put_teacher_output(prompts[0].id, "t", &out).unwrap();
+        assert_eq!(store.teacher_output(prompts[0].id, "t").unwrap(), Some(out));
+        assert_eq!(store.teacher_output(prompts[0].id, "other").unwrap(), None);
+    }
+
+    #[test]
+    fn jobs_left_running_are_failed_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        {
+            let store = Store::open(&path).unwrap();
+            store.create_job("j1", "m", &serde_json::json!({"steps": 3})).unwrap();
+            store
+                .update_job("j1", "running", "training", &serde_json::json!({}), None)
+                .unwrap();
+            store.create_job("j2", "m", &serde_json::json!({})).unwrap();
+            store
+                .update_job("j2", "succeeded", "done", &serde_json::json!({"version": 2}), None)
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let j1 = store.job("j1").unwrap().unwrap();
+        assert_eq!(j1.state, "failed");
+        assert_eq!(
+            j1.error.as_deref(),
+            Some("interrupted: the server stopped during stage training")
+        );
+        assert_eq!(store.job("j2").unwrap().unwrap().state, "succeeded");
+        assert_eq!(store.jobs(10).unwrap().len(), 2);
+        assert!(store.job("nope").unwrap().is_none());
+    }
+}
