@@ -111,7 +111,7 @@ impl TeacherSpec {
         if self.concurrency == 0 || self.max_tokens == 0 || self.timeout_ms == 0 {
             return bad("teacher.concurrency, max_tokens and timeout_ms must be positive".into());
         }
-        if self.requests_per_second.is_some_and(|r| !(r > 0.0)) {
+        if self.requests_per_second.is_some_and(|r| r.is_nan() || r <= 0.0) {
             return bad("teacher.requests_per_second must be positive".into());
         }
         Ok(())
