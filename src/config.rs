@@ -75,6 +75,10 @@ pub struct ServeArgs {
     #[arg(long = "terminology", env = "DISTILL_SERVE_TERMINOLOGIES", value_delimiter = ',')]
     #[serde(default, rename = "terminology")]
     pub terminologies: Vec<TerminologySpec>,
+    /// SQLite file of the dataset store (prompts, teacher outputs, refresh jobs) [default:
+    /// <model repository>/.distill/store.sqlite3].
+    #[arg(long, env = "DISTILL_SERVE_STORE")]
+    pub store: Option<PathBuf>,
     /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -88,6 +92,8 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     pub admin_token: Option<String>,
     pub ort_library: Option<PathBuf>,
+    /// SQLite file of the dataset store.
+    pub store: PathBuf,
     pub request_timeout: Option<Duration>,
     pub model_defaults: ModelDefaults,
     pub terminologies: Vec<TerminologySpec>,
@@ -100,11 +106,16 @@ impl ServeArgs {
             Some(path) => read_file(path)?,
             None => ServeArgs::default(),
         };
+        let model_repository: PathBuf = self
+            .model_repository
+            .or(file.model_repository)
+            .unwrap_or_else(|| "models".into());
         Ok(ServerConfig {
-            model_repository: self
-                .model_repository
-                .or(file.model_repository)
-                .unwrap_or_else(|| "models".into()),
+            store: self
+                .store
+                .or(file.store)
+                .unwrap_or_else(|| model_repository.join(".distill").join("store.sqlite3")),
+            model_repository,
             http_addr: self
                 .http_addr
                 .or(file.http_addr)

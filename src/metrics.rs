@@ -34,6 +34,7 @@ pub struct Metrics {
     bucket_dispatches: IntCounterVec,
     inter_token_latency: HistogramVec,
     model_version: IntGaugeVec,
+    refresh_jobs: IntCounterVec,
     /// The version each model's info gauge shows, to remove it on a swap.
     serving: Mutex<HashMap<String, u32>>,
 }
@@ -173,6 +174,11 @@ impl Metrics {
                 "1 for the version each model serves",
                 &["model", "version"],
             )?,
+            refresh_jobs: counter(
+                "distill_serve_refresh_jobs_total",
+                "Distillation refresh jobs ended, by outcome (succeeded, rejected, failed, cancelled)",
+                &["model", "outcome"],
+            )?,
             serving: Mutex::new(HashMap::new()),
             registry,
         };
@@ -192,6 +198,7 @@ impl Metrics {
         m.registry.register(Box::new(m.bucket_dispatches.clone()))?;
         m.registry.register(Box::new(m.inter_token_latency.clone()))?;
         m.registry.register(Box::new(m.model_version.clone()))?;
+        m.registry.register(Box::new(m.refresh_jobs.clone()))?;
         Ok(m)
     }
 
@@ -225,6 +232,11 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[model, endpoint])
             .observe(duration.as_secs_f64());
+    }
+
+    /// Counts a refresh job of `model` that ended with `outcome`.
+    pub fn refresh_job_ended(&self, model: &str, outcome: &str) {
+        self.refresh_jobs.with_label_values(&[model, outcome]).inc();
     }
 
     /// Marks `version` as the one `model` serves (and no other).

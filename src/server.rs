@@ -11,6 +11,8 @@ use tokio_stream::StreamExt;
 use crate::api::{AppState, router};
 use crate::config::ServerConfig;
 use crate::constrain::Terminologies;
+use crate::distill::service::Distiller;
+use crate::distill::store::Store;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 
@@ -31,9 +33,26 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     for t in terminologies.summaries() {
         tracing::info!(name = %t.name, codes = t.stats.codes, terms = t.stats.terms, "terminology loaded");
     }
+    let repository = Arc::new(repository);
+    let terminologies = Arc::new(terminologies);
+    let store_path = config.store.clone();
+    if let Some(parent) = store_path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        .await
+        .context("opening the dataset store")?
+        .with_context(|| format!("opening {}", config.store.display()))?;
+    let distiller = Arc::new(Distiller::new(
+        Arc::new(store),
+        Arc::clone(&repository),
+        Arc::clone(&terminologies),
+        Arc::clone(&metrics),
+    ));
     let state = AppState {
-        repository: Arc::new(repository),
-        terminologies: Arc::new(terminologies),
+        repository,
+        terminologies,
+        distiller,
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
         request_timeout: config.request_timeout,

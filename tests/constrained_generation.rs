@@ -39,6 +39,7 @@ fn generate(
         stop: Vec::new(),
         stop_token_ids,
         logprobs: None,
+        token_ids_in_logprobs: false,
         stream: false,
         deadline: None,
         constraint: Some(guide),

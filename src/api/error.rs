@@ -71,6 +71,7 @@ impl From<RepositoryError> for ApiError {
             RepositoryError::Invalid(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string())
             }
+            RepositoryError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
         }
     }
 }

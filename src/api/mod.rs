@@ -2,6 +2,7 @@
 //! and the admin routes, on one axum router.
 
 mod admin;
+mod distill;
 pub mod error;
 pub mod grpc;
 mod kserve;
@@ -18,6 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 use crate::constrain::Terminologies;
+use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::Repository;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Deadline of requests that set none.
     pub request_timeout: Option<std::time::Duration>,
+    /// Distillation refresh jobs and their dataset store.
+    pub distiller: Arc<Distiller>,
 }
 
 /// The whole HTTP surface.
@@ -44,6 +48,14 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/models/{name}/load", post(admin::load))
         .route("/admin/v1/models/{name}/reload", post(admin::load))
         .route("/admin/v1/models/{name}/unload", post(admin::unload))
+        .route("/admin/v1/models/{name}/refresh", post(distill::refresh))
+        .route("/admin/v1/models/{name}/rollback", post(distill::rollback))
+        .route("/admin/v1/jobs", get(distill::jobs))
+        .route("/admin/v1/jobs/{id}", get(distill::job))
+        .route("/admin/v1/jobs/{id}/events", get(distill::events))
+        .route("/admin/v1/jobs/{id}/cancel", post(distill::cancel))
+        .route("/admin/v1/datasets", get(distill::datasets))
+        .route("/admin/v1/datasets/{name}", post(distill::upload))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,

@@ -46,6 +46,9 @@ pub struct Sampling {
     /// `{"type": "json_schema", "json_schema": {"schema": ...}}`: a JSON object of that schema,
     /// whose string properties may carry `"x-terminology"`.
     pub response_format: Option<serde_json::Value>,
+    /// Not in OpenAI's API (vLLM's extension): tokens in `logprobs` as `token_id:N`.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
 }
 
 /// Most items a constrained answer may hold.
@@ -229,6 +232,7 @@ pub fn build_request(
         stop,
         stop_token_ids: model.stop_token_ids.clone(),
         logprobs,
+        token_ids_in_logprobs: sampling.return_tokens_as_token_ids,
         stream: sampling.stream,
         deadline,
         constraint: None,

@@ -1,8 +1,11 @@
 //! Distillation refresh: pull teacher outputs, fine-tune the student with knowledge
 //! distillation, export and quantise it, check that it is better, and swap it in.
 
+pub mod eval;
+pub mod job;
 pub mod loss;
 pub mod model;
+pub mod service;
 pub mod store;
 pub mod teacher;
 pub mod trainer;

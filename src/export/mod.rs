@@ -22,20 +22,24 @@ use emit::Emitter;
 use graph::GraphBuilder;
 
 /// How INT8 linear layers are expressed for ONNX Runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Int8Format {
     /// `MatMulInteger` on per-channel int8 weights and uint8 activations quantised per token
     /// (symmetric, one scale per row), so a sequence's result does not depend on its batch.
     #[value(name = "matmul-integer")]
+    #[serde(rename = "matmul-integer")]
+    #[default]
     MatMulInteger,
     /// ONNX Runtime's `MatMulNBits` with 8 bits, blocks of 32 along the input axis, int8
     /// compute (`accuracy_level` 4).
     #[value(name = "matmul-nbits")]
+    #[serde(rename = "matmul-nbits")]
     MatMulNBits,
     /// Quantize/dequantize pairs around a float `MatMul` (`DynamicQuantizeLinear`, one scale per
     /// tensor: fastest, but a row's result depends on its batch-mates), left to ONNX Runtime's
     /// QDQ fusion.
     #[value(name = "qdq")]
+    #[serde(rename = "qdq")]
     Qdq,
 }
 

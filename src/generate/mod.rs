@@ -30,6 +30,9 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// `Some(n)`: report each token's log-probability and its `n` best alternatives.
     pub logprobs: Option<usize>,
+    /// Name tokens in log-probabilities `token_id:N` instead of by their text (vLLM's
+    /// `return_tokens_as_token_ids`): exact even for tokens that are part of a character.
+    pub token_ids_in_logprobs: bool,
     /// Whether the client reads events as they happen; otherwise they are delivered together
     /// at the end, which spares a wake-up per token.
     pub stream: bool,
@@ -193,15 +196,21 @@ impl Sequence {
         }
         let exhausted = self.request.constraint.as_ref().is_some_and(Guide::is_exhausted);
         let logprob = match self.request.logprobs {
-            Some(_) => Some(TokenLogprob {
-                token: token_text(tokenizer, choice.token)?,
-                logprob: choice.logprob,
-                top: choice
-                    .top
-                    .iter()
-                    .map(|&(id, lp)| Ok((token_text(tokenizer, id)?, lp)))
-                    .collect::<Result<_, GenerateError>>()?,
-            }),
+            Some(_) => {
+                let name = |id: u32| match self.request.token_ids_in_logprobs {
+                    true => Ok(format!("token_id:{id}")),
+                    false => token_text(tokenizer, id),
+                };
+                Some(TokenLogprob {
+                    token: name(choice.token)?,
+                    logprob: choice.logprob,
+                    top: choice
+                        .top
+                        .iter()
+                        .map(|&(id, lp)| Ok((name(id)?, lp)))
+                        .collect::<Result<_, GenerateError>>()?,
+                })
+            }
             None => None,
         };
         let mut events = vec![Event::Token {

@@ -10,7 +10,7 @@ mod settings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokenizers::Tokenizer;
@@ -36,6 +36,9 @@ pub enum RepositoryError {
     /// The model's files are invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The operation does not fit the model's state.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Context length of a model version that has no `config.json` nor `model_max_length`.
@@ -72,6 +75,17 @@ pub struct ModelVersion {
     pub scheduler: Scheduler,
 }
 
+impl ModelVersion {
+    /// The training checkpoint kept beside this version's ONNX files, which refresh jobs
+    /// fine-tune.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join(CHECKPOINT_DIR)
+    }
+}
+
+/// Folder of a version that holds its Hugging Face checkpoint.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
 /// State of one model name.
 enum Slot {
     Ready(Arc<ModelVersion>),
@@ -95,6 +109,8 @@ pub struct Repository {
     defaults: ModelDefaults,
     metrics: Arc<Metrics>,
     models: RwLock<BTreeMap<String, Slot>>,
+    /// Serialises changes to the set of version folders (promote, rollback).
+    versions_lock: Mutex<()>,
 }
 
 impl Repository {
@@ -105,6 +121,7 @@ impl Repository {
             defaults,
             metrics,
             models: RwLock::new(BTreeMap::new()),
+            versions_lock: Mutex::new(()),
         };
         for name in repo.model_folders()? {
             if let Err(e) = repo.load(&name) {
@@ -173,11 +190,17 @@ impl Repository {
     /// Loads (or reloads) the model in folder `name` and swaps it in. Blocking: call it off the
     /// async runtime.
     pub fn load(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+        self.load_version(name, None)
+    }
+
+    /// Loads `version` of `name` (or the version [`Repository::load`] would choose) beside the
+    /// serving one and swaps it in; a failure keeps the serving version.
+    pub fn load_version(&self, name: &str, version: Option<u32>) -> Result<Arc<ModelVersion>, RepositoryError> {
         let dir = self.root.join(name);
         if !dir.join("model.toml").is_file() {
             return Err(RepositoryError::NotFound(name.into()));
         }
-        match self.load_version(name, &dir) {
+        match self.open_version(name, &dir, version) {
             Ok(model) => {
                 let model = Arc::new(model);
                 self.metrics.set_model_version(name, Some(model.version));
@@ -197,6 +220,40 @@ impl Repository {
                 Err(e)
             }
         }
+    }
+
+    /// The folder of model `name`.
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Moves the finished version folder `staged` (inside the model's folder) into place as
+    /// the next version number, serves it, and records it as the serving version. The rename
+    /// is atomic: a crash leaves either no new version or a whole one.
+    pub fn promote(&self, name: &str, staged: &Path) -> Result<Arc<ModelVersion>, RepositoryError> {
+        let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.model_dir(name);
+        let next = settings::versions(&dir)?.last().map_or(1, |v| v + 1);
+        let target = dir.join(next.to_string());
+        std::fs::rename(staged, &target)
+            .map_err(|e| RepositoryError::Invalid(format!("moving {} into place: {e}", staged.display())))?;
+        let model = self.load_version(name, Some(next))?;
+        settings::write_serving_version(&dir, next)?;
+        Ok(model)
+    }
+
+    /// Serves the version before the serving one again and records that choice.
+    pub fn rollback(&self, name: &str) -> Result<(u32, Arc<ModelVersion>), RepositoryError> {
+        let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.get(name)?.version;
+        let dir = self.model_dir(name);
+        let previous = settings::versions(&dir)?
+            .into_iter()
+            .rfind(|&v| v < current)
+            .ok_or_else(|| RepositoryError::Conflict(format!("model `{name}` has no version before {current}")))?;
+        let model = self.load_version(name, Some(previous))?;
+        settings::write_serving_version(&dir, previous)?;
+        Ok((current, model))
     }
 
     /// Stops serving `name`; in-flight requests finish on the version they hold.
@@ -219,7 +276,7 @@ impl Repository {
             .insert(name.to_string(), slot);
     }
 
-    fn load_version(&self, name: &str, dir: &Path) -> Result<ModelVersion, RepositoryError> {
+    fn open_version(&self, name: &str, dir: &Path, requested: Option<u32>) -> Result<ModelVersion, RepositoryError> {
         let settings = ModelSettings::read(dir)?;
         if let Some(declared) = &settings.name
             && declared != name
@@ -230,12 +287,15 @@ impl Repository {
             )));
         }
         let available = settings::versions(dir)?;
-        let version = match settings.version {
+        // An explicit request, else the pin in model.toml, else the version a refresh or
+        // rollback last chose, else the newest.
+        let chosen = requested
+            .or(settings.version)
+            .or_else(|| settings::serving_version(dir).filter(|v| available.contains(v)));
+        let version = match chosen {
             Some(v) if available.contains(&v) => v,
             Some(v) => {
-                return Err(RepositoryError::Invalid(format!(
-                    "pinned version {v} has no folder {v}/"
-                )));
+                return Err(RepositoryError::Invalid(format!("version {v} has no folder {v}/")));
             }
             None => *available.last().ok_or_else(|| {
                 RepositoryError::Invalid(format!("{}: no version folder (1/, 2/, ...)", dir.display()))

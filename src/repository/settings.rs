@@ -58,6 +58,26 @@ pub fn versions(dir: &Path) -> Result<Vec<u32>, RepositoryError> {
     Ok(versions)
 }
 
+/// File in a model's folder naming the version a refresh or rollback chose.
+const SERVING_VERSION_FILE: &str = "serving_version";
+
+/// The version recorded by the last refresh or rollback, if any.
+pub fn serving_version(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(SERVING_VERSION_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Records `version` as the one to serve after a restart (written beside, then renamed).
+pub fn write_serving_version(dir: &Path, version: u32) -> Result<(), RepositoryError> {
+    let tmp = dir.join(format!(".{SERVING_VERSION_FILE}.tmp"));
+    let write = std::fs::write(&tmp, format!("{version}\n"))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(SERVING_VERSION_FILE)));
+    write.map_err(|e| RepositoryError::Invalid(format!("{}: {e}", dir.join(SERVING_VERSION_FILE).display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,18 @@ pub fn add_version(repo: &Path, name: &str, version: u32, seed: u64) {
     }
 }
 
+/// Writes version `version` of model `name` with its training checkpoint kept in
+/// `<version>/checkpoint`, as refresh jobs need.
+pub fn add_trainable_version(repo: &Path, name: &str, version: u32, seed: u64) {
+    let out = repo.join(name).join(version.to_string());
+    let checkpoint = out.join("checkpoint");
+    let mut spec = TinySpec::new(Family::Qwen2, seed);
+    spec.init_std = Some(0.3);
+    write_tiny(&spec, &checkpoint).unwrap();
+    export::export(&checkpoint, &out, Precision::DEFAULT_INT8, ExternalData::Never).unwrap();
+    std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
+}
+
 /// A running server; killed on drop.
 pub struct TestServer {
     child: Child,
@@ -144,6 +156,23 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+}
+
+impl TestServer {
+    /// Kills the process at once (SIGKILL, as a crash) and hands back its folder.
+    pub fn crash(mut self) -> (TempDir, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, self.repo.clone())
+    }
+
+    /// An authorised admin request.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
     }
 }
 

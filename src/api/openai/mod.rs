@@ -102,8 +102,9 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
         )?;
         request.constraint = validate::guide(&state.terminologies, &model, &req.sampling)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let wants_logprobs = request.logprobs.is_some();
         let events = model.scheduler.submit(request)?;
-        Ok((model, events, req.sampling.stream, include_usage))
+        Ok((model, events, req.sampling.stream, include_usage, wants_logprobs))
     }
     .await;
     respond(state, Route::Completions, started, result).await
@@ -139,17 +140,20 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         let mut request = validate::build_request(&model, prompt, &req.sampling, max_tokens, logprobs, deadline)?;
         request.constraint = validate::guide(&state.terminologies, &model, &req.sampling)?;
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let wants_logprobs = request.logprobs.is_some();
         let events = model.scheduler.submit(request)?;
-        Ok((model, events, req.sampling.stream, include_usage))
+        Ok((model, events, req.sampling.stream, include_usage, wants_logprobs))
     }
     .await;
     respond(state, Route::Chat, started, result).await
 }
 
-type Admitted = (Arc<ModelVersion>, Events, bool, bool);
+/// An admitted request: its model, its events, whether it streams, whether the stream ends
+/// with usage, whether it asked for log-probabilities.
+type Admitted = (Arc<ModelVersion>, Events, bool, bool, bool);
 
 async fn respond(state: AppState, route: Route, started: Instant, admitted: Result<Admitted, ApiError>) -> Response {
-    let (model, events, stream, include_usage) = match admitted {
+    let (model, events, stream, include_usage, wants_logprobs) = match admitted {
         Ok(a) => a,
         Err(e) => {
             state
@@ -162,7 +166,7 @@ async fn respond(state: AppState, route: Route, started: Instant, admitted: Resu
         let body = sse_stream(state, route, started, model, events, include_usage);
         return Sse::new(body).keep_alive(KeepAlive::default()).into_response();
     }
-    let response = collect(route, &model, events).await;
+    let response = collect(route, &model, events, wants_logprobs).await;
     let status = match &response {
         Ok(_) => 200,
         Err(e) => e.status.as_u16(),
@@ -185,11 +189,15 @@ async fn respond(state: AppState, route: Route, started: Instant, admitted: Resu
     }
 }
 
-async fn collect(route: Route, model: &ModelVersion, events: Events) -> Result<(Value, Timings), ApiError> {
+async fn collect(
+    route: Route,
+    model: &ModelVersion,
+    events: Events,
+    has_logprobs: bool,
+) -> Result<(Value, Timings), ApiError> {
     let c = super::collect(events).await?;
     let reason = c.reason;
     let usage = usage(c.prompt_tokens, c.completion_tokens);
-    let has_logprobs = !c.logprobs.is_empty();
     let body = match route {
         Route::Completions => json!({
             "id": request_id("cmpl"),

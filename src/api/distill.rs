@@ -1,0 +1,162 @@
+//! Admin routes of distillation refresh: datasets, refresh jobs (start, follow, cancel) and
+//! rollback. All sit behind the admin bearer token.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::distill::job::{PromptInput, RefreshSpec};
+use crate::distill::service::DistillError;
+
+impl From<DistillError> for ApiError {
+    fn from(e: DistillError) -> Self {
+        match e {
+            DistillError::Invalid(m) => ApiError::bad_request(m),
+            DistillError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found_error", m),
+            DistillError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            DistillError::Repository(e) => e.into(),
+            DistillError::Store(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()),
+        }
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string())
+}
+
+/// `POST /admin/v1/models/{name}/refresh`: starts a refresh job; 202 with its id.
+pub async fn refresh(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let spec: RefreshSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid refresh job: {e}")))?;
+    let id = state.distiller.start(&name, spec)?;
+    let links = json!({"self": format!("/admin/v1/jobs/{id}"), "events": format!("/admin/v1/jobs/{id}/events")});
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "model": name, "state": "queued", "links": links})),
+    )
+        .into_response())
+}
+
+/// `GET /admin/v1/jobs`: the newest jobs first.
+pub async fn jobs(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let jobs = state.distiller.store().jobs(100).map_err(store_error)?;
+    Ok(Json(json!({"jobs": jobs})))
+}
+
+/// `GET /admin/v1/jobs/{id}`: stage, progress, losses, evaluation and outcome.
+pub async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(state.distiller.job(&id)?)))
+}
+
+/// `POST /admin/v1/jobs/{id}/cancel`: asks a running job to stop; 202.
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    state.distiller.cancel(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "cancelling": true}))).into_response())
+}
+
+/// `GET /admin/v1/jobs/{id}/events`: server-sent events — the job as it is now (`snapshot`),
+/// then each change as it happens, until `finished`.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    // Subscribe before reading the record, so no event falls between the two.
+    let receiver = state.distiller.subscribe(&id);
+    let record = state.distiller.job(&id)?;
+    let stream = async_stream::stream! {
+        let finished = record.is_finished();
+        yield Ok(SseEvent::default().event("snapshot").data(json!(record).to_string()));
+        match receiver {
+            Some(mut rx) if !finished => loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        let kind = event["type"].as_str().unwrap_or("progress").to_string();
+                        yield Ok(SseEvent::default().event(kind.clone()).data(event.to_string()));
+                        if kind == "finished" {
+                            break;
+                        }
+                    }
+                    // A slow reader missed events: the next ones still come.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            },
+            _ => {
+                let end = json!({"type": "finished", "state": record.state, "stage": record.stage,
+                    "error": record.error, "result": record.result});
+                yield Ok(SseEvent::default().event("finished").data(end.to_string()));
+            }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `POST /admin/v1/models/{name}/rollback`: serves the version before the serving one.
+pub async fn rollback(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let repository = state.repository.clone();
+    let (from, model) = tokio::task::spawn_blocking(move || repository.rollback(&name))
+        .await
+        .map_err(store_error)??;
+    Ok(Json(
+        json!({"name": model.name, "version": model.version, "rolled_back_from": from}),
+    ))
+}
+
+/// `POST /admin/v1/datasets/{name}`: adds the JSONL body's prompts (`{"prompt": ...}` or
+/// `{"messages": [...]}`, optional `"label"`) to a dataset; a line that is already there is
+/// kept once.
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the body is not UTF-8 JSONL"))?;
+    let mut prompts = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let input: PromptInput =
+            serde_json::from_str(line).map_err(|e| ApiError::bad_request(format!("line {}: {e}", n + 1)))?;
+        prompts.push(
+            input
+                .into_messages()
+                .map_err(|e| ApiError::bad_request(format!("line {}: {e}", n + 1)))?,
+        );
+    }
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request(
+            "the body has no prompts (one JSON object per line)",
+        ));
+    }
+    let store = state.distiller.store().clone();
+    let dataset = name.clone();
+    let (added, total) = tokio::task::spawn_blocking(move || {
+        let added = store.add_prompts(&dataset, &prompts)?;
+        Ok::<_, crate::distill::store::StoreError>((added, store.prompts(&dataset)?.len()))
+    })
+    .await
+    .map_err(store_error)?
+    .map_err(store_error)?;
+    Ok(Json(json!({"dataset": name, "added": added, "total": total})))
+}
+
+/// `GET /admin/v1/datasets`: every dataset and its number of prompts.
+pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list = state.distiller.store().datasets().map_err(store_error)?;
+    let list: Vec<Value> = list
+        .into_iter()
+        .map(|(name, prompts)| json!({"name": name, "prompts": prompts}))
+        .collect();
+    Ok(Json(json!({"datasets": list})))
+}

@@ -1,0 +1,448 @@
+//! Refresh jobs: start, follow, cancel. A job runs its stages in order — prepare, teacher,
+//! training, export, evaluate, promote — recording each in the store and announcing it to
+//! subscribers (the SSE stream). The candidate is built in a staging folder inside the model's
+//! folder and renamed into place only when the gate passes, so a crash never leaves a
+//! half-written version.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use super::eval::{EvalContext, evaluate};
+use super::job::{RefreshSpec, StudentText, is_held_out};
+use super::model::TrainableDecoder;
+use super::store::{JobRecord, Prompt, Store, StoreError, TeacherOutput};
+use super::teacher::{StudentVocab, Teacher};
+use super::trainer::{StepReport, train};
+use crate::checkpoint::TokenizerFiles;
+use crate::constrain::{Terminologies, token_bytes};
+use crate::export::{self, ExternalData, MODEL_FILE, Precision};
+use crate::metrics::Metrics;
+use crate::repository::{CHECKPOINT_DIR, ModelVersion, Repository, RepositoryError};
+
+/// Prefix of the folders candidates are built in, inside the model's folder.
+const STAGING_PREFIX: &str = ".staging-";
+
+/// Why a job could not be started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DistillError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+}
+
+/// A job running in this process.
+struct LiveJob {
+    model: String,
+    cancel: AtomicBool,
+    events: broadcast::Sender<Value>,
+}
+
+/// How a job that did not fail ended.
+enum Outcome {
+    Promoted,
+    Rejected(Vec<String>),
+}
+
+/// Runs refresh jobs against the repository.
+pub struct Distiller {
+    store: Arc<Store>,
+    repository: Arc<Repository>,
+    terminologies: Arc<Terminologies>,
+    metrics: Arc<Metrics>,
+    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+}
+
+impl Distiller {
+    /// Removes staging folders a previous process left (its jobs are already marked failed by
+    /// [`Store::open`]).
+    pub fn new(
+        store: Arc<Store>,
+        repository: Arc<Repository>,
+        terminologies: Arc<Terminologies>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        for status in repository.statuses() {
+            remove_staging(&repository.model_dir(&status.name));
+        }
+        Self {
+            store,
+            repository,
+            terminologies,
+            metrics,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The dataset store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveJob>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates `spec`, records the job and starts it; returns its id.
+    pub fn start(self: &Arc<Self>, model: &str, spec: RefreshSpec) -> Result<String, DistillError> {
+        spec.validate().map_err(DistillError::Invalid)?;
+        self.repository.get(model)?;
+        if let Some(t) = &spec.terminology
+            && self.terminologies.get(t).is_none()
+        {
+            return Err(DistillError::Invalid(format!("terminology `{t}` is not loaded")));
+        }
+        let mut prompts = Vec::with_capacity(spec.prompts.len());
+        for p in spec.prompts.iter().cloned() {
+            prompts.push(p.into_messages().map_err(DistillError::Invalid)?);
+        }
+        let id = format!("job-{:016x}", rand::random::<u64>());
+        let live = Arc::new(LiveJob {
+            model: model.to_string(),
+            cancel: AtomicBool::new(false),
+            events: broadcast::channel(1024).0,
+        });
+        {
+            let mut jobs = self.live();
+            if jobs.values().any(|j| j.model == model) {
+                return Err(DistillError::Conflict(format!(
+                    "a refresh of `{model}` is already running"
+                )));
+            }
+            self.store.add_prompts(&spec.dataset, &prompts)?;
+            let spec_json = serde_json::to_value(&spec).map_err(|e| DistillError::Invalid(e.to_string()))?;
+            self.store.create_job(&id, model, &spec_json)?;
+            jobs.insert(id.clone(), Arc::clone(&live));
+        }
+        let this = Arc::clone(self);
+        let (job_id, model) = (id.clone(), model.to_string());
+        tokio::spawn(async move { this.run(job_id, model, spec, live).await });
+        Ok(id)
+    }
+
+    /// Asks a running job to stop at its next check.
+    pub fn cancel(&self, id: &str) -> Result<(), DistillError> {
+        if let Some(job) = self.live().get(id) {
+            job.cancel.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        match self.store.job(id)? {
+            Some(_) => Err(DistillError::Conflict(format!("job {id} has already ended"))),
+            None => Err(DistillError::NotFound(format!("job {id} not found"))),
+        }
+    }
+
+    /// Events of a running job (none when it has ended).
+    pub fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Value>> {
+        self.live().get(id).map(|j| j.events.subscribe())
+    }
+
+    /// A job's record.
+    pub fn job(&self, id: &str) -> Result<JobRecord, DistillError> {
+        self.store
+            .job(id)?
+            .ok_or_else(|| DistillError::NotFound(format!("job {id} not found")))
+    }
+
+    async fn run(self: Arc<Self>, id: String, model: String, spec: RefreshSpec, live: Arc<LiveJob>) {
+        let staging = self.repository.model_dir(&model).join(format!("{STAGING_PREFIX}{id}"));
+        let mut p = Progress {
+            id: id.clone(),
+            store: Arc::clone(&self.store),
+            live: Arc::clone(&live),
+            stage: "prepare".into(),
+            result: json!({}),
+            last_write: Instant::now(),
+        };
+        let outcome = self.pipeline(&mut p, &model, &spec, &staging).await;
+        if staging.exists()
+            && let Err(e) = std::fs::remove_dir_all(&staging)
+        {
+            tracing::warn!(job = %id, error = %e, "could not remove the staging folder");
+        }
+        let (state, error) = match outcome {
+            Ok(Outcome::Promoted) => ("succeeded", None),
+            Ok(Outcome::Rejected(failures)) => ("rejected", Some(format!("gate failed: {}", failures.join("; ")))),
+            Err(_) if live.cancel.load(Ordering::Relaxed) => ("cancelled", Some("cancelled".to_string())),
+            Err(e) => ("failed", Some(format!("{e:#}"))),
+        };
+        tracing::info!(job = %id, model = %model, state, error = error.as_deref().unwrap_or(""), "refresh ended");
+        if let Err(e) = self.store.update_job(&id, state, &p.stage, &p.result, error.as_deref()) {
+            tracing::error!(job = %id, error = %e, "could not record the job's end");
+        }
+        self.metrics.refresh_job_ended(&model, state);
+        let _ = live
+            .events
+            .send(json!({"type": "finished", "state": state, "stage": p.stage, "error": error, "result": p.result}));
+        self.live().remove(&id);
+    }
+
+    async fn pipeline(&self, p: &mut Progress, name: &str, spec: &RefreshSpec, staging: &Path) -> Result<Outcome> {
+        p.stage("prepare");
+        let current = self.repository.get(name)?;
+        let source = current.checkpoint_dir();
+        if !source.join("config.json").is_file() {
+            bail!(
+                "version {} of `{name}` has no training checkpoint ({}): a refresh fine-tunes the Hugging Face checkpoint kept beside the ONNX files",
+                current.version,
+                source.display()
+            );
+        }
+        let mut prompts = self.store.prompts(&spec.dataset)?;
+        if let Some(max) = spec.max_prompts {
+            prompts.truncate(max);
+        }
+        let held_out = prompts.iter().filter(|q| is_held_out(q.id, spec.eval_fraction)).count();
+        if held_out == 0 || held_out == prompts.len() {
+            bail!(
+                "dataset `{}` has {} prompts, {held_out} held out: a refresh needs at least one to train on and one to evaluate",
+                spec.dataset,
+                prompts.len()
+            );
+        }
+        p.set(
+            "dataset",
+            json!({"prompts": prompts.len(), "train": prompts.len() - held_out, "held_out": held_out}),
+        );
+
+        p.stage("teacher");
+        let vocab = Arc::new(StudentVocab::new(
+            Arc::clone(&current.tokenizer),
+            &token_bytes(&current.tokenizer),
+        ));
+        let teacher = Teacher::new(spec.teacher.clone(), vocab)?;
+        let outputs = self.ask_teacher(p, &teacher, &prompts).await?;
+
+        let files = TokenizerFiles::open(&source)?;
+        let text = StudentText {
+            tokenizer: &current.tokenizer,
+            template: current.chat_template.as_ref(),
+            eos: current.stop_token_ids.first().copied(),
+            max_len: current.context_length,
+        };
+        let (mut train_set, mut eval_set) = (Vec::new(), Vec::new());
+        for (prompt, out) in prompts.iter().zip(&outputs) {
+            if is_held_out(prompt.id, spec.eval_fraction) {
+                eval_set.extend(text.eval_example(prompt, out).map_err(|e| anyhow!(e))?);
+            } else {
+                train_set.extend(text.example(prompt, out).map_err(|e| anyhow!(e))?);
+            }
+        }
+        if train_set.is_empty() || eval_set.is_empty() {
+            bail!("the teacher's answers left no usable training or held-out example (empty completions?)");
+        }
+
+        p.stage("training");
+        let checkpoint_out = staging.join(CHECKPOINT_DIR);
+        std::fs::create_dir_all(&checkpoint_out).with_context(|| format!("creating {}", checkpoint_out.display()))?;
+        for f in std::iter::once(source.join("config.json").as_path()).chain(files.files()) {
+            let name = f.file_name().context("tokenizer file without a name")?;
+            std::fs::copy(f, checkpoint_out.join(name)).with_context(|| format!("copying {}", f.display()))?;
+        }
+        self.train(p, &source, &checkpoint_out, train_set, spec).await?;
+        self.check_cancel(p)?;
+
+        p.stage("export");
+        let (ckpt, out, format) = (checkpoint_out.clone(), staging.to_path_buf(), spec.int8_format);
+        tokio::task::spawn_blocking(move || export::export(&ckpt, &out, Precision::Int8(format), ExternalData::Auto))
+            .await??;
+        self.check_cancel(p)?;
+
+        p.stage("evaluate");
+        let evaluation = self.evaluate(&current, staging, eval_set, spec).await?;
+        self.store.add_evaluation(&p.id, "current", &evaluation.0)?;
+        self.store.add_evaluation(&p.id, "candidate", &evaluation.1)?;
+        let (cur, cand) = (
+            serde_json::from_value(evaluation.0.clone())?,
+            serde_json::from_value(evaluation.1.clone())?,
+        );
+        let failures = spec.gate.failures(&cur, &cand);
+        p.set(
+            "evaluation",
+            json!({"current": evaluation.0, "candidate": evaluation.1}),
+        );
+        p.set("gate", json!({"passed": failures.is_empty(), "failures": failures}));
+        if !failures.is_empty() {
+            return Ok(Outcome::Rejected(failures));
+        }
+        self.check_cancel(p)?;
+
+        p.stage("promote");
+        let (repository, model, dir) = (Arc::clone(&self.repository), name.to_string(), staging.to_path_buf());
+        let promoted = tokio::task::spawn_blocking(move || repository.promote(&model, &dir)).await??;
+        p.set("previous_version", json!(current.version));
+        p.set("version", json!(promoted.version));
+        Ok(Outcome::Promoted)
+    }
+
+    fn check_cancel(&self, p: &Progress) -> Result<()> {
+        if p.live.cancel.load(Ordering::Relaxed) {
+            bail!("cancelled");
+        }
+        Ok(())
+    }
+
+    /// Teacher outputs for every prompt: from the store when a previous job paid for them,
+    /// else asked with bounded concurrency; each answer is stored as it arrives.
+    async fn ask_teacher(&self, p: &mut Progress, teacher: &Teacher, prompts: &[Prompt]) -> Result<Vec<TeacherOutput>> {
+        let key = teacher.spec().cache_key();
+        let mut outputs: Vec<Option<TeacherOutput>> = Vec::with_capacity(prompts.len());
+        for q in prompts {
+            outputs.push(self.store.teacher_output(q.id, &key)?);
+        }
+        let cached = outputs.iter().filter(|o| o.is_some()).count();
+        let total = prompts.len();
+        p.set("teacher", json!({"done": cached, "total": total, "cached": cached}));
+        let missing: Vec<usize> = (0..total).filter(|&i| outputs[i].is_none()).collect();
+        let mut answers = futures::stream::iter(missing)
+            .map(|i| async move { (i, teacher.complete(&prompts[i].messages).await) })
+            .buffer_unordered(teacher.spec().concurrency);
+        let mut done = cached;
+        while let Some((i, answer)) = answers.next().await {
+            self.check_cancel(p)?;
+            let answer = answer.context("asking the teacher")?;
+            self.store.put_teacher_output(prompts[i].id, &key, &answer)?;
+            outputs[i] = Some(answer);
+            done += 1;
+            p.set("teacher", json!({"done": done, "total": total, "cached": cached}));
+        }
+        Ok(outputs.into_iter().flatten().collect())
+    }
+
+    async fn train(
+        &self,
+        p: &mut Progress,
+        source: &Path,
+        out: &Path,
+        examples: Vec<super::trainer::Example>,
+        spec: &RefreshSpec,
+    ) -> Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
+        let (source, out, config, live) = (
+            source.to_path_buf(),
+            out.to_path_buf(),
+            spec.train.clone(),
+            Arc::clone(&p.live),
+        );
+        let mut task = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut model = TrainableDecoder::load(&source)?;
+            train(&mut model, &examples, &config, &live.cancel, |r| {
+                let _ = tx.send(*r);
+            })?;
+            model.save(&out)
+        });
+        let mut losses = Vec::new();
+        loop {
+            tokio::select! {
+                Some(report) = rx.recv() => {
+                    losses.push(json!({"step": report.step, "loss": report.loss.total, "ce": report.loss.ce,
+                        "kl": report.loss.kl, "tau": report.tau, "lr": report.learning_rate, "grad_norm": report.grad_norm}));
+                    p.result["losses"] = Value::Array(losses.clone());
+                    p.step(&report);
+                }
+                done = &mut task => {
+                    while let Ok(report) = rx.try_recv() {
+                        losses.push(json!({"step": report.step, "loss": report.loss.total, "ce": report.loss.ce,
+                            "kl": report.loss.kl, "tau": report.tau, "lr": report.learning_rate, "grad_norm": report.grad_norm}));
+                    }
+                    p.result["losses"] = Value::Array(losses);
+                    return done?;
+                }
+            }
+        }
+    }
+
+    async fn evaluate(
+        &self,
+        current: &Arc<ModelVersion>,
+        staging: &Path,
+        examples: Vec<super::eval::EvalExample>,
+        spec: &RefreshSpec,
+    ) -> Result<(Value, Value)> {
+        let (current, terminologies, spec) = (Arc::clone(current), Arc::clone(&self.terminologies), spec.clone());
+        let candidate: PathBuf = staging.join(MODEL_FILE);
+        tokio::task::spawn_blocking(move || -> Result<(Value, Value)> {
+            let cx = EvalContext {
+                tokenizer: &current.tokenizer,
+                stop_ids: &current.stop_token_ids,
+                max_new_tokens: spec.eval_max_new_tokens,
+                terminology: spec.terminology.as_deref().map(|t| (terminologies.as_ref(), t)),
+                intra_threads: spec.train.threads,
+            };
+            let before = evaluate(&current.dir.join(MODEL_FILE), &examples, &cx)?;
+            let after = evaluate(&candidate, &examples, &cx)?;
+            Ok((serde_json::to_value(before)?, serde_json::to_value(after)?))
+        })
+        .await?
+    }
+}
+
+/// A job's stage and result, written to the store and sent to subscribers.
+struct Progress {
+    id: String,
+    store: Arc<Store>,
+    live: Arc<LiveJob>,
+    stage: String,
+    result: Value,
+    last_write: Instant,
+}
+
+impl Progress {
+    fn save(&mut self) {
+        self.last_write = Instant::now();
+        if let Err(e) = self
+            .store
+            .update_job(&self.id, "running", &self.stage, &self.result, None)
+        {
+            tracing::warn!(job = %self.id, error = %e, "could not record progress");
+        }
+    }
+
+    fn stage(&mut self, stage: &str) {
+        self.stage = stage.to_string();
+        self.save();
+        let _ = self.live.events.send(json!({"type": "stage", "stage": stage}));
+    }
+
+    fn set(&mut self, key: &str, value: Value) {
+        self.result[key] = value.clone();
+        if self.last_write.elapsed() > Duration::from_millis(500) || key != "teacher" {
+            self.save();
+        }
+        let _ = self.live.events.send(json!({"type": key, key: value}));
+    }
+
+    fn step(&mut self, r: &StepReport) {
+        self.result["training"] = json!({"step": r.step, "steps": r.steps});
+        if self.last_write.elapsed() > Duration::from_millis(500) || r.step == r.steps {
+            self.save();
+        }
+        let _ = self.live.events.send(json!({"type": "step", "step": r}));
+    }
+}
+
+fn remove_staging(model_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(model_dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        if e.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+            tracing::info!(path = %e.path().display(), "removing an unfinished refresh candidate");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Distillation refresh end to end, with real processes on loopback: one distill-serve serves
+//! a "teacher" (a different tiny student with the same tokenizer), a second serves the student
+//! and refreshes it from the first through its admin API.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::server::{ADMIN_TOKEN, TestServer, add_trainable_version, add_version};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A server over a fresh repository holding `name` version 1 with its checkpoint.
+fn student_server(name: &str) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_trainable_version(&repo, name, 1, 1);
+    TestServer::start_with_repo(dir, repo, &[])
+}
+
+fn teacher_server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_version(&repo, "teacher", 1, 7);
+    TestServer::start_with_repo(dir, repo, &[])
+}
+
+/// Clinical-sounding prompts, all different.
+fn prompts(n: usize) -> String {
+    let findings = [
+        "chest pain",
+        "type 2 diabetes",
+        "a fractured femur",
+        "asthma",
+        "high blood pressure",
+        "a migraine",
+    ];
+    let ages = ["young", "older", "pregnant", "elderly"];
+    (0..n)
+        .map(|i| {
+            let line =
+                json!({"prompt": format!("A {} patient {i} with {} needs a code.", ages[i % 4], findings[i % 6])});
+            format!("{line}\n")
+        })
+        .collect()
+}
+
+async fn upload(server: &TestServer, dataset: &str, n: usize) {
+    let r = server
+        .admin(Method::POST, &format!("/admin/v1/datasets/{dataset}"))
+        .body(prompts(n))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+fn token_job(teacher: &TestServer, steps: usize) -> Value {
+    json!({
+        "dataset": "notes",
+        "teacher": {"url": teacher.url("/v1"), "model": "teacher", "mode": "token", "top_logprobs": 5,
+                    "max_tokens": 12, "temperature": 0.0, "concurrency": 4},
+        "train": {"steps": steps, "batch_size": 8, "learning_rate": 0.003, "warmup_steps": 5, "alpha": 0.7},
+        "eval_fraction": 0.25,
+        "eval_max_new_tokens": 8
+    })
+}
+
+async fn start_job(server: &TestServer, model: &str, job: &Value) -> String {
+    let r = server
+        .admin(Method::POST, &format!("/admin/v1/models/{model}/refresh"))
+        .json(job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+}
+
+async fn job(server: &TestServer, id: &str) -> Value {
+    server
+        .admin(Method::GET, &format!("/admin/v1/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls the job until it ends (at most `limit`).
+async fn finished(server: &TestServer, id: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let j = job(server, id).await;
+        if ["succeeded", "rejected", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
+            return j;
+        }
+        assert!(start.elapsed() < limit, "job still {} after {limit:?}: {j}", j["stage"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn serving_version(server: &TestServer, model: &str) -> u64 {
+    let list: Value = server
+        .admin(Method::GET, "/admin/v1/models")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .unwrap()["version"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Reads the job's server-sent events until `finished`; returns their names.
+async fn event_names(server: &TestServer, id: &str) -> Vec<String> {
+    let mut response = server
+        .admin(Method::GET, &format!("/admin/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (mut buffer, mut names) = (String::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), response.chunk())
+        .await
+        .unwrap_or(Ok(None))
+    {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if let Some(name) = block.lines().find_map(|l| l.strip_prefix("event: ")) {
+                names.push(name.to_string());
+            }
+        }
+        if names.last().is_some_and(|n| n == "finished") {
+            break;
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_under_load() {
+    let teacher = teacher_server();
+    let student = student_server("coder");
+    upload(&student, "notes", 120).await;
+
+    // Clients keep asking the student while the refresh runs and the swap happens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for c in 0..3 {
+        let (url, stop, ok, failed) = (
+            student.url("/v1/chat/completions"),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let started = Instant::now();
+            // Bounded in count and time.
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
+                    break;
+                }
+                let body = json!({"model": "coder", "max_tokens": 8,
+                    "messages": [{"role": "user", "content": format!("client {c} request {i}")}]});
+                match http.post(&url).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    let id = start_job(&student, "coder", &token_job(&teacher, 80)).await;
+    let names = event_names(&student, &id).await;
+    let j = finished(&student, &id, Duration::from_secs(240)).await;
+    let served_during = ok.load(Ordering::Relaxed);
+    // Some requests after the swap too.
+    let after = Instant::now();
+    while ok.load(Ordering::Relaxed) < served_during + 20 && after.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let r = &j["result"];
+    let (cur, cand) = (&r["evaluation"]["current"], &r["evaluation"]["candidate"]);
+    eprintln!("held-out evaluation: {}", r["evaluation"]);
+    let kl = |e: &Value| e["kl"].as_f64().unwrap();
+    let agreement = |e: &Value| e["agreement"].as_f64().unwrap();
+    assert!(
+        kl(cand) < kl(cur),
+        "held-out KL did not fall: {} -> {}",
+        kl(cur),
+        kl(cand)
+    );
+    assert!(
+        agreement(cand) > agreement(cur),
+        "held-out greedy agreement did not rise: {} -> {}",
+        agreement(cur),
+        agreement(cand)
+    );
+    assert_eq!(
+        (r["previous_version"].as_u64(), r["version"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(r["losses"].as_array().unwrap().len(), 80);
+    assert_eq!(serving_version(&student, "coder").await, 2);
+    assert!(student.repo.join("coder/2/checkpoint/model.safetensors").is_file());
+    for stage in ["stage", "teacher", "step", "evaluation", "gate", "finished"] {
+        assert!(names.iter().any(|n| n == stage), "no {stage} event in {names:?}");
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the refresh");
+    assert!(
+        ok.load(Ordering::Relaxed) >= served_during + 20,
+        "too few requests after the swap"
+    );
+    assert_eq!(
+        student
+            .metric("distill_serve_refresh_jobs_total{model=\"coder\",outcome=\"succeeded\"}")
+            .await,
+        1.0
+    );
+
+    // A gate that cannot pass leaves version 2 serving; the teacher is not asked again.
+    let mut strict = token_job(&teacher, 5);
+    strict["gate"] = json!({"min_agreement_gain": 1.0});
+    let id = start_job(&student, "coder", &strict).await;
+    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "rejected", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("agreement"), "{j}");
+    let t = &j["result"]["teacher"];
+    assert_eq!(t["cached"], t["total"], "{t}");
+    assert_eq!(serving_version(&student, "coder").await, 2);
+    assert!(!student.repo.join("coder/3").exists());
+
+    // Rollback returns to version 1, and there is nothing before it.
+    let r = student
+        .admin(Method::POST, "/admin/v1/models/coder/rollback")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["version"].as_u64(), body["rolled_back_from"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(serving_version(&student, "coder").await, 1);
+    let r = student
+        .admin(Method::POST, "/admin/v1/models/coder/rollback")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
+    let student = student_server("coder");
+    upload(&student, "notes", 12).await;
+    // Nothing listens on port 9 of loopback.
+    let mut job = json!({"dataset": "notes", "train": {"steps": 2},
+        "teacher": {"url": "http://127.0.0.1:9/v1", "model": "t", "max_retries": 1, "timeout_ms": 2000}});
+    let id = start_job(&student, "coder", &job).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["stage"].as_str()),
+        (Some("failed"), Some("teacher")),
+        "{j}"
+    );
+    let error = j["error"].as_str().unwrap();
+    assert!(error.contains("http://127.0.0.1:9/v1/chat/completions"), "{error}");
+
+    job["teacher"]["api_key_env"] = json!("DISTILL_SERVE_TEST_NO_SUCH_KEY");
+    let id = start_job(&student, "coder", &job).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("DISTILL_SERVE_TEST_NO_SUCH_KEY"),
+        "{j}"
+    );
+
+    // Serving is untouched.
+    assert_eq!(serving_version(&student, "coder").await, 1);
+    let r = student
+        .post(
+            "/v1/completions",
+            &json!({"model": "coder", "prompt": "E11", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(!student.repo.join("coder/2").exists());
+
+    // A job that makes no sense is refused before it starts.
+    let bad = json!({"dataset": "notes", "teacher": {"url": "ftp://x", "model": "t"}});
+    let r = student
+        .admin(Method::POST, "/admin/v1/models/coder/refresh")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = student
+        .admin(Method::POST, "/admin/v1/models/nope/refresh")
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = student
+        .admin(Method::GET, "/admin/v1/jobs/job-missing")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
+    let teacher = teacher_server();
+    let student = student_server("coder");
+    upload(&student, "notes", 16).await;
+    let mut long = token_job(&teacher, 1_000_000);
+    long["teacher"]["mode"] = json!("sequence");
+    let id = start_job(&student, "coder", &long).await;
+    let training = TestServer::wait_for(Duration::from_secs(60), || async {
+        let j = job(&student, &id).await;
+        j["stage"] == "training" && j["result"]["training"]["step"].as_u64().unwrap_or(0) > 2
+    })
+    .await;
+    assert!(training, "the job never reached training");
+    let (dir, repo) = student.crash();
+    let staging: Vec<_> = std::fs::read_dir(repo.join("coder"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".staging-"))
+        .collect();
+    assert_eq!(staging.len(), 1, "the candidate is built in a staging folder");
+
+    let student = TestServer::start_with_repo(dir, repo, &[]);
+    let j = job(&student, &id).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("interrupted"), "{j}");
+    assert_eq!(serving_version(&student, "coder").await, 1);
+    let names: Vec<String> = std::fs::read_dir(student.repo.join("coder"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".staging-") || n == "2"),
+        "{names:?}"
+    );
+
+    // Sequence-level KD on the same store then runs to the end; a cancelled job stops.
+    let mut short = long.clone();
+    short["train"]["steps"] = json!(4);
+    short["gate"] = json!({"min_agreement_gain": -1.0, "max_kl_ratio": 100.0});
+    let id = start_job(&student, "coder", &short).await;
+    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        j["result"]["evaluation"]["candidate"]["kl"].is_null(),
+        "sequence-level KD has no KL"
+    );
+    assert_eq!(serving_version(&student, "coder").await, 2);
+
+    let id = start_job(&student, "coder", &long).await;
+    let r = student
+        .admin(Method::POST, &format!("/admin/v1/jobs/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert_eq!(serving_version(&student, "coder").await, 2);
+}
+
+#[tokio::test]
+async fn refresh_routes_reject_missing_and_wrong_tokens() {
+    let server = TestServer::start(&[]);
+    let routes = [
+        (Method::POST, "/admin/v1/models/tiny/refresh"),
+        (Method::POST, "/admin/v1/models/tiny/rollback"),
+        (Method::GET, "/admin/v1/jobs"),
+        (Method::GET, "/admin/v1/jobs/x"),
+        (Method::GET, "/admin/v1/jobs/x/events"),
+        (Method::POST, "/admin/v1/jobs/x/cancel"),
+        (Method::GET, "/admin/v1/datasets"),
+        (Method::POST, "/admin/v1/datasets/d"),
+    ];
+    let http = reqwest::Client::new();
+    for (method, path) in routes {
+        let r = http.request(method.clone(), server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} without a token");
+        let r = http
+            .request(method.clone(), server.url(path))
+            .bearer_auth(format!("{ADMIN_TOKEN}x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{method} {path} with a wrong token");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].is_string());
+    }
+    // With the token, a bad upload is a 400 naming the line.
+    let r = server
+        .admin(Method::POST, "/admin/v1/datasets/d")
+        .body("{\"prompt\": \"ok\"}\n{\"promt\": 1}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("line 2"),
+        "{body}"
+    );
+}
