@@ -435,3 +435,56 @@ async fn refresh_routes_reject_missing_and_wrong_tokens() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn prompts_are_captured_redacted_only_where_capture_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_version(&repo, "open", 1, 1);
+    add_version(&repo, "private", 1, 2);
+    std::fs::write(
+        repo.join("private/model.toml"),
+        "name = \"private\"\ncapture = true\ncapture_redact = ['\\b\\d{3}-\\d{2}-\\d{4}\\b']\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    for model in ["open", "private"] {
+        let chat = json!({"model": model, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Patient SSN 123-45-6789 has chest pain."}]});
+        assert_eq!(server.post("/v1/chat/completions", &chat).await.status(), 200);
+        let raw = json!({"model": model, "max_tokens": 2, "prompt": "Follow-up for 987-65-4321."});
+        assert_eq!(server.post("/v1/completions", &raw).await.status(), 200);
+    }
+    // Capture is off the request path: give it a moment.
+    let mut prompts = Value::Null;
+    for _ in 0..100 {
+        let r = server
+            .admin(Method::GET, "/admin/v1/datasets/capture/private")
+            .send()
+            .await
+            .unwrap();
+        prompts = r.json::<Value>().await.unwrap()["prompts"].clone();
+        if prompts.as_array().is_some_and(|p| p.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(prompts.as_array().map(Vec::len), Some(2), "{prompts}");
+    let mut texts: Vec<&str> = prompts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["messages"][0]["content"].as_str().unwrap())
+        .collect();
+    texts.sort_unstable();
+    assert_eq!(
+        texts,
+        ["Follow-up for [REDACTED].", "Patient SSN [REDACTED] has chest pain."]
+    );
+    let r = server
+        .admin(Method::GET, "/admin/v1/datasets/capture/open")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -160,3 +160,21 @@ pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiE
         .collect();
     Ok(Json(json!({"datasets": list})))
 }
+
+/// `GET /admin/v1/datasets/{name}`: the dataset's prompts, oldest first.
+pub async fn dataset(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let store = state.distiller.store().clone();
+    let dataset = name.clone();
+    let prompts = tokio::task::spawn_blocking(move || store.prompts(&dataset))
+        .await
+        .map_err(store_error)?
+        .map_err(store_error)?;
+    if prompts.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("dataset `{name}` has no prompts"),
+        ));
+    }
+    Ok(Json(json!({"dataset": name, "prompts": prompts})))
+}

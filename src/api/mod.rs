@@ -55,7 +55,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/jobs/{id}/events", get(distill::events))
         .route("/admin/v1/jobs/{id}/cancel", post(distill::cancel))
         .route("/admin/v1/datasets", get(distill::datasets))
-        .route("/admin/v1/datasets/{name}", post(distill::upload))
+        // Dataset names may hold a slash (`capture/<model>`).
+        .route(
+            "/admin/v1/datasets/{*name}",
+            post(distill::upload).get(distill::dataset),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use super::capture::{self, CapturePolicy};
 use super::eval::{EvalContext, evaluate};
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
@@ -26,6 +27,7 @@ use crate::constrain::{Terminologies, token_bytes};
 use crate::export::{self, ExternalData, MODEL_FILE, Precision};
 use crate::metrics::Metrics;
 use crate::repository::{CHECKPOINT_DIR, ModelVersion, Repository, RepositoryError};
+use crate::tokenize::ChatMessage;
 
 /// Prefix of the folders candidates are built in, inside the model's folder.
 const STAGING_PREFIX: &str = ".staging-";
@@ -132,6 +134,18 @@ impl Distiller {
         let (job_id, model) = (id.clone(), model.to_string());
         tokio::spawn(async move { this.run(job_id, model, spec, live).await });
         Ok(id)
+    }
+
+    /// Stores a served prompt of `model` (redacted by `policy`) in its capture dataset, off the
+    /// request path; a failure is logged, never the client's problem.
+    pub fn capture(&self, model: &str, policy: &CapturePolicy, messages: &[ChatMessage]) {
+        let prompt = vec![(policy.redact(messages), None)];
+        let (store, dataset) = (Arc::clone(&self.store), capture::dataset_name(model));
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.add_prompts(&dataset, &prompt) {
+                tracing::warn!(dataset = %dataset, error = %e, "could not capture a prompt");
+            }
+        });
     }
 
     /// Asks a running job to stop at its next check.

@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::constrain::TokenTrie;
+use crate::distill::capture::CapturePolicy;
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
@@ -73,6 +74,8 @@ pub struct ModelVersion {
     /// Default `max_tokens` of a request.
     pub max_tokens: usize,
     pub scheduler: Scheduler,
+    /// Whether and how prompts are captured for refresh jobs (off when `None`).
+    pub capture: Option<Arc<CapturePolicy>>,
 }
 
 impl ModelVersion {
@@ -325,6 +328,10 @@ impl Repository {
             intra_threads: settings.intra_threads.unwrap_or(self.defaults.intra_threads),
             execution_provider: settings.execution_provider,
         };
+        let capture = match settings.capture {
+            true => Some(Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?)),
+            false => None,
+        };
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
@@ -362,6 +369,7 @@ impl Repository {
             context_length,
             max_tokens: settings.max_tokens.unwrap_or(self.defaults.max_tokens),
             scheduler,
+            capture,
         })
     }
 }

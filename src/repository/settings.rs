@@ -34,6 +34,12 @@ pub struct ModelSettings {
     pub max_queue_delay_ms: Option<u64>,
     /// Upper bounds of the length buckets (server default when absent).
     pub buckets: Option<Vec<usize>>,
+    /// Store this model's prompts in the dataset `capture/<name>` for refresh jobs.
+    #[serde(default)]
+    pub capture: bool,
+    /// Patterns (Rust regex) replaced by `[REDACTED]` before a captured prompt is stored.
+    #[serde(default)]
+    pub capture_redact: Vec<String>,
 }
 
 impl ModelSettings {

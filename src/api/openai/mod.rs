@@ -80,8 +80,13 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
             return Err(ApiError::invalid("echo", "echo is not supported"));
         }
         let model = state.repository.get(&req.model)?;
+        let mut captured = None;
         let prompt = match req.prompt {
-            types::Prompt::Text(text) => validate::text_prompt(&model, &text)?,
+            types::Prompt::Text(text) => {
+                let ids = validate::text_prompt(&model, &text)?;
+                captured = Some(text);
+                ids
+            }
             types::Prompt::Texts(texts) if texts.len() == 1 => validate::text_prompt(&model, &texts[0])?,
             types::Prompt::Texts(texts) => {
                 return Err(ApiError::invalid(
@@ -104,6 +109,13 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let wants_logprobs = request.logprobs.is_some();
         let events = model.scheduler.submit(request)?;
+        if let (Some(policy), Some(text)) = (&model.capture, captured) {
+            let message = ChatMessage {
+                role: "user".into(),
+                content: text,
+            };
+            state.distiller.capture(&model.name, policy, &[message]);
+        }
         Ok((model, events, req.sampling.stream, include_usage, wants_logprobs))
     }
     .await;
@@ -142,6 +154,9 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let wants_logprobs = request.logprobs.is_some();
         let events = model.scheduler.submit(request)?;
+        if let Some(policy) = &model.capture {
+            state.distiller.capture(&model.name, policy, &messages);
+        }
         Ok((model, events, req.sampling.stream, include_usage, wants_logprobs))
     }
     .await;
