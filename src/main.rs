@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use distill_serve::config::ServeArgs;
 use distill_serve::constrain::{self, DescriptionTypes, SnomedOptions, SourceKind};
+use distill_serve::distill::client::{DistillCommand, ServerArgs};
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
 use distill_serve::tiny::{self, TinySpec};
 
@@ -38,6 +39,13 @@ enum Command {
     /// Terminologies (ICD-10-CM, SNOMED CT, lists) for constrained decoding.
     #[command(subcommand)]
     Terminology(TerminologyCommand),
+    /// Distillation refresh on a running server: datasets, jobs, rollback.
+    Distill {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: DistillCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +112,9 @@ fn main() -> Result<()> {
             };
             let report = export::export(&args.checkpoint, &args.out, precision, args.external_data)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Distill { server, command } => {
+            tokio::runtime::Runtime::new()?.block_on(distill_serve::distill::client::run(server, command))?;
         }
         Command::Serve(args) => {
             let config = args.resolve()?;

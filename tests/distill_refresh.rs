@@ -488,3 +488,62 @@ async fn prompts_are_captured_redacted_only_where_capture_is_on() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_uploads_refreshes_with_progress_and_rolls_back() {
+    let teacher = teacher_server();
+    let student = student_server("coder");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, job_file) = (dir.path().join("notes.jsonl"), dir.path().join("job.json"));
+    std::fs::write(&data, prompts(16)).unwrap();
+    let mut job = token_job(&teacher, 4);
+    job["gate"] = json!({"min_agreement_gain": -1.0, "max_kl_ratio": 100.0});
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let cli = |args: &[&str], token: &str| {
+        let (base, args) = (
+            student.base.clone(),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        let token = token.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(common::binary())
+                    .args(["distill", "--server", &base, "--admin-token", &token])
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = cli(&["upload", "notes", data.to_str().unwrap()], ADMIN_TOKEN).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["added"], 16);
+
+    let out = cli(&["refresh", "coder", job_file.to_str().unwrap()], ADMIN_TOKEN).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["result"]["version"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{done}"
+    );
+    for stage in ["stage: teacher", "stage: training", "stage: promote"] {
+        assert!(stderr.contains(stage), "{stderr}");
+    }
+
+    let out = cli(&["rollback", "coder"], ADMIN_TOKEN).await;
+    assert!(out.status.success());
+    assert_eq!(serving_version(&student, "coder").await, 1);
+
+    let out = cli(&["jobs"], "wrong-token").await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

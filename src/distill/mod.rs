@@ -2,6 +2,7 @@
 //! distillation, export and quantise it, check that it is better, and swap it in.
 
 pub mod capture;
+pub mod client;
 pub mod eval;
 pub mod job;
 pub mod loss;

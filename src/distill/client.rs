@@ -1,0 +1,219 @@
+//! `distill-serve distill ...`: the refresh admin API from the command line, with a progress
+//! bar that follows a job's event stream.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::Value;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Base URL of the server's HTTP listener.
+    #[arg(long, env = "DISTILL_SERVE_URL", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The server's admin token.
+    #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+}
+
+/// The `distill` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DistillCommand {
+    /// Add the prompts of a JSONL file (`{"prompt": ...}` or `{"messages": [...]}`, optional
+    /// `"label"`) to a dataset.
+    Upload { dataset: String, file: PathBuf },
+    /// Start a refresh of a model with a job file (JSON) and follow it to its end.
+    Refresh {
+        model: String,
+        job: PathBuf,
+        /// Print the job id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Follow a running job to its end.
+    Watch { id: String },
+    /// Print a job's record.
+    Status { id: String },
+    /// List the newest jobs.
+    Jobs,
+    /// Ask a running job to stop.
+    Cancel { id: String },
+    /// Serve the version before the serving one again.
+    Rollback { model: String },
+}
+
+struct Client {
+    http: reqwest::Client,
+    args: ServerArgs,
+}
+
+impl Client {
+    async fn call(&self, method: Method, path: &str, body: Option<reqwest::Body>) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.args.server.trim_end_matches('/'));
+        let mut request = self.http.request(method, &url).bearer_auth(&self.args.admin_token);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request.send().await.with_context(|| format!("calling {url}"))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let message = body["error"]["message"].as_str().unwrap_or("no details");
+            bail!("{url}: {status}: {message}");
+        }
+        Ok(response)
+    }
+
+    async fn json(&self, method: Method, path: &str, body: Option<reqwest::Body>) -> Result<Value> {
+        Ok(self.call(method, path, body).await?.json().await?)
+    }
+
+    /// Follows the job's events to `finished`, drawing progress; returns the final record.
+    async fn watch(&self, id: &str) -> Result<Value> {
+        let mut response = self
+            .call(Method::GET, &format!("/admin/v1/jobs/{id}/events"), None)
+            .await?;
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix:>9} [{bar:30}] {pos}/{len} {msg}")
+                .context("progress template")?
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let mut buffer = String::new();
+        while let Some(chunk) = response.chunk().await? {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                let event: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                match event["type"].as_str() {
+                    Some("stage") => {
+                        bar.set_prefix(event["stage"].as_str().unwrap_or("").to_string());
+                        bar.set_position(0);
+                        bar.set_length(0);
+                        // Printed even where the bar is hidden (not a terminal): logs keep the stages.
+                        bar.suspend(|| eprintln!("stage: {}", event["stage"].as_str().unwrap_or("?")));
+                    }
+                    Some("teacher") => {
+                        let t = &event["teacher"];
+                        bar.set_length(t["total"].as_u64().unwrap_or(0));
+                        bar.set_position(t["done"].as_u64().unwrap_or(0));
+                        bar.set_message(format!("{} cached", t["cached"]));
+                    }
+                    Some("step") => {
+                        let s = &event["step"];
+                        bar.set_length(s["steps"].as_u64().unwrap_or(0));
+                        bar.set_position(s["step"].as_u64().unwrap_or(0));
+                        bar.set_message(format!(
+                            "loss {:.4} tau {:.2}",
+                            s["loss"]["total"].as_f64().unwrap_or(f64::NAN),
+                            s["tau"].as_f64().unwrap_or(f64::NAN)
+                        ));
+                    }
+                    Some("finished") => {
+                        bar.finish_and_clear();
+                        return self.json(Method::GET, &format!("/admin/v1/jobs/{id}"), None).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bar.finish_and_clear();
+        bail!("the server closed the event stream of {id} before the job ended")
+    }
+}
+
+/// What a finished job says, without its loss history.
+fn summary(job: &Value) -> Value {
+    let mut s = job.clone();
+    if let Some(result) = s.get_mut("result").and_then(Value::as_object_mut) {
+        result.remove("losses");
+    }
+    if let Some(obj) = s.as_object_mut() {
+        obj.remove("spec");
+    }
+    s
+}
+
+/// Runs one `distill` subcommand; an error when a followed job did not succeed.
+pub async fn run(server: ServerArgs, command: DistillCommand) -> Result<()> {
+    let client = Client {
+        http: reqwest::Client::new(),
+        args: server,
+    };
+    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let finish = |job: Value| -> Result<()> {
+        print(&summary(&job));
+        match job["state"].as_str() {
+            Some("succeeded") => Ok(()),
+            state => bail!(
+                "job {} ended {}: {}",
+                job["id"].as_str().unwrap_or("?"),
+                state.unwrap_or("?"),
+                job["error"].as_str().unwrap_or("")
+            ),
+        }
+    };
+    match command {
+        DistillCommand::Upload { dataset, file } => {
+            let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            print(
+                &client
+                    .json(
+                        Method::POST,
+                        &format!("/admin/v1/datasets/{dataset}"),
+                        Some(text.into()),
+                    )
+                    .await?,
+            );
+        }
+        DistillCommand::Refresh { model, job, no_wait } => {
+            let body = std::fs::read(&job).with_context(|| format!("reading {}", job.display()))?;
+            let started = client
+                .json(
+                    Method::POST,
+                    &format!("/admin/v1/models/{model}/refresh"),
+                    Some(body.into()),
+                )
+                .await?;
+            let id = started["id"]
+                .as_str()
+                .context("the server returned no job id")?
+                .to_string();
+            eprintln!("job {id} started");
+            if no_wait {
+                print(&started);
+            } else {
+                finish(client.watch(&id).await?)?;
+            }
+        }
+        DistillCommand::Watch { id } => finish(client.watch(&id).await?)?,
+        DistillCommand::Status { id } => print(&client.json(Method::GET, &format!("/admin/v1/jobs/{id}"), None).await?),
+        DistillCommand::Jobs => print(&client.json(Method::GET, "/admin/v1/jobs", None).await?),
+        DistillCommand::Cancel { id } => {
+            print(
+                &client
+                    .json(Method::POST, &format!("/admin/v1/jobs/{id}/cancel"), None)
+                    .await?,
+            );
+        }
+        DistillCommand::Rollback { model } => {
+            print(
+                &client
+                    .json(Method::POST, &format!("/admin/v1/models/{model}/rollback"), None)
+                    .await?,
+            );
+        }
+    }
+    Ok(())
+}
