@@ -9,8 +9,9 @@ bash scripts/setup.sh
 cargo build --release --locked
 bin=target/release/distill-serve
 if [ ! -f models/default/1/model.onnx ]; then
-  # Until the trained demo student exists: a tiny random-weight student, made here.
-  checkpoint=target/default-student/checkpoint
+  # Until the trained demo student exists: a tiny random-weight student, made here. Its
+  # checkpoint stays beside the ONNX files, where refresh jobs fine-tune it.
+  checkpoint=models/default/1/checkpoint
   "$bin" tiny --family qwen2 --seed 0 --out "$checkpoint"
   "$bin" export --checkpoint "$checkpoint" --out models/default/1 --int8 >/dev/null
   echo "serve: made models/default/1 (a tiny random-weight INT8 student)"

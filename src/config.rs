@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Bearer token of the admin API under /admin/v1/ (the admin API is off without one).
     #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Bearer token clients must send on the `/v1` routes (as vLLM's `--api-key`); open when
+    /// absent.
+    #[arg(long, env = "DISTILL_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
     #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
@@ -91,6 +95,7 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub admin_token: Option<String>,
+    pub api_key: Option<String>,
     pub ort_library: Option<PathBuf>,
     /// SQLite file of the dataset store.
     pub store: PathBuf,
@@ -125,6 +130,7 @@ impl ServeArgs {
                 .or(file.grpc_addr)
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8081))),
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            api_key: self.api_key.or(file.api_key).filter(|t| !t.is_empty()),
             ort_library: self.ort_library.or(file.ort_library),
             request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {
                 0 => None,

@@ -35,7 +35,7 @@ enum Command {
     /// Export a checkpoint to ONNX (FP32, or INT8 with --int8).
     Export(ExportArgs),
     /// Serve the models of a model repository over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Terminologies (ICD-10-CM, SNOMED CT, lists) for constrained decoding.
     #[command(subcommand)]
     Terminology(TerminologyCommand),

@@ -55,6 +55,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         distiller,
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
+        api_key: config.api_key.as_deref().map(Arc::from),
         request_timeout: config.request_timeout,
     };
     let http = TcpListener::bind(config.http_addr)

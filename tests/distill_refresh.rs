@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::server::{ADMIN_TOKEN, TestServer, add_trainable_version, add_version};
+use distill_serve::checkpoint::Family;
+use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::tiny::{TinySpec, write_tiny};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -62,7 +65,8 @@ fn token_job(teacher: &TestServer, steps: usize) -> Value {
         "dataset": "notes",
         "teacher": {"url": teacher.url("/v1"), "model": "teacher", "mode": "token", "top_logprobs": 5,
                     "max_tokens": 12, "temperature": 0.0, "concurrency": 4},
-        "train": {"steps": steps, "batch_size": 8, "learning_rate": 0.003, "warmup_steps": 5, "alpha": 0.7},
+        // nice 0: the default (10) lets training yield to everything else on a busy test box.
+        "train": {"steps": steps, "batch_size": 8, "learning_rate": 0.003, "warmup_steps": 5, "alpha": 0.7, "nice": 0},
         "eval_fraction": 0.25,
         "eval_max_new_tokens": 8
     })
@@ -170,8 +174,8 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
         clients.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let started = Instant::now();
-            // Bounded in count and time.
-            for i in 0..5000 {
+            // Bounded in count and time; paced, so the clients outlast the job.
+            for i in 0..20_000 {
                 if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
                     break;
                 }
@@ -181,6 +185,7 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
                     Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
                     _ => failed.fetch_add(1, Ordering::Relaxed),
                 };
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }));
     }
@@ -272,9 +277,33 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
     assert_eq!(r.status(), 409);
 }
 
+/// A teacher whose tokenizer differs from the students' (a BPE of another size).
+fn foreign_teacher_server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    let work = dir.path().join("work");
+    let mut spec = TinySpec::new(Family::Qwen2, 7);
+    spec.tokenizer_vocab_size = 300;
+    write_tiny(&spec, &work).unwrap();
+    export::export(
+        &work,
+        &repo.join("teacher/1"),
+        Precision::DEFAULT_INT8,
+        ExternalData::Never,
+    )
+    .unwrap();
+    std::fs::write(repo.join("teacher/model.toml"), "name = \"teacher\"\n").unwrap();
+    TestServer::start_with_repo(dir, repo, &["--api-key", "teacher-key"])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
-    let student = student_server("coder");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_trainable_version(&repo, "coder", 1, 1);
+    let env = [("TEACHER_WRONG_KEY", "nope"), ("TEACHER_KEY", "teacher-key")];
+    let student = TestServer::start_with_env(dir, repo, &[], &env);
+    let teacher = foreign_teacher_server();
     upload(&student, "notes", 12).await;
     // Nothing listens on port 9 of loopback.
     let mut job = json!({"dataset": "notes", "train": {"steps": 2},
@@ -295,6 +324,44 @@ async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
     assert_eq!(j["state"], "failed");
     assert!(
         j["error"].as_str().unwrap().contains("DISTILL_SERVE_TEST_NO_SUCH_KEY"),
+        "{j}"
+    );
+
+    // The teacher's /v1 routes want its API key; its health routes do not.
+    let anonymous = teacher
+        .post(
+            "/v1/completions",
+            &json!({"model": "teacher", "prompt": "x", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(
+        reqwest::get(teacher.url("/v2/health/ready")).await.unwrap().status(),
+        200
+    );
+
+    // A wrong key: the teacher's 401, not retried.
+    let mut keyed = token_job(&teacher, 2);
+    keyed["teacher"]["api_key_env"] = json!("TEACHER_WRONG_KEY");
+    let id = start_job(&student, "coder", &keyed).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "failed");
+    assert!(j["error"].as_str().unwrap().contains("(401)"), "{j}");
+
+    // The right key, but token-level KD from a teacher with another tokenizer.
+    keyed["teacher"]["api_key_env"] = json!("TEACHER_KEY");
+    let id = start_job(&student, "coder", &keyed).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["stage"].as_str()),
+        (Some("failed"), Some("teacher")),
+        "{j}"
+    );
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("must share the student's tokenizer"),
         "{j}"
     );
 

@@ -1,5 +1,5 @@
 //! Admin routes under `/admin/v1/`, behind a bearer token: list, load (or reload) and unload
-//! models; list terminologies.
+//! models; list terminologies. Also the optional API key of the `/v1` routes.
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
@@ -36,6 +36,32 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
             next.run(request).await
         }
         (Some(_), Some(_)) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong bearer token").into_response(),
+    }
+}
+
+/// Rejects `/v1` requests without the configured API key (401), when the server has one.
+pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.api_key else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => next.run(request).await,
+        _ => {
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid or missing API key",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
     }
 }
 

@@ -41,7 +41,11 @@ pub async fn refresh(
 ) -> Result<Response, ApiError> {
     let spec: RefreshSpec =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid refresh job: {e}")))?;
-    let id = state.distiller.start(&name, spec)?;
+    // Starting writes the job (and any inline prompts) to SQLite: off the async threads.
+    let (distiller, model) = (state.distiller.clone(), name.clone());
+    let id = tokio::task::spawn_blocking(move || distiller.start(&model, spec))
+        .await
+        .map_err(store_error)??;
     let links = json!({"self": format!("/admin/v1/jobs/{id}"), "events": format!("/admin/v1/jobs/{id}/events")});
     Ok((
         StatusCode::ACCEPTED,

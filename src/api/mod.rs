@@ -34,6 +34,8 @@ pub struct AppState {
     pub terminologies: Arc<Terminologies>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Option<Arc<str>>,
+    /// Token the `/v1` routes require, if any.
+    pub api_key: Option<Arc<str>>,
     /// Deadline of requests that set none.
     pub request_timeout: Option<std::time::Duration>,
     /// Distillation refresh jobs and their dataset store.
@@ -64,11 +66,17 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             admin::require_token,
         ));
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_api_key,
+        ));
+    Router::new()
+        .merge(v1)
         .route("/v2", get(kserve::server_metadata))
         .route("/v2/health/live", get(kserve::live))
         .route("/v2/health/ready", get(kserve::ready))

@@ -36,6 +36,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Threads training may use; serving keeps the rest.
     pub threads: usize,
+    /// CPU priority (nice, 0..=19) of the training threads: higher yields more to serving.
+    pub nice: i32,
 }
 
 impl Default for TrainConfig {
@@ -54,6 +56,7 @@ impl Default for TrainConfig {
             fake_quant: false,
             seed: 0,
             threads: 1,
+            nice: 10,
         }
     }
 }
@@ -168,6 +171,16 @@ pub fn loss_and_gradients(
     Ok((parts, loss.backward()?))
 }
 
+/// Lowers the calling thread's CPU priority to `nice`, so serving threads win where they
+/// compete with training for a core. On Linux the nice value is per thread.
+fn lower_priority(nice: i32) {
+    // SAFETY: setpriority only reads its integer arguments; who = 0 is the calling thread.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if result != 0 {
+        tracing::debug!("could not lower the training threads' priority");
+    }
+}
+
 /// Trains `model` on `examples` for `config.steps` steps, calling `progress` after each; stops
 /// early with an error when `cancel` is set.
 pub fn train(
@@ -184,6 +197,10 @@ pub fn train(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(config.threads.max(1))
         .thread_name(|i| format!("distill-train-{i}"))
+        .start_handler({
+            let nice = config.nice.clamp(0, 19);
+            move |_| lower_priority(nice)
+        })
         .build()
         .context("starting the training threads")?;
     pool.install(|| {

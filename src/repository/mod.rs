@@ -240,7 +240,16 @@ impl Repository {
         let target = dir.join(next.to_string());
         std::fs::rename(staged, &target)
             .map_err(|e| RepositoryError::Invalid(format!("moving {} into place: {e}", staged.display())))?;
-        let model = self.load_version(name, Some(next))?;
+        let model = match self.load_version(name, Some(next)) {
+            Ok(model) => model,
+            Err(e) => {
+                // Out of the way again, so a restart does not pick a version that cannot load.
+                if let Err(back) = std::fs::rename(&target, staged) {
+                    tracing::error!(path = %target.display(), error = %back, "could not move a failed version back");
+                }
+                return Err(e);
+            }
+        };
         settings::write_serving_version(&dir, next)?;
         Ok(model)
     }

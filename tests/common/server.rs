@@ -61,6 +61,11 @@ impl TestServer {
 
     /// Starts a server over `repo` (inside `dir`, kept alive with the server).
     pub fn start_with_repo(dir: TempDir, repo: PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, repo, extra, &[])
+    }
+
+    /// As [`TestServer::start_with_repo`], with extra environment variables.
+    pub fn start_with_env(dir: TempDir, repo: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(super::binary())
             .arg("serve")
             .arg("--model-repository")
@@ -74,6 +79,7 @@ impl TestServer {
                 ADMIN_TOKEN,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,252 @@
+//! Serving latency while a refresh job trains: the same closed-loop load before, during and
+//! after the training stage of a refresh, on one server. The student is its own teacher
+//! (token-level KD from its own `/v1`), so no second process competes; the load runs only
+//! while the job is in its training stage, then the job is cancelled. Bounded in count and
+//! time; the figures are ratios within this one run.
+//!
+//! ```sh
+//! cargo bench --bench refresh                       # mid (16M) student, 1 training thread
+//! cargo bench --bench refresh -- --shape tiny --train-threads 2
+//! ```
+//! Flags: `--shape tiny|mid`, `--clients N` (default 4), `--requests N` per level (default
+//! 200), `--train-threads N` (default 1), `--nice N` (training threads' CPU priority, default
+//! 10), `--intra-threads N` (serving's ONNX Runtime threads, default 0 = all cores),
+//! `--max-tokens N` (default 32).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use distill_serve::checkpoint::Family;
+use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, Workload, workload};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "bench-admin-token";
+
+struct Options {
+    shape: ShapePreset,
+    clients: usize,
+    requests: u64,
+    train_threads: usize,
+    nice: i32,
+    /// Serving's ONNX Runtime threads (0 = all cores).
+    intra_threads: usize,
+    max_tokens: u32,
+}
+
+fn parse_args() -> Result<Options> {
+    let mut o = Options {
+        shape: ShapePreset::Mid,
+        clients: 4,
+        requests: 200,
+        train_threads: 1,
+        nice: 10,
+        intra_threads: 0,
+        max_tokens: 32,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--shape" => {
+                o.shape = match value()?.as_str() {
+                    "tiny" => ShapePreset::Tiny,
+                    "mid" => ShapePreset::Mid,
+                    other => bail!("unknown shape {other} (tiny, mid)"),
+                }
+            }
+            "--clients" => o.clients = value()?.parse()?,
+            "--requests" => o.requests = value()?.parse()?,
+            "--train-threads" => o.train_threads = value()?.parse()?,
+            "--nice" => o.nice = value()?.parse()?,
+            "--intra-threads" => o.intra_threads = value()?.parse()?,
+            "--max-tokens" => o.max_tokens = value()?.parse()?,
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// A server on loopback; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(repo: &std::path::Path, intra_threads: usize) -> Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_distill-serve"))
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+            .args(["--intra-threads", &intra_threads.to_string()])
+            .args(["--max-queue", "1024", "--admin-token", TOKEN])
+            .arg("--model-repository")
+            .arg(repo)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("server did not start")?;
+        Ok(Self {
+            child,
+            base: format!("http://{addr}"),
+        })
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut r = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let response = r.send().await?;
+        let status = response.status();
+        let v: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("{path}: {status}: {v}");
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn level(o: &Options, workload: &Arc<Workload>, base: &str) -> Result<Report> {
+    let sampling = Sampling {
+        model: "bench".into(),
+        max_tokens: o.max_tokens,
+        temperature: 0.7,
+        stream: false,
+    };
+    let plan = Plan {
+        client: Client::new(Protocol::Completions, base, sampling.clone(), Duration::from_secs(120))?,
+        target: base.to_string(),
+        protocol: Protocol::Completions,
+        sampling,
+        workload: Arc::clone(workload),
+        seed: 0,
+        loads: vec![Load::Closed { concurrency: o.clients }],
+        bounds: Bounds {
+            requests: o.requests,
+            duration: Duration::from_secs(120),
+            max_in_flight: 1024,
+        },
+        warmup: 4,
+        metrics_url: None,
+    };
+    Ok(loadtest::execute(&plan).await)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let o = parse_args()?;
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("models");
+    let version = repo.join("bench/1");
+    let checkpoint = version.join("checkpoint");
+    let mut spec = TinySpec::new(Family::Qwen2, 0);
+    spec.shape = o.shape;
+    write_tiny(&spec, &checkpoint)?;
+    export::export(&checkpoint, &version, Precision::DEFAULT_INT8, ExternalData::Auto)?;
+    std::fs::write(repo.join("bench/model.toml"), "name = \"bench\"\n")?;
+    let workload = Arc::new(Workload::Lognormal {
+        modes: workload::parse_mix("0.7:6:0.5,0.3:24:0.4")?,
+        max_words: 100,
+    });
+    let server = Server::start(&repo, o.intra_threads)?;
+
+    let before = level(&o, &workload, &server.base).await?;
+
+    let prompts: Vec<Value> = (0..64)
+        .map(|i| json!({"prompt": format!("Patient {i} reports chest pain and shortness of breath.")}))
+        .collect();
+    let job = json!({
+        "dataset": "bench", "prompts": prompts,
+        "teacher": {"url": format!("{}/v1", server.base), "model": "bench", "mode": "token",
+                    "max_tokens": 24, "concurrency": 2},
+        "train": {"steps": 1_000_000, "batch_size": 8, "threads": o.train_threads, "nice": o.nice},
+    });
+    let started = server
+        .admin(reqwest::Method::POST, "/admin/v1/models/bench/refresh", Some(job))
+        .await?;
+    let id = started["id"].as_str().context("no job id")?.to_string();
+    let path = format!("/admin/v1/jobs/{id}");
+    let waited = Instant::now();
+    let step_at = |j: &Value| j["result"]["training"]["step"].as_u64().unwrap_or(0);
+    let first = loop {
+        let j = server.admin(reqwest::Method::GET, &path, None).await?;
+        if j["stage"] == "training" && step_at(&j) > 0 {
+            break j;
+        }
+        if j["state"] != "running" && j["state"] != "queued" {
+            bail!("the job ended before training: {j}");
+        }
+        if waited.elapsed() > Duration::from_secs(300) {
+            bail!("the job did not reach training in 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let t0 = Instant::now();
+    let during = level(&o, &workload, &server.base).await?;
+    let last = server.admin(reqwest::Method::GET, &path, None).await?;
+    let steps_per_s = (step_at(&last) - step_at(&first)) as f64 / t0.elapsed().as_secs_f64();
+    if last["stage"] != "training" {
+        bail!("training ended during the measurement: {last}");
+    }
+    server
+        .admin(reqwest::Method::POST, &format!("{path}/cancel"), None)
+        .await?;
+    let ended = Instant::now();
+    loop {
+        let j = server.admin(reqwest::Method::GET, &path, None).await?;
+        if j["state"] == "cancelled" || ended.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = level(&o, &workload, &server.base).await?;
+
+    println!(
+        "\n### refresh: serving latency while training — {:?} student, INT8, {} clients, {} requests per level, {} training thread(s) at nice {}, serving on {} ORT thread(s) (0 = all cores)\n",
+        o.shape, o.clients, o.requests, o.train_threads, o.nice, o.intra_threads
+    );
+    println!("| phase | req/s | gen tok/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---|---|---|---|");
+    let mut p99 = Vec::new();
+    for (name, report) in [("before", &before), ("during training", &during), ("after", &after)] {
+        let l = &report.levels[0];
+        let (p50, p) = l.latency_ms.map_or((f64::NAN, f64::NAN), |p| (p.p50, p.p99));
+        p99.push(p);
+        println!(
+            "| {name} | {:.1} | {:.0} | {p50:.1} | {p:.1} | {} |",
+            l.requests_per_s,
+            l.tokens_per_s,
+            l.failed()
+        );
+    }
+    println!(
+        "\np99 during training / before: {:.2}x; training ran {steps_per_s:.2} steps/s (batch 8) during the load",
+        p99[1] / p99[0]
+    );
+    Ok(())
+}
