@@ -422,7 +422,12 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
         .collect();
     assert_eq!(staging.len(), 1, "the candidate is built in a staging folder");
 
-    let student = TestServer::start_with_repo(dir, repo, &[]);
+    // Restarted with a terminology, so the next job's gate can count coverage.
+    let icd = format!(
+        "icd=icd10cm-xml:{}/tests/fixtures/terminology/icd10cm_tabular_small.xml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let student = TestServer::start_with_repo(dir, repo, &["--terminology", &icd]);
     let j = job(&student, &id).await;
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("interrupted"), "{j}");
@@ -439,14 +444,15 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
     // Sequence-level KD on the same store then runs to the end; a cancelled job stops.
     let mut short = long.clone();
     short["train"]["steps"] = json!(4);
-    short["gate"] = json!({"min_agreement_gain": -1.0, "max_kl_ratio": 100.0});
+    short["gate"] = json!({"min_agreement_gain": -1.0, "max_kl_ratio": 100.0, "min_coverage": 0.0});
+    short["terminology"] = json!("icd");
     let id = start_job(&student, "coder", &short).await;
     let j = finished(&student, &id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert!(
-        j["result"]["evaluation"]["candidate"]["kl"].is_null(),
-        "sequence-level KD has no KL"
-    );
+    let candidate = &j["result"]["evaluation"]["candidate"];
+    assert!(candidate["kl"].is_null(), "sequence-level KD has no KL");
+    let coverage = candidate["coverage"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&coverage), "{candidate}");
     assert_eq!(serving_version(&student, "coder").await, 2);
 
     let id = start_job(&student, "coder", &long).await;

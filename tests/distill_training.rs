@@ -127,20 +127,11 @@ fn training_lowers_the_loss_and_saves_a_loadable_checkpoint() {
         .unsqueeze(0)
         .unwrap();
     let len = [examples[0].tokens.len()];
-    let a = model
-        .forward(&input, &len)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = reloaded
-        .forward(&input, &len)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let logits = |m: &TrainableDecoder| {
+        let t = m.forward(&input, &len).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&model), logits(&reloaded));
     assert_eq!(a, b);
 
     let cancelled = train(&mut model, &examples, &config, &AtomicBool::new(true), |_| {});
