@@ -13,6 +13,7 @@ pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod metrics;
+pub mod recipe;
 pub mod reference;
 pub mod repository;
 pub mod scheduler;

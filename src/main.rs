@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use distill_serve::config::ServeArgs;
 use distill_serve::constrain::{self, DescriptionTypes, SnomedOptions, SourceKind};
 use distill_serve::distill::client::{DistillCommand, ServerArgs};
+use distill_serve::distill::finetune;
+use distill_serve::distill::trainer::TrainConfig;
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
 use distill_serve::tiny::{self, TinySpec};
 
@@ -39,7 +41,12 @@ enum Command {
     /// Terminologies (ICD-10-CM, SNOMED CT, lists) for constrained decoding.
     #[command(subcommand)]
     Terminology(TerminologyCommand),
-    /// Distillation refresh on a running server: datasets, jobs, rollback.
+    /// Fine-tune a checkpoint on labelled prompts (cross-entropy on the labels).
+    Train(TrainArgs),
+    /// Build the datasets of the project's recipes.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Distillation refresh on a running server: datasets, jobs, rollback, evaluation.
     Distill {
         #[command(flatten)]
         server: ServerArgs,
@@ -64,6 +71,49 @@ enum TerminologyCommand {
         #[arg(long, value_enum, default_value = "all")]
         descriptions: DescriptionTypes,
     },
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// The ICD-10-CM coding dataset (train.jsonl, heldout.jsonl, corpus.txt) from the CMS
+    /// tabular XML.
+    Icd10cmData {
+        /// `icd10cm_tabular_*.xml`.
+        #[arg(long)]
+        xml: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Code prefixes to keep (all billable codes when none).
+        #[arg(long, value_delimiter = ',')]
+        prefixes: Vec<String>,
+        /// At most this many codes, drawn with --seed.
+        #[arg(long)]
+        max_codes: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Checkpoint folder to start from.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// JSONL prompts with labels.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output checkpoint folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training settings as JSON (the `train` object of a refresh job).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// Resident memory of this process, in bytes (Linux; 0 elsewhere).
@@ -113,6 +163,22 @@ fn main() -> Result<()> {
             let report = export::export(&args.checkpoint, &args.out, precision, args.external_data)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Command::Train(args) => train(args)?,
+        Command::Recipe(RecipeCommand::Icd10cmData {
+            xml,
+            out,
+            prefixes,
+            max_codes,
+            seed,
+        }) => {
+            let spec = distill_serve::recipe::dataset::DatasetSpec {
+                prefixes,
+                max_codes,
+                seed,
+            };
+            let summary = distill_serve::recipe::write_icd10cm_dataset(&xml, &spec, &out)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
         Command::Distill { server, command } => {
             tokio::runtime::Runtime::new()?.block_on(distill_serve::distill::client::run(server, command))?;
         }
@@ -155,5 +221,32 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut config: TrainConfig = match &args.config {
+        Some(path) => serde_json::from_str(&std::fs::read_to_string(path)?)?,
+        None => TrainConfig::default(),
+    };
+    config.steps = args.steps.unwrap_or(config.steps);
+    config.threads = args.threads.unwrap_or(config.threads);
+    config.seed = args.seed.unwrap_or(config.seed);
+    let prompts = finetune::read_jsonl(&args.data)?;
+    let every = (config.steps / 20).max(1);
+    let started = std::time::Instant::now();
+    finetune::finetune(&args.checkpoint, prompts, &config, &args.out, |r| {
+        if r.step % every == 0 || r.step == r.steps {
+            eprintln!(
+                "step {}/{} loss {:.4} lr {:.2e} ({:.0} s)",
+                r.step,
+                r.steps,
+                r.loss.total,
+                r.learning_rate,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -10,15 +10,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use serde_json::Value;
 
+use super::heldout::{self, HeldOutArgs};
+
 /// Where the server is and how to authenticate.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Base URL of the server's HTTP listener.
     #[arg(long, env = "DISTILL_SERVE_URL", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// The server's admin token.
+    /// The server's admin token (every subcommand but `eval` needs it).
     #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    pub admin_token: Option<String>,
 }
 
 /// The `distill` subcommands.
@@ -45,6 +47,9 @@ pub enum DistillCommand {
     Cancel { id: String },
     /// Serve the version before the serving one again.
     Rollback { model: String },
+    /// Evaluate a served model on a labelled held-out set, without and with the terminology
+    /// constraint (exact match, invalid codes, coverage, latency, tokens/s).
+    Eval(HeldOutArgs),
 }
 
 struct Client {
@@ -55,7 +60,12 @@ struct Client {
 impl Client {
     async fn call(&self, method: Method, path: &str, body: Option<reqwest::Body>) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.args.server.trim_end_matches('/'));
-        let mut request = self.http.request(method, &url).bearer_auth(&self.args.admin_token);
+        let token = self
+            .args
+            .admin_token
+            .as_deref()
+            .context("the admin API needs --admin-token (or DISTILL_SERVE_ADMIN_TOKEN)")?;
+        let mut request = self.http.request(method, &url).bearer_auth(token);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -214,6 +224,7 @@ pub async fn run(server: ServerArgs, command: DistillCommand) -> Result<()> {
                     .await?,
             );
         }
+        DistillCommand::Eval(args) => print(&heldout::evaluate(&client.args.server, &args).await?),
     }
     Ok(())
 }

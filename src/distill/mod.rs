@@ -4,6 +4,8 @@
 pub mod capture;
 pub mod client;
 pub mod eval;
+pub mod finetune;
+pub mod heldout;
 pub mod job;
 pub mod loss;
 pub mod model;

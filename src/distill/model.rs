@@ -89,7 +89,7 @@ impl TrainableDecoder {
 
     fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
         let w = self.weight(&format!("{prefix}.weight"))?;
-        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = matmul_rows(x, &w)?;
         if bias {
             Ok(y.broadcast_add(&self.weight(&format!("{prefix}.bias"))?)?)
         } else {
@@ -106,6 +106,30 @@ impl TrainableDecoder {
     /// Logits `[batch, seq, vocab]` of right-padded `input_ids` (`[batch, seq]`, u32);
     /// `lengths` are the real lengths of the rows.
     pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let hidden = self.hidden(input_ids, lengths)?;
+        self.project(&hidden)
+    }
+
+    /// Logits `[n, vocab]` of the flat positions `positions` (indices into `batch * seq`):
+    /// training needs only the positions it learns from, and the vocabulary projection is the
+    /// widest matrix.
+    pub fn forward_at(&self, input_ids: &Tensor, lengths: &[usize], positions: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden(input_ids, lengths)?;
+        let flat = hidden.reshape(((), self.config.hidden_size))?;
+        self.project(&flat.index_select(positions, 0)?)
+    }
+
+    fn project(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = if self.config.tie_word_embeddings {
+            self.weight("model.embed_tokens.weight")?
+        } else {
+            self.weight("lm_head.weight")?
+        };
+        matmul_rows(hidden, &head)
+    }
+
+    /// Final hidden states `[batch, seq, hidden]`, after the last norm.
+    fn hidden(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seq) = input_ids.dims2()?;
         let dev = input_ids.device();
@@ -126,13 +150,7 @@ impl TrainableDecoder {
             let act = silu(&gate)?.mul(&up)?;
             x = (x + self.linear(&act, &format!("{p}.mlp.down_proj"), c.mlp_bias)?)?;
         }
-        let x = self.rms_norm(&x, "model.norm.weight")?;
-        let head = if c.tie_word_embeddings {
-            embed
-        } else {
-            self.weight("lm_head.weight")?
-        };
-        Ok(x.broadcast_matmul(&head.t()?)?)
+        self.rms_norm(&x, "model.norm.weight")
     }
 
     /// `cos` and `sin` tables `[seq, head_dim]` in the rotate-half layout `transformers` uses.
@@ -185,6 +203,16 @@ impl TrainableDecoder {
             .broadcast_as((batch, kv, groups, seq, dim))?
             .reshape((batch, kv * groups, seq, dim))?)
     }
+}
+
+/// `x @ w^T` for `x` of any rank (`[..., in]`) and `w` `[out, in]`: one 2-D matmul over the
+/// flattened rows, since a broadcast batched matmul copies the weight once per batch row.
+fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inner = dims.pop().context("matmul of a scalar")?;
+    let rows = x.reshape(((), inner))?.matmul(&w.t()?)?;
+    dims.push(w.dim(0)?);
+    Ok(rows.reshape(dims)?)
 }
 
 /// `x * sigmoid(x)` from plain ops.

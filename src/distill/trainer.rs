@@ -164,9 +164,7 @@ pub fn loss_and_gradients(
     weights: LossWeights,
 ) -> Result<(LossParts, GradStore)> {
     let batch = make_batch(examples, &Device::Cpu)?;
-    let logits = model.forward(&batch.input_ids, &batch.lengths)?;
-    let vocab = logits.dim(2)?;
-    let picked = logits.reshape(((), vocab))?.index_select(&batch.positions, 0)?;
+    let picked = model.forward_at(&batch.input_ids, &batch.lengths, &batch.positions)?;
     let (loss, parts) = distillation_loss(&picked, &batch.targets, batch.top.as_ref(), tau, weights)?;
     Ok((parts, loss.backward()?))
 }

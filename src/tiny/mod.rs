@@ -107,6 +107,9 @@ pub struct TinySpec {
     /// Stored dtype of the weights (the 1.5B preset defaults to bf16, as the real model).
     #[arg(long, value_enum)]
     pub dtype: Option<WeightDtype>,
+    /// Train the tokenizer on this text file (one line per text) instead of the shipped corpus.
+    #[arg(long)]
+    pub corpus: Option<std::path::PathBuf>,
 }
 
 /// `--bert-head` values.
@@ -138,6 +141,7 @@ impl TinySpec {
             shards: 1,
             format: TransformersFormat::V4,
             dtype: None,
+            corpus: None,
         }
     }
 
@@ -227,7 +231,11 @@ impl TinySpec {
 /// Writes a checkpoint for `spec` into `out` (created if needed) and returns its configuration.
 pub fn write_tiny(spec: &TinySpec, out: &Path) -> Result<ModelConfig> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tok = train_tokenizer(spec.family, spec.tokenizer_vocab_size)?;
+    let corpus = match &spec.corpus {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let tok = train_tokenizer(spec.family, spec.tokenizer_vocab_size, corpus.as_deref())?;
     let config = spec.model_config(tok.vocab_size)?;
     tok.write(out, spec.format)?;
     write_config(&config, spec, out)?;

@@ -43,8 +43,9 @@ pub struct TinyTokenizer {
     family: Family,
 }
 
-/// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on the shipped corpus.
-pub fn train_tokenizer(family: Family, vocab_size: usize) -> Result<TinyTokenizer> {
+/// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on `corpus` (the shipped
+/// corpus when `None`).
+pub fn train_tokenizer(family: Family, vocab_size: usize, corpus: Option<&str>) -> Result<TinyTokenizer> {
     let specials: &[&str] = if family == Family::Bert {
         &ENCODER_SPECIALS
     } else {
@@ -63,7 +64,7 @@ pub fn train_tokenizer(family: Family, vocab_size: usize) -> Result<TinyTokenize
     tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     tokenizer
-        .train(&mut trainer, CORPUS.lines())
+        .train(&mut trainer, corpus.unwrap_or(CORPUS).lines())
         .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
     if family == Family::Bert {
         let post = TemplateProcessing::builder()
@@ -128,7 +129,7 @@ mod tests {
 
     #[test]
     fn decoder_tokenizer_round_trips_and_keeps_special_ids() {
-        let tok = train_tokenizer(Family::Qwen2, 400).unwrap();
+        let tok = train_tokenizer(Family::Qwen2, 400, None).unwrap();
         assert!(tok.vocab_size > 256 && tok.vocab_size <= 400, "{}", tok.vocab_size);
         let text = "<|im_start|>user\nCode for E11.9? Ünïcödé ✓<|im_end|>";
         let enc = tok.tokenizer.encode(text, false).unwrap();
@@ -140,12 +141,12 @@ mod tests {
 
     #[test]
     fn training_is_deterministic() {
-        let a = train_tokenizer(Family::Llama, 500)
+        let a = train_tokenizer(Family::Llama, 500, None)
             .unwrap()
             .tokenizer
             .to_string(false)
             .unwrap();
-        let b = train_tokenizer(Family::Llama, 500)
+        let b = train_tokenizer(Family::Llama, 500, None)
             .unwrap()
             .tokenizer
             .to_string(false)

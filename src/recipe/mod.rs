@@ -1,0 +1,35 @@
+//! Recipes that build the project's own students from public data: the ICD-10-CM coding
+//! dataset behind the embedded default student (`models/recipe-icd10cm.sh` runs the rest).
+
+pub mod dataset;
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::constrain::load_icd10cm_xml;
+use dataset::{DatasetSpec, Pair, build, corpus};
+
+/// Writes `train.jsonl`, `heldout.jsonl` (prompts with their codes as labels) and `corpus.txt`
+/// (tokenizer text) for the ICD-10-CM tabular XML at `xml` into `out`; returns a summary.
+pub fn write_icd10cm_dataset(xml: &Path, spec: &DatasetSpec, out: &Path) -> Result<Value> {
+    let terminology = load_icd10cm_xml(xml)?;
+    let d = build(&terminology, spec);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write_jsonl = |name: &str, pairs: &[Pair]| -> Result<()> {
+        let path = out.join(name);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for p in pairs {
+            writeln!(f, "{}", serde_json::to_string(&p.prompt())?)?;
+        }
+        Ok(f.flush()?)
+    };
+    write_jsonl("train.jsonl", &d.train)?;
+    write_jsonl("heldout.jsonl", &d.held_out)?;
+    std::fs::write(out.join("corpus.txt"), corpus(&d))?;
+    Ok(json!({"codes": d.codes.len(), "train": d.train.len(), "held_out": d.held_out.len(), "out": out}))
+}
