@@ -41,6 +41,8 @@ pub struct Axes {
     pub prompts: usize,
     /// Answers equal to the label (trimmed).
     pub exact_match: f64,
+    /// Answers in the label's category (the same first three characters, e.g. `E11`).
+    pub category_match: f64,
     /// Answers that are not exactly one billable code of the terminology.
     pub invalid: f64,
     /// Code mentions in the answers that name a code of the terminology.
@@ -97,7 +99,8 @@ pub async fn evaluate(base: &str, args: &HeldOutArgs) -> Result<Value> {
     };
     let mut sides = Vec::new();
     for constrained in [false, true] {
-        let (mut exact, mut valid, mut mentions, mut matched, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0u64);
+        let (mut exact, mut category, mut valid, mut mentions, mut matched, mut tokens) =
+            (0usize, 0usize, 0usize, 0usize, 0usize, 0u64);
         let mut latencies = Vec::with_capacity(prompts.len());
         for (n, p) in prompts.iter().cloned().enumerate() {
             let (messages, label) = p.into_messages().map_err(|e| anyhow!("prompt {}: {e}", n + 1))?;
@@ -117,6 +120,8 @@ pub async fn evaluate(base: &str, args: &HeldOutArgs) -> Result<Value> {
                 .trim()
                 .to_string();
             exact += usize::from(answer == label.trim());
+            let head = |s: &str| s.chars().take(3).collect::<String>();
+            category += usize::from(answer.chars().count() >= 3 && head(&answer) == head(label.trim()));
             let path = format!("/v1/terminologies/{}/coverage", args.terminology);
             let c = caller.post(&path, &json!({"text": answer})).await?;
             mentions += c["mentions"].as_u64().unwrap_or(0) as usize;
@@ -134,6 +139,7 @@ pub async fn evaluate(base: &str, args: &HeldOutArgs) -> Result<Value> {
         sides.push(Axes {
             prompts: prompts.len(),
             exact_match: exact as f64 / n,
+            category_match: category as f64 / n,
             invalid: 1.0 - valid as f64 / n,
             coverage: if mentions == 0 {
                 0.0

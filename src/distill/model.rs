@@ -25,6 +25,8 @@ pub struct TrainableDecoder {
     /// Roles, to know which weights fake quantisation applies to.
     roles: BTreeMap<String, TensorRole>,
     inv_freq: Tensor,
+    /// Element type the checkpoint stored its weights in; saving keeps it.
+    stored: DType,
     /// Round linear weights to INT8 in the forward pass (quantisation-aware training).
     pub fake_quant: bool,
 }
@@ -38,7 +40,13 @@ impl TrainableDecoder {
         };
         let mut vars = BTreeMap::new();
         let mut roles = BTreeMap::new();
-        for spec in tensor_specs(&ckpt.config) {
+        let specs = tensor_specs(&ckpt.config);
+        let stored = match specs.first().map(|s| ckpt.weights.meta(&s.name)).transpose()? {
+            Some(meta) if meta.dtype == safetensors::Dtype::BF16 => DType::BF16,
+            Some(meta) if meta.dtype == safetensors::Dtype::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        for spec in specs {
             let data = ckpt.weights.f32(&spec.name)?;
             let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?;
             vars.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
@@ -50,6 +58,7 @@ impl TrainableDecoder {
             vars,
             roles,
             inv_freq,
+            stored,
             fake_quant: false,
         })
     }
@@ -64,13 +73,14 @@ impl TrainableDecoder {
         self.vars.iter().map(|(n, v)| (n.as_str(), v))
     }
 
-    /// Writes the weights as `model.safetensors` in `dir` (the checkpoint layout it came from).
+    /// Writes the weights as `model.safetensors` in `dir` (the checkpoint layout it came from),
+    /// in the element type the checkpoint had (a bf16 student stays bf16).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tensors: std::collections::HashMap<String, Tensor> = self
+        let tensors = self
             .vars
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(self.stored)?)))
+            .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
         let path = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
     }
