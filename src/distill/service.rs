@@ -195,14 +195,19 @@ impl Distiller {
             Err(e) => ("failed", Some(format!("{e:#}"))),
         };
         tracing::info!(job = %id, model = %model, state, error = error.as_deref().unwrap_or(""), "refresh ended");
-        if let Err(e) = self.store.update_job(&id, state, &p.stage, &p.result, error.as_deref()) {
-            tracing::error!(job = %id, error = %e, "could not record the job's end");
+        {
+            // Under the lock: once the record says the job ended, the model is free for the next
+            // job and the metric has counted it.
+            let mut jobs = self.live();
+            self.metrics.refresh_job_ended(&model, state);
+            if let Err(e) = self.store.update_job(&id, state, &p.stage, &p.result, error.as_deref()) {
+                tracing::error!(job = %id, error = %e, "could not record the job's end");
+            }
+            jobs.remove(&id);
         }
-        self.metrics.refresh_job_ended(&model, state);
         let _ = live
             .events
             .send(json!({"type": "finished", "state": state, "stage": p.stage, "error": error, "result": p.result}));
-        self.live().remove(&id);
     }
 
     async fn pipeline(&self, p: &mut Progress, name: &str, spec: &RefreshSpec, staging: &Path) -> Result<Outcome> {
