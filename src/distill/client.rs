@@ -106,7 +106,14 @@ impl Client {
                     continue;
                 };
                 let event: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                match event["type"].as_str() {
+                // The snapshot is the job as it was when the stream opened (it may have passed
+                // some stages already); `stage` events follow.
+                let kind = if event.get("type").is_none() && event.get("stage").is_some() {
+                    Some("stage")
+                } else {
+                    event["type"].as_str()
+                };
+                match kind {
                     Some("stage") => {
                         bar.set_prefix(event["stage"].as_str().unwrap_or("").to_string());
                         bar.set_position(0);
