@@ -13,8 +13,8 @@
 //! 10), `--intra-threads N` (serving's ONNX Runtime threads, default 0 = all cores),
 //! `--max-tokens N` (default 32).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,44 +72,35 @@ fn parse_args() -> Result<Options> {
     Ok(o)
 }
 
-/// A server on loopback; killed on drop.
+/// A server on loopback with the bench's admin token.
 struct Server {
-    child: Child,
-    base: String,
+    process: common::Server,
 }
 
 impl Server {
     fn start(repo: &std::path::Path, intra_threads: usize) -> Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_distill-serve"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .args(["--intra-threads", &intra_threads.to_string()])
-            .args(["--max-queue", "1024", "--admin-token", TOKEN])
-            .arg("--model-repository")
-            .arg(repo)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("server did not start")?;
+        let (repo, threads) = (
+            repo.to_str().context("repository path is not UTF-8")?,
+            intra_threads.to_string(),
+        );
+        let args = [
+            "--intra-threads",
+            &threads,
+            "--max-queue",
+            "1024",
+            "--admin-token",
+            TOKEN,
+            "--model-repository",
+            repo,
+        ];
         Ok(Self {
-            child,
-            base: format!("http://{addr}"),
+            process: common::Server::start(&args, "info", |_| {})?,
         })
     }
 
     async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut r = reqwest::Client::new()
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.process.base))
             .bearer_auth(TOKEN);
         if let Some(b) = body {
             r = r.json(&b);
@@ -121,13 +112,6 @@ impl Server {
             bail!("{path}: {status}: {v}");
         }
         Ok(v)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -175,14 +159,14 @@ async fn main() -> Result<()> {
     });
     let server = Server::start(&repo, o.intra_threads)?;
 
-    let before = level(&o, &workload, &server.base).await?;
+    let before = level(&o, &workload, &server.process.base).await?;
 
     let prompts: Vec<Value> = (0..64)
         .map(|i| json!({"prompt": format!("Patient {i} reports chest pain and shortness of breath.")}))
         .collect();
     let job = json!({
         "dataset": "bench", "prompts": prompts,
-        "teacher": {"url": format!("{}/v1", server.base), "model": "bench", "mode": "token",
+        "teacher": {"url": format!("{}/v1", server.process.base), "model": "bench", "mode": "token",
                     "max_tokens": 24, "concurrency": 2},
         "train": {"steps": 1_000_000, "batch_size": 8, "threads": o.train_threads, "nice": o.nice},
     });
@@ -207,7 +191,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let t0 = Instant::now();
-    let during = level(&o, &workload, &server.base).await?;
+    let during = level(&o, &workload, &server.process.base).await?;
     let last = server.admin(reqwest::Method::GET, &path, None).await?;
     let steps_per_s = (step_at(&last) - step_at(&first)) as f64 / t0.elapsed().as_secs_f64();
     if last["stage"] != "training" {
@@ -224,7 +208,7 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let after = level(&o, &workload, &server.base).await?;
+    let after = level(&o, &workload, &server.process.base).await?;
 
     println!(
         "\n### refresh: serving latency while training — {:?} student, INT8, {} clients, {} requests per level, {} training thread(s) at nice {}, serving on {} ORT thread(s) (0 = all cores)\n",

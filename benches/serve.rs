@@ -20,9 +20,9 @@
 //! Flags: `--shape tiny|mid`, `--baseline C` (default 2), `--requests N` per level (default
 //! 200), `--max-tokens N` (default 32), `--lengths weight:median:sigma,...` (words).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,57 +97,30 @@ fn parse_shape(line: &str) -> Option<Shape> {
     ))
 }
 
-/// A `distill-serve serve` process on loopback, and the shapes of its runs; killed on drop.
+/// A server and the shapes of its runs.
 struct Server {
-    child: Child,
-    base: String,
+    process: common::Server,
     shapes: Arc<Mutex<Vec<Shape>>>,
 }
 
 impl Server {
     fn start(repo: &Path, flags: &[&str]) -> Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_distill-serve"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .args(["--max-queue", "1024"])
-            .args(flags)
-            .arg("--model-repository")
-            .arg(repo)
-            .env("RUST_LOG", "info,distill_serve::engine::decoder=debug")
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
         let shapes = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&shapes);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(shape) = parse_shape(&line) {
-                    recorded.lock().unwrap_or_else(|p| p.into_inner()).push(shape);
-                } else if let Some(addr) = line.split("HTTP listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
+        let repo = repo.to_str().context("repository path is not UTF-8")?;
+        let mut args = vec!["--max-queue", "1024", "--model-repository", repo];
+        args.extend(flags);
+        let process = common::Server::start(&args, "info,distill_serve::engine::decoder=debug", move |line| {
+            if let Some(shape) = parse_shape(line) {
+                recorded.lock().unwrap_or_else(|p| p.into_inner()).push(shape);
             }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("server did not start")?;
-        Ok(Self {
-            child,
-            base: format!("http://{addr}"),
-            shapes,
-        })
+        })?;
+        Ok(Self { process, shapes })
     }
 
     /// Takes the shapes recorded so far.
     fn take_shapes(&self) -> Vec<Shape> {
         std::mem::take(&mut *self.shapes.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -180,9 +153,9 @@ async fn level(o: &Options, workload: &Arc<Workload>, base: &str, concurrency: u
 
 /// The 10x scenario against `server`, and the shapes the server ran during the 10C level.
 async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server) -> Result<(Report, Vec<Shape>)> {
-    let mut report = level(o, workload, &server.base, o.baseline, 4).await?;
+    let mut report = level(o, workload, &server.process.base, o.baseline, 4).await?;
     server.take_shapes();
-    let ten = level(o, workload, &server.base, o.baseline * 10, 0).await?;
+    let ten = level(o, workload, &server.process.base, o.baseline * 10, 0).await?;
     // The server logs each run before it returns; give the last lines time to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shapes = server.take_shapes();

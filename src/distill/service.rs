@@ -364,21 +364,13 @@ impl Distiller {
             })?;
             model.save(&out)
         });
-        let mut losses = Vec::new();
         loop {
             tokio::select! {
-                Some(report) = rx.recv() => {
-                    losses.push(json!({"step": report.step, "loss": report.loss.total, "ce": report.loss.ce,
-                        "kl": report.loss.kl, "tau": report.tau, "lr": report.learning_rate, "grad_norm": report.grad_norm}));
-                    p.result["losses"] = Value::Array(losses.clone());
-                    p.step(&report);
-                }
+                Some(report) = rx.recv() => p.step(&report),
                 done = &mut task => {
                     while let Ok(report) = rx.try_recv() {
-                        losses.push(json!({"step": report.step, "loss": report.loss.total, "ce": report.loss.ce,
-                            "kl": report.loss.kl, "tau": report.tau, "lr": report.learning_rate, "grad_norm": report.grad_norm}));
+                        p.step(&report);
                     }
-                    p.result["losses"] = Value::Array(losses);
                     return done?;
                 }
             }
@@ -445,8 +437,15 @@ impl Progress {
         let _ = self.live.events.send(json!({"type": key, key: value}));
     }
 
+    /// Records a training step: progress, and its losses appended to the job's history.
     fn step(&mut self, r: &StepReport) {
         self.result["training"] = json!({"step": r.step, "steps": r.steps});
+        let row = json!({"step": r.step, "loss": r.loss.total, "ce": r.loss.ce, "kl": r.loss.kl,
+            "tau": r.tau, "lr": r.learning_rate, "grad_norm": r.grad_norm});
+        match self.result["losses"].as_array_mut() {
+            Some(rows) => rows.push(row),
+            None => self.result["losses"] = json!([row]),
+        }
         if self.last_write.elapsed() > Duration::from_millis(500) || r.step == r.steps {
             self.save();
         }
