@@ -418,7 +418,7 @@ fn main() -> Result<()> {
         resident_bytes().saturating_sub(before) as f64 / 1e6
     );
 
-    let cache = distill_serve::config::setup_cache_dir().join("bench-vocab");
+    let cache = distill_serve::paths::setup_cache_dir().join("bench-vocab");
     let mut tries = Vec::new();
     let cl100k = tiktoken(&cache.join("cl100k_base.tiktoken"))?;
     for vocab in ["cl100k_base", "o200k_base"] {

@@ -9,17 +9,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::constrain::TerminologySpec;
-use crate::repository::ModelDefaults;
-
-/// Where `scripts/setup.sh` installs what the project downloads (the ONNX Runtime library, the
-/// ICD-10-CM release): `${XDG_CACHE_HOME:-~/.cache}/distill-serve`.
-pub fn setup_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"))
-        .join("distill-serve")
-}
+use crate::repository::ModelLimits;
 
 /// Settings of `distill-serve serve`, as given (any may be absent).
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -45,31 +35,10 @@ pub struct ServeArgs {
     /// absent.
     #[arg(long, env = "DISTILL_SERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
-    #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
-    pub intra_threads: Option<usize>,
-    /// Requests that may wait per model before new ones get 429 [default: 64].
-    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE")]
-    pub max_queue: Option<usize>,
-    /// Requests per model that may be waiting or generating at once, beyond which new ones get
-    /// 429 [default: 128].
-    #[arg(long, env = "DISTILL_SERVE_MAX_CONCURRENT_REQUESTS")]
-    pub max_concurrent_requests: Option<usize>,
-    /// `max_tokens` of requests that give none [default: 256].
-    #[arg(long, env = "DISTILL_SERVE_MAX_TOKENS")]
-    pub max_tokens: Option<usize>,
-    /// Most sequences decoded together per model; 1 turns batching off [default: 32].
-    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_SIZE")]
-    pub max_batch_size: Option<usize>,
-    /// Most padded prompt tokens per prefill batch [default: 4096].
-    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_TOKENS")]
-    pub max_batch_tokens: Option<usize>,
-    /// Longest a request waits for its length bucket to fill, in ms [default: 0: batch what is waiting].
-    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_DELAY_MS")]
-    pub max_queue_delay_ms: Option<u64>,
-    /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
-    #[arg(long, env = "DISTILL_SERVE_BUCKETS", value_delimiter = ',')]
-    pub buckets: Option<Vec<usize>>,
+    /// Limits of every model whose `model.toml` does not set its own.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: ModelLimits,
     /// Deadline of requests that set none (header x-request-timeout-ms, gRPC deadline), in ms;
     /// 0 = none [default: 300000].
     #[arg(long, env = "DISTILL_SERVE_REQUEST_TIMEOUT_MS")]
@@ -86,6 +55,11 @@ pub struct ServeArgs {
     /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
+    /// Once both listeners are bound, write their addresses here as JSON
+    /// (`{"http": "127.0.0.1:8080", "grpc": "127.0.0.1:8081"}`), for supervisors and tests
+    /// that start the server on port 0.
+    #[arg(long, env = "DISTILL_SERVE_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Settings with every default applied.
@@ -97,10 +71,13 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     pub api_key: Option<String>,
     pub ort_library: Option<PathBuf>,
+    /// Where to write the bound addresses once listening.
+    pub ready_file: Option<PathBuf>,
     /// SQLite file of the dataset store.
     pub store: PathBuf,
     pub request_timeout: Option<Duration>,
-    pub model_defaults: ModelDefaults,
+    /// Limits of every model whose `model.toml` leaves them out.
+    pub model_limits: ModelLimits,
     pub terminologies: Vec<TerminologySpec>,
 }
 
@@ -132,6 +109,7 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             api_key: self.api_key.or(file.api_key).filter(|t| !t.is_empty()),
             ort_library: self.ort_library.or(file.ort_library),
+            ready_file: self.ready_file.or(file.ready_file),
             request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -141,19 +119,7 @@ impl ServeArgs {
             } else {
                 self.terminologies
             },
-            model_defaults: ModelDefaults {
-                intra_threads: self.intra_threads.or(file.intra_threads).unwrap_or(0),
-                max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),
-                max_concurrent_requests: self
-                    .max_concurrent_requests
-                    .or(file.max_concurrent_requests)
-                    .unwrap_or(128),
-                max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(256),
-                max_batch_size: self.max_batch_size.or(file.max_batch_size).unwrap_or(32),
-                max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(4096),
-                max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms).unwrap_or(0),
-                buckets: self.buckets.or(file.buckets),
-            },
+            model_limits: self.limits.or(&file.limits),
         })
     }
 }
@@ -178,13 +144,16 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             config: Some(file),
-            max_queue: Some(7),
+            limits: ModelLimits {
+                max_queue: Some(7),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = args.resolve().unwrap();
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.grpc_addr.port(), 8081);
-        assert_eq!(c.model_defaults.max_queue, 7);
+        assert_eq!(c.model_limits.max_queue, Some(7));
         assert_eq!(c.model_repository, PathBuf::from("repo"));
     }
 

@@ -94,8 +94,8 @@ impl Metrics {
         let m = Self {
             requests: counter(
                 "distill_serve_requests_total",
-                "Requests by model, endpoint and HTTP status",
-                &["model", "endpoint", "status"],
+                "Requests by model, endpoint and outcome (success, cancelled, or the error's type)",
+                &["model", "endpoint", "outcome"],
             )?,
             request_duration: histogram(
                 "distill_serve_request_duration_seconds",
@@ -225,10 +225,8 @@ impl Metrics {
     }
 
     /// Records a finished request.
-    pub fn observe_request(&self, model: &str, endpoint: &str, status: u16, duration: Duration) {
-        self.requests
-            .with_label_values(&[model, endpoint, &status.to_string()])
-            .inc();
+    pub fn observe_request(&self, model: &str, endpoint: &str, outcome: &str, duration: Duration) {
+        self.requests.with_label_values(&[model, endpoint, outcome]).inc();
         self.request_duration
             .with_label_values(&[model, endpoint])
             .observe(duration.as_secs_f64());

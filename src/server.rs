@@ -1,6 +1,8 @@
 //! Starting the server: the ONNX Runtime library, the model repository, then the HTTP and gRPC
 //! listeners, until Ctrl-C or SIGTERM.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -13,6 +15,7 @@ use crate::config::ServerConfig;
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::distill::store::Store;
+use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 
@@ -21,7 +24,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     crate::engine::environment(config.ort_library.as_deref())?;
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     let root = config.model_repository.clone();
-    let defaults = config.model_defaults;
+    let defaults = config.model_limits.clone();
     let repo_metrics = Arc::clone(&metrics);
     let repository = tokio::task::spawn_blocking(move || Repository::open(&root, defaults, repo_metrics))
         .await
@@ -49,6 +52,13 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         Arc::clone(&terminologies),
         Arc::clone(&metrics),
     ));
+    let infer = Infer::new(
+        Arc::clone(&repository),
+        Arc::clone(&terminologies),
+        Arc::clone(&metrics),
+        Arc::clone(&distiller),
+        config.request_timeout,
+    );
     let state = AppState {
         repository,
         terminologies,
@@ -56,7 +66,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         metrics,
         admin_token: config.admin_token.as_deref().map(Arc::from),
         api_key: config.api_key.as_deref().map(Arc::from),
-        request_timeout: config.request_timeout,
+        infer,
     };
     let http = TcpListener::bind(config.http_addr)
         .await
@@ -64,8 +74,12 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;
-    tracing::info!(addr = %http.local_addr()?, "HTTP listening");
-    tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+    let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
+    tracing::info!(addr = %http_addr, "HTTP listening");
+    tracing::info!(addr = %grpc_addr, "gRPC listening");
+    if let Some(path) = &config.ready_file {
+        write_ready_file(path, http_addr, grpc_addr)?;
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let grpc_routes = grpc_routes(state.clone())?;
     let mut grpc_stopped = stopped.clone();
@@ -96,6 +110,17 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     http_result.context("HTTP server")?;
     grpc_result.context("gRPC server")?;
     Ok(())
+}
+
+/// Writes the bound addresses to `path` as JSON; beside it first, then renamed, so a reader
+/// never sees half a file.
+fn write_ready_file(path: &Path, http: SocketAddr, grpc: SocketAddr) -> Result<()> {
+    let body = serde_json::json!({"http": http.to_string(), "grpc": grpc.to_string()});
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, body.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing the ready file {}", path.display()))
 }
 
 fn grpc_routes(state: AppState) -> Result<tonic::service::Routes> {

@@ -22,7 +22,7 @@ const MARGIN: f64 = 0.05;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_student_answers_with_billable_codes_as_accurately_as_the_readme_says() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let xml = distill_serve::config::setup_cache_dir().join("icd10cm-2026/icd10cm_tabular_2026.xml");
+    let xml = distill_serve::paths::setup_cache_dir().join("icd10cm-2026/icd10cm_tabular_2026.xml");
     assert!(
         xml.is_file(),
         "run scripts/setup.sh first: {} is missing",

@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashMap;
 
 use common::server::TestServer;
-use distill_serve::api::grpc::proto::generate::{ChatMessage, GenerateRequest, generate_client::GenerateClient};
+use distill_serve::api::grpc::proto::generate::{
+    ChatMessage, Constraint, GenerateRequest, generate_client::GenerateClient,
+};
 use distill_serve::api::grpc::proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelMetadataRequest, ModelReadyRequest,
     ServerReadyRequest, grpc_inference_service_client::GrpcInferenceServiceClient, infer_parameter::ParameterChoice,
@@ -339,4 +341,120 @@ async fn a_call_past_its_deadline_is_deadline_exceeded() {
         .metric("distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_exceeded\"}")
         .await;
     assert_eq!(expired, 1.0);
+}
+
+/// The same invalid request, over OpenAI HTTP and gRPC `Generate`: matching status codes and the
+/// same message, because one layer validates for every protocol.
+#[tokio::test]
+async fn the_same_invalid_request_fails_alike_over_http_and_grpc() {
+    let server = TestServer::start(&[]);
+    let mut generate = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    let cases: [(Value, GenerateRequest, u16, Code); 5] = [
+        (
+            json!({"model": "tiny", "prompt": PROMPT, "top_p": 3.0}),
+            GenerateRequest {
+                top_p: Some(3.0),
+                ..generate_request("tiny")
+            },
+            400,
+            Code::InvalidArgument,
+        ),
+        (
+            json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 0}),
+            GenerateRequest {
+                max_tokens: Some(0),
+                ..generate_request("tiny")
+            },
+            400,
+            Code::InvalidArgument,
+        ),
+        (
+            json!({"model": "tiny", "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}),
+            GenerateRequest {
+                stop: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+                ..generate_request("tiny")
+            },
+            400,
+            Code::InvalidArgument,
+        ),
+        (
+            json!({"model": "tiny", "prompt": PROMPT, "constraint": {"terminology": "nowhere"}}),
+            GenerateRequest {
+                constraint: Some(Constraint {
+                    terminology: "nowhere".into(),
+                    ..Default::default()
+                }),
+                ..generate_request("tiny")
+            },
+            400,
+            Code::InvalidArgument,
+        ),
+        (
+            json!({"model": "absent", "prompt": PROMPT}),
+            generate_request("absent"),
+            404,
+            Code::NotFound,
+        ),
+    ];
+    for (body, request, http_status, grpc_code) in cases {
+        let response = server.post("/v1/completions", &body).await;
+        assert_eq!(response.status(), http_status, "{body}");
+        let http_message = response.json::<Value>().await.unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let status = generate.generate(request).await.unwrap_err();
+        assert_eq!(status.code(), grpc_code, "{body}");
+        assert_eq!(status.message(), http_message, "{body}");
+    }
+}
+
+fn generate_request(model: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        prompt: PROMPT.into(),
+        max_tokens: Some(4),
+        ..Default::default()
+    }
+}
+
+/// Every protocol counts its requests in `distill_serve_requests_total`, by outcome.
+#[tokio::test]
+async fn grpc_generate_and_model_infer_are_counted() {
+    let server = TestServer::start(&[]);
+    let counter = |endpoint: &str, outcome: &str| {
+        format!("distill_serve_requests_total{{endpoint=\"{endpoint}\",model=\"tiny\",outcome=\"{outcome}\"}}")
+    };
+    let mut generate = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    generate.generate(generate_request("tiny")).await.unwrap();
+    generate.generate(generate_request("tiny")).await.unwrap();
+    let bad = GenerateRequest {
+        temperature: Some(9.0),
+        ..generate_request("tiny")
+    };
+    generate.generate(bad).await.unwrap_err();
+    let mut stream = generate
+        .generate_stream(generate_request("tiny"))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(message) = stream.next().await {
+        message.unwrap();
+    }
+    let mut kserve = GrpcInferenceServiceClient::connect(server.grpc.clone()).await.unwrap();
+    kserve
+        .model_infer(infer_request("tiny", "BYTES", length_prefixed(b"ok")))
+        .await
+        .unwrap();
+    server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(server.metric(&counter("generate", "success")).await, 2.0);
+    assert_eq!(server.metric(&counter("generate", "invalid_request_error")).await, 1.0);
+    assert_eq!(server.metric(&counter("generate_stream", "success")).await, 1.0);
+    assert_eq!(server.metric(&counter("model_infer", "success")).await, 1.0);
+    assert_eq!(server.metric(&counter("completions", "success")).await, 1.0);
 }

@@ -521,3 +521,42 @@ async fn requests_past_their_deadline_are_dropped_with_504() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// `--ready-file` is written once both listeners answer, and names them.
+#[tokio::test]
+async fn the_ready_file_names_both_listeners_once_they_answer() {
+    use distill_serve::api::grpc::proto::inference::ServerLiveRequest;
+    use distill_serve::api::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_version(&repo, "tiny", 1, 1);
+    let ready = dir.path().join("ready.json");
+    let mut child = std::process::Command::new(common::binary())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .arg("--model-repository")
+        .arg(&repo)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(started.elapsed() < Duration::from_secs(90), "no ready file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert_eq!(file.as_object().unwrap().len(), 2, "{file}");
+    let live = reqwest::get(format!("http://{}/v2/health/live", file["http"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", file["grpc"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert!(grpc.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -4,10 +4,11 @@
 //! `distill-serve` is found beside `loadtest` in the target folder: `cargo nextest run
 //! --workspace` (the README's test command) builds both.
 
-use std::io::{BufRead, BufReader};
+#[path = "../../tests/common/launch.rs"]
+mod launch;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -37,7 +38,7 @@ fn run_ok(cmd: &mut Command) -> String {
 
 /// A server over a repository with one tiny INT8 student named `tiny`; killed on drop.
 struct Server {
-    child: Child,
+    _process: launch::Launched,
     http: String,
     grpc: String,
     _dir: tempfile::TempDir,
@@ -62,53 +63,18 @@ impl Server {
                 .arg(&version),
         );
         std::fs::write(dir.path().join("models/tiny/model.toml"), "name = \"tiny\"\n").unwrap();
-        let mut child = Command::new(&bin)
-            .args([
-                "serve",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--model-repository",
-            ])
-            .arg(dir.path().join("models"))
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for kind in ["HTTP", "gRPC"] {
-                    if let Some(addr) = line.split(&format!("{kind} listening addr=")).nth(1) {
-                        let _ = tx.send((kind, format!("http://{}", addr.trim())));
-                    }
-                }
-            }
-        });
-        let (mut http, mut grpc) = (String::new(), String::new());
-        for _ in 0..2 {
-            let (kind, addr) = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
-            *(if kind == "HTTP" { &mut http } else { &mut grpc }) = addr;
-        }
+        let repo = dir.path().join("models");
+        let args = ["--model-repository".as_ref(), repo.as_os_str()];
+        let process = launch::launch(&bin, &args, &[("RUST_LOG", "info")], |_| {}).unwrap();
         Self {
-            child,
-            http,
-            grpc,
+            http: format!("http://{}", process.http),
+            grpc: format!("http://{}", process.grpc),
+            _process: process,
             _dir: dir,
         }
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `loadtest` with `args` plus `--out`, and returns its JSON report.
 fn report(args: &[&str]) -> Value {
     let out = tempfile::tempdir().unwrap();
     let stdout = run_ok(Command::new(loadtest()).args(args).arg("--out").arg(out.path()));

@@ -3,13 +3,14 @@
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ErrorKind, InferError};
+use crate::repository::ModelState;
 
 /// Rejects requests without the configured token: 401 when absent, 403 when wrong (or when the
 /// server has no admin token, which turns the admin API off).
@@ -20,22 +21,16 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match (&state.admin_token, given) {
-        (None, _) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+        (None, _) => InferError::new(
+            ErrorKind::PermissionDenied,
             "the admin API is off; start the server with --admin-token",
         )
         .into_response(),
-        (Some(_), None) => {
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token").into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            r
-        }
+        (Some(_), None) => InferError::new(ErrorKind::Unauthenticated, "missing bearer token").into_response(),
         (Some(expected), Some(token)) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
             next.run(request).await
         }
-        (Some(_), Some(_)) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong bearer token").into_response(),
+        (Some(_), Some(_)) => InferError::new(ErrorKind::PermissionDenied, "wrong bearer token").into_response(),
     }
 }
 
@@ -51,17 +46,7 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(token) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => next.run(request).await,
-        _ => {
-            let mut r = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "invalid or missing API key",
-            )
-            .into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            r
-        }
+        _ => InferError::new(ErrorKind::Unauthenticated, "invalid or missing API key").into_response(),
     }
 }
 
@@ -76,26 +61,26 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
 
 /// `POST /admin/v1/models/{name}/load` (also `/reload`): loads the chosen version beside the
 /// serving one and swaps it in.
-pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, InferError> {
     let repository = state.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository.load(&name))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()))?;
+        .map_err(|e| InferError::internal(e.to_string()))?;
     match loaded {
         Ok(model) => Ok(Json(
-            json!({"name": model.name, "version": model.version, "state": "READY"}),
+            json!({"name": model.name, "version": model.version, "state": ModelState::Ready}),
         )),
         Err(crate::repository::RepositoryError::Invalid(message)) => {
-            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "load_failed", message))
+            Err(InferError::new(ErrorKind::Unprocessable, message))
         }
         Err(e) => Err(e.into()),
     }
 }
 
 /// `POST /admin/v1/models/{name}/unload`.
-pub async fn unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, InferError> {
     state.repository.unload(&name)?;
-    Ok(Json(json!({"name": name, "state": "UNLOADED"})))
+    Ok(Json(json!({"name": name, "state": ModelState::Unloaded})))
 }
 
 /// `GET /admin/v1/terminologies`: the loaded terminologies and what each holds.

@@ -13,24 +13,24 @@ use futures::Stream;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ErrorKind, InferError};
 use crate::distill::job::{PromptInput, RefreshSpec};
 use crate::distill::service::DistillError;
 
-impl From<DistillError> for ApiError {
+impl From<DistillError> for InferError {
     fn from(e: DistillError) -> Self {
         match e {
-            DistillError::Invalid(m) => ApiError::bad_request(m),
-            DistillError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found_error", m),
-            DistillError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            DistillError::Invalid(m) => InferError::bad_request(m),
+            DistillError::NotFound(m) => InferError::new(ErrorKind::NotFound, m),
+            DistillError::Conflict(m) => InferError::new(ErrorKind::Conflict, m),
             DistillError::Repository(e) => e.into(),
-            DistillError::Store(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()),
+            DistillError::Store(e) => InferError::internal(e.to_string()),
         }
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string())
+fn store_error(e: impl std::fmt::Display) -> InferError {
+    InferError::internal(e.to_string())
 }
 
 /// `POST /admin/v1/models/{name}/refresh`: starts a refresh job; 202 with its id.
@@ -38,9 +38,9 @@ pub async fn refresh(
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, InferError> {
     let spec: RefreshSpec =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid refresh job: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| InferError::bad_request(format!("invalid refresh job: {e}")))?;
     // Starting writes the job (and any inline prompts) to SQLite: off the async threads.
     let (distiller, model) = (state.distiller.clone(), name.clone());
     let id = tokio::task::spawn_blocking(move || distiller.start(&model, spec))
@@ -55,18 +55,18 @@ pub async fn refresh(
 }
 
 /// `GET /admin/v1/jobs`: the newest jobs first.
-pub async fn jobs(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn jobs(State(state): State<AppState>) -> Result<Json<Value>, InferError> {
     let jobs = state.distiller.store().jobs(100).map_err(store_error)?;
     Ok(Json(json!({"jobs": jobs})))
 }
 
 /// `GET /admin/v1/jobs/{id}`: stage, progress, losses, evaluation and outcome.
-pub async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, InferError> {
     Ok(Json(json!(state.distiller.job(&id)?)))
 }
 
 /// `POST /admin/v1/jobs/{id}/cancel`: asks a running job to stop; 202.
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, InferError> {
     state.distiller.cancel(&id)?;
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "cancelling": true}))).into_response())
 }
@@ -76,7 +76,7 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Re
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, InferError> {
     // Subscribe before reading the record, so no event falls between the two.
     let receiver = state.distiller.subscribe(&id);
     let record = state.distiller.job(&id)?;
@@ -109,7 +109,7 @@ pub async fn events(
 }
 
 /// `POST /admin/v1/models/{name}/rollback`: serves the version before the serving one.
-pub async fn rollback(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn rollback(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, InferError> {
     let repository = state.repository.clone();
     let (from, model) = tokio::task::spawn_blocking(move || repository.rollback(&name))
         .await
@@ -126,20 +126,20 @@ pub async fn upload(
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the body is not UTF-8 JSONL"))?;
+) -> Result<Json<Value>, InferError> {
+    let text = std::str::from_utf8(&body).map_err(|_| InferError::bad_request("the body is not UTF-8 JSONL"))?;
     let mut prompts = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let input: PromptInput =
-            serde_json::from_str(line).map_err(|e| ApiError::bad_request(format!("line {}: {e}", n + 1)))?;
+            serde_json::from_str(line).map_err(|e| InferError::bad_request(format!("line {}: {e}", n + 1)))?;
         prompts.push(
             input
                 .into_messages()
-                .map_err(|e| ApiError::bad_request(format!("line {}: {e}", n + 1)))?,
+                .map_err(|e| InferError::bad_request(format!("line {}: {e}", n + 1)))?,
         );
     }
     if prompts.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(InferError::bad_request(
             "the body has no prompts (one JSON object per line)",
         ));
     }
@@ -156,7 +156,7 @@ pub async fn upload(
 }
 
 /// `GET /admin/v1/datasets`: every dataset and its number of prompts.
-pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, InferError> {
     let list = state.distiller.store().datasets().map_err(store_error)?;
     let list: Vec<Value> = list
         .into_iter()
@@ -166,7 +166,7 @@ pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, ApiE
 }
 
 /// `GET /admin/v1/datasets/{name}`: the dataset's prompts, oldest first.
-pub async fn dataset(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn dataset(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, InferError> {
     let store = state.distiller.store().clone();
     let dataset = name.clone();
     let prompts = tokio::task::spawn_blocking(move || store.prompts(&dataset))
@@ -174,9 +174,8 @@ pub async fn dataset(State(state): State<AppState>, Path(name): Path<String>) ->
         .map_err(store_error)?
         .map_err(store_error)?;
     if prompts.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
+        return Err(InferError::new(
+            ErrorKind::NotFound,
             format!("dataset `{name}` has no prompts"),
         ));
     }

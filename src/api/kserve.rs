@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::InferError;
 
 /// Name of the BYTES input holding the prompt text.
 pub const TEXT_INPUT: &str = "text_input";
@@ -36,7 +36,10 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v2/models/{name}`: versions, platform and the text input/output tensors.
-pub async fn model_metadata(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, InferError> {
     let model = state.repository.get(&name)?;
     Ok(Json(json!({
         "name": model.name,
@@ -51,6 +54,6 @@ pub async fn model_metadata(State(state): State<AppState>, Path(name): Path<Stri
 pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match state.repository.get(&name) {
         Ok(_) => (StatusCode::OK, Json(json!({"name": name, "ready": true}))).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => InferError::from(e).into_response(),
     }
 }

@@ -8,23 +8,20 @@ pub mod grpc;
 mod kserve;
 pub mod openai;
 mod terminology;
-pub mod validate;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
-use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
+use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
-use crate::scheduler::Events;
-use error::ApiError;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -36,10 +33,10 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Token the `/v1` routes require, if any.
     pub api_key: Option<Arc<str>>,
-    /// Deadline of requests that set none.
-    pub request_timeout: Option<std::time::Duration>,
     /// Distillation refresh jobs and their dataset store.
     pub distiller: Arc<Distiller>,
+    /// The request layer generation routes hand their requests to.
+    pub infer: Infer,
 }
 
 /// The whole HTTP surface.
@@ -85,50 +82,6 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin)
         .with_state(state)
-}
-
-/// A whole generation, gathered from its events.
-#[derive(Debug, Default)]
-pub struct Collected {
-    pub text: String,
-    pub logprobs: Vec<TokenLogprob>,
-    pub reason: FinishReason,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub timings: Timings,
-}
-
-/// Gathers the events of one request until it finishes.
-pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
-    let internal = ApiError::from;
-    let mut c = Collected::default();
-    while let Some(event) = events.recv().await {
-        match event.map_err(internal)? {
-            Event::Token { text, logprob, .. } => {
-                c.text.push_str(&text);
-                c.logprobs.extend(logprob);
-            }
-            Event::Finished {
-                text,
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                timings,
-            } => {
-                c.text.push_str(&text);
-                c.reason = reason;
-                c.prompt_tokens = prompt_tokens;
-                c.completion_tokens = completion_tokens;
-                c.timings = timings;
-                return Ok(c);
-            }
-        }
-    }
-    Err(ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "generation ended before finishing",
-    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -4,12 +4,11 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ErrorKind, InferError};
 use super::openai::parse_json;
 use crate::constrain::ConstraintError;
 
@@ -23,10 +22,8 @@ struct CoverageRequest {
 pub async fn coverage(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Response {
     let result = parse_json::<CoverageRequest>(&body).and_then(|req| {
         state.terminologies.coverage(&name, &req.text).map_err(|e| match e {
-            ConstraintError::UnknownTerminology { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
-            }
-            ConstraintError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            ConstraintError::UnknownTerminology { .. } => InferError::new(ErrorKind::NotFound, e.to_string()),
+            ConstraintError::Invalid(_) => InferError::bad_request(e.to_string()),
         })
     });
     match result {

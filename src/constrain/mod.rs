@@ -55,6 +55,6 @@ pub fn load(kind: SourceKind, path: &Path, snomed: &SnomedOptions) -> Result<Ter
 
 /// The ICD-10-CM release `scripts/setup.sh` installs: the CMS tabular XML and the code list.
 pub fn icd10cm_release() -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = crate::config::setup_cache_dir().join("icd10cm-2026");
+    let dir = crate::paths::setup_cache_dir().join("icd10cm-2026");
     (dir.join("icd10cm_tabular_2026.xml"), dir.join("icd10cm_codes_2026.txt"))
 }

@@ -63,6 +63,21 @@ pub struct ConstraintRequest {
     pub after: Option<String>,
 }
 
+impl ConstraintRequest {
+    /// A constraint to one code of `terminology`, every other setting at its default.
+    pub fn new(terminology: impl Into<String>) -> Self {
+        Self {
+            terminology: terminology.into(),
+            match_kind: MatchKind::default(),
+            max_items: one(),
+            separator: comma(),
+            code_format: CodeFormat::default(),
+            billable_only: yes(),
+            after: None,
+        }
+    }
+}
+
 fn one() -> usize {
     1
 }

@@ -1,7 +1,6 @@
 //! Distillation refresh: pull teacher outputs, fine-tune the student with knowledge
 //! distillation, export and quantise it, check that it is better, and swap it in.
 
-pub mod capture;
 pub mod client;
 pub mod eval;
 pub mod finetune;

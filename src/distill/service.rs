@@ -15,7 +15,6 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use super::capture::{self, CapturePolicy};
 use super::eval::{EvalContext, evaluate};
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
@@ -26,6 +25,7 @@ use crate::checkpoint::TokenizerFiles;
 use crate::constrain::{Terminologies, token_bytes};
 use crate::export::{self, ExternalData, MODEL_FILE, Precision};
 use crate::metrics::Metrics;
+use crate::repository::capture::{self, CapturePolicy};
 use crate::repository::{CHECKPOINT_DIR, ModelVersion, Repository, RepositoryError};
 use crate::tokenize::ChatMessage;
 

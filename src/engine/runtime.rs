@@ -18,7 +18,7 @@ pub const ORT_VERSION: &str = "1.32.0";
 /// Where the setup script puts the library: `$XDG_CACHE_HOME` (or `~/.cache`) +
 /// `distill-serve/onnxruntime-<version>/libonnxruntime.so.<version>`.
 pub fn default_library_path() -> PathBuf {
-    crate::config::setup_cache_dir()
+    crate::paths::setup_cache_dir()
         .join(format!("onnxruntime-{ORT_VERSION}"))
         .join(format!("libonnxruntime.so.{ORT_VERSION}"))
 }

@@ -95,6 +95,8 @@ pub enum Event {
 pub struct Timings {
     /// From admission to the start of its prefill.
     pub queue: Duration,
+    /// From the start of its prefill to its first token.
+    pub prefill: Duration,
     /// From the start of its prefill to its last token.
     pub inference: Duration,
 }

@@ -6,23 +6,26 @@
 //! and its worker thread ends when the last of them lets go. A model that fails to load is
 //! recorded with its error and does not affect the others.
 
+pub mod capture;
+mod limits;
 mod settings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+
+use capture::CapturePolicy;
 
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::constrain::TokenTrie;
-use crate::distill::capture::CapturePolicy;
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
-use crate::scheduler::{AdmissionLimits, BatchPolicy, Scheduler};
+use crate::scheduler::Scheduler;
 use crate::tokenize::{ChatTemplate, stop_token_ids};
+pub use limits::{Limits, ModelLimits};
 pub use settings::ModelSettings;
 
 /// Why a model is not available.
@@ -44,20 +47,6 @@ pub enum RepositoryError {
 
 /// Context length of a model version that has no `config.json` nor `model_max_length`.
 const DEFAULT_CONTEXT_LENGTH: usize = 2048;
-
-/// Server-wide defaults for settings a `model.toml` leaves out.
-#[derive(Debug, Clone)]
-pub struct ModelDefaults {
-    pub intra_threads: usize,
-    pub max_queue: usize,
-    pub max_concurrent_requests: usize,
-    pub max_tokens: usize,
-    pub max_batch_size: usize,
-    pub max_batch_tokens: usize,
-    pub max_queue_delay_ms: u64,
-    /// Length buckets; powers of two up to the context length when `None`.
-    pub buckets: Option<Vec<usize>>,
-}
 
 /// A loaded, serving version of a model.
 pub struct ModelVersion {
@@ -96,12 +85,23 @@ enum Slot {
     Unloaded,
 }
 
+/// Whether a model serves, as Triton's repository index names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ModelState {
+    /// Serving.
+    Ready,
+    /// Failed to load.
+    Unavailable,
+    /// Unloaded on purpose.
+    Unloaded,
+}
+
 /// What the admin API and health routes report about a model.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelStatus {
     pub name: String,
-    /// `READY`, `UNAVAILABLE` (failed) or `UNLOADED`.
-    pub state: &'static str,
+    pub state: ModelState,
     pub version: Option<u32>,
     pub reason: Option<String>,
 }
@@ -109,7 +109,7 @@ pub struct ModelStatus {
 /// The repository and the state of every model in it.
 pub struct Repository {
     root: PathBuf,
-    defaults: ModelDefaults,
+    defaults: ModelLimits,
     metrics: Arc<Metrics>,
     models: RwLock<BTreeMap<String, Slot>>,
     /// Serialises changes to the set of version folders (promote, rollback).
@@ -118,7 +118,7 @@ pub struct Repository {
 
 impl Repository {
     /// Opens `root` and loads every model folder in it (a folder with a `model.toml`).
-    pub fn open(root: &Path, defaults: ModelDefaults, metrics: Arc<Metrics>) -> Result<Self, RepositoryError> {
+    pub fn open(root: &Path, defaults: ModelLimits, metrics: Arc<Metrics>) -> Result<Self, RepositoryError> {
         let repo = Self {
             root: root.to_path_buf(),
             defaults,
@@ -170,9 +170,9 @@ impl Repository {
             .iter()
             .map(|(name, slot)| {
                 let (state, version, reason) = match slot {
-                    Slot::Ready(m) => ("READY", Some(m.version), None),
-                    Slot::Failed(r) => ("UNAVAILABLE", None, Some(r.clone())),
-                    Slot::Unloaded => ("UNLOADED", None, None),
+                    Slot::Ready(m) => (ModelState::Ready, Some(m.version), None),
+                    Slot::Failed(r) => (ModelState::Unavailable, None, Some(r.clone())),
+                    Slot::Unloaded => (ModelState::Unloaded, None, None),
                 };
                 ModelStatus {
                     name: name.clone(),
@@ -333,8 +333,9 @@ impl Repository {
             }
             Err(e) => return Err(invalid(format!("config.json: {e}"))),
         };
+        let limits = settings.limits.clone().or(&self.defaults).resolve(context_length);
         let options = SessionOptions {
-            intra_threads: settings.intra_threads.unwrap_or(self.defaults.intra_threads),
+            intra_threads: limits.intra_threads,
             execution_provider: settings.execution_provider,
         };
         let capture = match settings.capture {
@@ -344,26 +345,12 @@ impl Repository {
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
-        let d = &self.defaults;
-        let policy = BatchPolicy {
-            max_batch_size: settings.max_batch_size.unwrap_or(d.max_batch_size),
-            max_batch_tokens: settings.max_batch_tokens.unwrap_or(d.max_batch_tokens),
-            max_queue_delay: Duration::from_millis(settings.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms)),
-            buckets: settings
-                .buckets
-                .clone()
-                .or_else(|| d.buckets.clone())
-                .unwrap_or_else(|| BatchPolicy::default_buckets(context_length)),
-        };
         let scheduler = Scheduler::spawn(
             name,
             session,
             Arc::clone(&tokenizer),
-            policy,
-            AdmissionLimits {
-                max_queue: settings.max_queue.unwrap_or(d.max_queue),
-                max_concurrent: settings.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
-            },
+            limits.batch,
+            limits.admission,
             self.metrics.for_model(name),
         )
         .map_err(|e| invalid(format!("starting the worker: {e}")))?;
@@ -376,7 +363,7 @@ impl Repository {
             chat_template,
             stop_token_ids: stops,
             context_length,
-            max_tokens: settings.max_tokens.unwrap_or(self.defaults.max_tokens),
+            max_tokens: limits.max_tokens,
             scheduler,
             capture,
         })

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::RepositoryError;
+use super::limits::ModelLimits;
 use crate::engine::ExecutionProvider;
 
 /// The contents of `model.toml`.
@@ -18,22 +19,9 @@ pub struct ModelSettings {
     pub version: Option<u32>,
     #[serde(default)]
     pub execution_provider: ExecutionProvider,
-    /// ONNX Runtime intra-op threads (server default when absent).
-    pub intra_threads: Option<usize>,
-    /// Requests that may wait in the queue (server default when absent).
-    pub max_queue: Option<usize>,
-    /// Requests that may be waiting or generating at once (server default when absent).
-    pub max_concurrent_requests: Option<usize>,
-    /// Default `max_tokens` of a request (server default when absent).
-    pub max_tokens: Option<usize>,
-    /// Most sequences decoded together; 1 turns batching off (server default when absent).
-    pub max_batch_size: Option<usize>,
-    /// Most padded prompt tokens per prefill batch (server default when absent).
-    pub max_batch_tokens: Option<usize>,
-    /// Longest wait for a length bucket to fill, in milliseconds (server default when absent).
-    pub max_queue_delay_ms: Option<u64>,
-    /// Upper bounds of the length buckets (server default when absent).
-    pub buckets: Option<Vec<usize>>,
+    /// Limits of this model (the server's for those absent).
+    #[serde(flatten)]
+    pub limits: ModelLimits,
     /// Store this model's prompts in the dataset `capture/<name>` for refresh jobs.
     #[serde(default)]
     pub capture: bool,
@@ -95,7 +83,7 @@ mod tests {
         assert_eq!(s.execution_provider, ExecutionProvider::Cpu);
         let s: ModelSettings = toml::from_str("version = 2\nexecution_provider = \"tensorrt\"\nmax_queue = 8").unwrap();
         assert_eq!(
-            (s.version, s.execution_provider, s.max_queue),
+            (s.version, s.execution_provider, s.limits.max_queue),
             (Some(2), ExecutionProvider::Tensorrt, Some(8))
         );
         let err = toml::from_str::<ModelSettings>("max_qeue = 8").unwrap_err().to_string();

@@ -74,6 +74,7 @@ struct Meta {
     /// When its prefill started.
     admitted_at: Instant,
     deadline: Option<Instant>,
+    first_token_at: Option<Instant>,
     last_event: Option<Instant>,
     /// Gives the request's place back when the sequence leaves, however it ends.
     _ticket: Ticket,
@@ -161,7 +162,10 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
         .duration_since(meta.last_event.unwrap_or(meta.queued_at))
         .as_secs_f64();
     match meta.last_event {
-        None => metrics.time_to_first_token.observe(since),
+        None => {
+            metrics.time_to_first_token.observe(since);
+            meta.first_token_at = Some(now);
+        }
         Some(_) => metrics.inter_token_latency.observe(since),
     }
     meta.last_event = Some(now);
@@ -184,6 +188,7 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
             Event::Finished { timings, .. } => {
                 *timings = Timings {
                     queue: meta.admitted_at.duration_since(meta.queued_at),
+                    prefill: meta.first_token_at.unwrap_or(now).duration_since(meta.admitted_at),
                     inference: now.duration_since(meta.admitted_at),
                 };
                 finished = true;
@@ -310,6 +315,7 @@ impl Worker {
                         queued_at: job.queued_at,
                         admitted_at: Instant::now(),
                         deadline: job.request.deadline,
+                        first_token_at: None,
                         last_event: None,
                         _ticket: job.ticket,
                     };

@@ -2,6 +2,7 @@
 //! padded batches run through ONNX Runtime.
 #![allow(dead_code)]
 
+pub mod launch;
 pub mod server;
 
 use std::path::{Path, PathBuf};

@@ -1,8 +1,7 @@
 //! A real `distill-serve serve` process on loopback, over a model repository of tiny students.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distill_serve::checkpoint::Family;
@@ -41,7 +40,7 @@ pub fn add_trainable_version(repo: &Path, name: &str, version: u32, seed: u64) {
 
 /// A running server; killed on drop.
 pub struct TestServer {
-    child: Child,
+    server: super::launch::Launched,
     pub base: String,
     /// `http://host:port` of the gRPC listener.
     pub grpc: String,
@@ -66,52 +65,16 @@ impl TestServer {
 
     /// As [`TestServer::start_with_repo`], with extra environment variables.
     pub fn start_with_env(dir: TempDir, repo: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(super::binary())
-            .arg("serve")
-            .arg("--model-repository")
-            .arg(&repo)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-token",
-                ADMIN_TOKEN,
-            ])
-            .args(extra)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Read the bound address from the log, then keep draining it so the server never
-        // blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for kind in ["HTTP", "gRPC"] {
-                    if let Some(addr) = line.split(&format!("{kind} listening addr=")).nth(1) {
-                        let _ = tx.send((kind, addr.trim().to_string()));
-                    }
-                }
-            }
-        });
-        let (mut http, mut grpc) = (None, None);
-        while http.is_none() || grpc.is_none() {
-            match rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("server did not start within 60 s")
-            {
-                ("HTTP", addr) => http = Some(addr),
-                (_, addr) => grpc = Some(addr),
-            }
-        }
-        let (http, grpc) = (http.unwrap(), grpc.unwrap());
+        let mut args: Vec<&OsStr> = vec!["--model-repository".as_ref(), repo.as_os_str()];
+        args.extend(["--admin-token", ADMIN_TOKEN].map(OsStr::new));
+        args.extend(extra.iter().map(OsStr::new));
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "info"));
+        let server = super::launch::launch(super::binary(), &args, &env, |_| {}).unwrap();
         Self {
-            child,
-            base: format!("http://{http}"),
-            grpc: format!("http://{grpc}"),
+            base: format!("http://{}", server.http),
+            grpc: format!("http://{}", server.grpc),
+            server,
             repo,
             _dir: dir,
         }
@@ -168,8 +131,8 @@ impl TestServer {
 impl TestServer {
     /// Kills the process at once (SIGKILL, as a crash) and hands back its folder.
     pub fn crash(mut self) -> (TempDir, PathBuf) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
         let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
         (dir, self.repo.clone())
     }
@@ -179,12 +142,5 @@ impl TestServer {
         reqwest::Client::new()
             .request(method, self.url(path))
             .bearer_auth(ADMIN_TOKEN)
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

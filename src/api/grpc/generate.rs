@@ -1,21 +1,21 @@
 //! `distill_serve.v1.Generate`: a raw prompt or chat messages in, the completion out, whole or
-//! streamed.
+//! streamed. The handlers translate protobuf messages; [`crate::infer`] does the rest.
 
 use std::pin::Pin;
-use std::time::Instant;
 
 use futures::Stream;
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use serde::de::value::{Error as ValueError, StrDeserializer};
 use tonic::{Request, Response, Status};
 
 use super::proto::generate::{
     Constraint, GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
 };
-use crate::api::error::ApiError;
-use crate::api::validate::{self, Sampling, Stop};
-use crate::api::{AppState, collect};
+use crate::api::AppState;
 use crate::constrain::ConstraintRequest;
 use crate::generate::Event;
-use crate::scheduler::Events;
+use crate::infer::{Endpoint, Generation, GuideSpec, InferError, InferRequest, Params, Prompt};
 use crate::tokenize::ChatMessage;
 
 pub struct GenerateService {
@@ -23,46 +23,85 @@ pub struct GenerateService {
 }
 
 impl GenerateService {
-    fn submit_request(&self, req: Request<GenerateRequest>, stream: bool) -> Result<Events, Status> {
-        let deadline = super::deadline(&req, self.state.request_timeout);
-        self.submit(req.into_inner(), stream, deadline)
-    }
-
-    fn submit(&self, req: GenerateRequest, stream: bool, deadline: Option<Instant>) -> Result<Events, Status> {
-        let model = self.state.repository.get(&req.model).map_err(ApiError::from)?;
-        let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
-            (false, true) => validate::text_prompt(&model, &req.prompt)?,
-            (true, false) => {
-                let messages: Vec<ChatMessage> = req
-                    .messages
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect();
-                validate::chat_prompt(&model, &messages)?
-            }
-            _ => return Err(Status::invalid_argument("give exactly one of `prompt` and `messages`")),
+    /// Translates and runs `req`.
+    async fn start(&self, req: Request<GenerateRequest>, endpoint: Endpoint) -> Result<Generation, Status> {
+        let timeout = super::timeout(&req);
+        let request = match neutral(req.into_inner(), endpoint) {
+            Ok(r) => r,
+            Err(e) => return Err(self.state.infer.reject(endpoint, e).into()),
         };
-        let sampling = Sampling {
+        Ok(self.state.infer.generate(InferRequest { timeout, ..request }).await?)
+    }
+}
+
+/// The protocol-neutral form of `req`.
+fn neutral(req: GenerateRequest, endpoint: Endpoint) -> Result<InferRequest, InferError> {
+    let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
+        (false, true) => Prompt::Text(req.prompt),
+        (true, false) => Prompt::Chat(
+            req.messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+        ),
+        _ => {
+            return Err(InferError::invalid(
+                "prompt",
+                "give exactly one of `prompt` and `messages`",
+            ));
+        }
+    };
+    Ok(InferRequest {
+        params: Params {
             max_tokens: req.max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
             top_k: req.top_k,
             seed: req.seed,
-            stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
-            stream,
-            ..Default::default()
-        };
-        let mut request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
-        let sampling = Sampling {
-            constraint: req.constraint.map(constraint_request).transpose()?,
-            ..sampling
-        };
-        request.constraint = validate::guide(&self.state.terminologies, &model, &sampling)?;
-        Ok(model.scheduler.submit(request).map_err(ApiError::from)?)
+            stop: req.stop,
+            ..Params::default()
+        },
+        guide: req.constraint.map(constraint).transpose()?.map(GuideSpec::Terms),
+        stream: endpoint == Endpoint::GenerateStream,
+        ..InferRequest::new(req.model, endpoint, prompt)
+    })
+}
+
+/// The constraint of its protobuf form (empty strings and absent fields take the defaults).
+fn constraint(c: Constraint) -> Result<ConstraintRequest, InferError> {
+    /// One of the constraint's named values (`match`, `code_format`), by its API name.
+    fn named<'de, T: Deserialize<'de>>(field: &'static str, value: &'de str) -> Result<T, InferError> {
+        let de: StrDeserializer<'de, ValueError> = value.into_deserializer();
+        T::deserialize(de).map_err(|e| InferError::invalid(field, format!("{field}: {e}")))
     }
+    let mut spec = ConstraintRequest::new(c.terminology);
+    if !c.r#match.is_empty() {
+        spec.match_kind = named("constraint.match", &c.r#match)?;
+    }
+    if !c.code_format.is_empty() {
+        spec.code_format = named("constraint.code_format", &c.code_format)?;
+    }
+    if let Some(n) = c.max_items {
+        spec.max_items = n as usize;
+    }
+    if let Some(separator) = c.separator {
+        spec.separator = separator;
+    }
+    if let Some(billable) = c.billable_only {
+        spec.billable_only = billable;
+    }
+    spec.after = c.after;
+    Ok(spec)
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Option<Usage> {
+    Some(Usage {
+        prompt_tokens: prompt_tokens as u32,
+        completion_tokens: completion_tokens as u32,
+    })
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
@@ -70,24 +109,21 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, S
 #[tonic::async_trait]
 impl Generate for GenerateService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let done = collect(self.submit_request(req, false)?).await?;
+        let done = self.start(req, Endpoint::Generate).await?.collect().await?;
         Ok(Response::new(GenerateResponse {
             text: done.text,
             finish_reason: done.reason.as_str().into(),
-            usage: Some(Usage {
-                prompt_tokens: done.prompt_tokens as u32,
-                completion_tokens: done.completion_tokens as u32,
-            }),
+            usage: usage(done.prompt_tokens, done.completion_tokens),
         }))
     }
 
     type GenerateStreamStream = ResponseStream;
 
     async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
-        let mut events = self.submit_request(req, true)?;
-        // Dropping this stream (the client cancelled) drops `events`, which stops the worker.
+        let mut generation = self.start(req, Endpoint::GenerateStream).await?;
+        // Dropping this stream (the client cancelled) drops the generation, which stops its work.
         let stream = async_stream::stream! {
-            while let Some(event) = events.recv().await {
+            while let Some(event) = generation.next().await {
                 match event {
                     Ok(Event::Token { text, .. }) if text.is_empty() => {}
                     Ok(Event::Token { text, .. }) => yield Ok(GenerateStreamResponse { text, ..Default::default() }),
@@ -95,41 +131,13 @@ impl Generate for GenerateService {
                         yield Ok(GenerateStreamResponse {
                             text,
                             finish_reason: reason.as_str().into(),
-                            usage: Some(Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: completion_tokens as u32 }),
+                            usage: usage(prompt_tokens, completion_tokens),
                         });
-                        break;
                     }
-                    Err(message) => {
-                        yield Err(Status::from(message));
-                        break;
-                    }
+                    Err(e) => yield Err(Status::from(e)),
                 }
             }
         };
         Ok(Response::new(Box::pin(stream)))
     }
-}
-
-/// The API's constraint from its gRPC form (empty strings take the defaults).
-fn constraint_request(c: Constraint) -> Result<ConstraintRequest, Status> {
-    let mut json = serde_json::json!({ "terminology": c.terminology });
-    if !c.r#match.is_empty() {
-        json["match"] = c.r#match.into();
-    }
-    if !c.code_format.is_empty() {
-        json["code_format"] = c.code_format.into();
-    }
-    if let Some(n) = c.max_items {
-        json["max_items"] = n.into();
-    }
-    if let Some(sep) = c.separator {
-        json["separator"] = sep.into();
-    }
-    if let Some(b) = c.billable_only {
-        json["billable_only"] = b.into();
-    }
-    if let Some(after) = c.after {
-        json["after"] = after.into();
-    }
-    serde_json::from_value(json).map_err(|e| Status::invalid_argument(format!("constraint: {e}")))
 }

@@ -13,31 +13,28 @@ use super::proto::inference::{
     grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice,
     model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
 };
+use crate::api::AppState;
 use crate::api::kserve::{TEXT_INPUT, TEXT_OUTPUT};
-use crate::api::validate::{self, Sampling, Stop};
-use crate::api::{AppState, collect};
+use crate::infer::{Endpoint, ErrorKind, InferError, InferRequest, Params, Prompt};
 use crate::repository::ModelVersion;
 
 pub struct KServe {
     pub state: AppState,
 }
 
-fn invalid(message: impl Into<String>) -> Status {
-    Status::invalid_argument(message)
+fn invalid(message: impl Into<String>) -> InferError {
+    InferError::bad_request(message)
 }
 
 impl KServe {
-    fn model(&self, name: &str, version: &str) -> Result<std::sync::Arc<ModelVersion>, Status> {
-        let model = self
-            .state
-            .repository
-            .get(name)
-            .map_err(crate::api::error::ApiError::from)?;
+    /// The serving version of `name`, which must be `version` when one is given.
+    fn model(&self, name: &str, version: &str) -> Result<std::sync::Arc<ModelVersion>, InferError> {
+        let model = self.state.repository.get(name)?;
         if !version.is_empty() && version != model.version.to_string() {
-            return Err(Status::not_found(format!(
-                "model `{name}` serves version {}, not {version}",
-                model.version
-            )));
+            return Err(InferError::new(
+                ErrorKind::NotFound,
+                format!("model `{name}` serves version {}, not {version}", model.version),
+            ));
         }
         Ok(model)
     }
@@ -45,7 +42,7 @@ impl KServe {
 
 /// Reads one BYTES element: from `contents.bytes_contents`, or from `raw_input_contents` where
 /// each element is a 4-byte little-endian length followed by the bytes.
-fn text_input(req: &ModelInferRequest) -> Result<String, Status> {
+fn text_input(req: &ModelInferRequest) -> Result<String, InferError> {
     let (index, input) = match req.inputs.iter().enumerate().find(|(_, i)| i.name == TEXT_INPUT) {
         Some(found) => found,
         None if req.inputs.len() == 1 => (0, &req.inputs[0]),
@@ -84,38 +81,50 @@ fn text_input(req: &ModelInferRequest) -> Result<String, Status> {
     String::from_utf8(bytes).map_err(|_| invalid(format!("input `{}` is not valid UTF-8", input.name)))
 }
 
-fn int_param(params: &HashMap<String, InferParameter>, key: &str) -> Result<Option<i64>, Status> {
+fn int_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<Option<i64>, InferError> {
     match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
         None => Ok(None),
         Some(ParameterChoice::Int64Param(v)) => Ok(Some(*v)),
         Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v as i64)),
-        Some(_) => Err(invalid(format!("parameter `{key}` must be an integer"))),
+        Some(_) => Err(InferError::invalid(
+            key,
+            format!("parameter `{key}` must be an integer"),
+        )),
     }
 }
 
-fn float_param(params: &HashMap<String, InferParameter>, key: &str) -> Result<Option<f32>, Status> {
+fn float_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<Option<f32>, InferError> {
     match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
         None => Ok(None),
         Some(ParameterChoice::DoubleParam(v)) => Ok(Some(*v as f32)),
         Some(ParameterChoice::Int64Param(v)) => Ok(Some(*v as f32)),
-        Some(_) => Err(invalid(format!("parameter `{key}` must be a number"))),
+        Some(_) => Err(InferError::invalid(key, format!("parameter `{key}` must be a number"))),
     }
 }
 
-fn sampling(params: &HashMap<String, InferParameter>) -> Result<Sampling, Status> {
+/// The generation settings of the request's parameters.
+fn params(params: &HashMap<String, InferParameter>) -> Result<Params, InferError> {
     let stop = match params.get("stop").and_then(|p| p.parameter_choice.as_ref()) {
-        None => None,
-        Some(ParameterChoice::StringParam(s)) => Some(Stop::One(s.clone())),
-        Some(_) => return Err(invalid("parameter `stop` must be a string")),
+        None => Vec::new(),
+        Some(ParameterChoice::StringParam(s)) => vec![s.clone()],
+        Some(_) => return Err(InferError::invalid("stop", "parameter `stop` must be a string")),
     };
-    Ok(Sampling {
+    Ok(Params {
         max_tokens: int_param(params, "max_tokens")?,
         temperature: float_param(params, "temperature")?,
         top_p: float_param(params, "top_p")?,
         top_k: int_param(params, "top_k")?,
         seed: int_param(params, "seed")?.map(|s| s as u64),
         stop,
-        ..Default::default()
+        ..Params::default()
+    })
+}
+
+/// The protocol-neutral form of `req`.
+fn neutral(req: &ModelInferRequest) -> Result<InferRequest, InferError> {
+    Ok(InferRequest {
+        params: params(&req.parameters)?,
+        ..InferRequest::new(&req.model_name, Endpoint::ModelInfer, Prompt::Text(text_input(req)?))
     })
 }
 
@@ -135,8 +144,8 @@ impl GrpcInferenceService for KServe {
         let req = req.into_inner();
         match self.model(&req.name, &req.version) {
             Ok(_) => Ok(Response::new(ModelReadyResponse { ready: true })),
-            Err(s) if s.code() == tonic::Code::Unavailable => Ok(Response::new(ModelReadyResponse { ready: false })),
-            Err(s) => Err(s),
+            Err(e) if e.kind == ErrorKind::Unavailable => Ok(Response::new(ModelReadyResponse { ready: false })),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -172,18 +181,20 @@ impl GrpcInferenceService for KServe {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let deadline = super::deadline(&req, self.state.request_timeout);
+        let timeout = super::timeout(&req);
         let req = req.into_inner();
-        let model = self.model(&req.model_name, &req.model_version)?;
-        let text = text_input(&req)?;
-        let sampling = sampling(&req.parameters)?;
-        let prompt = validate::text_prompt(&model, &text)?;
-        let request = validate::build_request(&model, prompt, &sampling, sampling.max_tokens, None, deadline)?;
-        let events = model
-            .scheduler
-            .submit(request)
-            .map_err(crate::api::error::ApiError::from)?;
-        let done = collect(events).await?;
+        let infer = &self.state.infer;
+        // A pinned version must be the one serving.
+        let checked = self
+            .model(&req.model_name, &req.model_version)
+            .and_then(|_| neutral(&req));
+        let request = match checked {
+            Ok(request) => InferRequest { timeout, ..request },
+            Err(e) => return Err(infer.reject(Endpoint::ModelInfer, e).into()),
+        };
+        let generation = infer.generate(request).await?;
+        let model = generation.model.clone();
+        let done = generation.collect().await?;
         let mut raw = (done.text.len() as u32).to_le_bytes().to_vec();
         raw.extend_from_slice(done.text.as_bytes());
         let finish = InferParameter {

@@ -5,12 +5,12 @@
 mod generate;
 mod kserve;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::{Code, Status};
 
 use super::AppState;
-use super::error::ApiError;
+use crate::infer::{ErrorKind, InferError};
 
 /// Generated types and clients of the gRPC services.
 #[allow(missing_docs, clippy::all)]
@@ -59,9 +59,9 @@ pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflectio
     Ok(routes.routes())
 }
 
-/// The deadline the client set (`grpc-timeout`), else the server default.
-pub fn deadline<T>(request: &tonic::Request<T>, default: Option<Duration>) -> Option<Instant> {
-    let timeout = request
+/// The timeout the client set (`grpc-timeout`), if any (an unreadable one is ignored).
+pub fn timeout<T>(request: &tonic::Request<T>) -> Option<Duration> {
+    request
         .metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -77,30 +77,22 @@ pub fn deadline<T>(request: &tonic::Request<T>, default: Option<Duration>) -> Op
                 "n" => Duration::from_nanos(n),
                 _ => return None,
             })
-        });
-    timeout.or(default).map(|t| Instant::now() + t)
+        })
 }
 
-impl From<crate::scheduler::RequestError> for Status {
-    fn from(e: crate::scheduler::RequestError) -> Self {
-        match e {
-            crate::scheduler::RequestError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
-            crate::scheduler::RequestError::Failed(message) => Status::internal(message),
-        }
-    }
-}
-
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Self {
-        let code = match e.status.as_u16() {
-            400 | 422 => Code::InvalidArgument,
-            401 => Code::Unauthenticated,
-            403 => Code::PermissionDenied,
-            404 => Code::NotFound,
-            429 => Code::ResourceExhausted,
-            503 => Code::Unavailable,
-            504 => Code::DeadlineExceeded,
-            _ => Code::Internal,
+impl From<InferError> for Status {
+    fn from(e: InferError) -> Self {
+        let code = match e.kind {
+            ErrorKind::Invalid => Code::InvalidArgument,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::Conflict => Code::Aborted,
+            ErrorKind::Unprocessable => Code::FailedPrecondition,
+            ErrorKind::Overloaded => Code::ResourceExhausted,
+            ErrorKind::Unavailable => Code::Unavailable,
+            ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::Internal => Code::Internal,
         };
         Status::new(code, e.message)
     }
@@ -111,19 +103,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_timeout_sets_the_deadline_and_the_default_fills_in() {
-        let hour = Some(Duration::from_secs(3600));
+    fn grpc_timeout_is_read_in_every_unit() {
         let mut request = tonic::Request::new(());
-        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
-        let before = Instant::now();
-        let set = deadline(&request, hour).unwrap();
-        let after = Instant::now();
-        let quarter = Duration::from_millis(250);
-        assert!(set >= before + quarter && set <= after + quarter);
-        let plain = tonic::Request::new(());
-        assert!(deadline(&plain, hour).unwrap() >= before + Duration::from_secs(3600));
-        assert_eq!(deadline(&plain, None), None);
+        for (value, expected) in [
+            ("250m", Duration::from_millis(250)),
+            ("2S", Duration::from_secs(2)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+        ] {
+            request.metadata_mut().insert("grpc-timeout", value.parse().unwrap());
+            assert_eq!(timeout(&request), Some(expected), "{value}");
+        }
+        assert_eq!(timeout(&tonic::Request::new(())), None);
         request.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
-        assert_eq!(deadline(&request, None), None, "an unreadable timeout is ignored");
+        assert_eq!(timeout(&request), None, "an unreadable timeout is ignored");
+    }
+
+    #[test]
+    fn every_error_kind_has_its_own_grpc_code() {
+        let kinds = [
+            ErrorKind::Invalid,
+            ErrorKind::Unauthenticated,
+            ErrorKind::PermissionDenied,
+            ErrorKind::NotFound,
+            ErrorKind::Conflict,
+            ErrorKind::Unprocessable,
+            ErrorKind::Overloaded,
+            ErrorKind::Unavailable,
+            ErrorKind::DeadlineExceeded,
+            ErrorKind::Internal,
+        ];
+        let codes: std::collections::HashSet<Code> = kinds
+            .iter()
+            .map(|&k| Status::from(InferError::new(k, "m")).code())
+            .collect();
+        assert_eq!(codes.len(), kinds.len());
+        let status = Status::from(InferError::invalid("top_p", "top_p must be in (0, 1], got 3"));
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::InvalidArgument, "top_p must be in (0, 1], got 3")
+        );
     }
 }

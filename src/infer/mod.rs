@@ -1,0 +1,248 @@
+//! The request layer every protocol shares: a protocol-neutral [`InferRequest`] is validated
+//! once (on a blocking worker), submitted to its model's scheduler, and followed as a
+//! [`Generation`]. Request metrics, prompt capture and the request's tracing span are recorded
+//! here, so HTTP and gRPC cannot drift apart; handlers only translate wire formats.
+
+mod error;
+mod request;
+mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::constrain::Terminologies;
+use crate::distill::service::Distiller;
+use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
+use crate::metrics::Metrics;
+use crate::repository::{ModelVersion, Repository};
+use crate::scheduler::Events;
+use crate::tokenize::ChatMessage;
+pub use error::{ErrorKind, InferError};
+pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
+pub use validate::{MAX_CONSTRAINT_ITEMS, MAX_STOP_STRINGS};
+
+/// Runs generation requests for every protocol; cloning shares it.
+#[derive(Clone)]
+pub struct Infer {
+    repository: Arc<Repository>,
+    terminologies: Arc<Terminologies>,
+    metrics: Arc<Metrics>,
+    distiller: Arc<Distiller>,
+    /// Deadline of requests that set none.
+    request_timeout: Option<Duration>,
+}
+
+impl Infer {
+    /// The request layer over these parts.
+    pub fn new(
+        repository: Arc<Repository>,
+        terminologies: Arc<Terminologies>,
+        metrics: Arc<Metrics>,
+        distiller: Arc<Distiller>,
+        request_timeout: Option<Duration>,
+    ) -> Self {
+        Self {
+            repository,
+            terminologies,
+            metrics,
+            distiller,
+            request_timeout,
+        }
+    }
+
+    /// Validates `request` and queues it on its model; its events follow on the returned
+    /// [`Generation`].
+    pub async fn generate(&self, request: InferRequest) -> Result<Generation, InferError> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let span =
+            tracing::info_span!("request", id = %id, model = %request.model, endpoint = request.endpoint.as_str());
+        let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
+        async {
+            let model = self.repository.get(&request.model).map_err(|e| record.fail(e.into()))?;
+            record.model = model.name.clone();
+            let deadline = request.timeout.or(self.request_timeout).map(|t| record.started + t);
+            let (terminologies, version) = (Arc::clone(&self.terminologies), Arc::clone(&model));
+            let (request, checked) = tokio::task::spawn_blocking(move || {
+                let checked = validate::generation_request(&terminologies, &version, &request, deadline);
+                (request, checked)
+            })
+            .await
+            .map_err(|e| record.fail(InferError::internal(format!("validation stopped: {e}"))))?;
+            let generation = checked.map_err(|e| record.fail(e))?;
+            let logprobs = generation.logprobs.is_some();
+            let events = model.scheduler.submit(generation).map_err(|e| record.fail(e.into()))?;
+            tracing::debug!("queued");
+            self.capture(&model, request.prompt);
+            Ok(Generation {
+                id,
+                model,
+                logprobs,
+                events,
+                record,
+                ended: false,
+            })
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    /// Counts a request refused before it could be read (a malformed body), and hands the
+    /// error back.
+    pub fn reject(&self, endpoint: Endpoint, error: InferError) -> InferError {
+        Record::new(&self.metrics, endpoint, tracing::Span::none()).fail(error)
+    }
+
+    /// Stores the prompt for refresh jobs where the model's `model.toml` turns capture on.
+    fn capture(&self, model: &ModelVersion, prompt: Prompt) {
+        let Some(policy) = &model.capture else { return };
+        let messages = match prompt {
+            Prompt::Text(content) => vec![ChatMessage {
+                role: "user".into(),
+                content,
+            }],
+            Prompt::Chat(messages) => messages,
+            Prompt::Tokens(_) => return,
+        };
+        self.distiller.capture(&model.name, policy, &messages);
+    }
+}
+
+/// Records a request's outcome in the metrics and its span when it ends, on whichever path.
+struct Record {
+    metrics: Arc<Metrics>,
+    endpoint: Endpoint,
+    /// The model's name once it is known to exist ("" before, so unknown names add no series).
+    model: String,
+    started: Instant,
+    /// `success`, an [`ErrorKind`]'s name, or `cancelled` while nothing else is known: a
+    /// request dropped before its end was given up by its client.
+    outcome: &'static str,
+    span: tracing::Span,
+}
+
+impl Record {
+    fn new(metrics: &Arc<Metrics>, endpoint: Endpoint, span: tracing::Span) -> Self {
+        Self {
+            metrics: Arc::clone(metrics),
+            endpoint,
+            model: String::new(),
+            started: Instant::now(),
+            outcome: "cancelled",
+            span,
+        }
+    }
+
+    /// Marks the request failed with `error` and hands the error on.
+    fn fail(&mut self, error: InferError) -> InferError {
+        self.outcome = error.kind.as_str();
+        error
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .observe_request(&self.model, self.endpoint.as_str(), self.outcome, elapsed);
+        self.span.in_scope(|| {
+            tracing::debug!(
+                outcome = self.outcome,
+                ms = elapsed.as_secs_f64() * 1000.0,
+                "request ended"
+            );
+        });
+    }
+}
+
+/// A whole generation, gathered from its events.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// An admitted request: its events as they come, recorded when it ends.
+pub struct Generation {
+    /// The request's id (32 hex digits), in its log lines and its response.
+    pub id: String,
+    /// The model version that serves it.
+    pub model: Arc<ModelVersion>,
+    /// Whether the client asked for log-probabilities.
+    pub logprobs: bool,
+    events: Events,
+    record: Record,
+    ended: bool,
+}
+
+impl Generation {
+    /// The next event; `None` after the end. An error ends the generation.
+    pub async fn next(&mut self) -> Option<Result<Event, InferError>> {
+        if self.ended {
+            return None;
+        }
+        let event = match self.events.recv().await {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => return Some(Err(self.end(e.into()))),
+            None => return Some(Err(self.end(InferError::internal("generation ended before finishing")))),
+        };
+        if let Event::Finished {
+            timings,
+            prompt_tokens,
+            completion_tokens,
+            ..
+        } = &event
+        {
+            self.ended = true;
+            self.record.outcome = "success";
+            self.record.span.in_scope(|| {
+                tracing::debug!(
+                    queue_ms = timings.queue.as_secs_f64() * 1000.0,
+                    prefill_ms = timings.prefill.as_secs_f64() * 1000.0,
+                    decode_ms = timings.inference.saturating_sub(timings.prefill).as_secs_f64() * 1000.0,
+                    prompt_tokens,
+                    completion_tokens,
+                    "finished"
+                );
+            });
+        }
+        Some(Ok(event))
+    }
+
+    fn end(&mut self, error: InferError) -> InferError {
+        self.ended = true;
+        self.record.fail(error)
+    }
+
+    /// Gathers every event until the end.
+    pub async fn collect(mut self) -> Result<Collected, InferError> {
+        let mut c = Collected::default();
+        while let Some(event) = self.next().await {
+            match event? {
+                Event::Token { text, logprob, .. } => {
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprob);
+                }
+                Event::Finished {
+                    text,
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    timings,
+                } => {
+                    c.text.push_str(&text);
+                    c.reason = reason;
+                    c.prompt_tokens = prompt_tokens;
+                    c.completion_tokens = completion_tokens;
+                    c.timings = timings;
+                }
+            }
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,112 @@
+//! The limits of one model, declared once: the server's flags (and its config file) set them
+//! for every model, a model's `model.toml` overrides them for that model, and the defaults
+//! below fill in what neither sets.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::scheduler::{AdmissionLimits, BatchPolicy};
+
+/// Limits as one layer gives them (any may be absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
+    #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
+    pub intra_threads: Option<usize>,
+    /// Requests that may wait per model before new ones get 429 [default: 64].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Requests per model that may be waiting or generating at once, beyond which new ones get
+    /// 429 [default: 128].
+    #[arg(long, env = "DISTILL_SERVE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// `max_tokens` of requests that give none [default: 256].
+    #[arg(long, env = "DISTILL_SERVE_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    /// Most sequences decoded together per model; 1 turns batching off [default: 32].
+    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Most padded prompt tokens per prefill batch [default: 4096].
+    #[arg(long, env = "DISTILL_SERVE_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Longest a request waits for its length bucket to fill, in ms [default: 0: batch what is waiting].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: Option<u64>,
+    /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
+    #[arg(long, env = "DISTILL_SERVE_BUCKETS", value_delimiter = ',')]
+    pub buckets: Option<Vec<usize>>,
+}
+
+/// The limits of a loaded model, every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub intra_threads: usize,
+    pub admission: AdmissionLimits,
+    pub max_tokens: usize,
+    pub batch: BatchPolicy,
+}
+
+impl ModelLimits {
+    /// Each limit of `self`, else the one of `under`.
+    pub fn or(self, under: &ModelLimits) -> Self {
+        Self {
+            intra_threads: self.intra_threads.or(under.intra_threads),
+            max_queue: self.max_queue.or(under.max_queue),
+            max_concurrent_requests: self.max_concurrent_requests.or(under.max_concurrent_requests),
+            max_tokens: self.max_tokens.or(under.max_tokens),
+            max_batch_size: self.max_batch_size.or(under.max_batch_size),
+            max_batch_tokens: self.max_batch_tokens.or(under.max_batch_tokens),
+            max_queue_delay_ms: self.max_queue_delay_ms.or(under.max_queue_delay_ms),
+            buckets: self.buckets.or_else(|| under.buckets.clone()),
+        }
+    }
+
+    /// The limits with the defaults filled in, for a model of `context_length` tokens.
+    pub fn resolve(self, context_length: usize) -> Limits {
+        Limits {
+            intra_threads: self.intra_threads.unwrap_or(0),
+            admission: AdmissionLimits {
+                max_queue: self.max_queue.unwrap_or(64),
+                max_concurrent: self.max_concurrent_requests.unwrap_or(128),
+            },
+            max_tokens: self.max_tokens.unwrap_or(256),
+            batch: BatchPolicy {
+                max_batch_size: self.max_batch_size.unwrap_or(32),
+                max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
+                max_queue_delay: Duration::from_millis(self.max_queue_delay_ms.unwrap_or(0)),
+                buckets: self
+                    .buckets
+                    .unwrap_or_else(|| BatchPolicy::default_buckets(context_length)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_overrides_the_server_which_overrides_the_defaults() {
+        let server = ModelLimits {
+            max_queue: Some(5),
+            max_tokens: Some(9),
+            ..Default::default()
+        };
+        let model = ModelLimits {
+            max_queue: Some(7),
+            buckets: Some(vec![8, 64]),
+            ..Default::default()
+        };
+        let limits = model.or(&server).resolve(2048);
+        assert_eq!(limits.admission.max_queue, 7);
+        assert_eq!(limits.max_tokens, 9);
+        assert_eq!(limits.batch.buckets, vec![8, 64]);
+        assert_eq!(limits.admission.max_concurrent, 128);
+        let defaults = ModelLimits::default().resolve(64);
+        assert_eq!(defaults.batch.buckets, BatchPolicy::default_buckets(64));
+        assert_eq!(defaults.batch.max_batch_size, 32);
+    }
+}
