@@ -62,7 +62,7 @@ fn walk(
     single: &mut Vec<Duration>,
 ) {
     let started = Instant::now();
-    let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ".to_vec());
+    let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ");
     least.push(started.elapsed());
     single.push(started.elapsed());
     let mut at = 0;
@@ -201,7 +201,7 @@ fn per_row_overhead(set: &Arc<TermSet>, trie: &Arc<TokenTrie>, answers: &[Vec<u8
     let logits: Vec<f32> = (0..vocab).map(|i| (i as f32 * 0.37).sin()).collect();
     let (mut total, mut steps) = (Duration::ZERO, 0u32);
     for answer in answers {
-        let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ".to_vec());
+        let mut guide = Guide::new(Arc::clone(set), Arc::clone(trie), 1, b", ");
         let mut at = 0;
         while at < answer.len() {
             let rest = &answer[at..];

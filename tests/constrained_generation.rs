@@ -11,8 +11,7 @@ use distill_serve::checkpoint::Family;
 use distill_serve::constrain::{Guide, TermSet, TokenTrie};
 use distill_serve::engine::DecoderSession;
 use distill_serve::export::Precision;
-use distill_serve::generate::{Event, FinishReason, GenerationRequest, SamplingParams, Sequence};
-use ndarray::Array2;
+use distill_serve::generate::{Event, FinishReason, GenerationRequest, SamplingParams, Sequence, decode_single};
 use tokenizers::Tokenizer;
 
 /// Generates for `prompt` with `guide` until the sequence finishes; returns the text and why.
@@ -44,39 +43,23 @@ fn generate(
         deadline: None,
         constraint: Some(guide),
     });
-    let n = prompt.len();
-    let ids = Array2::from_shape_fn((1, n), |(_, i)| i64::from(prompt[i]));
-    let pos = Array2::from_shape_fn((1, n), |(_, i)| i as i64);
-    let (mut logits, mut cache) = session
-        .forward_last(&ids, &Array2::ones((1, n)), &pos, session.empty_cache(1).unwrap())
-        .unwrap();
     let mut text = String::new();
-    loop {
-        let advance = seq
-            .advance(tokenizer, &logits.slice(ndarray::s![0, 0, ..]).to_vec())
-            .unwrap();
+    let mut end = None;
+    decode_single(session, prompt, |logits| {
+        let advance = seq.advance(tokenizer, logits).unwrap();
         for event in advance.events {
             match event {
                 Event::Token { text: piece, .. } => text.push_str(&piece),
                 Event::Finished { text: rest, reason, .. } => {
                     text.push_str(&rest);
-                    return (text, reason);
+                    end = Some(reason);
                 }
             }
         }
-        let next = advance.next.expect("a sequence that did not finish has a next token");
-        let total = cache.len() + 1;
-        let (l, c) = session
-            .forward_last(
-                &Array2::from_elem((1, 1), i64::from(next)),
-                &Array2::ones((1, total)),
-                &Array2::from_elem((1, 1), (total - 1) as i64),
-                cache,
-            )
-            .unwrap();
-        logits = l;
-        cache = c;
-    }
+        advance.next
+    })
+    .unwrap();
+    (text, end.expect("the sequence finished"))
 }
 
 /// Whether `text` is 1..=`max_items` members of `terms` joined by `sep`.
@@ -124,7 +107,7 @@ fn constrained_generation_yields_exact_members() {
         for (list, max_items, sep) in cases {
             let set = Arc::new(TermSet::new(list.iter()));
             for seed in 0..4 {
-                let guide = Guide::new(Arc::clone(&set), Arc::clone(&trie), max_items, sep.as_bytes().to_vec());
+                let guide = Guide::new(Arc::clone(&set), Arc::clone(&trie), max_items, sep.as_bytes());
                 let (text, reason) = generate(&mut session, &tokenizer, &prompt, guide, seed);
                 assert_eq!(reason, FinishReason::Stop, "{text:?}");
                 assert!(

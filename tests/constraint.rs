@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use distill_serve::checkpoint::Family;
-use distill_serve::constrain::{Automaton, TermSet, TokenMask, TokenTrie};
+use distill_serve::constrain::{Automaton, ByteMachine, TermSet, TokenMask, TokenTrie};
 use distill_serve::tiny::{TinySpec, write_tiny};
 use tokenizers::Tokenizer;
 
@@ -34,7 +34,7 @@ fn check(terms: &[&str], max_items: usize, sep: &str) {
     let trie = TokenTrie::new(&tokenizer);
     assert!(trie.vocab_size() >= 256, "the tokenizer covers every byte");
     let set = TermSet::new(terms);
-    let automaton = Automaton::new(&set, max_items, sep.as_bytes());
+    let automaton = Automaton::new(std::sync::Arc::new(set), max_items, sep.as_bytes());
     let answers = answers(terms, max_items, sep);
     let prefixes: BTreeSet<&[u8]> = answers
         .iter()
@@ -117,7 +117,7 @@ fn a_guide_after_a_marker_lets_the_model_think_first() {
             tokenizer.encode("Answer:", false).unwrap().get_ids().to_vec(),
         ),
     ] {
-        let mut guide = Guide::new(Arc::clone(&set), Arc::clone(&trie), 1, b", ".to_vec()).after(&marker);
+        let mut guide = Guide::new(Arc::clone(&set), Arc::clone(&trie), 1, b", ").after(&marker);
         assert_eq!(masked(&guide), 0, "nothing is masked while thinking");
         for &t in &free_text {
             guide.commit(t);

@@ -16,6 +16,7 @@ use super::AppState;
 use super::error::{ErrorKind, InferError};
 use crate::distill::job::{PromptInput, RefreshSpec};
 use crate::distill::service::DistillError;
+use crate::distill::store::JobState;
 
 impl From<DistillError> for InferError {
     fn from(e: DistillError) -> Self {
@@ -49,7 +50,7 @@ pub async fn refresh(
     let links = json!({"self": format!("/admin/v1/jobs/{id}"), "events": format!("/admin/v1/jobs/{id}/events")});
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"id": id, "model": name, "state": "queued", "links": links})),
+        Json(json!({"id": id, "model": name, "state": JobState::Queued, "links": links})),
     )
         .into_response())
 }

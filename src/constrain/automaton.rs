@@ -7,8 +7,8 @@
 use std::sync::{Arc, Mutex};
 
 use fst::raw::{CompiledAddr, Fst};
-use smallvec::SmallVec;
 
+use super::machine::{ByteMachine, StateSet};
 use super::vocab::TokenTrie;
 
 /// Key of a cached start mask: the vocabulary trie (by address), max items, separator.
@@ -42,22 +42,6 @@ impl TermSet {
             set,
             start_masks: Mutex::default(),
         }
-    }
-
-    /// The mask at the start of an answer of up to `max_items` joined by `separator`, over
-    /// `trie`, computed on first use.
-    pub fn start_mask(&self, trie: &Arc<TokenTrie>, max_items: usize, separator: &[u8]) -> Arc<TokenMask> {
-        let key = (Arc::as_ptr(trie) as usize, max_items, separator.to_vec());
-        let mut cached = self.start_masks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, mask)) = cached.iter().find(|(k, _)| *k == key) {
-            return Arc::clone(mask);
-        }
-        let automaton = Automaton::new(self, max_items, separator);
-        let mut mask = TokenMask::new(trie.vocab_size());
-        automaton.fill_mask(trie, &automaton.start(), &mut mask);
-        let mask = Arc::new(mask);
-        cached.push((key, Arc::clone(&mask)));
-        mask
     }
 
     /// Number of strings.
@@ -96,36 +80,23 @@ pub struct State {
 }
 
 /// The states an answer may be in (usually one).
-pub type States = SmallVec<[State; 2]>;
+pub type States = StateSet<State>;
 
 /// Up to `max_items` terms of a [`TermSet`], joined by `separator`.
-pub struct Automaton<'a> {
-    terms: &'a TermSet,
+pub struct Automaton {
+    terms: Arc<TermSet>,
     max_items: usize,
-    separator: &'a [u8],
+    separator: Arc<[u8]>,
 }
 
-impl<'a> Automaton<'a> {
+impl Automaton {
     /// An automaton over `terms` (`max_items` at least 1).
-    pub fn new(terms: &'a TermSet, max_items: usize, separator: &'a [u8]) -> Self {
+    pub fn new(terms: Arc<TermSet>, max_items: usize, separator: &[u8]) -> Self {
         Self {
             terms,
             max_items: max_items.max(1),
-            separator,
+            separator: separator.into(),
         }
-    }
-
-    /// The state before any byte.
-    pub fn start(&self) -> States {
-        let mut s = States::new();
-        if !self.terms.is_empty() {
-            s.push(State {
-                node: self.terms.fst().root().addr(),
-                sep: 0,
-                done: 0,
-            });
-        }
-        s
     }
 
     fn step_one(&self, s: State, byte: u8, out: &mut States) {
@@ -159,61 +130,6 @@ impl<'a> Automaton<'a> {
                 sep: if read == self.separator.len() { 0 } else { read as u16 },
                 done: s.done,
             });
-        }
-    }
-
-    /// The states after `byte` (empty: the byte leads nowhere).
-    pub fn step(&self, states: &States, byte: u8) -> States {
-        let mut out = States::new();
-        for &s in states {
-            self.step_one(s, byte, &mut out);
-        }
-        out
-    }
-
-    /// The states after `bytes`.
-    pub fn advance(&self, states: &States, bytes: &[u8]) -> States {
-        let mut states = states.clone();
-        for &b in bytes {
-            if states.is_empty() {
-                break;
-            }
-            states = self.step(&states, b);
-        }
-        states
-    }
-
-    /// Whether the answer may end here (a whole term was just read).
-    pub fn accepts(&self, states: &States) -> bool {
-        states
-            .iter()
-            .any(|s| s.sep == 0 && self.terms.fst().node(s.node).is_final())
-    }
-
-    /// Marks in `mask` every token whose bytes lead somewhere from `states`.
-    pub fn fill_mask(&self, trie: &TokenTrie, states: &States, mask: &mut TokenMask) {
-        // (trie node, states, whether the fast single-term path may take it)
-        let mut stack: Vec<(u32, States, bool)> = vec![(TokenTrie::ROOT, states.clone(), true)];
-        while let Some((node, states, fast)) = stack.pop() {
-            if fast
-                && let [s] = states[..]
-                && s.sep == 0
-            {
-                self.fill_term(trie, node, self.terms.fst().node(s.node), s.done, mask, &mut stack);
-                continue;
-            }
-            for &(byte, child) in trie.children(node) {
-                let next = self.step(&states, byte);
-                if next.is_empty() {
-                    continue;
-                }
-                for &id in trie.tokens_at(child) {
-                    mask.insert(id);
-                }
-                if !trie.children(child).is_empty() {
-                    stack.push((child, next, true));
-                }
-            }
         }
     }
 
@@ -264,6 +180,79 @@ impl<'a> Automaton<'a> {
                 }
             }
         }
+    }
+}
+
+impl ByteMachine for Automaton {
+    type State = State;
+
+    fn start(&self) -> States {
+        let mut s = States::new();
+        if !self.terms.is_empty() {
+            s.push(State {
+                node: self.terms.fst().root().addr(),
+                sep: 0,
+                done: 0,
+            });
+        }
+        s
+    }
+
+    fn step(&self, states: &States, byte: u8) -> States {
+        let mut out = States::new();
+        for &s in states {
+            self.step_one(s, byte, &mut out);
+        }
+        out
+    }
+
+    /// A whole term was just read.
+    fn accepts(&self, states: &States) -> bool {
+        states
+            .iter()
+            .any(|s| s.sep == 0 && self.terms.fst().node(s.node).is_final())
+    }
+
+    /// The trie walk with a fast path for one state inside a term.
+    fn fill_mask(&self, trie: &TokenTrie, states: &States, mask: &mut TokenMask) {
+        // (trie node, states, whether the fast single-term path may take it)
+        let mut stack: Vec<(u32, States, bool)> = vec![(TokenTrie::ROOT, states.clone(), true)];
+        while let Some((node, states, fast)) = stack.pop() {
+            if fast
+                && let [s] = states[..]
+                && s.sep == 0
+            {
+                self.fill_term(trie, node, self.terms.fst().node(s.node), s.done, mask, &mut stack);
+                continue;
+            }
+            for &(byte, child) in trie.children(node) {
+                let next = self.step(&states, byte);
+                if next.is_empty() {
+                    continue;
+                }
+                for &id in trie.tokens_at(child) {
+                    mask.insert(id);
+                }
+                if !trie.children(child).is_empty() {
+                    stack.push((child, next, true));
+                }
+            }
+        }
+    }
+
+    /// The start is the widest mask (every token that begins a term) and the same for every
+    /// request: computed once per vocabulary and answer shape, kept in the term set.
+    fn start_mask(&self, trie: &Arc<TokenTrie>) -> Option<Arc<TokenMask>> {
+        let key = (Arc::as_ptr(trie) as usize, self.max_items, self.separator.to_vec());
+        let mut cached = self.terms.start_masks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, mask)) = cached.iter().find(|(k, _)| *k == key) {
+            return Some(Arc::clone(mask));
+        }
+        let mut mask = TokenMask::new(trie.vocab_size());
+        self.fill_mask(trie, &self.start(), &mut mask);
+        let mask = Arc::new(mask);
+        cached.push((key, Arc::clone(&mask)));
+        Some(mask)
     }
 }
 
@@ -365,7 +354,7 @@ mod tests {
     #[test]
     fn single_items_are_exact_members() {
         let terms = TermSet::new(["E11.9", "E11.65", "I10"]);
-        let a = Automaton::new(&terms, 1, b", ");
+        let a = Automaton::new(Arc::new(terms), 1, b", ");
         assert!(accepts_text(&a, "E11.9") && accepts_text(&a, "I10"));
         assert!(!accepts_text(&a, "E11") && !accepts_text(&a, "E11.9, I10"));
         assert!(a.advance(&a.start(), b"E12").is_empty());
@@ -374,7 +363,7 @@ mod tests {
     #[test]
     fn items_join_with_the_separator_even_when_terms_contain_it() {
         let terms = TermSet::new(["fracture of femur", "fracture of femur, initial encounter", "fever"]);
-        let a = Automaton::new(&terms, 2, b", ");
+        let a = Automaton::new(Arc::new(terms), 2, b", ");
         assert!(accepts_text(&a, "fever, fracture of femur"));
         assert!(accepts_text(&a, "fracture of femur, initial encounter"), "one item");
         assert!(accepts_text(&a, "fracture of femur, fever"), "two items");

@@ -4,81 +4,68 @@
 
 use std::sync::Arc;
 
-use super::automaton::{Automaton, States, TermSet, TokenMask};
-use super::json::{JsonMachine, JsonStates};
+use super::automaton::{Automaton, TermSet, TokenMask};
+use super::json::JsonMachine;
+use super::machine::{ByteMachine, StateSet};
 use super::vocab::TokenTrie;
 
-/// What the answer must be, and where it is.
-#[derive(Clone)]
-enum Program {
-    /// Up to `max_items` members of a term set, joined by `separator`.
-    Terms {
-        terms: Arc<TermSet>,
-        max_items: usize,
-        separator: Vec<u8>,
-        states: States,
-    },
-    /// A JSON document of a schema.
-    Json {
-        machine: Arc<JsonMachine>,
-        states: JsonStates,
-    },
+/// A machine and where the answer is in it; the guide holds one behind [`Cursor`] so it
+/// needs no match per machine.
+struct Walk<M: ByteMachine> {
+    machine: Arc<M>,
+    states: StateSet<M::State>,
 }
 
-impl Program {
+/// What the guide asks of the answer's machine, whichever it is.
+trait Cursor: Send + Sync {
+    fn accepts(&self) -> bool;
+    fn advance(&mut self, bytes: &[u8]);
+    /// The allowed tokens now; the start of an answer comes from the machine's cache.
+    fn fill_mask(&self, trie: &Arc<TokenTrie>, mask: &mut TokenMask);
+    fn boxed(&self) -> Box<dyn Cursor>;
+    /// What kind of answer, for debug output.
+    fn kind(&self) -> &'static str;
+}
+
+impl<M> Cursor for Walk<M>
+where
+    M: ByteMachine + Send + Sync + 'static,
+    M::State: Send + Sync,
+{
     fn accepts(&self) -> bool {
-        match self {
-            Program::Terms {
-                terms,
-                max_items,
-                separator,
-                states,
-            } => Automaton::new(terms, *max_items, separator).accepts(states),
-            Program::Json { machine, states } => machine.accepts(states),
-        }
+        self.machine.accepts(&self.states)
     }
 
     fn advance(&mut self, bytes: &[u8]) {
-        match self {
-            Program::Terms {
-                terms,
-                max_items,
-                separator,
-                states,
-            } => *states = Automaton::new(terms, *max_items, separator).advance(states, bytes),
-            Program::Json { machine, states } => *states = machine.advance(states, bytes),
-        }
+        self.states = self.machine.advance(&self.states, bytes);
     }
 
-    /// The allowed tokens now; the start of a terminology answer comes from its cache.
     fn fill_mask(&self, trie: &Arc<TokenTrie>, mask: &mut TokenMask) {
-        match self {
-            Program::Terms {
-                terms,
-                max_items,
-                separator,
-                states,
-            } => {
-                let automaton = Automaton::new(terms, *max_items, separator);
-                if *states == automaton.start() {
-                    *mask = (*terms.start_mask(trie, *max_items, separator)).clone();
-                } else {
-                    mask.clear();
-                    automaton.fill_mask(trie, states, mask);
-                }
-            }
-            Program::Json { machine, states } => {
-                mask.clear();
-                machine.fill_mask(trie, states, mask);
-            }
+        if self.states == self.machine.start()
+            && let Some(start) = self.machine.start_mask(trie)
+        {
+            *mask = (*start).clone();
+            return;
         }
+        mask.clear();
+        self.machine.fill_mask(trie, &self.states, mask);
+    }
+
+    fn boxed(&self) -> Box<dyn Cursor> {
+        Box::new(Walk {
+            machine: Arc::clone(&self.machine),
+            states: self.states.clone(),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        std::any::type_name::<M>().rsplit("::").next().unwrap_or_default()
     }
 }
 
 /// The constraint state of one generating sequence.
-#[derive(Clone)]
 pub struct Guide {
-    program: Program,
+    cursor: Box<dyn Cursor>,
     trie: Arc<TokenTrie>,
     /// Tokens allowed at the current state.
     mask: TokenMask,
@@ -87,14 +74,21 @@ pub struct Guide {
     waiting: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Clone for Guide {
+    fn clone(&self) -> Self {
+        Self {
+            cursor: self.cursor.boxed(),
+            trie: Arc::clone(&self.trie),
+            mask: self.mask.clone(),
+            waiting: self.waiting.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Guide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.program {
-            Program::Terms { .. } => "terms",
-            Program::Json { .. } => "json",
-        };
         f.debug_struct("Guide")
-            .field("kind", &kind)
+            .field("machine", &self.cursor.kind())
             .field("allowed", &self.mask.count())
             .field("waiting", &self.waiting.is_some())
             .finish()
@@ -103,30 +97,27 @@ impl std::fmt::Debug for Guide {
 
 impl Guide {
     /// A guide at the start of an answer of up to `max_items` members of `terms`.
-    pub fn new(terms: Arc<TermSet>, trie: Arc<TokenTrie>, max_items: usize, separator: Vec<u8>) -> Self {
-        let states = Automaton::new(&terms, max_items, &separator).start();
-        Self::with(
-            Program::Terms {
-                terms,
-                max_items,
-                separator,
-                states,
-            },
-            trie,
-        )
+    pub fn new(terms: Arc<TermSet>, trie: Arc<TokenTrie>, max_items: usize, separator: &[u8]) -> Self {
+        Self::with(Arc::new(Automaton::new(terms, max_items, separator)), trie)
     }
 
     /// A guide at the start of a JSON document of `machine`'s schema.
     pub fn json(machine: Arc<JsonMachine>, trie: Arc<TokenTrie>) -> Self {
-        let states = machine.start();
-        Self::with(Program::Json { machine, states }, trie)
+        Self::with(machine, trie)
     }
 
-    fn with(program: Program, trie: Arc<TokenTrie>) -> Self {
+    /// A guide at the start of `machine`.
+    fn with<M>(machine: Arc<M>, trie: Arc<TokenTrie>) -> Self
+    where
+        M: ByteMachine + Send + Sync + 'static,
+        M::State: Send + Sync,
+    {
+        let states = machine.start();
+        let cursor: Box<dyn Cursor> = Box::new(Walk { machine, states });
         let mut mask = TokenMask::new(trie.vocab_size());
-        program.fill_mask(&trie, &mut mask);
+        cursor.fill_mask(&trie, &mut mask);
         Self {
-            program,
+            cursor,
             trie,
             mask,
             waiting: None,
@@ -144,7 +135,7 @@ impl Guide {
 
     /// Whether the answer may end now (a whole item, or the whole document, was written).
     pub fn accepts(&self) -> bool {
-        self.program.accepts()
+        self.cursor.accepts()
     }
 
     /// Whether no token may extend the answer: it is finished (or, defensively, stuck).
@@ -184,8 +175,8 @@ impl Guide {
             }
             return;
         }
-        self.program.advance(self.trie.bytes(token));
-        self.program.fill_mask(&self.trie, &mut self.mask);
+        self.cursor.advance(self.trie.bytes(token));
+        self.cursor.fill_mask(&self.trie, &mut self.mask);
     }
 
     /// The tokens allowed now.

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use serde_json::Value;
 use smallvec::SmallVec;
 
-use super::automaton::{Automaton, State, TermSet, TokenMask};
+use super::automaton::{Automaton, State, TermSet};
+use super::machine::{ByteMachine, StateSet};
 use super::registry::{CodeFormat, ConstraintError, MatchKind, Terminologies};
-use super::vocab::TokenTrie;
 
 /// Longest free string when a schema gives no `maxLength`.
 const DEFAULT_MAX_LENGTH: usize = 64;
@@ -21,12 +21,8 @@ const DEFAULT_MAX_ITEMS: usize = 3;
 /// One piece of the document.
 enum Segment {
     Literal(Vec<u8>),
-    /// Up to `max_items` members of `set` (JSON-quoted strings, or literals), joined by `separator`.
-    Terms {
-        set: Arc<TermSet>,
-        max_items: usize,
-        separator: Vec<u8>,
-    },
+    /// Members of a term set (JSON-quoted strings, or literals), as many as the automaton allows.
+    Terms(Automaton),
     /// `-?(0|[1-9][0-9]*)`, at most 16 digits.
     Integer,
     /// A JSON string of at most `max_len` bytes, without escapes or control characters.
@@ -62,7 +58,7 @@ pub struct JsonState {
 }
 
 /// The positions the document may be at.
-pub type JsonStates = SmallVec<[JsonState; 2]>;
+pub type JsonStates = StateSet<JsonState>;
 
 /// The automaton of the documents a schema allows.
 pub struct JsonMachine {
@@ -76,13 +72,9 @@ fn push(out: &mut JsonStates, s: JsonState) {
 }
 
 impl JsonMachine {
-    fn terms(&self, segment: usize) -> Option<Automaton<'_>> {
+    fn terms(&self, segment: usize) -> Option<&Automaton> {
         match &self.segments[segment] {
-            Segment::Terms {
-                set,
-                max_items,
-                separator,
-            } => Some(Automaton::new(set, *max_items, separator)),
+            Segment::Terms(automaton) => Some(automaton),
             _ => None,
         }
     }
@@ -97,7 +89,7 @@ impl JsonMachine {
                     inner: Inner::Literal(0),
                 },
             ),
-            Segment::Terms { .. } => {
+            Segment::Terms(_) => {
                 if let Some(a) = self.terms(segment) {
                     for s in a.start() {
                         push(
@@ -135,7 +127,7 @@ impl JsonMachine {
     }
 
     /// The state before any byte.
-    pub fn start(&self) -> JsonStates {
+    fn start_states(&self) -> JsonStates {
         let mut out = JsonStates::new();
         if !self.segments.is_empty() {
             self.enter(0, &mut out);
@@ -147,7 +139,7 @@ impl JsonMachine {
         let segment = usize::from(s.segment);
         match (&self.segments[segment], s.inner) {
             (Segment::Literal(bytes), Inner::Literal(k)) => k as usize == bytes.len(),
-            (Segment::Terms { .. }, Inner::Terms(t)) => self
+            (Segment::Terms(_), Inner::Terms(t)) => self
                 .terms(segment)
                 .is_some_and(|a| a.accepts(&SmallVec::from_slice(&[t]))),
             (Segment::Integer, Inner::Integer { digits, .. }) => digits > 0,
@@ -166,7 +158,7 @@ impl JsonMachine {
             (Segment::Literal(bytes), Inner::Literal(k)) if bytes.get(k as usize) == Some(&byte) => {
                 push(out, next(Inner::Literal(k + 1)));
             }
-            (Segment::Terms { .. }, Inner::Terms(t)) => {
+            (Segment::Terms(_), Inner::Terms(t)) => {
                 if let Some(a) = self.terms(segment) {
                     for t in a.step(&SmallVec::from_slice(&[t]), byte) {
                         push(out, next(Inner::Terms(t)));
@@ -231,51 +223,6 @@ impl JsonMachine {
         }
     }
 
-    /// The states after `byte` (empty: the byte leads nowhere).
-    pub fn step(&self, states: &JsonStates, byte: u8) -> JsonStates {
-        let mut out = JsonStates::new();
-        for &s in states {
-            self.step_inside(s, byte, &mut out);
-            let following = usize::from(s.segment) + 1;
-            if following < self.segments.len() && self.complete(&s) {
-                let mut entered = JsonStates::new();
-                self.enter(following, &mut entered);
-                for t in entered {
-                    self.step_inside(t, byte, &mut out);
-                }
-            }
-        }
-        out
-    }
-
-    /// The states after `bytes`.
-    pub fn advance(&self, states: &JsonStates, bytes: &[u8]) -> JsonStates {
-        let mut states = states.clone();
-        for &b in bytes {
-            if states.is_empty() {
-                break;
-            }
-            states = self.step(&states, b);
-        }
-        states
-    }
-
-    /// Whether the document may end here.
-    pub fn accepts(&self, states: &JsonStates) -> bool {
-        states
-            .iter()
-            .any(|s| usize::from(s.segment) + 1 == self.segments.len() && self.complete(s))
-    }
-
-    /// Marks in `mask` every token whose bytes lead somewhere from `states`.
-    pub fn fill_mask(&self, trie: &TokenTrie, states: &JsonStates, mask: &mut TokenMask) {
-        trie.walk(
-            states.clone(),
-            |s, b| Some(self.step(s, b)).filter(|n| !n.is_empty()),
-            mask,
-        );
-    }
-
     /// Compiles `schema` (an object schema; see the module docs for what it may hold).
     pub fn compile(schema: &Value, terminologies: &Terminologies) -> Result<Self, ConstraintError> {
         let invalid = |m: String| ConstraintError::Invalid(m);
@@ -313,21 +260,14 @@ impl JsonMachine {
         match kind {
             "string" => {
                 if let Some(set) = quoted_terms(name, property, terminologies)? {
-                    self.segments.push(Segment::Terms {
-                        set,
-                        max_items: 1,
-                        separator: Vec::new(),
-                    });
+                    self.segments.push(Segment::Terms(Automaton::new(set, 1, b"")));
                 } else if let Some(options) = property.get("enum").and_then(Value::as_array) {
                     let quoted: Vec<String> = options.iter().filter_map(Value::as_str).map(json_quote).collect();
                     if quoted.is_empty() {
                         return Err(unsupported("an empty or non-string enum"));
                     }
-                    self.segments.push(Segment::Terms {
-                        set: Arc::new(TermSet::new(quoted)),
-                        max_items: 1,
-                        separator: Vec::new(),
-                    });
+                    self.segments
+                        .push(Segment::Terms(Automaton::new(Arc::new(TermSet::new(quoted)), 1, b"")));
                 } else {
                     let max_len = property
                         .get("maxLength")
@@ -339,11 +279,11 @@ impl JsonMachine {
                 }
             }
             "integer" => self.segments.push(Segment::Integer),
-            "boolean" => self.segments.push(Segment::Terms {
-                set: Arc::new(TermSet::new(["true", "false"])),
-                max_items: 1,
-                separator: Vec::new(),
-            }),
+            "boolean" => self.segments.push(Segment::Terms(Automaton::new(
+                Arc::new(TermSet::new(["true", "false"])),
+                1,
+                b"",
+            ))),
             "array" => {
                 let items = property
                     .get("items")
@@ -355,16 +295,44 @@ impl JsonMachine {
                     .and_then(Value::as_u64)
                     .map_or(DEFAULT_MAX_ITEMS, |n| n as usize);
                 self.literal(b"[");
-                self.segments.push(Segment::Terms {
-                    set,
-                    max_items: max_items.clamp(1, 64),
-                    separator: b", ".to_vec(),
-                });
+                self.segments
+                    .push(Segment::Terms(Automaton::new(set, max_items.clamp(1, 64), b", ")));
                 self.literal(b"]");
             }
             other => return Err(unsupported(&format!("type `{other}`"))),
         }
         Ok(())
+    }
+}
+
+impl ByteMachine for JsonMachine {
+    type State = JsonState;
+
+    fn start(&self) -> JsonStates {
+        self.start_states()
+    }
+
+    fn step(&self, states: &JsonStates, byte: u8) -> JsonStates {
+        let mut out = JsonStates::new();
+        for &s in states {
+            self.step_inside(s, byte, &mut out);
+            let following = usize::from(s.segment) + 1;
+            if following < self.segments.len() && self.complete(&s) {
+                let mut entered = JsonStates::new();
+                self.enter(following, &mut entered);
+                for t in entered {
+                    self.step_inside(t, byte, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// The document may end here.
+    fn accepts(&self, states: &JsonStates) -> bool {
+        states
+            .iter()
+            .any(|s| usize::from(s.segment) + 1 == self.segments.len() && self.complete(s))
     }
 }
 

@@ -8,6 +8,7 @@ mod coverage;
 mod guide;
 mod icd10cm;
 mod json;
+mod machine;
 mod registry;
 mod snomed;
 mod terminology;
@@ -18,7 +19,8 @@ pub use automaton::{Automaton, State, States, TermSet, TokenMask};
 pub use coverage::{CodeShape, Coverage, Mention, coverage};
 pub use guide::Guide;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
-pub use json::{JsonMachine, JsonStates};
+pub use json::{JsonMachine, JsonState, JsonStates};
+pub use machine::{ByteMachine, StateSet};
 pub use registry::{
     CodeFormat, ConstraintError, ConstraintRequest, MatchKind, Terminologies, TerminologySpec, TerminologySummary,
 };

@@ -11,6 +11,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::heldout::{self, HeldOutArgs};
+use super::store::JobState;
 
 /// Where the server is and how to authenticate.
 #[derive(Debug, Clone, Args)]
@@ -172,7 +173,7 @@ pub async fn run(server: ServerArgs, command: DistillCommand) -> Result<()> {
     let finish = |job: Value| -> Result<()> {
         print(&summary(&job));
         match job["state"].as_str() {
-            Some("succeeded") => Ok(()),
+            Some(state) if state == JobState::Succeeded.as_str() => Ok(()),
             state => bail!(
                 "job {} ended {}: {}",
                 job["id"].as_str().unwrap_or("?"),

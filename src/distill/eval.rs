@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::constrain::Terminologies;
 use crate::engine::{DecoderSession, SessionOptions};
+use crate::generate::{argmax, greedy, log_softmax};
 
 /// A held-out prompt with the teacher's answer.
 #[derive(Debug, Clone)]
@@ -57,20 +58,6 @@ pub struct Evaluation {
     pub latency_ms_p50: f64,
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-    let norm = max + sum.ln();
-    row.iter().map(|x| x - norm).collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
-        .0 as u32
-}
-
 /// KL over the teacher's top-k tokens and "other" (see `loss`), at temperature 1.
 pub fn topk_kl(student_logprobs: &[f32], top: &[(u32, f32)]) -> f64 {
     let mut kept_t = 0f64;
@@ -99,35 +86,6 @@ fn single_row(tokens: &[u32]) -> (Array2<i64>, Array2<i64>, Array2<i64>) {
         Array2::ones((1, n)),
         Array2::from_shape_fn((1, n), |(_, i)| i as i64),
     )
-}
-
-/// Greedy continuation of `prompt`, up to `max_new` tokens or a stop id.
-fn greedy(session: &mut DecoderSession, prompt: &[u32], max_new: usize, stops: &[u32]) -> Result<Vec<u32>> {
-    let (ids, mask, pos) = single_row(prompt);
-    let (mut logits, mut cache) = session.forward_last(&ids, &mask, &pos, session.empty_cache(1)?)?;
-    let mut out = Vec::new();
-    while out.len() < max_new {
-        let next = argmax(
-            logits
-                .slice(ndarray::s![0, -1, ..])
-                .as_slice()
-                .context("logits layout")?,
-        );
-        if stops.contains(&next) {
-            break;
-        }
-        out.push(next);
-        let total = cache.len() + 1;
-        let (l, c) = session.forward_last(
-            &Array2::from_elem((1, 1), i64::from(next)),
-            &Array2::ones((1, total)),
-            &Array2::from_elem((1, 1), (total - 1) as i64),
-            cache,
-        )?;
-        logits = l;
-        cache = c;
-    }
-    Ok(out)
 }
 
 /// Evaluates the ONNX model at `model` on `examples`.

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::eval::{EvalContext, evaluate};
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
-use super::store::{JobRecord, Prompt, Store, StoreError, TeacherOutput};
+use super::store::{JobRecord, JobState, Prompt, Stage, Store, StoreError, TeacherOutput};
 use super::teacher::{StudentVocab, Teacher};
 use super::trainer::{StepReport, train};
 use crate::checkpoint::TokenizerFiles;
@@ -178,7 +178,7 @@ impl Distiller {
             id: id.clone(),
             store: Arc::clone(&self.store),
             live: Arc::clone(&live),
-            stage: "prepare".into(),
+            stage: Stage::Prepare,
             result: json!({}),
             last_write: Instant::now(),
         };
@@ -189,18 +189,21 @@ impl Distiller {
             tracing::warn!(job = %id, error = %e, "could not remove the staging folder");
         }
         let (state, error) = match outcome {
-            Ok(Outcome::Promoted) => ("succeeded", None),
-            Ok(Outcome::Rejected(failures)) => ("rejected", Some(format!("gate failed: {}", failures.join("; ")))),
-            Err(_) if live.cancel.load(Ordering::Relaxed) => ("cancelled", Some("cancelled".to_string())),
-            Err(e) => ("failed", Some(format!("{e:#}"))),
+            Ok(Outcome::Promoted) => (JobState::Succeeded, None),
+            Ok(Outcome::Rejected(failures)) => (
+                JobState::Rejected,
+                Some(format!("gate failed: {}", failures.join("; "))),
+            ),
+            Err(_) if live.cancel.load(Ordering::Relaxed) => (JobState::Cancelled, Some("cancelled".to_string())),
+            Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
         };
-        tracing::info!(job = %id, model = %model, state, error = error.as_deref().unwrap_or(""), "refresh ended");
+        tracing::info!(job = %id, model = %model, state = state.as_str(), error = error.as_deref().unwrap_or(""), "refresh ended");
         {
             // Under the lock: once the record says the job ended, the model is free for the next
             // job and the metric has counted it.
             let mut jobs = self.live();
-            self.metrics.refresh_job_ended(&model, state);
-            if let Err(e) = self.store.update_job(&id, state, &p.stage, &p.result, error.as_deref()) {
+            self.metrics.refresh_job_ended(&model, state.as_str());
+            if let Err(e) = self.store.update_job(&id, state, p.stage, &p.result, error.as_deref()) {
                 tracing::error!(job = %id, error = %e, "could not record the job's end");
             }
             jobs.remove(&id);
@@ -211,7 +214,7 @@ impl Distiller {
     }
 
     async fn pipeline(&self, p: &mut Progress, name: &str, spec: &RefreshSpec, staging: &Path) -> Result<Outcome> {
-        p.stage("prepare");
+        p.stage(Stage::Prepare);
         let current = self.repository.get(name)?;
         let source = current.checkpoint_dir();
         if !source.join("config.json").is_file() {
@@ -238,7 +241,7 @@ impl Distiller {
             json!({"prompts": prompts.len(), "train": prompts.len() - held_out, "held_out": held_out}),
         );
 
-        p.stage("teacher");
+        p.stage(Stage::Teacher);
         let vocab = Arc::new(StudentVocab::new(
             Arc::clone(&current.tokenizer),
             &token_bytes(&current.tokenizer),
@@ -265,7 +268,7 @@ impl Distiller {
             bail!("the teacher's answers left no usable training or held-out example (empty completions?)");
         }
 
-        p.stage("training");
+        p.stage(Stage::Training);
         let checkpoint_out = staging.join(CHECKPOINT_DIR);
         std::fs::create_dir_all(&checkpoint_out).with_context(|| format!("creating {}", checkpoint_out.display()))?;
         for f in std::iter::once(source.join("config.json").as_path()).chain(files.files()) {
@@ -275,13 +278,13 @@ impl Distiller {
         self.train(p, &source, &checkpoint_out, train_set, spec).await?;
         self.check_cancel(p)?;
 
-        p.stage("export");
+        p.stage(Stage::Export);
         let (ckpt, out, format) = (checkpoint_out.clone(), staging.to_path_buf(), spec.int8_format);
         tokio::task::spawn_blocking(move || export::export(&ckpt, &out, Precision::Int8(format), ExternalData::Auto))
             .await??;
         self.check_cancel(p)?;
 
-        p.stage("evaluate");
+        p.stage(Stage::Evaluate);
         let evaluation = self.evaluate(&current, staging, eval_set, spec).await?;
         self.store.add_evaluation(&p.id, "current", &evaluation.0)?;
         self.store.add_evaluation(&p.id, "candidate", &evaluation.1)?;
@@ -300,7 +303,7 @@ impl Distiller {
         }
         self.check_cancel(p)?;
 
-        p.stage("promote");
+        p.stage(Stage::Promote);
         let (repository, model, dir) = (Arc::clone(&self.repository), name.to_string(), staging.to_path_buf());
         let promoted = tokio::task::spawn_blocking(move || repository.promote(&model, &dir)).await??;
         p.set("previous_version", json!(current.version));
@@ -407,7 +410,7 @@ struct Progress {
     id: String,
     store: Arc<Store>,
     live: Arc<LiveJob>,
-    stage: String,
+    stage: Stage,
     result: Value,
     last_write: Instant,
 }
@@ -417,14 +420,14 @@ impl Progress {
         self.last_write = Instant::now();
         if let Err(e) = self
             .store
-            .update_job(&self.id, "running", &self.stage, &self.result, None)
+            .update_job(&self.id, JobState::Running, self.stage, &self.result, None)
         {
             tracing::warn!(job = %self.id, error = %e, "could not record progress");
         }
     }
 
-    fn stage(&mut self, stage: &str) {
-        self.stage = stage.to_string();
+    fn stage(&mut self, stage: Stage) {
+        self.stage = stage;
         self.save();
         let _ = self.live.events.send(json!({"type": "stage", "stage": stage}));
     }

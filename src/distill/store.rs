@@ -44,15 +44,82 @@ pub struct TeacherOutput {
     pub top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
 }
 
+/// Where a refresh job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    /// The candidate failed the gate.
+    Rejected,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// The state's name, in the store, the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Rejected => "rejected",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job has ended.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// The step a refresh job is in, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Queued,
+    Prepare,
+    Teacher,
+    Training,
+    Export,
+    Evaluate,
+    Promote,
+}
+
+impl Stage {
+    /// The stage's name, in the store and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queued => "queued",
+            Stage::Prepare => "prepare",
+            Stage::Teacher => "teacher",
+            Stage::Training => "training",
+            Stage::Export => "export",
+            Stage::Evaluate => "evaluate",
+            Stage::Promote => "promote",
+        }
+    }
+}
+
+/// A name written by [`JobState::as_str`] or [`Stage::as_str`], read back from a row.
+fn named<T: serde::de::DeserializeOwned>(column: usize, name: String) -> rusqlite::Result<T> {
+    use serde::de::IntoDeserializer;
+    let de: serde::de::value::StringDeserializer<serde::de::value::Error> = name.into_deserializer();
+    T::deserialize(de)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e)))
+}
+
 /// A refresh job's durable record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobRecord {
     pub id: String,
     pub model: String,
-    /// `queued`, `running`, `succeeded`, `rejected` (gate failed), `failed`, `cancelled`.
-    pub state: String,
+    pub state: JobState,
     /// The step it is in (or ended in).
-    pub stage: String,
+    pub stage: Stage,
     pub spec: Value,
     /// Stage progress, losses, evaluation, outcome.
     pub result: Value,
@@ -64,7 +131,7 @@ pub struct JobRecord {
 impl JobRecord {
     /// Whether the job has ended.
     pub fn is_finished(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "rejected" | "failed" | "cancelled")
+        self.state.is_finished()
     }
 }
 
@@ -223,14 +290,14 @@ impl Store {
     pub fn update_job(
         &self,
         id: &str,
-        state: &str,
-        stage: &str,
+        state: JobState,
+        stage: Stage,
         result: &Value,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE jobs SET state = ?2, stage = ?3, result = ?4, error = ?5, updated_at = ?6 WHERE id = ?1",
-            params![id, state, stage, result.to_string(), error, now()],
+            params![id, state.as_str(), stage.as_str(), result.to_string(), error, now()],
         )?;
         Ok(())
     }
@@ -273,8 +340,8 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreErr
     Ok(Ok(JobRecord {
         id: r.get(0)?,
         model: r.get(1)?,
-        state: r.get(2)?,
-        stage: r.get(3)?,
+        state: named(2, r.get(2)?)?,
+        stage: named(3, r.get(3)?)?,
         spec,
         result,
         error: r.get(6)?,
@@ -325,21 +392,27 @@ mod tests {
             let store = Store::open(&path).unwrap();
             store.create_job("j1", "m", &serde_json::json!({"steps": 3})).unwrap();
             store
-                .update_job("j1", "running", "training", &serde_json::json!({}), None)
+                .update_job("j1", JobState::Running, Stage::Training, &serde_json::json!({}), None)
                 .unwrap();
             store.create_job("j2", "m", &serde_json::json!({})).unwrap();
             store
-                .update_job("j2", "succeeded", "done", &serde_json::json!({"version": 2}), None)
+                .update_job(
+                    "j2",
+                    JobState::Succeeded,
+                    Stage::Promote,
+                    &serde_json::json!({"version": 2}),
+                    None,
+                )
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
         let j1 = store.job("j1").unwrap().unwrap();
-        assert_eq!(j1.state, "failed");
+        assert_eq!(j1.state, JobState::Failed);
         assert_eq!(
             j1.error.as_deref(),
             Some("interrupted: the server stopped during stage training")
         );
-        assert_eq!(store.job("j2").unwrap().unwrap().state, "succeeded");
+        assert_eq!(store.job("j2").unwrap().unwrap().state, JobState::Succeeded);
         assert_eq!(store.jobs(10).unwrap().len(), 2);
         assert!(store.job("nope").unwrap().is_none());
     }

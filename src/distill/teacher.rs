@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use super::store::TeacherOutput;
+use crate::generate::MAX_TOP_LOGPROBS;
 use crate::tokenize::ChatMessage;
 
 /// Which knowledge the teacher hands over.
@@ -29,9 +30,6 @@ pub enum KdMode {
     /// Its completions with top-k log-probabilities (KL at temperature).
     Token,
 }
-
-/// Most alternatives per token OpenAI-compatible servers return.
-pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Where and how to ask the teacher.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

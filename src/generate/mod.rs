@@ -2,6 +2,7 @@
 //! streamed text deltas, one position at a time (the scheduler runs the model).
 
 mod sampling;
+mod single;
 mod text;
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tokenizers::Tokenizer;
 use crate::constrain::Guide;
 use crate::engine::EngineError;
 pub use sampling::{Choice, Sampler, SamplingParams, argmax, log_softmax};
+pub use single::{decode_single, greedy};
 pub use text::{IncrementalDecoder, StopMatcher, StopStep};
 
 /// The most alternatives `top_logprobs` may ask for (OpenAI's limit).

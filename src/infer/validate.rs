@@ -214,7 +214,7 @@ fn constraint(
         terms,
         Arc::clone(&model.token_trie),
         spec.max_items,
-        spec.separator.as_bytes().to_vec(),
+        spec.separator.as_bytes(),
     );
     Ok(guide.after(spec.after.as_deref().unwrap_or_default().as_bytes()))
 }

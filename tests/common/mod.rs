@@ -117,40 +117,7 @@ pub fn decoder_batch_logits(session: &mut DecoderSession, seqs: &[Vec<u32>], pad
 
 /// Greedy continuation with the ORT session and its KV cache.
 pub fn ort_greedy(session: &mut DecoderSession, prompt: &[u32], n: usize) -> Vec<u32> {
-    let ids = Array2::from_shape_fn((1, prompt.len()), |(_, i)| i64::from(prompt[i]));
-    let pos = Array2::from_shape_fn((1, prompt.len()), |(_, i)| i as i64);
-    let mask = Array2::ones((1, prompt.len()));
-    let (mut logits, mut cache) = session
-        .forward(&ids, &mask, &pos, session.empty_cache(1).unwrap())
-        .unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let last = logits.slice(ndarray::s![0, -1, ..]).to_vec();
-        let next = argmax(&last);
-        out.push(next);
-        let total = cache.len() + 1;
-        let (l, c) = session
-            .forward(
-                &Array2::from_elem((1, 1), i64::from(next)),
-                &Array2::ones((1, total)),
-                &Array2::from_elem((1, 1), (total - 1) as i64),
-                cache,
-            )
-            .unwrap();
-        logits = l;
-        cache = c;
-    }
-    out
-}
-
-pub fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &x)| if x > b.1 { (i as u32, x) } else { b },
-        )
-        .0
+    distill_serve::generate::greedy(session, prompt, n, &[]).unwrap()
 }
 
 /// The path of the built `distill-serve` binary.
