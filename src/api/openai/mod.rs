@@ -20,12 +20,12 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::{ErrorBody, InferError};
-use crate::generate::Event;
+use crate::generate::{Event, Timings, TokenLogprob};
 use crate::infer::{Endpoint, Generation, InferRequest};
 use crate::repository::ModelState;
 use responses::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs, Completion,
-    CompletionChoice, CompletionLogprobs, Delta, ModelCard, ModelList, Usage,
+    Answer, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatLogprobs, Completion, CompletionChoice,
+    CompletionLogprobs, Delta, ModelCard, ModelList, Usage,
 };
 pub use types::{ChatRequest, CompletionRequest};
 
@@ -138,7 +138,7 @@ fn answer_id(endpoint: Endpoint, generation: &Generation) -> String {
 }
 
 /// The whole answer and its timings.
-async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, crate::generate::Timings), InferError> {
+async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, Timings), InferError> {
     let id = answer_id(endpoint, &generation);
     let (model, logprobs) = (generation.model.clone(), generation.logprobs);
     let c = generation.collect().await?;
@@ -159,7 +159,7 @@ async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, 
                 logprobs: logprobs.then(|| ChatLogprobs::new(&c.logprobs)),
                 finish_reason: reason,
             }],
-            usage,
+            usage: Some(usage),
         })
         .into_response(),
         _ => Json(Completion {
@@ -193,8 +193,24 @@ impl Chunks {
         SseEvent::default().data(serde_json::to_string(body).unwrap_or_default())
     }
 
+    /// A chunk with these choices (and usage).
+    fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Usage>) -> SseEvent {
+        let object = match self.endpoint {
+            Endpoint::ChatCompletions => "chat.completion.chunk",
+            _ => "text_completion",
+        };
+        Self::event(&Answer {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        })
+    }
+
     /// A chunk adding `text` (and its log-probabilities), ending with `reason` when given.
-    fn text(&self, text: String, logprobs: &[crate::generate::TokenLogprob], reason: Option<&'static str>) -> SseEvent {
+    fn text(&self, text: String, logprobs: &[TokenLogprob], reason: Option<&'static str>) -> SseEvent {
         match self.endpoint {
             Endpoint::ChatCompletions => self.chat(
                 Delta {
@@ -204,58 +220,31 @@ impl Chunks {
                 (!logprobs.is_empty()).then(|| ChatLogprobs::new(logprobs)),
                 reason,
             ),
-            _ => Self::event(&Completion {
-                id: &self.id,
-                object: "text_completion",
-                created: self.created,
-                model: &self.model,
-                choices: vec![CompletionChoice {
+            _ => self.chunk(
+                vec![CompletionChoice {
                     index: 0,
                     text,
                     logprobs: (!logprobs.is_empty()).then(|| CompletionLogprobs::new(logprobs)),
                     finish_reason: reason,
                 }],
-                usage: None,
-            }),
+                None,
+            ),
         }
     }
 
     fn chat(&self, delta: Delta, logprobs: Option<ChatLogprobs>, reason: Option<&'static str>) -> SseEvent {
-        Self::event(&ChatChunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: vec![ChatChunkChoice {
-                index: 0,
-                delta,
-                logprobs,
-                finish_reason: reason,
-            }],
-            usage: None,
-        })
+        let choice = ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs,
+            finish_reason: reason,
+        };
+        self.chunk(vec![choice], None)
     }
 
     /// The last chunk of a stream that asked for usage: no choices.
     fn usage(&self, usage: Usage) -> SseEvent {
-        match self.endpoint {
-            Endpoint::ChatCompletions => Self::event(&ChatChunk {
-                id: &self.id,
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: &self.model,
-                choices: Vec::new(),
-                usage: Some(usage),
-            }),
-            _ => Self::event(&Completion {
-                id: &self.id,
-                object: "text_completion",
-                created: self.created,
-                model: &self.model,
-                choices: Vec::new(),
-                usage: Some(usage),
-            }),
-        }
+        self.chunk(Vec::<ChatChunkChoice>::new(), Some(usage))
     }
 }
 

@@ -100,18 +100,25 @@ impl ChatLogprobs {
     }
 }
 
-/// A body of `/v1/completions`: the whole answer (`text_completion`), or one chunk of a stream
-/// (the same object, holding a piece of the text).
+/// The envelope of every answer and chunk: `choices` of the route's kind, and `usage` where
+/// the answer reports it.
 #[derive(Debug, Serialize)]
-pub struct Completion<'a> {
+pub struct Answer<'a, C> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: Vec<CompletionChoice>,
+    pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
+
+/// A body of `/v1/completions`: the whole answer (`text_completion`), or one chunk of a stream
+/// (the same object, holding a piece of the text).
+pub type Completion<'a> = Answer<'a, CompletionChoice>;
+
+/// A whole answer of `/v1/chat/completions` (`chat.completion`).
+pub type ChatCompletion<'a> = Answer<'a, ChatChoice>;
 
 /// The one choice of a [`Completion`].
 #[derive(Debug, Serialize)]
@@ -120,17 +127,6 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
-}
-
-/// A whole answer of `/v1/chat/completions` (`chat.completion`).
-#[derive(Debug, Serialize)]
-pub struct ChatCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
 }
 
 /// The one choice of a [`ChatCompletion`].
@@ -149,19 +145,7 @@ pub struct AssistantMessage {
     pub content: String,
 }
 
-/// One chunk of a streamed chat answer (`chat.completion.chunk`).
-#[derive(Debug, Serialize)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<ChatChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-}
-
-/// The one choice of a [`ChatChunk`].
+/// The one choice of a chunk of a streamed chat answer (`chat.completion.chunk`).
 #[derive(Debug, Serialize)]
 pub struct ChatChunkChoice {
     pub index: u32,
