@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use distill_serve::checkpoint::Family;
 use distill_serve::export::{self, ExternalData, Precision};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
@@ -27,49 +28,30 @@ use serde_json::{Value, json};
 
 const TOKEN: &str = "bench-admin-token";
 
+/// Serving latency before, during and after a refresh job's training stage.
+#[derive(clap::Parser)]
 struct Options {
+    /// The student's shape.
+    #[arg(long, value_enum, default_value = "mid")]
     shape: ShapePreset,
+    #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Requests per phase.
+    #[arg(long, default_value_t = 200)]
     requests: u64,
+    #[arg(long, default_value_t = 1)]
     train_threads: usize,
+    /// CPU priority of the training threads.
+    #[arg(long, default_value_t = 10)]
     nice: i32,
     /// Serving's ONNX Runtime threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
     intra_threads: usize,
+    #[arg(long, default_value_t = 32)]
     max_tokens: u32,
-}
-
-fn parse_args() -> Result<Options> {
-    let mut o = Options {
-        shape: ShapePreset::Mid,
-        clients: 4,
-        requests: 200,
-        train_threads: 1,
-        nice: 10,
-        intra_threads: 0,
-        max_tokens: 32,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--shape" => {
-                o.shape = match value()?.as_str() {
-                    "tiny" => ShapePreset::Tiny,
-                    "mid" => ShapePreset::Mid,
-                    other => bail!("unknown shape {other} (tiny, mid)"),
-                }
-            }
-            "--clients" => o.clients = value()?.parse()?,
-            "--requests" => o.requests = value()?.parse()?,
-            "--train-threads" => o.train_threads = value()?.parse()?,
-            "--nice" => o.nice = value()?.parse()?,
-            "--intra-threads" => o.intra_threads = value()?.parse()?,
-            "--max-tokens" => o.max_tokens = value()?.parse()?,
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(o)
+    /// `cargo bench` passes `--bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// A server on loopback with the bench's admin token.
@@ -143,7 +125,7 @@ async fn level(o: &Options, workload: &Arc<Workload>, base: &str) -> Result<Repo
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let o = parse_args()?;
+    let o = Options::parse();
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("models");
     let version = repo.join("bench/1");

@@ -26,7 +26,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use clap::Parser;
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, KvCache, SessionOptions};
 use distill_serve::export::{self, ExternalData, Precision};
@@ -34,44 +35,27 @@ use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, TenX, Workload, workload};
 use ndarray::Array2;
 
+/// The server under the loadtest 10x scenario, batching on and off, against the bare engine.
+#[derive(clap::Parser)]
 struct Options {
+    /// The student's shape.
+    #[arg(long, value_enum, default_value = "mid")]
     shape: ShapePreset,
+    /// Clients of the normal level; the scenario then runs ten times as many.
+    #[arg(long, default_value_t = 2)]
     baseline: usize,
+    /// Requests per level.
+    #[arg(long, default_value_t = 200)]
     requests: u64,
+    #[arg(long, default_value_t = 32)]
     max_tokens: u32,
+    /// Prompt length mix in words, `share:median:sigma,...` (the tiny BPE spends about 3
+    /// tokens per word, and the context is 512).
+    #[arg(long, default_value = "0.6:6:0.5,0.3:24:0.4,0.1:80:0.3")]
     lengths: String,
-}
-
-fn parse_args() -> Result<Options> {
-    let mut o = Options {
-        shape: ShapePreset::Mid,
-        baseline: 2,
-        requests: 200,
-        max_tokens: 32,
-        // Words; the tiny BPE spends about 3 tokens per word, and the context is 512.
-        lengths: "0.6:6:0.5,0.3:24:0.4,0.1:80:0.3".into(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--shape" => {
-                o.shape = match value()?.as_str() {
-                    "tiny" => ShapePreset::Tiny,
-                    "mid" => ShapePreset::Mid,
-                    other => bail!("unknown shape {other} (tiny, mid)"),
-                }
-            }
-            "--baseline" => o.baseline = value()?.parse()?,
-            "--requests" => o.requests = value()?.parse()?,
-            "--max-tokens" => o.max_tokens = value()?.parse()?,
-            "--lengths" => o.lengths = value()?,
-            // `cargo bench` passes `--bench` to every bench target.
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(o)
+    /// `cargo bench` passes `--bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 const MAX_WORDS: usize = 130;
@@ -187,7 +171,7 @@ fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let o = parse_args()?;
+    let o = Options::parse();
     let dir = tempfile::tempdir()?;
     let ckpt = dir.path().join("checkpoint");
     let mut spec = TinySpec::new(Family::Qwen2, 0);

@@ -12,7 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use clap::Parser;
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, SessionOptions};
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
@@ -20,48 +21,27 @@ use distill_serve::reference::{cosine, kl_divergence};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use ndarray::Array2;
 
+/// Prefill and decode throughput of the exported student, FP32 against each INT8 form.
+#[derive(clap::Parser)]
 struct Options {
+    /// Shapes to measure (repeatable) [default: tiny and mid].
+    #[arg(long = "shape", value_enum)]
     shapes: Vec<ShapePreset>,
+    /// Batch sizes, comma-separated.
+    #[arg(long = "batch", value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
     prompt_len: usize,
+    #[arg(long, default_value_t = 16)]
     decode_steps: usize,
+    /// ONNX Runtime intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[arg(long, default_value = "target/bench-models")]
     work_dir: PathBuf,
-}
-
-fn parse_args() -> Result<Options> {
-    let mut o = Options {
-        shapes: Vec::new(),
-        batches: vec![1, 16],
-        prompt_len: 32,
-        decode_steps: 16,
-        threads: 0,
-        work_dir: PathBuf::from("target/bench-models"),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--shape" => o.shapes.push(match value()?.as_str() {
-                "tiny" => ShapePreset::Tiny,
-                "mid" => ShapePreset::Mid,
-                "r1-distill-qwen-1.5b" => ShapePreset::R1DistillQwen1_5b,
-                other => bail!("unknown shape {other}"),
-            }),
-            "--batch" => o.batches = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--prompt-len" => o.prompt_len = value()?.parse()?,
-            "--decode-steps" => o.decode_steps = value()?.parse()?,
-            "--threads" => o.threads = value()?.parse()?,
-            "--work-dir" => o.work_dir = PathBuf::from(value()?),
-            // `cargo bench` passes `--bench` to every bench target.
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if o.shapes.is_empty() {
-        o.shapes = vec![ShapePreset::Tiny, ShapePreset::Mid];
-    }
-    Ok(o)
+    /// `cargo bench` passes `--bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn shape_name(shape: ShapePreset) -> &'static str {
@@ -223,7 +203,10 @@ fn accuracy(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
 }
 
 fn main() -> Result<()> {
-    let o = parse_args()?;
+    let mut o = Options::parse();
+    if o.shapes.is_empty() {
+        o.shapes = vec![ShapePreset::Tiny, ShapePreset::Mid];
+    }
     std::fs::create_dir_all(&o.work_dir)?;
     for &shape in &o.shapes {
         run_shape(&o, shape)?;
