@@ -52,9 +52,18 @@ impl Infer {
         }
     }
 
-    /// Validates `request` and queues it on its model; its events follow on the returned
-    /// [`Generation`].
-    pub async fn generate(&self, request: InferRequest) -> Result<Generation, InferError> {
+    /// Validates `request`, as a protocol translated it from `endpoint`, and queues it on its
+    /// model; its events follow on the returned [`Generation`]. A translation error (a
+    /// malformed body) is counted like any other failed request and handed back.
+    pub async fn generate(
+        &self,
+        endpoint: Endpoint,
+        request: Result<InferRequest, InferError>,
+    ) -> Result<Generation, InferError> {
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => return Err(Record::new(&self.metrics, endpoint, tracing::Span::none()).fail(e)),
+        };
         let id = format!("{:032x}", rand::random::<u128>());
         let span =
             tracing::info_span!("request", id = %id, model = %request.model, endpoint = request.endpoint.as_str());
@@ -86,12 +95,6 @@ impl Infer {
         }
         .instrument(span.clone())
         .await
-    }
-
-    /// Counts a request refused before it could be read (a malformed body), and hands the
-    /// error back.
-    pub fn reject(&self, endpoint: Endpoint, error: InferError) -> InferError {
-        Record::new(&self.metrics, endpoint, tracing::Span::none()).fail(error)
     }
 
     /// Stores the prompt for refresh jobs where the model's `model.toml` turns capture on.

@@ -28,8 +28,6 @@ pub fn generation_request(
 ) -> Result<GenerationRequest, InferError> {
     let prompt = prompt_ids(model, &request.prompt)?;
     let mut generation = sampling(model, prompt, &request.params)?;
-    generation.stream = request.stream;
-    generation.deadline = deadline;
     generation.constraint = match &request.guide {
         None => None,
         Some(GuideSpec::Terms(spec)) => Some(constraint(terminologies, model, spec)?),
@@ -39,7 +37,11 @@ pub fn generation_request(
             Some(Guide::json(Arc::new(machine), Arc::clone(&model.token_trie)))
         }
     };
-    Ok(generation)
+    Ok(GenerationRequest {
+        stream: request.stream,
+        deadline,
+        ..generation
+    })
 }
 
 /// Token ids of `prompt` on `model`.

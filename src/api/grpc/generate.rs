@@ -26,11 +26,8 @@ impl GenerateService {
     /// Translates and runs `req`.
     async fn start(&self, req: Request<GenerateRequest>, endpoint: Endpoint) -> Result<Generation, Status> {
         let timeout = super::timeout(&req);
-        let request = match neutral(req.into_inner(), endpoint) {
-            Ok(r) => r,
-            Err(e) => return Err(self.state.infer.reject(endpoint, e).into()),
-        };
-        Ok(self.state.infer.generate(InferRequest { timeout, ..request }).await?)
+        let request = neutral(req.into_inner(), endpoint).map(|r| InferRequest { timeout, ..r });
+        Ok(self.state.infer.generate(endpoint, request).await?)
     }
 }
 

@@ -183,16 +183,12 @@ impl GrpcInferenceService for KServe {
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let timeout = super::timeout(&req);
         let req = req.into_inner();
-        let infer = &self.state.infer;
         // A pinned version must be the one serving.
         let checked = self
             .model(&req.model_name, &req.model_version)
             .and_then(|_| neutral(&req));
-        let request = match checked {
-            Ok(request) => InferRequest { timeout, ..request },
-            Err(e) => return Err(infer.reject(Endpoint::ModelInfer, e).into()),
-        };
-        let generation = infer.generate(request).await?;
+        let request = checked.map(|r| InferRequest { timeout, ..r });
+        let generation = self.state.infer.generate(Endpoint::ModelInfer, request).await?;
         let model = generation.model.clone();
         let done = generation.collect().await?;
         let mut raw = (done.text.len() as u32).to_le_bytes().to_vec();

@@ -101,12 +101,10 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
 /// as server-sent events.
 async fn answer(state: AppState, endpoint: Endpoint, request: Result<(InferRequest, bool), InferError>) -> Response {
     let started = Instant::now();
-    let (request, include_usage) = match request {
-        Ok(r) => r,
-        Err(e) => return state.infer.reject(endpoint, e).into_response(),
-    };
-    let stream = request.stream;
-    let generation = match state.infer.generate(request).await {
+    let include_usage = request.as_ref().is_ok_and(|(_, usage)| *usage);
+    let request = request.map(|(request, _)| request);
+    let stream = request.as_ref().is_ok_and(|r| r.stream);
+    let generation = match state.infer.generate(endpoint, request).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
