@@ -169,6 +169,22 @@ impl Sequence {
         }
     }
 
+    /// The end of an answer that no stop string cut: the bytes of an unfinished character go
+    /// out as U+FFFD (unless they complete a stop string), then any text held back for a stop
+    /// string that never came.
+    fn finish_flushed(&mut self, tokenizer: &Tokenizer, reason: FinishReason) -> Result<Event, GenerateError> {
+        let tail = self
+            .decoder
+            .flush(tokenizer)
+            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
+        let step = self.stops.push(&tail);
+        if step.stopped {
+            return Ok(self.finish(step.emit, FinishReason::Stop));
+        }
+        let text = step.emit + &self.stops.flush();
+        Ok(self.finish(text, reason))
+    }
+
     /// Chooses the token after the last position whose `logits` are given.
     pub fn advance(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Advance, GenerateError> {
         let masked;
@@ -184,9 +200,8 @@ impl Sequence {
         let choice = self.sampler.choose(logits, self.request.logprobs.unwrap_or(0));
         self.generated += 1;
         if self.request.stop_token_ids.contains(&choice.token) {
-            let text = self.stops.flush();
             return Ok(Advance {
-                events: vec![self.finish(text, FinishReason::Stop)],
+                events: vec![self.finish_flushed(tokenizer, FinishReason::Stop)?],
                 next: None,
             });
         }
@@ -227,16 +242,95 @@ impl Sequence {
             None
         } else if exhausted {
             // The constrained answer is complete: nothing may follow but the end.
-            let text = self.stops.flush();
-            events.push(self.finish(text, FinishReason::Stop));
+            events.push(self.finish_flushed(tokenizer, FinishReason::Stop)?);
             None
         } else if self.generated >= self.request.max_new_tokens {
-            let text = self.stops.flush();
-            events.push(self.finish(text, FinishReason::Length));
+            events.push(self.finish_flushed(tokenizer, FinishReason::Length)?);
             None
         } else {
             Some(choice.token)
         };
         Ok(Advance { events, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::checkpoint::Family;
+    use crate::tiny::{ENDOFTEXT_ID, train_tokenizer};
+
+    /// Generates `ids` (one-hot logits, greedy) and returns the text of every event.
+    fn answer(tokenizer: &Tokenizer, vocab: usize, ids: &[u32], stop_ids: Vec<u32>) -> (String, Vec<u32>) {
+        let request = GenerationRequest {
+            prompt: vec![1],
+            max_new_tokens: ids.len(),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+            stop_token_ids: stop_ids,
+            logprobs: None,
+            token_ids_in_logprobs: false,
+            stream: true,
+            deadline: None,
+            constraint: None,
+        };
+        let mut seq = Sequence::new(request);
+        let (mut text, mut generated) = (String::new(), Vec::new());
+        for &id in ids {
+            let mut logits = vec![0.0; vocab];
+            logits[id as usize] = 1.0;
+            let advance = seq.advance(tokenizer, &logits).unwrap();
+            for event in advance.events {
+                match event {
+                    Event::Token { id, text: t, .. } => {
+                        generated.push(id);
+                        text.push_str(&t);
+                    }
+                    Event::Finished { text: t, .. } => text.push_str(&t),
+                }
+            }
+            if advance.next.is_none() {
+                break;
+            }
+        }
+        (text, generated)
+    }
+
+    #[test]
+    fn the_answer_is_the_decoding_of_its_tokens_even_when_it_ends_inside_a_character() {
+        let corpus = "病人有糖尿病。 Patient has diabetes; naïve café ✓ 中文字符\n".repeat(20);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for vocab_size in [300, 420, 700] {
+            let tokenizer = train_tokenizer(Family::Qwen2, vocab_size, Some(&corpus))
+                .unwrap()
+                .tokenizer;
+            let vocab = tokenizer.get_vocab_size(true);
+            for _ in 0..150 {
+                let len = rng.random_range(1..24);
+                // Mostly raw bytes and merges (ids past the five special tokens), so characters
+                // are split and left unfinished often.
+                let ids: Vec<u32> = (0..len).map(|_| rng.random_range(5..vocab as u32)).collect();
+                let (text, generated) = answer(&tokenizer, vocab, &ids, vec![ENDOFTEXT_ID]);
+                assert_eq!(generated, ids);
+                assert_eq!(text, tokenizer.decode(&ids, false).unwrap(), "{ids:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stop_token_after_half_a_character_flushes_it_as_a_replacement_character() {
+        let tokenizer = train_tokenizer(Family::Qwen2, 300, None).unwrap().tokenizer;
+        let vocab = tokenizer.get_vocab_size(true);
+        // "中" is three bytes; the first alone decodes to U+FFFD.
+        let first_byte = tokenizer.encode("中", false).unwrap().get_ids()[0];
+        let (text, generated) = answer(&tokenizer, vocab, &[first_byte, ENDOFTEXT_ID], vec![ENDOFTEXT_ID]);
+        assert_eq!(generated, vec![first_byte]);
+        assert_eq!(text, "\u{FFFD}");
     }
 }

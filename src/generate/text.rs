@@ -45,6 +45,20 @@ impl IncrementalDecoder {
             Ok(String::new())
         }
     }
+
+    /// The text still withheld at the end of the answer (bytes of an unfinished character, as
+    /// U+FFFD, the way the tokenizer decodes them), so that everything emitted adds up to the
+    /// decoding of every pushed token.
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String, tokenizers::Error> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], false)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
 }
 
 /// Finds stop strings in streamed text, holding back any tail that could still become one.

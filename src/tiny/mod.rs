@@ -21,8 +21,7 @@ use crate::checkpoint::{
     DecoderConfig, EncoderConfig, EncoderHead, Family, ModelConfig, RopeConfig, TensorRole, TensorSpec, tensor_specs,
 };
 
-pub use tokenizer::CHAT_TEMPLATE;
-use tokenizer::train_tokenizer;
+pub use tokenizer::{CHAT_TEMPLATE, ENDOFTEXT_ID, train_tokenizer};
 
 /// Named shapes for `--shape`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
