@@ -50,9 +50,7 @@ pub struct ModelMetrics {
     prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub cancelled: IntCounter,
-    pub rejected_queue_full: IntCounter,
-    /// Requests refused because the model had `max_concurrent` in flight.
-    pub rejected_concurrency: IntCounter,
+    rejected: IntCounterVec,
     /// Requests dropped because their deadline passed.
     pub deadline_exceeded: IntCounter,
     /// Sequences per decode step.
@@ -64,6 +62,11 @@ pub struct ModelMetrics {
 }
 
 impl ModelMetrics {
+    /// Counts a request refused at admission for `reason`.
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[&self.model, reason]).inc();
+    }
+
     /// Counts a prefill batch sent from the bucket bounded by `bound` tokens.
     pub fn bucket_dispatch(&self, bound: usize) {
         self.bucket_dispatches
@@ -213,8 +216,7 @@ impl Metrics {
             prompt_tokens: self.prompt_tokens.with_label_values(&[model]),
             generated_tokens: self.generated_tokens.with_label_values(&[model]),
             cancelled: self.cancelled.with_label_values(&[model]),
-            rejected_queue_full: self.rejected.with_label_values(&[model, "queue_full"]),
-            rejected_concurrency: self.rejected.with_label_values(&[model, "max_concurrent"]),
+            rejected: self.rejected.clone(),
             deadline_exceeded: self.rejected.with_label_values(&[model, "deadline_exceeded"]),
             batch_size: self.batch_size.with_label_values(&[model]),
             padding_ratio: self.padding_ratio.with_label_values(&[model]),

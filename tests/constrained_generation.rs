@@ -29,6 +29,7 @@ fn generate(
     let mut seq = Sequence::new(GenerationRequest {
         prompt: prompt.to_vec(),
         max_new_tokens: 400,
+        min_new_tokens: 0,
         sampling: SamplingParams {
             temperature: if seed == 0 { 0.0 } else { 1.0 },
             top_k: 0,

@@ -172,8 +172,40 @@ async fn bad_input_gets_a_clear_error_and_the_server_stays_up() {
     )
     .await;
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("top_logprobs")));
+    for min_tokens in [-1, 9] {
+        let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 8, "min_tokens": min_tokens});
+        let (status, v) = post(&server, "/v1/completions", body).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some("min_tokens")), "{v}");
+    }
 
     assert!(!completion_text(&server, "still up?", 1).await.is_empty());
+}
+
+/// Load generators' conventions (vLLM's names): `ignore_eos` gives exactly `max_tokens`, on
+/// both protocols; `priority` is accepted.
+#[tokio::test]
+async fn ignore_eos_generates_max_tokens_on_every_protocol() {
+    use distill_serve::api::grpc::proto::generate::{GenerateRequest, generate_client::GenerateClient};
+    let server = TestServer::start(&[]);
+    for seed in 0..4 {
+        let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 40, "ignore_eos": true,
+                          "temperature": 1.0, "seed": seed, "priority": -1});
+        let (status, v) = post(&server, "/v1/completions", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 40);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+    }
+    let mut client = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    let request = GenerateRequest {
+        model: "tiny".into(),
+        prompt: "x".into(),
+        max_tokens: Some(40),
+        ignore_eos: true,
+        priority: Some(1),
+        ..Default::default()
+    };
+    let answer = client.generate(request).await.unwrap().into_inner();
+    assert_eq!(answer.usage.unwrap().completion_tokens, 40);
 }
 
 #[tokio::test]
@@ -482,37 +514,51 @@ async fn responses_carry_timing_headers() {
     );
 }
 
+/// Deadlines the estimate cannot foresee (a fresh server has measured no step yet; a bucket
+/// delay) end the work with 504 wherever it is; once steps are measured, a request that cannot
+/// finish in time is refused at once with 429 and a Retry-After.
 #[tokio::test]
-async fn requests_past_their_deadline_are_dropped_with_504() {
-    let server = TestServer::start(&["--max-batch-size", "1"]);
-    let client = reqwest::Client::new();
+async fn requests_past_their_deadline_are_dropped_with_504_or_refused_at_once() {
     let long = json!({"model": "tiny", "prompt": "Long", "max_tokens": 1500, "temperature": 0, "stop": ["never-xyz"]});
-    let send = |timeout_ms: &'static str| {
-        client
+    let send = |server: &TestServer, timeout_ms: &'static str| {
+        reqwest::Client::new()
             .post(server.url("/v1/completions"))
             .header("x-request-timeout-ms", timeout_ms)
             .json(&long)
             .send()
     };
+    let expired = "distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_exceeded\"}";
     // Running: the deadline passes mid-generation.
-    let r = send("5").await.unwrap();
+    let server = TestServer::start(&["--max-batch-size", "1"]);
+    let r = send(&server, "5").await.unwrap();
     assert_eq!(r.status(), 504);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "deadline_exceeded");
-    // Waiting: with batching off, a second request queues behind a long one and expires there.
-    let (first, second) = tokio::join!(send("5000"), async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        send("1").await
-    });
-    assert_eq!(second.unwrap().status(), 504);
-    assert_eq!(first.unwrap().status(), 200);
-    assert!(
-        server
-            .metric("distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_exceeded\"}")
-            .await
-            >= 2.0
-    );
-    let r = client
+    // Measured now: 1500 tokens cannot come in 5 ms, and the client hears so at once.
+    let r = send(&server, "5").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "overloaded", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("deadline"), "{v}");
+    let refused = "distill_serve_rejected_requests_total{model=\"tiny\",reason=\"deadline_estimate\"}";
+    assert_eq!(server.metric(refused).await, 1.0);
+    assert_eq!(server.metric(expired).await, 1.0, "refused, not queued to expire");
+    // Waiting: a lone request waits up to the bucket delay (which the estimate leaves out for a
+    // free slot) and its deadline passes in the queue.
+    let server = TestServer::start(&["--max-queue-delay-ms", "400"]);
+    let short = json!({"model": "tiny", "prompt": "Short", "max_tokens": 1});
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .header("x-request-timeout-ms", "100")
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(server.metric(expired).await, 1.0);
+    let r = reqwest::Client::new()
         .post(server.url("/v1/completions"))
         .header("x-request-timeout-ms", "soon")
         .json(&long)

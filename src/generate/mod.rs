@@ -25,6 +25,9 @@ pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     /// Upper bound on generated tokens.
     pub max_new_tokens: usize,
+    /// Tokens generated before a stop token may end the answer (`max_new_tokens` for vLLM's
+    /// `ignore_eos`). Stop strings still apply.
+    pub min_new_tokens: usize,
     pub sampling: SamplingParams,
     /// Generation ends before any of these strings; they are not returned.
     pub stop: Vec<String>,
@@ -112,6 +115,23 @@ pub enum GenerateError {
     Tokenizer(String),
 }
 
+/// Rules out `stop_ids`, unless nothing else is allowed (a constrained answer that is complete
+/// still ends).
+fn suppress(logits: &mut [f32], stop_ids: &[u32]) {
+    let stops = |i: usize| stop_ids.contains(&(i as u32));
+    if logits
+        .iter()
+        .enumerate()
+        .any(|(i, &l)| l > f32::NEG_INFINITY && !stops(i))
+    {
+        for &id in stop_ids {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 fn token_text(tokenizer: &Tokenizer, id: u32) -> Result<String, GenerateError> {
     tokenizer
         .decode(&[id], false)
@@ -187,15 +207,20 @@ impl Sequence {
 
     /// Chooses the token after the last position whose `logits` are given.
     pub fn advance(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Advance, GenerateError> {
+        let suppress_stop = self.generated < self.request.min_new_tokens;
         let masked;
-        let logits = match &self.request.constraint {
-            Some(guide) => {
-                let mut copy = logits.to_vec();
+        let logits = if self.request.constraint.is_some() || suppress_stop {
+            let mut copy = logits.to_vec();
+            if let Some(guide) = &self.request.constraint {
                 guide.apply(&mut copy, &self.request.stop_token_ids);
-                masked = copy;
-                &masked[..]
             }
-            None => logits,
+            if suppress_stop {
+                suppress(&mut copy, &self.request.stop_token_ids);
+            }
+            masked = copy;
+            &masked[..]
+        } else {
+            logits
         };
         let choice = self.sampler.choose(logits, self.request.logprobs.unwrap_or(0));
         self.generated += 1;
@@ -263,24 +288,28 @@ mod tests {
     use crate::checkpoint::Family;
     use crate::tiny::{ENDOFTEXT_ID, train_tokenizer};
 
-    /// Generates `ids` (one-hot logits, greedy) and returns the text of every event.
-    fn answer(tokenizer: &Tokenizer, vocab: usize, ids: &[u32], stop_ids: Vec<u32>) -> (String, Vec<u32>) {
-        let request = GenerationRequest {
+    fn greedy_request(max_new_tokens: usize, stop_token_ids: Vec<u32>) -> GenerationRequest {
+        GenerationRequest {
             prompt: vec![1],
-            max_new_tokens: ids.len(),
+            max_new_tokens,
+            min_new_tokens: 0,
             sampling: SamplingParams {
                 temperature: 0.0,
                 ..SamplingParams::default()
             },
             stop: Vec::new(),
-            stop_token_ids: stop_ids,
+            stop_token_ids,
             logprobs: None,
             token_ids_in_logprobs: false,
             stream: true,
             deadline: None,
             constraint: None,
-        };
-        let mut seq = Sequence::new(request);
+        }
+    }
+
+    /// Generates `ids` (one-hot logits, greedy) and returns the text of every event.
+    fn answer(tokenizer: &Tokenizer, vocab: usize, ids: &[u32], stop_ids: Vec<u32>) -> (String, Vec<u32>) {
+        let mut seq = Sequence::new(greedy_request(ids.len(), stop_ids));
         let (mut text, mut generated) = (String::new(), Vec::new());
         for &id in ids {
             let mut logits = vec![0.0; vocab];
@@ -332,5 +361,34 @@ mod tests {
         let (text, generated) = answer(&tokenizer, vocab, &[first_byte, ENDOFTEXT_ID], vec![ENDOFTEXT_ID]);
         assert_eq!(generated, vec![first_byte]);
         assert_eq!(text, "\u{FFFD}");
+    }
+
+    #[test]
+    fn min_new_tokens_holds_the_stop_token_back_until_then() {
+        let tokenizer = train_tokenizer(Family::Qwen2, 300, None).unwrap().tokenizer;
+        let vocab = tokenizer.get_vocab_size(true);
+        // The stop token is always the most likely; token 100 comes second.
+        let mut logits = vec![0.0; vocab];
+        logits[ENDOFTEXT_ID as usize] = 2.0;
+        logits[100] = 1.0;
+        let run = |min_new_tokens| {
+            let mut seq = Sequence::new(GenerationRequest {
+                min_new_tokens,
+                ..greedy_request(10, vec![ENDOFTEXT_ID])
+            });
+            let mut tokens = Vec::new();
+            loop {
+                let advance = seq.advance(&tokenizer, &logits).unwrap();
+                for event in advance.events {
+                    match event {
+                        Event::Token { id, .. } => tokens.push(id),
+                        Event::Finished { reason, .. } => return (tokens, reason),
+                    }
+                }
+            }
+        };
+        assert_eq!(run(0), (vec![], FinishReason::Stop));
+        assert_eq!(run(3), (vec![100; 3], FinishReason::Stop));
+        assert_eq!(run(10), (vec![100; 10], FinishReason::Length), "ignore_eos");
     }
 }

@@ -114,11 +114,16 @@ impl From<RepositoryError> for InferError {
 
 impl From<SubmitError> for InferError {
     fn from(e: SubmitError) -> Self {
-        let kind = match e {
-            SubmitError::QueueFull(_) | SubmitError::TooManyRequests(_) => ErrorKind::Overloaded,
-            SubmitError::Closed => ErrorKind::Unavailable,
+        let (kind, retry_after) = match e {
+            SubmitError::QueueTime { retry_after, .. } | SubmitError::Deadline { retry_after, .. } => {
+                (ErrorKind::Overloaded, retry_after)
+            }
+            SubmitError::QueueFull(_) | SubmitError::QueuedTokens(_) | SubmitError::TooManyRequests(_) => {
+                (ErrorKind::Overloaded, 1)
+            }
+            SubmitError::Closed => (ErrorKind::Unavailable, 1),
         };
-        Self::new(kind, e.to_string()).retry_after(1)
+        Self::new(kind, e.to_string()).retry_after(retry_after)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::repository::{ModelVersion, Repository};
-use crate::scheduler::Events;
+use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
 pub use error::{ErrorKind, InferError};
 pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
@@ -81,7 +81,11 @@ impl Infer {
             .map_err(|e| record.fail(InferError::internal(format!("validation stopped: {e}"))))?;
             let generation = checked.map_err(|e| record.fail(e))?;
             let logprobs = generation.logprobs.is_some();
-            let events = model.scheduler.submit(generation).map_err(|e| record.fail(e.into()))?;
+            let priority = Priority::from_vllm(request.params.priority.unwrap_or(0));
+            let events = model
+                .scheduler
+                .submit(generation, priority)
+                .map_err(|e| record.fail(e.into()))?;
             tracing::debug!("queued");
             self.capture(&model, request.prompt);
             Ok(Generation {

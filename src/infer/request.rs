@@ -62,6 +62,12 @@ pub struct Params {
     pub logprobs: Option<i64>,
     /// Name tokens in log-probabilities `token_id:N` (vLLM's `return_tokens_as_token_ids`).
     pub token_ids_in_logprobs: bool,
+    /// Generate until `max_tokens`, never stopping at EOS (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
+    /// Tokens to generate before EOS may end the answer (vLLM's `min_tokens`).
+    pub min_tokens: Option<i64>,
+    /// vLLM's `priority`: lower is served earlier; below 0 high, 0 normal, above 0 low.
+    pub priority: Option<i64>,
 }
 
 /// What the answer must be.

@@ -132,6 +132,17 @@ fn sampling(model: &ModelVersion, prompt: Vec<u32>, params: &Params) -> Result<G
     {
         return Err(InferError::invalid("n", format!("only n = 1 is supported, got {n}")));
     }
+    let min_new_tokens = match params.min_tokens {
+        _ if params.ignore_eos => max_new_tokens,
+        None => 0,
+        Some(n) if n < 0 || n as u64 > max_new_tokens as u64 => {
+            return Err(InferError::invalid(
+                "min_tokens",
+                format!("min_tokens must be 0 to max_tokens ({max_new_tokens}), got {n}"),
+            ));
+        }
+        Some(n) => n as usize,
+    };
     let temperature = params.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(InferError::invalid(
@@ -175,6 +186,7 @@ fn sampling(model: &ModelVersion, prompt: Vec<u32>, params: &Params) -> Result<G
     Ok(GenerationRequest {
         prompt,
         max_new_tokens,
+        min_new_tokens,
         sampling: SamplingParams {
             temperature,
             top_k,

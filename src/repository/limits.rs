@@ -15,11 +15,18 @@ pub struct ModelLimits {
     /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
     #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
-    /// Requests that may wait per model before new ones get 429 [default: 64].
+    /// Longest a request may be expected to wait for its prefill, in ms: a request whose
+    /// estimated wait (the work ahead, from measured step times) is longer gets 429 with a
+    /// Retry-After [default: 30000].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_TIME_MS")]
+    pub max_queue_time_ms: Option<u64>,
+    /// Requests that may wait per model, a memory bound [default: 4096].
     #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE")]
     pub max_queue: Option<usize>,
-    /// Requests per model that may be waiting or generating at once, beyond which new ones get
-    /// 429 [default: 128].
+    /// Prompt tokens that may wait per model, a memory bound [default: 1048576].
+    #[arg(long, env = "DISTILL_SERVE_MAX_QUEUED_TOKENS")]
+    pub max_queued_tokens: Option<usize>,
+    /// Requests per model that may be waiting or generating at once [default: no bound].
     #[arg(long, env = "DISTILL_SERVE_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
     /// `max_tokens` of requests that give none [default: 256].
@@ -53,7 +60,9 @@ impl ModelLimits {
     pub fn or(self, under: &ModelLimits) -> Self {
         Self {
             intra_threads: self.intra_threads.or(under.intra_threads),
+            max_queue_time_ms: self.max_queue_time_ms.or(under.max_queue_time_ms),
             max_queue: self.max_queue.or(under.max_queue),
+            max_queued_tokens: self.max_queued_tokens.or(under.max_queued_tokens),
             max_concurrent_requests: self.max_concurrent_requests.or(under.max_concurrent_requests),
             max_tokens: self.max_tokens.or(under.max_tokens),
             max_batch_size: self.max_batch_size.or(under.max_batch_size),
@@ -68,8 +77,10 @@ impl ModelLimits {
         Limits {
             intra_threads: self.intra_threads.unwrap_or(0),
             admission: AdmissionLimits {
-                max_queue: self.max_queue.unwrap_or(64),
-                max_concurrent: self.max_concurrent_requests.unwrap_or(128),
+                max_queue_time: Duration::from_millis(self.max_queue_time_ms.unwrap_or(30_000)),
+                max_queue: self.max_queue.unwrap_or(4096),
+                max_queued_tokens: self.max_queued_tokens.unwrap_or(1 << 20),
+                max_concurrent: self.max_concurrent_requests.unwrap_or(usize::MAX),
             },
             max_tokens: self.max_tokens.unwrap_or(256),
             batch: BatchPolicy {
@@ -104,7 +115,8 @@ mod tests {
         assert_eq!(limits.admission.max_queue, 7);
         assert_eq!(limits.max_tokens, 9);
         assert_eq!(limits.batch.buckets, vec![8, 64]);
-        assert_eq!(limits.admission.max_concurrent, 128);
+        assert_eq!(limits.admission.max_concurrent, usize::MAX);
+        assert_eq!(limits.admission.max_queue_time, Duration::from_secs(30));
         let defaults = ModelLimits::default().resolve(64);
         assert_eq!(defaults.batch.buckets, BatchPolicy::default_buckets(64));
         assert_eq!(defaults.batch.max_batch_size, 32);

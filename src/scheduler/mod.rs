@@ -1,21 +1,22 @@
-//! Per-model scheduling: bounded admission, length buckets, batched prefill and continuous
+//! Per-model scheduling: admission by time, length buckets, batched prefill and continuous
 //! decode batching.
 //!
-//! Admission is bounded: past `max_queue` waiting requests or `max_concurrent` requests in
-//! flight, [`Scheduler::submit`] refuses at once (HTTP 429 / `RESOURCE_EXHAUSTED`). One worker thread owns
+//! [`Scheduler::submit`] admits a request when its estimated finish fits its deadline and the
+//! longest queue time, and refuses it at once otherwise (HTTP 429 / `RESOURCE_EXHAUSTED`, with
+//! the time after which it would fit); see [`admission`]. One worker thread owns
 //! the model's ONNX Runtime session (`Session::run` needs `&mut`) and loops: take arrivals into
 //! their length bucket, prefill the next ready bucket into the free decode slots, then run one
 //! decode step for every active sequence. Sequences join and leave between steps; events go back
 //! over an unbounded channel per request, so a slow client never stalls the batch, and a request
 //! whose receiver is gone (client disconnected) leaves at its next step.
 
-mod admission;
+pub mod admission;
 mod batch;
 mod queue;
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::engine::DecoderSession;
 use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence, Timings};
 use crate::metrics::ModelMetrics;
-pub use admission::{Admission, AdmissionLimits, Ticket};
+pub use admission::{Admission, AdmissionLimits, Demand, Estimate, Priority, Ticket};
 use batch::DecodeBatch;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 
@@ -47,9 +48,18 @@ pub type Events = mpsc::UnboundedReceiver<EventResult>;
 /// Why a request was not queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The queue is at capacity.
+    /// The work ahead would keep it waiting longer than the longest queue time.
+    #[error("the model is busy: this request would wait about {:.1} s to start; retry in {retry_after} s", wait.as_secs_f64())]
+    QueueTime { wait: Duration, retry_after: u64 },
+    /// It would not finish before its deadline.
+    #[error("this request would finish in about {:.1} s, after its deadline; retry in {retry_after} s", finish.as_secs_f64())]
+    Deadline { finish: Duration, retry_after: u64 },
+    /// The queue is at its memory bound.
     #[error("the model's queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    /// The queued prompts are at their memory bound.
+    #[error("the model's queue holds its most prompt tokens ({0})")]
+    QueuedTokens(usize),
     /// The model has as many requests in flight as it takes.
     #[error("the model has {0} requests in flight, its limit")]
     TooManyRequests(usize),
@@ -57,6 +67,10 @@ pub enum SubmitError {
     #[error("the model is shutting down")]
     Closed,
 }
+
+/// How far ahead of the next lower class a request is queued: a higher class goes first unless
+/// the lower one has waited this much longer, so no class starves.
+const PRIORITY_HEADSTART: Duration = Duration::from_secs(5);
 
 struct Job {
     request: GenerationRequest,
@@ -76,8 +90,8 @@ struct Meta {
     deadline: Option<Instant>,
     first_token_at: Option<Instant>,
     last_event: Option<Instant>,
-    /// Gives the request's place back when the sequence leaves, however it ends.
-    _ticket: Ticket,
+    /// The request's share of the load, given back when the sequence leaves, however it ends.
+    ticket: Ticket,
 }
 
 /// Handle to a model's scheduler; cloning shares it.
@@ -99,7 +113,7 @@ impl Scheduler {
         metrics: ModelMetrics,
     ) -> std::io::Result<Self> {
         let (jobs, arrivals) = std_mpsc::channel();
-        let admission = Admission::new(limits);
+        let admission = Admission::new(limits, policy.max_batch_size);
         let worker = Worker {
             session,
             tokenizer,
@@ -119,29 +133,43 @@ impl Scheduler {
         })
     }
 
-    /// Queues `request`; its events arrive on the returned receiver.
-    pub fn submit(&self, request: GenerationRequest) -> Result<Events, SubmitError> {
-        let ticket = match self.admission.admit() {
-            Ok(ticket) => ticket,
-            Err(e) => {
-                match e {
-                    SubmitError::TooManyRequests(_) => self.metrics.rejected_concurrency.inc(),
-                    _ => self.metrics.rejected_queue_full.inc(),
-                }
-                return Err(e);
-            }
+    /// Queues `request` in class `priority`; its events arrive on the returned receiver.
+    pub fn submit(&self, request: GenerationRequest, priority: Priority) -> Result<Events, SubmitError> {
+        let demand = Demand {
+            prompt_tokens: request.prompt.len(),
+            max_new_tokens: request.max_new_tokens,
+            priority,
+            deadline: request.deadline,
         };
+        let queued_at = Instant::now();
+        let ticket = self.admission.admit(&demand, queued_at).inspect_err(|e| {
+            self.metrics.rejected(e.reason());
+        })?;
         let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
             request,
             events,
-            queued_at: Instant::now(),
+            queued_at,
             ticket,
         };
         // A failed send drops the job and its ticket, which gives the places back.
         self.jobs.send(job).map_err(|_| SubmitError::Closed)?;
         self.metrics.queue_depth.set(self.admission.waiting() as i64);
         Ok(receiver)
+    }
+}
+
+impl SubmitError {
+    /// The `reason` label of `distill_serve_rejected_requests_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SubmitError::QueueTime { .. } => "queue_time",
+            SubmitError::Deadline { .. } => "deadline_estimate",
+            SubmitError::QueueFull(_) => "queue_full",
+            SubmitError::QueuedTokens(_) => "queued_tokens",
+            SubmitError::TooManyRequests(_) => "max_concurrent",
+            SubmitError::Closed => "closed",
+        }
     }
 }
 
@@ -184,7 +212,10 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
     let mut finished = false;
     for mut event in advance.events {
         match &mut event {
-            Event::Token { .. } => metrics.generated_tokens.inc(),
+            Event::Token { .. } => {
+                metrics.generated_tokens.inc();
+                meta.ticket.generated();
+            }
             Event::Finished { timings, .. } => {
                 *timings = Timings {
                     queue: meta.admitted_at.duration_since(meta.queued_at),
@@ -222,7 +253,8 @@ impl Worker {
     fn enqueue(&mut self, job: Job) {
         let tokens = job.request.prompt.len();
         let arrived = job.queued_at;
-        self.queue.push(job, tokens, arrived);
+        let rank = arrived + PRIORITY_HEADSTART * job.ticket.priority() as u32;
+        self.queue.push(job, tokens, arrived, rank);
     }
 
     /// Runs until every [`Scheduler`] handle is gone and the work is done.
@@ -259,11 +291,15 @@ impl Worker {
             }
             self.metrics.batch_size.observe(self.batch.len() as f64);
             let (tokenizer, metrics) = (&self.tokenizer, &self.metrics);
-            if let Err(e) = self.batch.step(&mut self.session, tokenizer, |meta, advance| {
+            let started = Instant::now();
+            match self.batch.step(&mut self.session, tokenizer, |meta, advance| {
                 deliver(meta, advance, metrics)
             }) {
-                tracing::error!(error = %e, "decode step failed");
-                self.fail_batch(&e.to_string());
+                Ok(()) => self.admission.observe_step(started.elapsed()),
+                Err(e) => {
+                    tracing::error!(error = %e, "decode step failed");
+                    self.fail_batch(&e.to_string());
+                }
             }
         }
     }
@@ -301,7 +337,8 @@ impl Worker {
             self.metrics.bucket_dispatch(self.queue.bucket_bound(bucket));
             let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
             let prompt_tokens: usize = pending.iter().map(|p| p.tokens).sum();
-            self.metrics.observe_prefill(pending.len() * longest, prompt_tokens);
+            let computed = pending.len() * longest;
+            self.metrics.observe_prefill(computed, prompt_tokens);
             let seqs: Vec<(Sequence, Meta)> = pending
                 .into_iter()
                 .map(|p| {
@@ -317,7 +354,7 @@ impl Worker {
                         deadline: job.request.deadline,
                         first_token_at: None,
                         last_event: None,
-                        _ticket: job.ticket,
+                        ticket: job.ticket,
                     };
                     (Sequence::new(job.request), meta)
                 })
@@ -326,11 +363,13 @@ impl Worker {
             // Kept to report a failed prefill to its requests.
             let senders: Vec<_> = seqs.iter().map(|(_, meta)| meta.events.clone()).collect();
             let metrics = &self.metrics;
+            let started = Instant::now();
             let result = batch::prefill(&mut self.session, &self.tokenizer, seqs, |meta, advance| {
                 deliver(meta, advance, metrics)
             });
             match result {
                 Ok(prefilled) => {
+                    self.admission.observe_prefill(started.elapsed(), computed);
                     if let Some(prefilled) = prefilled
                         && let Err(e) = self.batch.join(prefilled)
                     {

@@ -1,10 +1,11 @@
 //! Waiting requests grouped by prompt length into buckets, and the choice of the next prefill
 //! batch. Pure logic over a caller-supplied clock, so it is tested without sleeping.
 //!
-//! A bucket is ready when it can fill the free batch slots, when its padded tokens reach the
-//! token budget, or when its oldest request has waited `max_queue_delay`. Among ready buckets the
-//! one whose oldest request arrived first goes next, so a lone long prompt is not starved by a
-//! stream of short ones.
+//! Each request has a rank (its arrival, pushed later for lower priority classes); a bucket is
+//! kept in rank order. A bucket is ready when it can fill the free batch slots, when its padded
+//! tokens reach the token budget, or when its first request has waited `max_queue_delay`. Among
+//! ready buckets the one whose first request ranks earliest goes next, so a lone long prompt is
+//! not starved by a stream of short ones.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub struct Pending<T> {
     /// Prompt length in tokens.
     pub tokens: usize,
     pub arrived: Instant,
+    /// Its place in line: earlier goes first.
+    pub rank: Instant,
 }
 
 /// The waiting requests of one model.
@@ -73,14 +76,20 @@ impl<T> BucketQueue<T> {
         self.policy.buckets[index]
     }
 
-    /// Adds a request.
-    pub fn push(&mut self, item: T, tokens: usize, now: Instant) {
+    /// Adds a request that arrived at `arrived`, in line at `rank`.
+    pub fn push(&mut self, item: T, tokens: usize, arrived: Instant, rank: Instant) {
         let b = self.bucket_of(tokens);
-        self.queues[b].push_back(Pending {
-            item,
-            tokens,
-            arrived: now,
-        });
+        let queue = &mut self.queues[b];
+        let at = queue.partition_point(|p| p.rank <= rank);
+        queue.insert(
+            at,
+            Pending {
+                item,
+                tokens,
+                arrived,
+                rank,
+            },
+        );
     }
 
     /// Number of waiting requests.
@@ -117,19 +126,19 @@ impl<T> BucketQueue<T> {
         let wanted = slots.min(self.policy.max_batch_size);
         let mut best: Option<(usize, Instant, usize)> = None;
         for (b, queue) in self.queues.iter().enumerate() {
-            let Some(oldest) = queue.front() else { continue };
+            let Some(first) = queue.front() else { continue };
             let (count, budget_full) = self.take_count(queue, wanted);
             let ready =
-                count >= wanted || budget_full || now.duration_since(oldest.arrived) >= self.policy.max_queue_delay;
-            if ready && best.is_none_or(|(_, arrived, _)| oldest.arrived < arrived) {
-                best = Some((b, oldest.arrived, count));
+                count >= wanted || budget_full || now.duration_since(first.arrived) >= self.policy.max_queue_delay;
+            if ready && best.is_none_or(|(_, rank, _)| first.rank < rank) {
+                best = Some((b, first.rank, count));
             }
         }
         let (b, _, count) = best?;
         Some((b, self.queues[b].drain(..count).collect()))
     }
 
-    /// When the earliest waiting request reaches `max_queue_delay` (the moment to look again).
+    /// When the first request of a bucket reaches `max_queue_delay` (the moment to look again).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.queues
             .iter()
@@ -174,8 +183,9 @@ mod tests {
     fn a_bucket_waits_until_full_or_delayed() {
         let t0 = Instant::now();
         let mut q = BucketQueue::new(policy(3, 1000, 10));
-        q.push(1, 10, t0);
-        q.push(2, 12, t0 + Duration::from_millis(1));
+        q.push(1, 10, t0, t0);
+        let t1 = t0 + Duration::from_millis(1);
+        q.push(2, 12, t1, t1);
         assert!(
             q.next_batch(t0 + Duration::from_millis(5), 8).is_none(),
             "not full, not late"
@@ -184,7 +194,7 @@ mod tests {
         let (b, batch) = q.next_batch(t0 + Duration::from_millis(10), 8).unwrap();
         assert_eq!((b, ids(&batch)), (0, vec![1, 2]));
         for i in 0..4 {
-            q.push(10 + i, 5, t0);
+            q.push(10 + i, 5, t0, t0);
         }
         let (_, batch) = q.next_batch(t0, 8).unwrap();
         assert_eq!(
@@ -201,7 +211,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = BucketQueue::new(policy(8, 1000, 10));
         for i in 0..5 {
-            q.push(i, 5, t0);
+            q.push(i, 5, t0, t0);
         }
         let (_, batch) = q.next_batch(t0, 2).unwrap();
         assert_eq!(ids(&batch), vec![0, 1], "two free slots fill a batch of two");
@@ -213,13 +223,13 @@ mod tests {
         let t0 = Instant::now();
         let mut q = BucketQueue::new(policy(8, 200, 10));
         for (i, len) in [(0, 40), (1, 60), (2, 64), (3, 50)] {
-            q.push(i, len, t0);
+            q.push(i, len, t0, t0);
         }
         // 3 x 64 = 192 fits, 4 x 64 = 256 does not: the budget makes the batch ready early.
         let (_, batch) = q.next_batch(t0, 8).unwrap();
         assert_eq!(ids(&batch), vec![0, 1, 2]);
         // A single request longer than the budget still goes alone (after its delay).
-        q.push(9, 120, t0);
+        q.push(9, 120, t0, t0);
         let (_, batch) = q.next_batch(t0 + Duration::from_millis(10), 8).unwrap();
         assert_eq!(
             ids(&batch),
@@ -234,13 +244,13 @@ mod tests {
     fn a_lone_long_request_is_not_starved_by_short_ones() {
         let t0 = Instant::now();
         let mut q = BucketQueue::new(policy(2, 1000, 10));
-        q.push(999, 100, t0);
+        q.push(999, 100, t0, t0);
         let mut served_long_at = None;
         for step in 0..50u32 {
             let now = t0 + Duration::from_millis(u64::from(step));
             // Two short requests arrive every millisecond: their bucket is always full.
-            q.push(step * 2, 5, now);
-            q.push(step * 2 + 1, 5, now);
+            q.push(step * 2, 5, now, now);
+            q.push(step * 2 + 1, 5, now, now);
             let (_, batch) = q.next_batch(now, 2).unwrap();
             if batch.iter().any(|p| p.item == 999) {
                 served_long_at = Some(step);
@@ -251,11 +261,24 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_is_served_in_rank_order() {
+        let t0 = Instant::now();
+        let later = |ms| t0 + Duration::from_millis(ms);
+        let mut q = BucketQueue::new(policy(1, 1000, 0));
+        // A low-class request (ranked 5 s after its arrival), then a high one that came later.
+        q.push(1, 5, t0, later(5000));
+        q.push(2, 5, later(10), later(10));
+        q.push(3, 5, later(20), later(20));
+        let order: Vec<u32> = (0..3).map(|_| ids(&q.next_batch(later(30), 1).unwrap().1)[0]).collect();
+        assert_eq!(order, vec![2, 3, 1]);
+    }
+
+    #[test]
     fn batching_off_sends_each_request_alone() {
         let t0 = Instant::now();
         let mut q = BucketQueue::new(policy(1, 1000, 10));
-        q.push(1, 5, t0);
-        q.push(2, 6, t0);
+        q.push(1, 5, t0, t0);
+        q.push(2, 6, t0, t0);
         assert_eq!(ids(&q.next_batch(t0, 1).unwrap().1), vec![1]);
         assert_eq!(ids(&q.next_batch(t0, 1).unwrap().1), vec![2]);
     }

@@ -59,6 +59,9 @@ fn neutral(req: GenerateRequest, endpoint: Endpoint) -> Result<InferRequest, Inf
             top_k: req.top_k,
             seed: req.seed,
             stop: req.stop,
+            ignore_eos: req.ignore_eos,
+            min_tokens: req.min_tokens,
+            priority: req.priority,
             ..Params::default()
         },
         guide: req.constraint.map(constraint).transpose()?.map(GuideSpec::Terms),

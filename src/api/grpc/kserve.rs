@@ -102,6 +102,14 @@ fn float_param(params: &HashMap<String, InferParameter>, key: &'static str) -> R
     }
 }
 
+fn bool_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<bool, InferError> {
+    match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(false),
+        Some(ParameterChoice::BoolParam(v)) => Ok(*v),
+        Some(_) => Err(InferError::invalid(key, format!("parameter `{key}` must be a boolean"))),
+    }
+}
+
 /// The generation settings of the request's parameters.
 fn params(params: &HashMap<String, InferParameter>) -> Result<Params, InferError> {
     let stop = match params.get("stop").and_then(|p| p.parameter_choice.as_ref()) {
@@ -116,6 +124,8 @@ fn params(params: &HashMap<String, InferParameter>) -> Result<Params, InferError
         top_k: int_param(params, "top_k")?,
         seed: int_param(params, "seed")?.map(|s| s as u64),
         stop,
+        ignore_eos: bool_param(params, "ignore_eos")?,
+        min_tokens: int_param(params, "min_tokens")?,
         ..Params::default()
     })
 }

@@ -46,6 +46,13 @@ pub struct Sampling {
     /// Not in OpenAI's API (vLLM's extension): tokens in `logprobs` as `token_id:N`.
     #[serde(default)]
     pub return_tokens_as_token_ids: bool,
+    /// vLLM's extension, sent by load generators: generate `max_tokens` whatever EOS says.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// vLLM's extension: tokens before EOS may end the answer.
+    pub min_tokens: Option<i64>,
+    /// vLLM's extension: lower is served earlier (below 0 high, 0 normal, above 0 low).
+    pub priority: Option<i64>,
 }
 
 impl Sampling {
@@ -80,6 +87,9 @@ impl Sampling {
                 n: self.n,
                 logprobs,
                 token_ids_in_logprobs: self.return_tokens_as_token_ids,
+                ignore_eos: self.ignore_eos,
+                min_tokens: self.min_tokens,
+                priority: self.priority,
             },
             guide,
             stream: self.stream,
