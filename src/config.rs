@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// 0 = none [default: 300000].
     #[arg(long, env = "DISTILL_SERVE_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// After SIGTERM or Ctrl-C, how long in-flight requests may run to their end before they
+    /// are cut (with an error), in seconds [default: 30].
+    #[arg(long, env = "DISTILL_SERVE_SHUTDOWN_GRACE_S")]
+    pub shutdown_grace_s: Option<u64>,
     /// Terminologies for constrained decoding, `NAME=KIND:PATH` (kinds: icd10cm-xml,
     /// icd10cm-order, snomed-rf2, tsv); repeatable.
     #[arg(long = "terminology", env = "DISTILL_SERVE_TERMINOLOGIES", value_delimiter = ',')]
@@ -76,6 +80,8 @@ pub struct ServerConfig {
     /// SQLite file of the dataset store.
     pub store: PathBuf,
     pub request_timeout: Option<Duration>,
+    /// How long a shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
     /// Limits of every model whose `model.toml` leaves them out.
     pub model_limits: ModelLimits,
     pub terminologies: Vec<TerminologySpec>,
@@ -114,6 +120,7 @@ impl ServeArgs {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s.or(file.shutdown_grace_s).unwrap_or(30)),
             terminologies: if self.terminologies.is_empty() {
                 file.terminologies
             } else {

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod infer;
+pub mod lifecycle;
 pub mod metrics;
 pub mod paths;
 pub mod recipe;

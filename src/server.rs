@@ -1,9 +1,11 @@
 //! Starting the server: the ONNX Runtime library, the model repository, then the HTTP and gRPC
-//! listeners, until Ctrl-C or SIGTERM.
+//! listeners; and stopping it: at Ctrl-C or SIGTERM the server drains (see [`Lifecycle`]),
+//! cancels refresh jobs, closes its listeners and returns. A second signal exits at once.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::serve::ListenerExt;
@@ -16,6 +18,7 @@ use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::distill::store::Store;
 use crate::infer::Infer;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 
@@ -52,18 +55,21 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         Arc::clone(&terminologies),
         Arc::clone(&metrics),
     ));
+    let lifecycle = Lifecycle::new();
     let infer = Infer::new(
         Arc::clone(&repository),
         Arc::clone(&terminologies),
         Arc::clone(&metrics),
         Arc::clone(&distiller),
         config.request_timeout,
+        Arc::clone(&lifecycle),
     );
     let state = AppState {
         repository,
         terminologies,
-        distiller,
+        distiller: Arc::clone(&distiller),
         metrics,
+        lifecycle: Arc::clone(&lifecycle),
         admin_token: config.admin_token.as_deref().map(Arc::from),
         api_key: config.api_key.as_deref().map(Arc::from),
         infer,
@@ -95,7 +101,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stopped.wait_for(|s| *s).await;
         });
-    let mut http_stopped = stopped;
+    let mut http_stopped = stopped.clone();
     let http = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
@@ -104,11 +110,23 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     });
     tokio::spawn(async move {
         shutdown_signal().await;
+        drain(&lifecycle, &distiller, config.shutdown_grace).await;
         let _ = stop.send(true);
     });
-    let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
-    http_result.context("HTTP server")?;
-    grpc_result.context("gRPC server")?;
+    // After the drain, connections that stay open (an idle gRPC channel a client keeps) hold
+    // the servers' graceful stops: they get CUT_WAIT to close, then the process exits anyway.
+    let mut closing = stopped.clone();
+    let servers = async { tokio::join!(http_server, grpc_server) };
+    tokio::select! {
+        (http_result, grpc_result) = servers => {
+            http_result.context("HTTP server")?;
+            grpc_result.context("gRPC server")?;
+        }
+        () = async {
+            let _ = closing.wait_for(|s| *s).await;
+            tokio::time::sleep(CUT_WAIT).await;
+        } => tracing::info!("connections still open after the drain are closed"),
+    }
     Ok(())
 }
 
@@ -127,6 +145,39 @@ fn grpc_routes(state: AppState) -> Result<tonic::service::Routes> {
     crate::api::grpc::routes(state).context("building gRPC reflection")
 }
 
+/// Drains after the first signal: readiness off and new generations refused at once, the ones
+/// in flight given `grace` to end, then cut; refresh jobs cancelled. A second signal exits the
+/// process at once.
+async fn drain(lifecycle: &Lifecycle, distiller: &Distiller, grace: Duration) {
+    lifecycle.start_draining();
+    tracing::info!(
+        in_flight = lifecycle.in_flight(),
+        grace_s = grace.as_secs_f64(),
+        "draining: not ready, new requests refused, in-flight requests finishing"
+    );
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(1);
+    });
+    if tokio::time::timeout(grace, lifecycle.drained()).await.is_err() {
+        tracing::warn!(
+            in_flight = lifecycle.in_flight(),
+            "grace period over: cutting the requests still in flight"
+        );
+        lifecycle.cut();
+        let _ = tokio::time::timeout(CUT_WAIT, lifecycle.drained()).await;
+    }
+    let running = distiller.shutdown(CUT_WAIT).await;
+    if running > 0 {
+        tracing::warn!(running, "refresh jobs still running at exit");
+    }
+    tracing::info!("drained");
+}
+
+/// How long cut requests and cancelled refresh jobs get to record their end.
+const CUT_WAIT: Duration = Duration::from_secs(5);
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -143,5 +194,4 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
-    tracing::info!("shutting down");
 }

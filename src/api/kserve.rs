@@ -24,9 +24,9 @@ pub async fn live() -> Json<Value> {
     Json(json!({"live": true}))
 }
 
-/// `GET /v2/health/ready`: every model that should serve is serving.
+/// `GET /v2/health/ready` (and `/health`): not draining, and every model that should serve can.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let ready = state.repository.all_ready();
+    let ready = state.is_ready();
     let status = if ready {
         StatusCode::OK
     } else {

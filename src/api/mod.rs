@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::infer::Infer;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
 
@@ -37,6 +38,15 @@ pub struct AppState {
     pub distiller: Arc<Distiller>,
     /// The request layer generation routes hand their requests to.
     pub infer: Infer,
+    /// Serving or draining: readiness answers from it.
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+impl AppState {
+    /// Whether the server takes requests: not draining, and every model that should serve can.
+    pub fn is_ready(&self) -> bool {
+        !self.lifecycle.is_draining() && self.repository.all_ready()
+    }
 }
 
 /// The whole HTTP surface.
@@ -77,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", get(kserve::server_metadata))
         .route("/v2/health/live", get(kserve::live))
         .route("/v2/health/ready", get(kserve::ready))
+        // TGI, TEI and vLLM clients probe `/health`.
+        .route("/health", get(kserve::ready))
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/metrics", get(metrics))

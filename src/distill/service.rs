@@ -160,6 +160,22 @@ impl Distiller {
         }
     }
 
+    /// Cancels every running job and waits, at most `within`, until each has recorded its end
+    /// (state `cancelled`, staging folder removed). Returns how many were still running then.
+    pub async fn shutdown(&self, within: Duration) -> usize {
+        for job in self.live().values() {
+            job.cancel.store(true, Ordering::Relaxed);
+        }
+        let until = Instant::now() + within;
+        loop {
+            let running = self.live().len();
+            if running == 0 || Instant::now() >= until {
+                return running;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Events of a running job (none when it has ended).
     pub fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Value>> {
         self.live().get(id).map(|j| j.events.subscribe())

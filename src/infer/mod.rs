@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Metrics;
 use crate::repository::{ModelVersion, Repository};
 use crate::scheduler::{Events, Priority};
@@ -32,6 +33,7 @@ pub struct Infer {
     distiller: Arc<Distiller>,
     /// Deadline of requests that set none.
     request_timeout: Option<Duration>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl Infer {
@@ -42,6 +44,7 @@ impl Infer {
         metrics: Arc<Metrics>,
         distiller: Arc<Distiller>,
         request_timeout: Option<Duration>,
+        lifecycle: Arc<Lifecycle>,
     ) -> Self {
         Self {
             repository,
@@ -49,6 +52,7 @@ impl Infer {
             metrics,
             distiller,
             request_timeout,
+            lifecycle,
         }
     }
 
@@ -69,6 +73,11 @@ impl Infer {
             tracing::info_span!("request", id = %id, model = %request.model, endpoint = request.endpoint.as_str());
         let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
         async {
+            if self.lifecycle.is_draining() {
+                let e = InferError::new(ErrorKind::Unavailable, "the server is shutting down").retry_after(1);
+                return Err(record.fail(e));
+            }
+            let in_flight = self.lifecycle.track();
             let model = self.repository.get(&request.model).map_err(|e| record.fail(e.into()))?;
             record.model = model.name.clone();
             let deadline = request.timeout.or(self.request_timeout).map(|t| record.started + t);
@@ -94,6 +103,7 @@ impl Infer {
                 logprobs,
                 events,
                 record,
+                in_flight,
                 ended: false,
             })
         }
@@ -184,6 +194,8 @@ pub struct Generation {
     pub logprobs: bool,
     events: Events,
     record: Record,
+    /// Counts it among the generations a shutdown waits for, and tells it when it is cut.
+    in_flight: InFlight,
     ended: bool,
 }
 
@@ -193,7 +205,15 @@ impl Generation {
         if self.ended {
             return None;
         }
-        let event = match self.events.recv().await {
+        let received = tokio::select! {
+            biased;
+            received = self.events.recv() => received,
+            () = self.in_flight.cut() => {
+                let e = InferError::new(ErrorKind::Unavailable, "the server shut down before this answer finished");
+                return Some(Err(self.end(e)));
+            }
+        };
+        let event = match received {
             Some(Ok(event)) => event,
             Some(Err(e)) => return Some(Err(self.end(e.into()))),
             None => return Some(Err(self.end(InferError::internal("generation ended before finishing")))),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use distill_serve::checkpoint::Family;
 use distill_serve::export::{self, ExternalData, Precision};
-use distill_serve::tiny::{TinySpec, write_tiny};
+use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use tempfile::TempDir;
 
 /// Admin token the test servers use.
@@ -14,9 +14,16 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// Writes version `version` of model `name` (a tiny qwen2 of `seed`) into `repo`.
 pub fn add_version(repo: &Path, name: &str, version: u32, seed: u64) {
+    add_shaped_version(repo, name, version, seed, ShapePreset::Tiny);
+}
+
+/// As [`add_version`], with the student's dimensions from `shape` (`Mid`: the 16M-parameter
+/// student, where a decode step costs milliseconds and batching pays as for real students).
+pub fn add_shaped_version(repo: &Path, name: &str, version: u32, seed: u64, shape: ShapePreset) {
     let work = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(Family::Qwen2, seed);
-    spec.init_std = Some(0.3);
+    spec.shape = shape;
+    spec.init_std = (shape == ShapePreset::Tiny).then_some(0.3);
     write_tiny(&spec, work.path()).unwrap();
     let out = repo.join(name).join(version.to_string());
     export::export(work.path(), &out, Precision::DEFAULT_INT8, ExternalData::Never).unwrap();
@@ -70,7 +77,8 @@ impl TestServer {
         args.extend(extra.iter().map(OsStr::new));
         let mut env = env.to_vec();
         env.push(("RUST_LOG", "info"));
-        let server = super::launch::launch(super::binary(), &args, &env, |_| {}).unwrap();
+        // The server's log goes to the test's stderr, which the test runner shows when it fails.
+        let server = super::launch::launch(super::binary(), &args, &env, |l| eprintln!("server: {l}")).unwrap();
         Self {
             base: format!("http://{}", server.http),
             grpc: format!("http://{}", server.grpc),
@@ -135,6 +143,28 @@ impl TestServer {
         let _ = self.server.child.wait();
         let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
         (dir, self.repo.clone())
+    }
+
+    /// Sends SIGTERM, as Kubernetes does on every rollout.
+    pub fn terminate(&self) {
+        let pid = self.server.child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.server.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// An authorised admin request.

@@ -146,7 +146,7 @@ impl GrpcInferenceService for KServe {
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
-            ready: self.state.repository.all_ready(),
+            ready: self.state.is_ready(),
         }))
     }
 

@@ -27,6 +27,9 @@ pub mod proto {
     pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("services_descriptor");
 }
 
+/// How often the gRPC health service looks at readiness.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+
 /// Every gRPC service, ready to serve.
 pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -34,15 +37,23 @@ pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflectio
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    // The health service reports the whole server; model-level readiness is `ModelReady`.
-    let ready = state.repository.all_ready();
+    // The health service reports the whole server as `/v2/health/ready` does (model-level
+    // readiness is `ModelReady`), followed as it changes: a drain, a model that stops serving.
+    let watched = state.clone();
     tokio::spawn(async move {
-        let status = if ready {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        health_reporter.set_service_status("", status).await;
+        let mut reported = None;
+        loop {
+            let status = if watched.is_ready() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            if reported != Some(status) {
+                health_reporter.set_service_status("", status).await;
+                reported = Some(status);
+            }
+            tokio::time::sleep(HEALTH_POLL).await;
+        }
     });
     let mut routes = tonic::service::Routes::builder();
     routes
