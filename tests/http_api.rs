@@ -606,3 +606,43 @@ async fn the_ready_file_names_both_listeners_once_they_answer() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Under saturation (two decode slots, forty requests at once), the high class waits less: its
+/// median queue time (TEI's `x-queue-time`) is below the low class's, though the low requests
+/// were sent first.
+#[tokio::test]
+async fn the_high_priority_class_waits_less_under_saturation() {
+    let server = TestServer::start(&["--max-batch-size", "2"]);
+    let client = reqwest::Client::new();
+    let send = |priority: i64| {
+        let body = json!({"model": "tiny", "prompt": "Triage note", "max_tokens": 48, "ignore_eos": true,
+                          "priority": priority});
+        let request = client.post(server.url("/v1/completions")).json(&body).send();
+        async move {
+            let r = request.await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-queue-time"].to_str().unwrap().parse::<f64>().unwrap()
+        }
+    };
+    let low: Vec<_> = (0..20).map(|_| tokio::spawn(send(1))).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let high: Vec<_> = (0..20).map(|_| tokio::spawn(send(-1))).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut times = Vec::new();
+    for class in [low, high] {
+        let mut waited = Vec::new();
+        for handle in class {
+            waited.push(handle.await.unwrap());
+        }
+        times.push(median(waited));
+    }
+    assert!(
+        times[1] < times[0],
+        "median queue ms: high {} vs low {}",
+        times[1],
+        times[0]
+    );
+}
