@@ -23,7 +23,7 @@ use crate::constrain::TokenTrie;
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
 pub use limits::{Limits, ModelLimits};
 pub use settings::ModelSettings;
@@ -106,6 +106,15 @@ pub struct ModelStatus {
     pub reason: Option<String>,
 }
 
+/// Why a loaded model does not serve.
+fn health_reason(health: Health) -> String {
+    match health {
+        Health::Serving => String::new(),
+        Health::Failing => format!("its last {FAILING_AFTER} engine calls failed (see the log)"),
+        Health::Stopped => "its worker stopped; reload the model".into(),
+    }
+}
+
 /// The repository and the state of every model in it.
 pub struct Repository {
     root: PathBuf,
@@ -170,7 +179,10 @@ impl Repository {
             .iter()
             .map(|(name, slot)| {
                 let (state, version, reason) = match slot {
-                    Slot::Ready(m) => (ModelState::Ready, Some(m.version), None),
+                    Slot::Ready(m) => match m.scheduler.health() {
+                        Health::Serving => (ModelState::Ready, Some(m.version), None),
+                        health => (ModelState::Unavailable, Some(m.version), Some(health_reason(health))),
+                    },
                     Slot::Failed(r) => (ModelState::Unavailable, None, Some(r.clone())),
                     Slot::Unloaded => (ModelState::Unloaded, None, None),
                 };
@@ -184,10 +196,16 @@ impl Repository {
             .collect()
     }
 
-    /// Whether every model that is not deliberately unloaded is serving.
+    /// Whether every model that is not deliberately unloaded can serve: loaded, and its worker
+    /// neither stopped nor failing step after step.
     pub fn all_ready(&self) -> bool {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-        !models.is_empty() && models.values().all(|s| !matches!(s, Slot::Failed(_)))
+        !models.is_empty()
+            && models.values().all(|s| match s {
+                Slot::Ready(m) => m.scheduler.health() == Health::Serving,
+                Slot::Failed(_) => false,
+                Slot::Unloaded => true,
+            })
     }
 
     /// Loads (or reloads) the model in folder `name` and swaps it in. Blocking: call it off the

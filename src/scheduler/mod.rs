@@ -15,6 +15,7 @@ mod batch;
 mod queue;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -94,12 +95,65 @@ struct Meta {
     ticket: Ticket,
 }
 
+/// Whether a model's worker can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Its last step (or prefill) succeeded.
+    Serving,
+    /// Its last [`FAILING_AFTER`] steps failed; the next success clears it.
+    Failing,
+    /// Its thread stopped (a panic): nothing will be served until the model is reloaded.
+    Stopped,
+}
+
+/// Consecutive failed engine calls after which a worker reports [`Health::Failing`].
+pub const FAILING_AFTER: u8 = 3;
+
+/// A worker's health as it reports it: consecutive failures, or `u8::MAX` once stopped.
+#[derive(Default)]
+struct HealthState(AtomicU8);
+
+impl HealthState {
+    fn get(&self) -> Health {
+        match self.0.load(Ordering::Acquire) {
+            u8::MAX => Health::Stopped,
+            n if n >= FAILING_AFTER => Health::Failing,
+            _ => Health::Serving,
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match (n, ok) {
+            (u8::MAX, _) => None,
+            (_, true) => Some(0),
+            (n, false) => Some(n.saturating_add(1).min(u8::MAX - 1)),
+        });
+    }
+
+    fn stop(&self) {
+        self.0.store(u8::MAX, Ordering::Release);
+    }
+}
+
+/// Marks the worker stopped if its thread unwinds.
+struct PanicWatch(Arc<HealthState>);
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop();
+            tracing::error!("a model worker stopped (panic): its model is not ready until it is reloaded");
+        }
+    }
+}
+
 /// Handle to a model's scheduler; cloning shares it.
 #[derive(Clone)]
 pub struct Scheduler {
     jobs: std_mpsc::Sender<Job>,
     admission: Admission,
     metrics: ModelMetrics,
+    health: Arc<HealthState>,
 }
 
 impl Scheduler {
@@ -114,6 +168,7 @@ impl Scheduler {
     ) -> std::io::Result<Self> {
         let (jobs, arrivals) = std_mpsc::channel();
         let admission = Admission::new(limits, policy.max_batch_size);
+        let health = Arc::new(HealthState::default());
         let worker = Worker {
             session,
             tokenizer,
@@ -122,15 +177,24 @@ impl Scheduler {
             batch: DecodeBatch::default(),
             admission: admission.clone(),
             metrics: metrics.clone(),
+            health: Arc::clone(&health),
         };
-        std::thread::Builder::new()
-            .name(format!("model-{name}"))
-            .spawn(move || worker.run(arrivals))?;
+        let watch = PanicWatch(Arc::clone(&health));
+        std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
+            let _watch = watch;
+            worker.run(arrivals);
+        })?;
         Ok(Self {
             jobs,
             admission,
             metrics,
+            health,
         })
+    }
+
+    /// Whether the worker can serve.
+    pub fn health(&self) -> Health {
+        self.health.get()
     }
 
     /// Queues `request` in class `priority`; its events arrive on the returned receiver.
@@ -181,6 +245,7 @@ struct Worker {
     batch: DecodeBatch<Meta>,
     admission: Admission,
     metrics: ModelMetrics,
+    health: Arc<HealthState>,
 }
 
 /// Sends one sequence's events; false when its client is gone or it failed.
@@ -295,9 +360,13 @@ impl Worker {
             match self.batch.step(&mut self.session, tokenizer, |meta, advance| {
                 deliver(meta, advance, metrics)
             }) {
-                Ok(()) => self.admission.observe_step(started.elapsed()),
+                Ok(()) => {
+                    self.admission.observe_step(started.elapsed());
+                    self.health.record(true);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "decode step failed");
+                    self.health.record(false);
                     self.fail_batch(&e.to_string());
                 }
             }
@@ -370,6 +439,7 @@ impl Worker {
             match result {
                 Ok(prefilled) => {
                     self.admission.observe_prefill(started.elapsed(), computed);
+                    self.health.record(true);
                     if let Some(prefilled) = prefilled
                         && let Err(e) = self.batch.join(prefilled)
                     {
@@ -379,6 +449,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "prefill failed");
+                    self.health.record(false);
                     for events in senders {
                         let _ = events.send(Err(RequestError::Failed(e.to_string())));
                     }
@@ -393,5 +464,32 @@ impl Worker {
             let _ = meta.events.send(Err(RequestError::Failed(message.to_string())));
         }
         self.batch = DecodeBatch::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_failures_and_a_panic_stops_it_for_good() {
+        let health = Arc::new(HealthState::default());
+        for _ in 0..FAILING_AFTER - 1 {
+            health.record(false);
+        }
+        assert_eq!(health.get(), Health::Serving, "a failure or two is not yet a pattern");
+        health.record(false);
+        assert_eq!(health.get(), Health::Failing);
+        health.record(true);
+        assert_eq!(health.get(), Health::Serving);
+        let watch = PanicWatch(Arc::clone(&health));
+        let thread = std::thread::spawn(move || {
+            let _watch = watch;
+            panic!("a fault in the worker");
+        });
+        assert!(thread.join().is_err());
+        assert_eq!(health.get(), Health::Stopped);
+        health.record(true);
+        assert_eq!(health.get(), Health::Stopped, "only a reload brings it back");
     }
 }
