@@ -20,8 +20,40 @@ use distill_serve::tiny::{self, TinySpec};
     about = "Serve, export and refresh distilled INT8 student models"
 )]
 struct Cli {
+    /// Log lines (on stderr) as text or as one JSON object per line, for log shippers. The
+    /// level comes from RUST_LOG [default: info].
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "DISTILL_SERVE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr at RUST_LOG's levels (info by default) in `format`.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+        .from_env_lossy();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Span fields (the request id) go into each line's `span` and `spans` keys.
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -144,12 +176,9 @@ struct ExportArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
         Command::Tiny { spec, out } => {
             let config = tiny::write_tiny(&spec, &out)?;
             eprintln!("wrote a {} student to {}", config.family().model_type(), out.display());

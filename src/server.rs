@@ -24,6 +24,11 @@ use crate::repository::Repository;
 
 /// Runs the server with `config` until a shutdown signal.
 pub async fn run(config: ServerConfig) -> Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        model_repository = %config.model_repository.display(),
+        "distill-serve starting"
+    );
     crate::engine::environment(config.ort_library.as_deref())?;
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     let root = config.model_repository.clone();
@@ -97,6 +102,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         })
     });
     let grpc_server = tonic::transport::Server::builder()
+        .layer(crate::api::request_id::RequestIdLayer)
         .add_routes(grpc_routes)
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stopped.wait_for(|s| *s).await;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 mod kserve;
 pub mod openai;
+pub mod request_id;
 mod terminology;
 
 use std::sync::Arc;
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/metrics", get(metrics))
         .merge(admin)
+        .layer(request_id::RequestIdLayer)
         .with_state(state)
 }
 

@@ -117,6 +117,7 @@ pub struct DecoderSession {
     head_dim: usize,
     vocab_size: usize,
     has_position_ids: bool,
+    precision: String,
 }
 
 impl DecoderSession {
@@ -161,7 +162,14 @@ impl DecoderSession {
             }
         };
         let has_position_ids = names.contains(&"position_ids");
+        // distill-serve's exports say what they hold; files made elsewhere may not.
+        let precision = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom("distill_serve.precision"))
+            .unwrap_or_else(|| "unrecorded".into());
         Ok(Self {
+            precision,
             session,
             num_layers,
             kv_heads,
@@ -169,6 +177,12 @@ impl DecoderSession {
             vocab_size,
             has_position_ids,
         })
+    }
+
+    /// The precision the exporter recorded (`fp32`, `int8-matmul-integer`, ...), or
+    /// `unrecorded` for a file exported elsewhere.
+    pub fn precision(&self) -> &str {
+        &self.precision
     }
 
     /// Vocabulary size (last axis of `logits`).

@@ -5,6 +5,7 @@
 
 mod error;
 mod request;
+pub mod request_id;
 mod validate;
 
 use std::sync::Arc;
@@ -68,9 +69,9 @@ impl Infer {
             Ok(request) => request,
             Err(e) => return Err(Record::new(&self.metrics, endpoint, tracing::Span::none()).fail(e)),
         };
-        let id = format!("{:032x}", rand::random::<u128>());
-        let span =
-            tracing::info_span!("request", id = %id, model = %request.model, endpoint = request.endpoint.as_str());
+        let id = request_id::current();
+        // Inside the transport's `request` span, which carries the id.
+        let span = tracing::info_span!("generate", model = %request.model, endpoint = request.endpoint.as_str());
         let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
         async {
             if self.lifecycle.is_draining() {
@@ -163,12 +164,11 @@ impl Drop for Record {
         let elapsed = self.started.elapsed();
         self.metrics
             .observe_request(&self.model, self.endpoint.as_str(), self.outcome, elapsed);
-        self.span.in_scope(|| {
-            tracing::debug!(
-                outcome = self.outcome,
-                ms = elapsed.as_secs_f64() * 1000.0,
-                "request ended"
-            );
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        // Failures at info, so an operator sees them at the default level; successes at debug.
+        self.span.in_scope(|| match self.outcome {
+            "success" => tracing::debug!(outcome = self.outcome, ms, "request ended"),
+            _ => tracing::info!(outcome = self.outcome, ms, "request ended"),
         });
     }
 }
@@ -186,7 +186,7 @@ pub struct Collected {
 
 /// An admitted request: its events as they come, recorded when it ends.
 pub struct Generation {
-    /// The request's id (32 hex digits), in its log lines and its response.
+    /// The request's id (the client's `x-request-id`, or 32 hex digits), in its log lines and its response.
     pub id: String,
     /// The model version that serves it.
     pub model: Arc<ModelVersion>,

@@ -361,6 +361,20 @@ impl Repository {
             false => None,
         };
         let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
+        tracing::info!(
+            model = %name,
+            version,
+            file = %vdir.join(MODEL_FILE).display(),
+            precision = session.precision(),
+            execution_provider = ?settings.execution_provider,
+            layers = session.num_layers(),
+            vocab = session.vocab_size(),
+            context_length,
+            max_batch_size = limits.batch.max_batch_size,
+            max_queue_time_ms = limits.admission.max_queue_time.as_millis() as u64,
+            intra_threads = limits.intra_threads,
+            "model loaded"
+        );
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
         let scheduler = Scheduler::spawn(

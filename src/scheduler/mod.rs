@@ -123,11 +123,13 @@ impl HealthState {
     }
 
     fn record(&self, ok: bool) {
-        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match (n, ok) {
-            (u8::MAX, _) => None,
-            (_, true) => Some(0),
-            (n, false) => Some(n.saturating_add(1).min(u8::MAX - 1)),
-        });
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match (n, ok) {
+                (u8::MAX, _) => None,
+                (_, true) => Some(0),
+                (n, false) => Some(n.saturating_add(1).min(u8::MAX - 1)),
+            });
     }
 
     fn stop(&self) {
@@ -180,10 +182,12 @@ impl Scheduler {
             health: Arc::clone(&health),
         };
         let watch = PanicWatch(Arc::clone(&health));
-        std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
-            let _watch = watch;
-            worker.run(arrivals);
-        })?;
+        std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn(move || {
+                let _watch = watch;
+                worker.run(arrivals);
+            })?;
         Ok(Self {
             jobs,
             admission,
