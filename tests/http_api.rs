@@ -463,10 +463,11 @@ async fn a_client_that_gives_up_on_a_non_streamed_request_frees_its_work() {
     let server = TestServer::start(&[]);
     let body = json!({"model": "tiny", "prompt": "Once", "max_tokens": 2000, "temperature": 0,
                       "stop": ["never-appears-xyz"]});
-    // Well under the time 2000 tokens take (a run took under 150 ms once): the client leaves
+    // Under the time 2000 tokens take (a run took about 600 ms once), and long enough for the
+    // request to reach the server on a loaded machine (10 ms once was not): the client leaves
     // while the request waits or runs, and either way it is cancelled.
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(10))
+        .timeout(Duration::from_millis(100))
         .build()
         .unwrap();
     let gave_up = client.post(server.url("/v1/completions")).json(&body).send().await;

@@ -26,4 +26,11 @@ impl Server {
             _process: process,
         })
     }
+
+    /// The server's process id.
+    // Each bench compiles this file; only the overload bench reads memory by pid.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self._process.child.id()
+    }
 }

@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 pub use client::{Client, Protocol, Sampling};
 pub use report::{LevelReport, Report, TenX};
 pub use runner::{Bounds, Load};
+pub use stats::Percentiles;
 pub use workload::Workload;
 
 /// Everything a run needs.

@@ -105,7 +105,14 @@ impl From<InferError> for Status {
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorKind::Internal => Code::Internal,
         };
-        Status::new(code, e.message)
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(seconds) = e.retry_after {
+            // gRPC's own retry pushback (honoured by clients with a retry policy), and the
+            // HTTP header's name for people reading the trailers.
+            metadata.insert("grpc-retry-pushback-ms", (seconds * 1000).into());
+            metadata.insert("retry-after", seconds.into());
+        }
+        Status::with_metadata(code, e.message, metadata)
     }
 }
 
@@ -128,6 +135,14 @@ mod tests {
         assert_eq!(timeout(&tonic::Request::new(())), None);
         request.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
         assert_eq!(timeout(&request), None, "an unreadable timeout is ignored");
+    }
+
+    #[test]
+    fn a_refusal_says_when_to_retry() {
+        let status = Status::from(InferError::new(ErrorKind::Overloaded, "busy").retry_after(3));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "3000");
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "3");
     }
 
     #[test]
