@@ -9,7 +9,8 @@
 //! ```
 //! Flags: `--clients N` (the 10x level, default 160), `--requests-per-client N` (default 4),
 //! `--max-tokens N` (default 128),
-//! `--minutes N` (soak length, 0 = none; default 10), `--skip-compare`.
+//! `--minutes N` (soak length, 0 = none; default 10), `--no-warmup` (soak a server started
+//! without `--warmup`), `--skip-compare`.
 
 mod common;
 
@@ -41,6 +42,9 @@ struct Options {
     /// Length of the soak in minutes (0: no soak).
     #[arg(long, default_value_t = 10)]
     minutes: u64,
+    /// Soak without `--warmup` (the arena then grows to the workload's peak over minutes).
+    #[arg(long)]
+    no_warmup: bool,
     /// Skip the side-by-side 10x comparison.
     #[arg(long)]
     skip_compare: bool,
@@ -142,7 +146,7 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 async fn soak(repo: &Path, o: &Options) -> Result<()> {
-    let server = start(repo, &[])?;
+    let server = start(repo, if o.no_warmup { &[] } else { &["--warmup"] })?;
     let pid = server.pid();
     let sampling = Sampling {
         model: "mid".into(),

@@ -45,6 +45,21 @@ fn start_up_is_logged_at_the_default_level() {
 }
 
 #[tokio::test]
+async fn warm_up_runs_the_largest_prefill_at_load_when_asked() {
+    let (server, lines, _dir) = start(&["--warmup"], &[("RUST_LOG", "")]);
+    let log = lines.lock().unwrap().join("\n");
+    // The token budget (4096) over the longest bucket (the context, 2048, less one): two rows.
+    assert!(log.contains("warmed up") && log.contains("rows=2 tokens=2047"), "{log}");
+    let answer = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", server.http))
+        .json(&json!({"model": "tiny", "prompt": "x", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+#[tokio::test]
 async fn json_lines_carry_the_request_id_and_no_prompt_or_answer_text() {
     let (server, lines, _dir) = start(&["--log-format", "json"], &[("RUST_LOG", "debug")]);
     let secret = "SECRET-PATIENT-NOTE";

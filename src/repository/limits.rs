@@ -41,6 +41,12 @@ pub struct ModelLimits {
     /// Longest a request waits for its length bucket to fill, in ms [default: 0: batch what is waiting].
     #[arg(long, env = "DISTILL_SERVE_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: Option<u64>,
+    /// At load, run the largest prefill the limits allow (the longest bucket, as many rows as
+    /// the token budget takes) and a decode step, so ONNX Runtime's memory is at its peak from
+    /// the start instead of growing under traffic (as TGI's warm-up); costs a second or more and
+    /// the memory of a full-context prompt [default: false].
+    #[arg(long, env = "DISTILL_SERVE_WARMUP", num_args = 0..=1, default_missing_value = "true")]
+    pub warmup: Option<bool>,
     /// Length bucket upper bounds, comma-separated [default: 16,32,64,... up to the context].
     #[arg(long, env = "DISTILL_SERVE_BUCKETS", value_delimiter = ',')]
     pub buckets: Option<Vec<usize>>,
@@ -53,6 +59,8 @@ pub struct Limits {
     pub admission: AdmissionLimits,
     pub max_tokens: usize,
     pub batch: BatchPolicy,
+    /// Whether to warm up at the peak shape at load.
+    pub warmup: bool,
 }
 
 impl ModelLimits {
@@ -69,6 +77,7 @@ impl ModelLimits {
             max_batch_tokens: self.max_batch_tokens.or(under.max_batch_tokens),
             max_queue_delay_ms: self.max_queue_delay_ms.or(under.max_queue_delay_ms),
             buckets: self.buckets.or_else(|| under.buckets.clone()),
+            warmup: self.warmup.or(under.warmup),
         }
     }
 
@@ -91,6 +100,7 @@ impl ModelLimits {
                     .buckets
                     .unwrap_or_else(|| BatchPolicy::default_buckets(context_length)),
             },
+            warmup: self.warmup.unwrap_or(false),
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::constrain::TokenTrie;
 use crate::engine::{DecoderSession, SessionOptions};
 use crate::export::MODEL_FILE;
 use crate::metrics::Metrics;
-use crate::scheduler::{FAILING_AFTER, Health, Scheduler};
+use crate::scheduler::{self, FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
 pub use limits::{Limits, ModelLimits};
 pub use settings::ModelSettings;
@@ -360,7 +360,14 @@ impl Repository {
             true => Some(Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?)),
             false => None,
         };
-        let session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
+        let mut session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
+        if limits.warmup {
+            let started = std::time::Instant::now();
+            let (rows, tokens) = scheduler::warm_up(&mut session, &limits.batch, context_length)
+                .map_err(|e| invalid(format!("warming up at the largest prefill the limits allow: {e}")))?;
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::info!(model = %name, rows, tokens, ms, "warmed up");
+        }
         tracing::info!(
             model = %name,
             version,

@@ -9,6 +9,7 @@
 use ndarray::{Array2, Axis, concatenate, s};
 use tokenizers::Tokenizer;
 
+use super::BatchPolicy;
 use crate::engine::{CacheRows, DecoderSession, EngineError, KvCache};
 use crate::generate::{Advance, GenerateError, Sequence};
 
@@ -84,6 +85,35 @@ pub fn prefill<T>(
         (mask.select(Axis(0), &keep), KvCache::gather(&[rows], longest)?)
     };
     Ok(Some(Prefilled { rows, mask, cache }))
+}
+
+/// Runs the largest prefill `policy` allows (the longest bucket, as many rows as the token
+/// budget takes) and one decode step after it, and drops the results: ONNX Runtime's arena
+/// grows to the peak at load rather than step by step under traffic (so a soak's memory is flat
+/// from its first minute, and a model too big for the machine fails to warm up at once). The
+/// sequences are `context - 1` tokens at most.
+pub fn warm_up(
+    session: &mut DecoderSession,
+    policy: &BatchPolicy,
+    context: usize,
+) -> Result<(usize, usize), EngineError> {
+    let longest = policy
+        .buckets
+        .last()
+        .copied()
+        .unwrap_or(context)
+        .min(context.saturating_sub(1))
+        .max(1);
+    let rows = (policy.max_batch_tokens / longest).clamp(1, policy.max_batch_size.max(1));
+    let positions = Array2::from_shape_fn((rows, longest), |(_, i)| i as i64);
+    let ids = Array2::<i64>::zeros((rows, longest));
+    let mask = Array2::<i64>::ones((rows, longest));
+    let (_, cache) = session.forward_last(&ids, &mask, &positions, session.empty_cache(rows)?)?;
+    let next = Array2::<i64>::zeros((rows, 1));
+    let mask = Array2::<i64>::ones((rows, longest + 1));
+    let position = Array2::from_elem((rows, 1), longest as i64);
+    session.forward_last(&next, &mask, &position, cache)?;
+    Ok((rows, longest))
 }
 
 /// Left-pads a mask `[rows, len]` with zeros to `len` columns.

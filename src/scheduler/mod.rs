@@ -27,6 +27,7 @@ use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence
 use crate::metrics::ModelMetrics;
 pub use admission::{Admission, AdmissionLimits, Demand, Estimate, Priority, Ticket};
 use batch::DecodeBatch;
+pub use batch::warm_up;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 
 /// Why a request ended without finishing.
