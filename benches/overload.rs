@@ -170,8 +170,9 @@ async fn soak(repo: &Path, o: &Options) -> Result<()> {
             }
         }
     });
+    let warmup = if o.no_warmup { "no warm-up" } else { "--warmup" };
     println!(
-        "\n### Soak: {} clients for {} minutes (closed loop, no retries)\n",
+        "\n### Soak: {} clients for {} minutes (closed loop, no retries; {warmup})\n",
         o.clients, o.minutes
     );
     println!("| minute | answered | errors | req/s | tokens/s | p50 ms | p99 ms | RSS MiB at its end |");

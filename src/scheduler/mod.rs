@@ -12,10 +12,10 @@
 
 pub mod admission;
 mod batch;
+mod health;
 mod queue;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ use crate::metrics::ModelMetrics;
 pub use admission::{Admission, AdmissionLimits, Demand, Estimate, Priority, Ticket};
 use batch::DecodeBatch;
 pub use batch::warm_up;
+pub use health::{FAILING_AFTER, Health};
+use health::{HealthState, PanicWatch};
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 
 /// Why a request ended without finishing.
@@ -94,60 +96,6 @@ struct Meta {
     last_event: Option<Instant>,
     /// The request's share of the load, given back when the sequence leaves, however it ends.
     ticket: Ticket,
-}
-
-/// Whether a model's worker can serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Its last step (or prefill) succeeded.
-    Serving,
-    /// Its last [`FAILING_AFTER`] steps failed; the next success clears it.
-    Failing,
-    /// Its thread stopped (a panic): nothing will be served until the model is reloaded.
-    Stopped,
-}
-
-/// Consecutive failed engine calls after which a worker reports [`Health::Failing`].
-pub const FAILING_AFTER: u8 = 3;
-
-/// A worker's health as it reports it: consecutive failures, or `u8::MAX` once stopped.
-#[derive(Default)]
-struct HealthState(AtomicU8);
-
-impl HealthState {
-    fn get(&self) -> Health {
-        match self.0.load(Ordering::Acquire) {
-            u8::MAX => Health::Stopped,
-            n if n >= FAILING_AFTER => Health::Failing,
-            _ => Health::Serving,
-        }
-    }
-
-    fn record(&self, ok: bool) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match (n, ok) {
-                (u8::MAX, _) => None,
-                (_, true) => Some(0),
-                (n, false) => Some(n.saturating_add(1).min(u8::MAX - 1)),
-            });
-    }
-
-    fn stop(&self) {
-        self.0.store(u8::MAX, Ordering::Release);
-    }
-}
-
-/// Marks the worker stopped if its thread unwinds.
-struct PanicWatch(Arc<HealthState>);
-
-impl Drop for PanicWatch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.stop();
-            tracing::error!("a model worker stopped (panic): its model is not ready until it is reloaded");
-        }
-    }
 }
 
 /// Handle to a model's scheduler; cloning shares it.
@@ -469,32 +417,5 @@ impl Worker {
             let _ = meta.events.send(Err(RequestError::Failed(message.to_string())));
         }
         self.batch = DecodeBatch::default();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn health_follows_failures_and_a_panic_stops_it_for_good() {
-        let health = Arc::new(HealthState::default());
-        for _ in 0..FAILING_AFTER - 1 {
-            health.record(false);
-        }
-        assert_eq!(health.get(), Health::Serving, "a failure or two is not yet a pattern");
-        health.record(false);
-        assert_eq!(health.get(), Health::Failing);
-        health.record(true);
-        assert_eq!(health.get(), Health::Serving);
-        let watch = PanicWatch(Arc::clone(&health));
-        let thread = std::thread::spawn(move || {
-            let _watch = watch;
-            panic!("a fault in the worker");
-        });
-        assert!(thread.join().is_err());
-        assert_eq!(health.get(), Health::Stopped);
-        health.record(true);
-        assert_eq!(health.get(), Health::Stopped, "only a reload brings it back");
     }
 }
