@@ -547,8 +547,10 @@ async fn requests_past_their_deadline_are_dropped_with_504_or_refused_at_once() 
     assert_eq!(server.metric(refused).await, 1.0);
     assert_eq!(server.metric(expired).await, 1.0, "refused, not queued to expire");
     // Waiting: a lone request waits up to the bucket delay (which the estimate leaves out for a
-    // free slot) and its deadline passes in the queue.
-    let server = TestServer::start(&["--max-queue-delay-ms", "400"]);
+    // free slot) and its deadline passes in the queue; it hears so at its deadline, not at the
+    // end of the delay.
+    let server = TestServer::start(&["--max-queue-delay-ms", "5000"]);
+    let sent = std::time::Instant::now();
     let short = json!({"model": "tiny", "prompt": "Short", "max_tokens": 1});
     let r = reqwest::Client::new()
         .post(server.url("/v1/completions"))
@@ -558,6 +560,10 @@ async fn requests_past_their_deadline_are_dropped_with_504_or_refused_at_once() 
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "expired only when the bucket went"
+    );
     assert_eq!(server.metric(expired).await, 1.0);
     let r = reqwest::Client::new()
         .post(server.url("/v1/completions"))

@@ -295,8 +295,10 @@ impl Worker {
             self.drop_abandoned_waiting();
             self.admit();
             if self.batch.is_empty() {
-                // Nothing decoding and no bucket ready: wait for an arrival or the next deadline.
-                if let Some(deadline) = self.queue.next_deadline() {
+                // Nothing decoding and no bucket ready: wait for an arrival, a bucket's delay, or
+                // a waiting request's deadline (its client hears at once that it expired).
+                let expiry = self.queue.items().filter_map(|job| job.request.deadline).min();
+                if let Some(deadline) = self.queue.next_deadline().into_iter().chain(expiry).min() {
                     match arrivals.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                         Ok(job) => self.enqueue(job),
                         Err(std_mpsc::RecvTimeoutError::Timeout) => {}

@@ -147,6 +147,11 @@ impl<T> BucketQueue<T> {
             .min()
     }
 
+    /// Every waiting request, bucket by bucket.
+    pub fn items(&self) -> impl Iterator<Item = &T> {
+        self.queues.iter().flatten().map(|p| &p.item)
+    }
+
     /// Removes every waiting request for which `drop` returns true (e.g. cancelled ones).
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         for q in &mut self.queues {
