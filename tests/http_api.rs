@@ -653,3 +653,24 @@ async fn the_high_priority_class_waits_less_under_saturation() {
         times[0]
     );
 }
+
+/// A client's deadline may shorten the server's, never lengthen it, and one past what the clock
+/// holds is no deadline rather than a panic (audit defects of issue 13, item 9).
+#[tokio::test]
+async fn client_deadlines_cannot_outlast_the_servers_or_overflow() {
+    let server = TestServer::start(&["--request-timeout-ms", "40"]);
+    let long = json!({"model": "tiny", "prompt": "Long", "max_tokens": 1500, "temperature": 0, "stop": ["never-xyz"]});
+    let send = |timeout_ms: &'static str, body: Value| {
+        reqwest::Client::new()
+            .post(server.url("/v1/completions"))
+            .header("x-request-timeout-ms", timeout_ms)
+            .json(&body)
+            .send()
+    };
+    // A fresh server has measured no step, so the long answer is admitted and cut at 40 ms.
+    let r = send("600000", long).await.unwrap();
+    assert_eq!(r.status(), 504, "the client's 10 minutes outlasted the server's 40 ms");
+    let short = json!({"model": "tiny", "prompt": "x", "max_tokens": 2});
+    let r = send("18446744073709551615", short).await.unwrap();
+    assert_eq!(r.status(), 200);
+}

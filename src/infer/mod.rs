@@ -81,7 +81,13 @@ impl Infer {
             let in_flight = self.lifecycle.track();
             let model = self.repository.get(&request.model).map_err(|e| record.fail(e.into()))?;
             record.model = model.name.clone();
-            let deadline = request.timeout.or(self.request_timeout).map(|t| record.started + t);
+            // A client may shorten the server's deadline, never lengthen it.
+            let timeout = match (request.timeout, self.request_timeout) {
+                (Some(client), Some(server)) => Some(client.min(server)),
+                (client, server) => client.or(server),
+            };
+            // An instant past what the clock can hold means no deadline, not a panic.
+            let deadline = timeout.and_then(|t| record.started.checked_add(t));
             let (terminologies, version) = (Arc::clone(&self.terminologies), Arc::clone(&model));
             let (request, checked) = tokio::task::spawn_blocking(move || {
                 let checked = validate::generation_request(&terminologies, &version, &request, deadline);

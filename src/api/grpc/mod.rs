@@ -79,15 +79,15 @@ pub fn timeout<T>(request: &tonic::Request<T>) -> Option<Duration> {
         .and_then(|v| {
             let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
             let n: u64 = digits.parse().ok()?;
-            Some(match unit {
-                "H" => Duration::from_secs(n * 3600),
-                "M" => Duration::from_secs(n * 60),
-                "S" => Duration::from_secs(n),
-                "m" => Duration::from_millis(n),
-                "u" => Duration::from_micros(n),
-                "n" => Duration::from_nanos(n),
-                _ => return None,
-            })
+            match unit {
+                "H" => n.checked_mul(3600).map(Duration::from_secs),
+                "M" => n.checked_mul(60).map(Duration::from_secs),
+                "S" => Some(Duration::from_secs(n)),
+                "m" => Some(Duration::from_millis(n)),
+                "u" => Some(Duration::from_micros(n)),
+                "n" => Some(Duration::from_nanos(n)),
+                _ => None,
+            }
         })
 }
 
@@ -135,6 +135,11 @@ mod tests {
         assert_eq!(timeout(&tonic::Request::new(())), None);
         request.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
         assert_eq!(timeout(&request), None, "an unreadable timeout is ignored");
+        // Values past what a Duration of seconds holds are ignored, not wrapped (audit defect 9).
+        request.metadata_mut().insert("grpc-timeout", "5124095576030432H".parse().unwrap());
+        assert_eq!(timeout(&request), None);
+        request.metadata_mut().insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
+        assert_eq!(timeout(&request), Some(Duration::from_secs(u64::MAX)));
     }
 
     #[test]
