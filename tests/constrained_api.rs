@@ -95,6 +95,11 @@ async fn bad_constraints_are_400_naming_the_problem() {
             "unknown variant `everything`",
         ),
         (json!({"terminology": "icd", "colour": "red"}), "colour"),
+        // Each distinct separator caches a start mask: their length is bounded (issue 13).
+        (
+            json!({"terminology": "icd", "max_items": 2, "separator": "; ".repeat(17)}),
+            "at most 32 bytes",
+        ),
     ];
     for (constraint, needle) in cases {
         let body = json!({"model": "tiny", "prompt": "x", "constraint": constraint});

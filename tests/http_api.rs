@@ -172,6 +172,15 @@ async fn bad_input_gets_a_clear_error_and_the_server_stays_up() {
     )
     .await;
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("top_logprobs")));
+    let long_stop = "x".repeat(distill_serve::infer::MAX_STOP_BYTES + 1);
+    let (status, v) = post(
+        &server,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "stop": [long_stop]}),
+    )
+    .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("stop")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("256"), "{v}");
     for min_tokens in [-1, 9] {
         let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 8, "min_tokens": min_tokens});
         let (status, v) = post(&server, "/v1/completions", body).await;

@@ -23,7 +23,7 @@ use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
 pub use error::{ErrorKind, InferError};
 pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
-pub use validate::{MAX_CONSTRAINT_ITEMS, MAX_STOP_STRINGS};
+pub use validate::{MAX_CONSTRAINT_ITEMS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 
 /// Runs generation requests for every protocol; cloning shares it.
 #[derive(Clone)]

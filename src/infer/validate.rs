@@ -19,6 +19,15 @@ pub const MAX_CONSTRAINT_ITEMS: usize = 64;
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
 
+/// Longest separator between constrained items, in bytes (each distinct separator compiles and
+/// caches its own start mask).
+pub const MAX_SEPARATOR_BYTES: usize = 32;
+
+/// Longest stop string, in bytes: each generated token checks the tail of the text against
+/// every prefix of every stop string on the model's worker thread, so their length is
+/// everyone's cost.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// The checked request for `request` on `model`, to be dropped at `deadline`.
 pub fn generation_request(
     terminologies: &Terminologies,
@@ -173,6 +182,15 @@ fn sampling(model: &ModelVersion, prompt: Vec<u32>, params: &Params) -> Result<G
             format!("at most {MAX_STOP_STRINGS} stop strings, got {}", params.stop.len()),
         ));
     }
+    if let Some(long) = params.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(InferError::invalid(
+            "stop",
+            format!(
+                "a stop string may be at most {MAX_STOP_BYTES} bytes, got {}",
+                long.len()
+            ),
+        ));
+    }
     let logprobs = match params.logprobs {
         None => None,
         Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
@@ -213,6 +231,15 @@ fn constraint(
         return Err(InferError::invalid(
             "constraint.max_items",
             format!("max_items must be 1 to {MAX_CONSTRAINT_ITEMS}, got {}", spec.max_items),
+        ));
+    }
+    if spec.separator.len() > MAX_SEPARATOR_BYTES {
+        return Err(InferError::invalid(
+            "constraint.separator",
+            format!(
+                "the separator may be at most {MAX_SEPARATOR_BYTES} bytes, got {}",
+                spec.separator.len()
+            ),
         ));
     }
     if spec.max_items > 1 && spec.separator.is_empty() {

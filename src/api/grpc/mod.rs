@@ -136,9 +136,13 @@ mod tests {
         request.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
         assert_eq!(timeout(&request), None, "an unreadable timeout is ignored");
         // Values past what a Duration of seconds holds are ignored, not wrapped (audit defect 9).
-        request.metadata_mut().insert("grpc-timeout", "5124095576030432H".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "5124095576030432H".parse().unwrap());
         assert_eq!(timeout(&request), None);
-        request.metadata_mut().insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
         assert_eq!(timeout(&request), Some(Duration::from_secs(u64::MAX)));
     }
 
