@@ -31,8 +31,8 @@ pub struct ServeArgs {
     /// Bearer token of the admin API under /admin/v1/ (the admin API is off without one).
     #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Bearer token clients must send on the `/v1` routes (as vLLM's `--api-key`); open when
-    /// absent.
+    /// Bearer token clients must send on the `/v1` routes (as vLLM's `--api-key`) and on the
+    /// gRPC methods that run models (metadata `authorization: Bearer ...`); open when absent.
     #[arg(long, env = "DISTILL_SERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Limits of every model whose `model.toml` does not set its own.

@@ -93,6 +93,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let grpc_routes = grpc_routes(state.clone())?;
+    let api_key = state.api_key.clone();
     let mut grpc_stopped = stopped.clone();
     // Nagle's algorithm with the client's delayed ACK holds small writes (a streamed token) for
     // up to 40 ms: send each write at once.
@@ -103,6 +104,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     });
     let grpc_server = tonic::transport::Server::builder()
         .layer(crate::api::request_id::RequestIdLayer)
+        .layer(crate::api::auth::GrpcApiKeyLayer::new(api_key))
         .add_routes(grpc_routes)
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stopped.wait_for(|s| *s).await;

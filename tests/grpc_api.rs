@@ -458,3 +458,77 @@ async fn grpc_generate_and_model_infer_are_counted() {
     assert_eq!(server.metric(&counter("model_infer", "success")).await, 1.0);
     assert_eq!(server.metric(&counter("completions", "success")).await, 1.0);
 }
+
+/// With `--api-key`, the gRPC methods that run models ask for it as HTTP `/v1` does
+/// (UNAUTHENTICATED without or with a wrong key); health, readiness and metadata stay open for
+/// probes.
+#[tokio::test]
+async fn the_api_key_guards_grpc_generation_as_it_guards_http() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let server = TestServer::start(&["--api-key", "s3cret"]);
+    let with_key = |key: Option<&str>, request: GenerateRequest| {
+        let mut request = tonic::Request::new(request);
+        if let Some(key) = key {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        request
+    };
+    let generate = GenerateRequest {
+        model: "tiny".into(),
+        prompt: PROMPT.into(),
+        max_tokens: Some(3),
+        ..Default::default()
+    };
+    let mut client = GenerateClient::connect(server.grpc.clone()).await.unwrap();
+    for key in [None, Some("wrong")] {
+        let status = client.generate(with_key(key, generate.clone())).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{key:?}: {status:?}");
+        let status = client
+            .generate_stream(with_key(key, generate.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{key:?}");
+    }
+    assert!(client.generate(with_key(Some("s3cret"), generate)).await.is_ok());
+
+    let mut kserve = GrpcInferenceServiceClient::connect(server.grpc.clone()).await.unwrap();
+    let infer = infer_request("tiny", "BYTES", length_prefixed(PROMPT.as_bytes()));
+    let status = kserve.model_infer(infer.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut keyed = tonic::Request::new(infer);
+    keyed
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let answer = kserve.model_infer(keyed).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    assert!(
+        kserve
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let channel = tonic::transport::Channel::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    assert!(
+        health
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok()
+    );
+
+    let r = server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+}

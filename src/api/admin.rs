@@ -3,55 +3,36 @@
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::{bearer, check_api_key, matches};
 use super::error::{ErrorKind, InferError};
 use crate::repository::ModelState;
 
 /// Rejects requests without the configured token: 401 when absent, 403 when wrong (or when the
 /// server has no admin token, which turns the admin API off).
 pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match (&state.admin_token, given) {
+    match (&state.admin_token, bearer(request.headers())) {
         (None, _) => InferError::new(
             ErrorKind::PermissionDenied,
             "the admin API is off; start the server with --admin-token",
         )
         .into_response(),
         (Some(_), None) => InferError::new(ErrorKind::Unauthenticated, "missing bearer token").into_response(),
-        (Some(expected), Some(token)) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
-            next.run(request).await
-        }
+        (Some(expected), Some(token)) if matches(expected, token) => next.run(request).await,
         (Some(_), Some(_)) => InferError::new(ErrorKind::PermissionDenied, "wrong bearer token").into_response(),
     }
 }
 
 /// Rejects `/v1` requests without the configured API key (401), when the server has one.
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.api_key else {
-        return next.run(request).await;
-    };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => next.run(request).await,
-        _ => InferError::new(ErrorKind::Unauthenticated, "invalid or missing API key").into_response(),
+    match check_api_key(state.api_key.as_deref(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `GET /admin/v1/models`: every model's state, version and load error.

@@ -2,6 +2,7 @@
 //! and the admin routes, on one axum router.
 
 mod admin;
+pub mod auth;
 mod distill;
 pub mod error;
 pub mod grpc;
