@@ -21,6 +21,10 @@ pub struct Mention {
     pub billable: bool,
 }
 
+/// Most mentions listed in a [`Coverage`] (the counts cover them all): a long text of
+/// code-shaped words must not make an answer many times its size.
+pub const MAX_LISTED_MENTIONS: usize = 1000;
+
 /// The coverage of one text.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Coverage {
@@ -29,7 +33,10 @@ pub struct Coverage {
     pub matched: usize,
     /// `matched / mentions` (1 when there is no mention).
     pub share: f64,
+    /// The first [`MAX_LISTED_MENTIONS`] mentions.
     pub items: Vec<Mention>,
+    /// Whether `items` stops short of `mentions`.
+    pub truncated: bool,
 }
 
 /// What the codes of a terminology look like.
@@ -74,6 +81,7 @@ impl CodeShape {
 /// The code mentions in `text` and the share that are codes of `terminology`.
 pub fn coverage(terminology: &Terminology, shape: &CodeShape, text: &str) -> Coverage {
     let mut items = Vec::new();
+    let (mut mentions, mut matched) = (0, 0);
     let mut start = None;
     let chars: Vec<(usize, char)> = text.char_indices().chain(std::iter::once((text.len(), ' '))).collect();
     for &(i, c) in &chars {
@@ -84,11 +92,19 @@ pub fn coverage(terminology: &Terminology, shape: &CodeShape, text: &str) -> Cov
                 // Sentence punctuation is not part of a code.
                 let candidate = text[s..i].trim_end_matches(['.', '-']);
                 if shape.fits(candidate) {
+                    // The dot goes after the third character (ICD-10's category), wherever
+                    // that falls in bytes: a list's codes need not be ASCII.
                     let entry = terminology.get(candidate).or_else(|| {
-                        let dotted = (candidate.len() > 3 && !candidate.contains('.'))
-                            .then(|| format!("{}.{}", &candidate[..3], &candidate[3..]))?;
+                        let (third, _) = candidate.char_indices().nth(3)?;
+                        let dotted = (!candidate.contains('.'))
+                            .then(|| format!("{}.{}", &candidate[..third], &candidate[third..]))?;
                         terminology.get(&dotted)
                     });
+                    mentions += 1;
+                    matched += usize::from(entry.is_some());
+                    if items.len() == MAX_LISTED_MENTIONS {
+                        continue;
+                    }
                     items.push(Mention {
                         text: candidate.to_string(),
                         start: s,
@@ -101,15 +117,15 @@ pub fn coverage(terminology: &Terminology, shape: &CodeShape, text: &str) -> Cov
             _ => {}
         }
     }
-    let matched = items.iter().filter(|m| m.code.is_some()).count();
     Coverage {
-        mentions: items.len(),
+        mentions,
         matched,
-        share: if items.is_empty() {
+        share: if mentions == 0 {
             1.0
         } else {
-            matched as f64 / items.len() as f64
+            matched as f64 / mentions as f64
         },
+        truncated: items.len() < mentions,
         items,
     }
 }
@@ -154,5 +170,28 @@ mod tests {
         assert!(c.items[0].billable && c.items[2].code.is_none());
         let none = coverage(&t, &shape, "no codes here");
         assert_eq!((none.mentions, none.share), (0, 1.0));
+    }
+
+    #[test]
+    fn non_ascii_codes_and_long_texts_are_handled() {
+        let entry = |code: &str| Entry {
+            code: code.into(),
+            description: String::new(),
+            synonyms: Vec::new(),
+            billable: true,
+        };
+        let t = Terminology::new("list", vec![entry("ÄÖ1"), entry("ÄÖ1.23"), entry("ÄÖ1.99")]);
+        let shape = CodeShape::of(&t);
+        // Byte 3 falls inside a character here: the dot is placed by characters.
+        let c = coverage(&t, &shape, "see ÄÖ123 and ÄÖ1.99");
+        assert_eq!((c.mentions, c.matched), (2, 2), "{c:?}");
+        let text = "ÄÖ1.23 ".repeat(MAX_LISTED_MENTIONS + 500);
+        let c = coverage(&t, &shape, &text);
+        assert_eq!(
+            (c.mentions, c.matched),
+            (MAX_LISTED_MENTIONS + 500, MAX_LISTED_MENTIONS + 500)
+        );
+        assert_eq!(c.items.len(), MAX_LISTED_MENTIONS);
+        assert!(c.truncated);
     }
 }
