@@ -14,16 +14,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use distill_serve::checkpoint::Family;
-use distill_serve::export::{self, ExternalData, Precision};
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::tiny::ShapePreset;
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Sampling, Workload, workload};
 use serde_json::Value;
 
@@ -53,23 +51,6 @@ struct Options {
     bench: bool,
 }
 
-/// The 16M student (the shape the users load-tested), INT8.
-fn repository(dir: &Path) -> Result<PathBuf> {
-    let checkpoint = dir.join("checkpoint");
-    let mut spec = TinySpec::new(Family::Qwen2, 0);
-    spec.shape = ShapePreset::Mid;
-    write_tiny(&spec, &checkpoint)?;
-    let repo = dir.join("models");
-    export::export(
-        &checkpoint,
-        &repo.join("mid/1"),
-        Precision::DEFAULT_INT8,
-        ExternalData::Auto,
-    )?;
-    std::fs::write(repo.join("mid/model.toml"), "name = \"mid\"\n")?;
-    Ok(repo)
-}
-
 fn start(repo: &Path, flags: &[&str]) -> Result<common::Server> {
     let repo = repo.to_str().context("repository path is not UTF-8")?;
     let mut args = vec!["--model-repository", repo];
@@ -85,7 +66,7 @@ fn sdk_ten_x(base: &str, o: &Options) -> Result<Value> {
         .args([
             script,
             base,
-            "mid",
+            "bench",
             &normal,
             &o.requests_per_client.to_string(),
             &o.max_tokens.to_string(),
@@ -149,7 +130,7 @@ async fn soak(repo: &Path, o: &Options) -> Result<()> {
     let server = start(repo, if o.no_warmup { &[] } else { &["--warmup"] })?;
     let pid = server.pid();
     let sampling = Sampling {
-        model: "mid".into(),
+        model: "bench".into(),
         max_tokens: o.max_tokens,
         temperature: 0.7,
         stream: false,
@@ -236,7 +217,8 @@ async fn soak(repo: &Path, o: &Options) -> Result<()> {
 async fn main() -> Result<()> {
     let o = Options::parse();
     let dir = tempfile::tempdir()?;
-    let repo = repository(dir.path())?;
+    // The 16M student: the shape the users load-tested.
+    let repo = common::student_repository(dir.path(), ShapePreset::Mid, false)?;
     println!("CPU: {}", cpu_name());
     if !o.skip_compare {
         compare(&repo, &o)?;

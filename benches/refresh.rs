@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use distill_serve::checkpoint::Family;
-use distill_serve::export::{self, ExternalData, Precision};
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::tiny::ShapePreset;
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, Workload, workload};
 use serde_json::{Value, json};
 
@@ -127,14 +125,7 @@ async fn level(o: &Options, workload: &Arc<Workload>, base: &str) -> Result<Repo
 async fn main() -> Result<()> {
     let o = Options::parse();
     let dir = tempfile::tempdir()?;
-    let repo = dir.path().join("models");
-    let version = repo.join("bench/1");
-    let checkpoint = version.join("checkpoint");
-    let mut spec = TinySpec::new(Family::Qwen2, 0);
-    spec.shape = o.shape;
-    write_tiny(&spec, &checkpoint)?;
-    export::export(&checkpoint, &version, Precision::DEFAULT_INT8, ExternalData::Auto)?;
-    std::fs::write(repo.join("bench/model.toml"), "name = \"bench\"\n")?;
+    let repo = common::student_repository(dir.path(), o.shape, true)?;
     let workload = Arc::new(Workload::Lognormal {
         modes: workload::parse_mix("0.7:6:0.5,0.3:24:0.4")?,
         max_words: 100,

@@ -28,10 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, KvCache, SessionOptions};
-use distill_serve::export::{self, ExternalData, Precision};
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::tiny::ShapePreset;
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, TenX, Workload, workload};
 use ndarray::Array2;
 
@@ -173,14 +171,8 @@ fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
 async fn main() -> Result<()> {
     let o = Options::parse();
     let dir = tempfile::tempdir()?;
-    let ckpt = dir.path().join("checkpoint");
-    let mut spec = TinySpec::new(Family::Qwen2, 0);
-    spec.shape = o.shape;
-    write_tiny(&spec, &ckpt)?;
-    let repo = dir.path().join("models");
+    let repo = common::student_repository(dir.path(), o.shape, false)?;
     let version = repo.join("bench/1");
-    export::export(&ckpt, &version, Precision::DEFAULT_INT8, ExternalData::Auto)?;
-    std::fs::write(repo.join("bench/model.toml"), "name = \"bench\"\n")?;
     let workload = Arc::new(Workload::Lognormal {
         modes: workload::parse_mix(&o.lengths)?,
         max_words: MAX_WORDS,

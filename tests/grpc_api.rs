@@ -466,15 +466,15 @@ async fn grpc_generate_and_model_infer_are_counted() {
 async fn the_api_key_guards_grpc_generation_as_it_guards_http() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let server = TestServer::start(&["--api-key", "s3cret"]);
-    let with_key = |key: Option<&str>, request: GenerateRequest| {
-        let mut request = tonic::Request::new(request);
+    fn with_key<T>(key: Option<&str>, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         if let Some(key) = key {
             request
                 .metadata_mut()
                 .insert("authorization", format!("Bearer {key}").parse().unwrap());
         }
         request
-    };
+    }
     let generate = GenerateRequest {
         model: "tiny".into(),
         prompt: PROMPT.into(),
@@ -497,11 +497,7 @@ async fn the_api_key_guards_grpc_generation_as_it_guards_http() {
     let infer = infer_request("tiny", "BYTES", length_prefixed(PROMPT.as_bytes()));
     let status = kserve.model_infer(infer.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    let mut keyed = tonic::Request::new(infer);
-    keyed
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
-    let answer = kserve.model_infer(keyed).await;
+    let answer = kserve.model_infer(with_key(Some("s3cret"), infer)).await;
     assert!(answer.is_ok(), "{answer:?}");
     assert!(
         kserve

@@ -5,7 +5,31 @@
 #[path = "../../tests/common/launch.rs"]
 mod launch;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
+use distill_serve::checkpoint::Family;
+use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+
+/// Writes a model repository in `dir` with one model `bench`, version 1: a random student of
+/// `shape` (seed 0), INT8. With `trainable`, its checkpoint stays in `1/checkpoint` (refresh
+/// jobs fine-tune it). Returns the repository's folder.
+pub fn student_repository(dir: &Path, shape: ShapePreset, trainable: bool) -> Result<PathBuf> {
+    let repo = dir.join("models");
+    let version = repo.join("bench/1");
+    let checkpoint = if trainable {
+        version.join("checkpoint")
+    } else {
+        dir.join("checkpoint")
+    };
+    let mut spec = TinySpec::new(Family::Qwen2, 0);
+    spec.shape = shape;
+    write_tiny(&spec, &checkpoint)?;
+    export::export(&checkpoint, &version, Precision::DEFAULT_INT8, ExternalData::Auto)?;
+    std::fs::write(repo.join("bench/model.toml"), "name = \"bench\"\n")?;
+    Ok(repo)
+}
 
 /// A running server.
 pub struct Server {

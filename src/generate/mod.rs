@@ -115,19 +115,21 @@ pub enum GenerateError {
     Tokenizer(String),
 }
 
-/// Rules out `stop_ids`, unless nothing else is allowed (a constrained answer that is complete
-/// still ends).
-fn suppress(logits: &mut [f32], stop_ids: &[u32]) {
+/// Rules out `stop_ids`. A guide may have ruled out everything else (an answer that can only
+/// end): then the stop tokens stay, which only a `constrained` sequence needs to check.
+fn suppress(logits: &mut [f32], stop_ids: &[u32], constrained: bool) {
     let stops = |i: usize| stop_ids.contains(&(i as u32));
-    if logits
-        .iter()
-        .enumerate()
-        .any(|(i, &l)| l > f32::NEG_INFINITY && !stops(i))
+    if constrained
+        && !logits
+            .iter()
+            .enumerate()
+            .any(|(i, &l)| l > f32::NEG_INFINITY && !stops(i))
     {
-        for &id in stop_ids {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
-            }
+        return;
+    }
+    for &id in stop_ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
         }
     }
 }
@@ -215,7 +217,11 @@ impl Sequence {
                 guide.apply(&mut copy, &self.request.stop_token_ids);
             }
             if suppress_stop {
-                suppress(&mut copy, &self.request.stop_token_ids);
+                suppress(
+                    &mut copy,
+                    &self.request.stop_token_ids,
+                    self.request.constraint.is_some(),
+                );
             }
             masked = copy;
             &masked[..]

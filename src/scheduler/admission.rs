@@ -108,7 +108,7 @@ pub struct Admission {
 /// A request's share of the load: waiting, then running.
 pub struct Ticket {
     load: Arc<Load>,
-    class: usize,
+    priority: Priority,
     prompt_tokens: usize,
     /// Tokens it may still generate.
     remaining: usize,
@@ -223,14 +223,13 @@ impl Admission {
             load.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::QueuedTokens(self.limits.max_queued_tokens));
         }
-        let class = demand.priority.index();
-        let waiting = &load.waiting[class];
+        let waiting = &load.waiting[demand.priority.index()];
         waiting.requests.fetch_add(1, Ordering::AcqRel);
         waiting.prompt_tokens.fetch_add(demand.prompt_tokens, Ordering::AcqRel);
         waiting.decode_tokens.fetch_add(demand.max_new_tokens, Ordering::AcqRel);
         Ok(Ticket {
             load: Arc::clone(load),
-            class,
+            priority: demand.priority,
             prompt_tokens: demand.prompt_tokens,
             remaining: demand.max_new_tokens,
             waiting: true,
@@ -251,7 +250,7 @@ impl Admission {
 impl Ticket {
     /// The request's class.
     pub fn priority(&self) -> Priority {
-        [Priority::High, Priority::Normal, Priority::Low][self.class]
+        self.priority
     }
 
     /// The request left the queue (its prefill starts); it still counts as in flight.
@@ -260,7 +259,7 @@ impl Ticket {
             return;
         }
         let load = &self.load;
-        let waiting = &load.waiting[self.class];
+        let waiting = &load.waiting[self.priority.index()];
         waiting.requests.fetch_sub(1, Ordering::AcqRel);
         waiting.prompt_tokens.fetch_sub(self.prompt_tokens, Ordering::AcqRel);
         waiting.decode_tokens.fetch_sub(self.remaining, Ordering::AcqRel);
