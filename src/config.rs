@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::auth::AuthSettings;
 use crate::constrain::TerminologySpec;
 use crate::repository::ModelLimits;
 
@@ -29,12 +30,31 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILL_SERVE_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
     /// Bearer token of the admin API under /admin/v1/ (the admin API is off without one).
+    /// Visible in `ps`: prefer --admin-token-file.
     #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Bearer token clients must send on the `/v1` routes (as vLLM's `--api-key`) and on the
-    /// gRPC methods that run models (metadata `authorization: Bearer ...`); open when absent.
+    /// File whose first line is the admin token (16 characters or more); re-read when it
+    /// changes.
+    #[arg(long, env = "DISTILL_SERVE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token clients must send on the model routes (HTTP `/v1`, gRPC `Generate`, KServe
+    /// `ModelInfer`), as vLLM's `--api-key`; its tenant is `default`. Visible in `ps`: prefer
+    /// --api-keys-file.
     #[arg(long, env = "DISTILL_SERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// TOML file of API keys, each with a tenant name and optional limits (`[[keys]]` with
+    /// name, key, requests_per_second, max_concurrent_requests, tokens_per_minute); re-read
+    /// when it changes. The model routes are open when no key is configured.
+    #[arg(long, env = "DISTILL_SERVE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Ask for an API key or the admin token on `/metrics` too.
+    #[arg(long, env = "DISTILL_SERVE_PROTECT_METRICS")]
+    #[serde(default)]
+    pub protect_metrics: bool,
+    /// Audit log: one JSON line per admin action and failed authentication, fsynced; "" turns
+    /// it off [default: <model repository>/.distill/audit.jsonl].
+    #[arg(long, env = "DISTILL_SERVE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     /// Limits of every model whose `model.toml` does not set its own.
     #[command(flatten)]
     #[serde(flatten)]
@@ -72,8 +92,10 @@ pub struct ServerConfig {
     pub model_repository: PathBuf,
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
-    pub admin_token: Option<String>,
-    pub api_key: Option<String>,
+    /// API keys, admin token and whether `/metrics` needs them.
+    pub auth: AuthSettings,
+    /// Where audit lines go (none: nowhere).
+    pub audit_log: Option<PathBuf>,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -98,7 +120,13 @@ impl ServeArgs {
             .model_repository
             .or(file.model_repository)
             .unwrap_or_else(|| "models".into());
+        let audit_log = match self.audit_log.or(file.audit_log) {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(path),
+            None => Some(model_repository.join(".distill").join("audit.jsonl")),
+        };
         Ok(ServerConfig {
+            audit_log,
             store: self
                 .store
                 .or(file.store)
@@ -112,8 +140,13 @@ impl ServeArgs {
                 .grpc_addr
                 .or(file.grpc_addr)
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8081))),
-            admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
-            api_key: self.api_key.or(file.api_key).filter(|t| !t.is_empty()),
+            auth: AuthSettings {
+                admin_token: self.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+                admin_token_file: self.admin_token_file.or(file.admin_token_file),
+                api_key: self.api_key.or(file.api_key).filter(|t| !t.is_empty()),
+                api_keys_file: self.api_keys_file.or(file.api_keys_file),
+                protect_metrics: self.protect_metrics || file.protect_metrics,
+            },
             ort_library: self.ort_library.or(file.ort_library),
             ready_file: self.ready_file.or(file.ready_file),
             request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {

@@ -5,6 +5,8 @@
 //! HTTP API.
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod constrain;
@@ -19,10 +21,12 @@ pub mod paths;
 pub mod recipe;
 pub mod reference;
 pub mod repository;
+pub mod request_id;
 pub mod scheduler;
 pub mod server;
 pub mod tiny;
 pub mod tokenize;
+pub mod watch;
 
 #[cfg(test)]
 mod module_graph {

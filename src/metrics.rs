@@ -97,13 +97,13 @@ impl Metrics {
         let m = Self {
             requests: counter(
                 "distill_serve_requests_total",
-                "Requests by model, endpoint and outcome (success, cancelled, or the error's type)",
-                &["model", "endpoint", "outcome"],
+                "Requests by model, endpoint, tenant (API key name) and outcome (success, cancelled, or the error's type)",
+                &["model", "endpoint", "tenant", "outcome"],
             )?,
             request_duration: histogram(
                 "distill_serve_request_duration_seconds",
                 "End-to-end request latency",
-                &["model", "endpoint"],
+                &["model", "endpoint", "tenant"],
             )?,
             queue_depth: gauge(
                 "distill_serve_queue_depth",
@@ -227,10 +227,12 @@ impl Metrics {
     }
 
     /// Records a finished request.
-    pub fn observe_request(&self, model: &str, endpoint: &str, outcome: &str, duration: Duration) {
-        self.requests.with_label_values(&[model, endpoint, outcome]).inc();
+    pub fn observe_request(&self, model: &str, endpoint: &str, tenant: &str, outcome: &str, duration: Duration) {
+        self.requests
+            .with_label_values(&[model, endpoint, tenant, outcome])
+            .inc();
         self.request_duration
-            .with_label_values(&[model, endpoint])
+            .with_label_values(&[model, endpoint, tenant])
             .observe(duration.as_secs_f64());
     }
 

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 
 use crate::api::{AppState, router};
+use crate::audit::Audit;
+use crate::auth::Authenticator;
 use crate::config::ServerConfig;
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
@@ -54,11 +56,17 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         .await
         .context("opening the dataset store")?
         .with_context(|| format!("opening {}", config.store.display()))?;
+    let audit = match &config.audit_log {
+        Some(path) => Audit::open(path)?,
+        None => Audit::off(),
+    };
+    let auth = Authenticator::new(&config.auth, audit.clone())?;
     let distiller = Arc::new(Distiller::new(
         Arc::new(store),
         Arc::clone(&repository),
         Arc::clone(&terminologies),
         Arc::clone(&metrics),
+        audit,
     ));
     let lifecycle = Lifecycle::new();
     let infer = Infer::new(
@@ -75,8 +83,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         distiller: Arc::clone(&distiller),
         metrics,
         lifecycle: Arc::clone(&lifecycle),
-        admin_token: config.admin_token.as_deref().map(Arc::from),
-        api_key: config.api_key.as_deref().map(Arc::from),
+        auth: auth.clone(),
         infer,
     };
     let http = TcpListener::bind(config.http_addr)
@@ -93,7 +100,6 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let grpc_routes = grpc_routes(state.clone())?;
-    let api_key = state.api_key.clone();
     let mut grpc_stopped = stopped.clone();
     // Nagle's algorithm with the client's delayed ACK holds small writes (a streamed token) for
     // up to 40 ms: send each write at once.
@@ -104,7 +110,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     });
     let grpc_server = tonic::transport::Server::builder()
         .layer(crate::api::request_id::RequestIdLayer)
-        .layer(crate::api::auth::GrpcApiKeyLayer::new(api_key))
+        .layer(crate::api::auth::GrpcAuthLayer::new(auth))
         .add_routes(grpc_routes)
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stopped.wait_for(|s| *s).await;
@@ -113,7 +119,8 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let http = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let http_server = axum::serve(http, router(state)).with_graceful_shutdown(async move {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let http_server = axum::serve(http, app).with_graceful_shutdown(async move {
         let _ = http_stopped.wait_for(|s| *s).await;
     });
     tokio::spawn(async move {

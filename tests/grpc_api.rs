@@ -423,7 +423,9 @@ fn generate_request(model: &str) -> GenerateRequest {
 async fn grpc_generate_and_model_infer_are_counted() {
     let server = TestServer::start(&[]);
     let counter = |endpoint: &str, outcome: &str| {
-        format!("distill_serve_requests_total{{endpoint=\"{endpoint}\",model=\"tiny\",outcome=\"{outcome}\"}}")
+        format!(
+            "distill_serve_requests_total{{endpoint=\"{endpoint}\",model=\"tiny\",outcome=\"{outcome}\",tenant=\"anonymous\"}}"
+        )
     };
     let mut generate = GenerateClient::connect(server.grpc.clone()).await.unwrap();
     generate.generate(generate_request("tiny")).await.unwrap();

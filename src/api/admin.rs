@@ -1,39 +1,13 @@
-//! Admin routes under `/admin/v1/`, behind a bearer token: list, load (or reload) and unload
-//! models; list terminologies. Also the optional API key of the `/v1` routes.
+//! Admin routes under `/admin/v1/` (behind the admin token, see [`crate::auth`]): list, load
+//! (or reload) and unload models; list terminologies.
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, State};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::auth::{bearer, check_api_key, matches};
 use super::error::{ErrorKind, InferError};
 use crate::repository::ModelState;
-
-/// Rejects requests without the configured token: 401 when absent, 403 when wrong (or when the
-/// server has no admin token, which turns the admin API off).
-pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match (&state.admin_token, bearer(request.headers())) {
-        (None, _) => InferError::new(
-            ErrorKind::PermissionDenied,
-            "the admin API is off; start the server with --admin-token",
-        )
-        .into_response(),
-        (Some(_), None) => InferError::new(ErrorKind::Unauthenticated, "missing bearer token").into_response(),
-        (Some(expected), Some(token)) if matches(expected, token) => next.run(request).await,
-        (Some(_), Some(_)) => InferError::new(ErrorKind::PermissionDenied, "wrong bearer token").into_response(),
-    }
-}
-
-/// Rejects `/v1` requests without the configured API key (401), when the server has one.
-pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match check_api_key(state.api_key.as_deref(), request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
-    }
-}
 
 /// `GET /admin/v1/models`: every model's state, version and load error.
 pub async fn list(State(state): State<AppState>) -> Json<Value> {

@@ -1,82 +1,112 @@
-//! Bearer tokens, checked the same way on both protocols: the HTTP middlewares (admin token,
-//! API key of `/v1`) and a tower layer on the gRPC server that asks for the API key on the
-//! methods that run models (`Generate`, `GenerateStream`, KServe `ModelInfer`), leaving health,
-//! readiness, metadata and reflection open for probes.
+//! The transports' side of [`crate::auth`]: an axum middleware for the HTTP router and a tower
+//! layer for the gRPC server, both asking the same [`Authenticator`] and answering its refusals
+//! in their protocol's shape (JSON error with 401/403/429, or a gRPC status). The HTTP side also
+//! writes each admin action to the audit log once its answer is known.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::http::{HeaderMap, Request, Response, header};
-use subtle::ConstantTimeEq;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{Method, Response, StatusCode};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
 
-use super::error::{ErrorKind, InferError};
+use super::AppState;
+use super::error::InferError;
+use crate::audit::Entry;
+use crate::auth::{self, Authenticator};
 
-/// The token of an `Authorization: Bearer <token>` header (HTTP header or gRPC metadata).
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+/// Authenticates every HTTP request and serves it as its caller; audits admin actions.
+pub async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> axum::response::Response {
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let caller = match state.auth.check(request.uri().path(), request.headers(), client) {
+        Ok(caller) => caller,
+        Err(e) => return InferError::from(e).into_response(),
+    };
+    let action = admin_action(request.method(), request.uri().path());
+    let response = auth::scope(caller.clone(), next.run(request)).await;
+    if let Some((action, target)) = action {
+        state.auth.audit().record(Entry {
+            actor: caller.name.to_string(),
+            client,
+            action: action.into(),
+            target,
+            outcome: outcome(response.status()),
+        });
+    }
+    response
 }
 
-/// Whether `given` is `expected`, in time that does not depend on where they differ.
-pub fn matches(expected: &str, given: &str) -> bool {
-    expected.as_bytes().ct_eq(given.as_bytes()).into()
+/// The audited action of an admin route, and its target: every change, and reads of datasets
+/// (they hold captured prompts).
+fn admin_action(method: &Method, path: &str) -> Option<(&'static str, String)> {
+    let rest = path.strip_prefix("/admin/v1/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let action = match (method, parts.as_slice()) {
+        (&Method::POST, ["models", name, verb]) => {
+            let action = match *verb {
+                "load" => "load",
+                "reload" => "reload",
+                "unload" => "unload",
+                "refresh" => "refresh",
+                "rollback" => "rollback",
+                _ => return None,
+            };
+            (action, (*name).to_string())
+        }
+        (&Method::POST, ["jobs", id, "cancel"]) => ("job_cancel", (*id).to_string()),
+        (&Method::POST, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_upload", name.join("/")),
+        (&Method::GET, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_read", name.join("/")),
+        _ => return None,
+    };
+    Some(action)
 }
 
-/// The API key check: `Ok` when no key is configured or the right one is given.
-pub fn check_api_key(expected: Option<&str>, headers: &HeaderMap) -> Result<(), InferError> {
-    match (expected, bearer(headers)) {
-        (None, _) => Ok(()),
-        (Some(expected), Some(given)) if matches(expected, given) => Ok(()),
-        _ => Err(InferError::new(
-            ErrorKind::Unauthenticated,
-            "invalid or missing API key",
-        )),
+/// `success` for a 2xx answer, else `failed: <status>`.
+pub fn outcome(status: StatusCode) -> String {
+    if status.is_success() {
+        "success".into()
+    } else {
+        format!("failed: {}", status.as_u16())
     }
 }
 
-/// gRPC methods that run a model, and so need the API key.
-fn guarded(path: &str) -> bool {
-    path.starts_with("/distill_serve.v1.Generate/") || path == "/inference.GRPCInferenceService/ModelInfer"
-}
-
-/// Asks for the API key on the gRPC methods that run models.
+/// Authenticates gRPC calls with the HTTP side's rules (see [`crate::auth::access`]).
 #[derive(Clone)]
-pub struct GrpcApiKeyLayer {
-    key: Option<Arc<str>>,
+pub struct GrpcAuthLayer {
+    auth: Authenticator,
 }
 
-impl GrpcApiKeyLayer {
-    /// A layer for `key` (none: every call passes).
-    pub fn new(key: Option<Arc<str>>) -> Self {
-        Self { key }
+impl GrpcAuthLayer {
+    /// A layer asking `auth`.
+    pub fn new(auth: Authenticator) -> Self {
+        Self { auth }
     }
 }
 
-impl<S> tower_layer::Layer<S> for GrpcApiKeyLayer {
-    type Service = GrpcApiKey<S>;
+impl<S> tower_layer::Layer<S> for GrpcAuthLayer {
+    type Service = GrpcAuth<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcApiKey {
+        GrpcAuth {
             inner,
-            key: self.key.clone(),
+            auth: self.auth.clone(),
         }
     }
 }
 
-/// See [`GrpcApiKeyLayer`].
+/// See [`GrpcAuthLayer`].
 #[derive(Clone)]
-pub struct GrpcApiKey<S> {
+pub struct GrpcAuth<S> {
     inner: S,
-    key: Option<Arc<str>>,
+    auth: Authenticator,
 }
 
-impl<S, B, R> tower_service::Service<Request<B>> for GrpcApiKey<S>
+impl<S, B, R> tower_service::Service<axum::http::Request<B>> for GrpcAuth<S>
 where
-    S: tower_service::Service<Request<B>, Response = Response<R>>,
+    S: tower_service::Service<axum::http::Request<B>, Response = Response<R>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     R: Default + Send + 'static,
@@ -89,15 +119,19 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if guarded(request.uri().path())
-            && let Err(e) = check_api_key(self.key.as_deref(), request.headers())
-        {
-            // A trailers-only gRPC answer: UNAUTHENTICATED, as HTTP answers 401.
-            let status: tonic::Status = e.into();
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let client = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr());
+        match self.auth.check(request.uri().path(), request.headers(), client) {
+            Ok(caller) => Box::pin(auth::scope(caller, self.inner.call(request))),
+            Err(e) => {
+                // A trailers-only answer: UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED.
+                let status: tonic::Status = InferError::from(e).into();
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
         }
-        Box::pin(self.inner.call(request))
     }
 }
 
@@ -106,20 +140,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_match_only_exactly_and_only_model_methods_are_guarded() {
-        assert!(matches("secret", "secret"));
-        assert!(!matches("secret", "secreT") && !matches("secret", "secret2") && !matches("secret", ""));
-        let mut headers = HeaderMap::new();
-        assert!(check_api_key(None, &headers).is_ok());
+    fn admin_changes_and_dataset_reads_are_audited_lists_are_not() {
+        let post = &Method::POST;
         assert_eq!(
-            check_api_key(Some("k"), &headers).unwrap_err().kind,
-            ErrorKind::Unauthenticated
+            admin_action(post, "/admin/v1/models/m/load"),
+            Some(("load", "m".into()))
         );
-        headers.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
-        assert!(check_api_key(Some("k"), &headers).is_ok());
-        assert!(guarded("/distill_serve.v1.Generate/GenerateStream"));
-        assert!(guarded("/inference.GRPCInferenceService/ModelInfer"));
-        assert!(!guarded("/inference.GRPCInferenceService/ServerReady"));
-        assert!(!guarded("/grpc.health.v1.Health/Check"));
+        assert_eq!(
+            admin_action(post, "/admin/v1/models/m/rollback"),
+            Some(("rollback", "m".into()))
+        );
+        assert_eq!(
+            admin_action(post, "/admin/v1/jobs/j/cancel"),
+            Some(("job_cancel", "j".into()))
+        );
+        assert_eq!(
+            admin_action(post, "/admin/v1/datasets/capture/m"),
+            Some(("dataset_upload", "capture/m".into()))
+        );
+        assert_eq!(
+            admin_action(&Method::GET, "/admin/v1/datasets/d"),
+            Some(("dataset_read", "d".into()))
+        );
+        assert_eq!(admin_action(&Method::GET, "/admin/v1/models"), None);
+        assert_eq!(admin_action(&Method::GET, "/admin/v1/jobs/j"), None);
+        assert_eq!(outcome(StatusCode::ACCEPTED), "success");
+        assert_eq!(outcome(StatusCode::CONFLICT), "failed: 409");
     }
 }

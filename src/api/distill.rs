@@ -44,7 +44,9 @@ pub async fn refresh(
         serde_json::from_slice(&body).map_err(|e| InferError::bad_request(format!("invalid refresh job: {e}")))?;
     // Starting writes the job (and any inline prompts) to SQLite: off the async threads.
     let (distiller, model) = (state.distiller.clone(), name.clone());
-    let id = tokio::task::spawn_blocking(move || distiller.start(&model, spec))
+    let caller = crate::auth::current().unwrap_or_else(|| crate::auth::Caller::anonymous(None));
+    let actor = (caller.name.to_string(), caller.client);
+    let id = tokio::task::spawn_blocking(move || distiller.start(&model, spec, actor))
         .await
         .map_err(store_error)??;
     let links = json!({"self": format!("/admin/v1/jobs/{id}"), "events": format!("/admin/v1/jobs/{id}/events")});

@@ -19,6 +19,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
+use crate::auth::Authenticator;
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::infer::Infer;
@@ -33,9 +34,8 @@ pub struct AppState {
     /// Terminologies requests may be constrained to.
     pub terminologies: Arc<Terminologies>,
     pub metrics: Arc<Metrics>,
-    pub admin_token: Option<Arc<str>>,
-    /// Token the `/v1` routes require, if any.
-    pub api_key: Option<Arc<str>>,
+    /// Who may call what (API keys, the admin token), and the audit log.
+    pub auth: Authenticator,
     /// Distillation refresh jobs and their dataset store.
     pub distiller: Arc<Distiller>,
     /// The request layer generation routes hand their requests to.
@@ -70,20 +70,12 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/admin/v1/datasets/{*name}",
             post(distill::upload).get(distill::dataset),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admin::require_token,
-        ));
+        );
     let v1 = Router::new()
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admin::require_api_key,
-        ));
+        .route("/v1/terminologies/{name}/coverage", post(terminology::coverage));
     Router::new()
         .merge(v1)
         .route("/v2", get(kserve::server_metadata))
@@ -95,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/metrics", get(metrics))
         .merge(admin)
+        // Every route, the fallback included, is authenticated by its path (`auth::access`).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(request_id::RequestIdLayer)
         .with_state(state)
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use axum::http::{HeaderName, HeaderValue, Request, Response};
 use tracing::Instrument;
 
-use crate::infer::request_id;
+use crate::request_id;
 
 /// The header, as TGI, vLLM and most proxies name it.
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");

@@ -4,14 +4,17 @@
 //! folder and renamed into place only when the gate passes, so a crash never leaves a
 //! half-written version.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
@@ -21,6 +24,7 @@ use super::model::TrainableDecoder;
 use super::store::{JobRecord, JobState, Prompt, Stage, Store, StoreError, TeacherOutput};
 use super::teacher::{StudentVocab, Teacher};
 use super::trainer::{StepReport, train};
+use crate::audit::{Audit, Entry};
 use crate::checkpoint::TokenizerFiles;
 use crate::constrain::{Terminologies, token_bytes};
 use crate::export::{self, ExternalData, MODEL_FILE, Precision};
@@ -50,6 +54,8 @@ pub enum DistillError {
 /// A job running in this process.
 struct LiveJob {
     model: String,
+    /// Who started it and from where, for the audit line of its end.
+    started_by: (String, Option<SocketAddr>),
     cancel: AtomicBool,
     events: broadcast::Sender<Value>,
 }
@@ -66,6 +72,7 @@ pub struct Distiller {
     repository: Arc<Repository>,
     terminologies: Arc<Terminologies>,
     metrics: Arc<Metrics>,
+    audit: Audit,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
 }
 
@@ -77,6 +84,7 @@ impl Distiller {
         repository: Arc<Repository>,
         terminologies: Arc<Terminologies>,
         metrics: Arc<Metrics>,
+        audit: Audit,
     ) -> Self {
         for status in repository.statuses() {
             remove_staging(&repository.model_dir(&status.name));
@@ -86,6 +94,7 @@ impl Distiller {
             repository,
             terminologies,
             metrics,
+            audit,
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -99,8 +108,14 @@ impl Distiller {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Validates `spec`, records the job and starts it; returns its id.
-    pub fn start(self: &Arc<Self>, model: &str, spec: RefreshSpec) -> Result<String, DistillError> {
+    /// Validates `spec`, records the job and starts it for `actor` (a name and the client's
+    /// address, audited when the job ends); returns its id.
+    pub fn start(
+        self: &Arc<Self>,
+        model: &str,
+        spec: RefreshSpec,
+        actor: (String, Option<SocketAddr>),
+    ) -> Result<String, DistillError> {
         spec.validate().map_err(DistillError::Invalid)?;
         self.repository.get(model)?;
         if let Some(t) = &spec.terminology
@@ -115,6 +130,7 @@ impl Distiller {
         let id = format!("job-{:016x}", rand::random::<u64>());
         let live = Arc::new(LiveJob {
             model: model.to_string(),
+            started_by: actor,
             cancel: AtomicBool::new(false),
             events: broadcast::channel(1024).0,
         });
@@ -198,7 +214,18 @@ impl Distiller {
             result: json!({}),
             last_write: Instant::now(),
         };
-        let outcome = self.pipeline(&mut p, &model, &spec, &staging).await;
+        // Whatever happens inside — a panic included — the job ends: cleanup runs, its record
+        // and subscribers learn the end, and the model is free for the next job.
+        let outcome = match AssertUnwindSafe(self.pipeline(&mut p, &model, &spec, &staging))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => Err(anyhow!(
+                "the job stopped on an internal error: {}",
+                panic_message(&panic)
+            )),
+        };
         if staging.exists()
             && let Err(e) = std::fs::remove_dir_all(&staging)
         {
@@ -224,6 +251,14 @@ impl Distiller {
             }
             jobs.remove(&id);
         }
+        let (actor, client) = live.started_by.clone();
+        self.audit.record(Entry {
+            actor,
+            client,
+            action: "refresh_finish".into(),
+            target: model.clone(),
+            outcome: state.as_str().into(),
+        });
         let _ = live
             .events
             .send(json!({"type": "finished", "state": state, "stage": p.stage, "error": error, "result": p.result}));
@@ -482,4 +517,13 @@ fn remove_staging(model_dir: &Path) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// The text a panic carried, if it was a string.
+fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
 }

@@ -1,6 +1,7 @@
 //! The one error every protocol answers with. Each protocol maps an [`ErrorKind`] to its own
 //! status once (HTTP in `api::error`, gRPC in `api::grpc`); nothing here knows either.
 
+use crate::auth::{AuthError, Refusal};
 use crate::repository::RepositoryError;
 use crate::scheduler::{RequestError, SubmitError};
 
@@ -94,6 +95,21 @@ impl InferError {
         Self {
             retry_after: Some(seconds),
             ..self
+        }
+    }
+}
+
+impl From<AuthError> for InferError {
+    fn from(e: AuthError) -> Self {
+        let kind = match e.refusal {
+            Refusal::Unauthenticated => ErrorKind::Unauthenticated,
+            Refusal::Forbidden => ErrorKind::PermissionDenied,
+            Refusal::Limited => ErrorKind::Overloaded,
+            Refusal::TooLarge => ErrorKind::Invalid,
+        };
+        Self {
+            retry_after: e.retry_after,
+            ..Self::new(kind, e.message)
         }
     }
 }

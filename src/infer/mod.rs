@@ -5,7 +5,6 @@
 
 mod error;
 mod request;
-pub mod request_id;
 mod validate;
 
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use crate::auth::Caller;
 use crate::constrain::Terminologies;
 use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
@@ -69,7 +69,7 @@ impl Infer {
             Ok(request) => request,
             Err(e) => return Err(Record::new(&self.metrics, endpoint, tracing::Span::none()).fail(e)),
         };
-        let id = request_id::current();
+        let id = crate::request_id::current();
         // Inside the transport's `request` span, which carries the id.
         let span = tracing::info_span!("generate", model = %request.model, endpoint = request.endpoint.as_str());
         let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
@@ -96,6 +96,13 @@ impl Infer {
             .await
             .map_err(|e| record.fail(InferError::internal(format!("validation stopped: {e}"))))?;
             let generation = checked.map_err(|e| record.fail(e))?;
+            // The key's concurrency and tokens-per-minute limits, charged what it may use.
+            let tenant_permit = match &record.caller {
+                Some(caller) => caller
+                    .admit(generation.prompt.len() + generation.max_new_tokens)
+                    .map_err(|e| record.fail(e.into()))?,
+                None => None,
+            };
             let logprobs = generation.logprobs.is_some();
             let priority = Priority::from_vllm(request.params.priority.unwrap_or(0));
             let events = model
@@ -111,6 +118,7 @@ impl Infer {
                 events,
                 record,
                 in_flight,
+                _tenant_permit: tenant_permit,
                 ended: false,
             })
         }
@@ -139,6 +147,8 @@ struct Record {
     endpoint: Endpoint,
     /// The model's name once it is known to exist ("" before, so unknown names add no series).
     model: String,
+    /// Who sent it (none outside an authenticated transport, e.g. in benches).
+    caller: Option<Caller>,
     started: Instant,
     /// `success`, an [`ErrorKind`]'s name, or `cancelled` while nothing else is known: a
     /// request dropped before its end was given up by its client.
@@ -152,6 +162,7 @@ impl Record {
             metrics: Arc::clone(metrics),
             endpoint,
             model: String::new(),
+            caller: crate::auth::current(),
             started: Instant::now(),
             outcome: "cancelled",
             span,
@@ -168,8 +179,9 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
+        let tenant = self.caller.as_ref().map_or(crate::auth::ANONYMOUS, |c| &*c.name);
         self.metrics
-            .observe_request(&self.model, self.endpoint.as_str(), self.outcome, elapsed);
+            .observe_request(&self.model, self.endpoint.as_str(), tenant, self.outcome, elapsed);
         let ms = elapsed.as_secs_f64() * 1000.0;
         // Failures at info, so an operator sees them at the default level; successes at debug.
         self.span.in_scope(|| match self.outcome {
@@ -202,6 +214,8 @@ pub struct Generation {
     record: Record,
     /// Counts it among the generations a shutdown waits for, and tells it when it is cut.
     in_flight: InFlight,
+    /// A place among its API key's `max_concurrent_requests`, given back when it ends.
+    _tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ended: bool,
 }
 

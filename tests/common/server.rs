@@ -73,7 +73,9 @@ impl TestServer {
     /// As [`TestServer::start_with_repo`], with extra environment variables.
     pub fn start_with_env(dir: TempDir, repo: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args: Vec<&OsStr> = vec!["--model-repository".as_ref(), repo.as_os_str()];
-        args.extend(["--admin-token", ADMIN_TOKEN].map(OsStr::new));
+        if !extra.contains(&"--admin-token-file") {
+            args.extend(["--admin-token", ADMIN_TOKEN].map(OsStr::new));
+        }
         args.extend(extra.iter().map(OsStr::new));
         let mut env = env.to_vec();
         env.push(("RUST_LOG", "info"));
