@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::auth::AuthSettings;
 use crate::constrain::TerminologySpec;
 use crate::repository::ModelLimits;
+use crate::transport::ConnectionLimits;
+use crate::transport::tls::TlsSettings;
 
 /// Settings of `distill-serve serve`, as given (any may be absent).
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -55,6 +57,23 @@ pub struct ServeArgs {
     /// it off [default: <model repository>/.distill/audit.jsonl].
     #[arg(long, env = "DISTILL_SERVE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// PEM certificate chain: both listeners serve TLS (1.2 and 1.3; ALPN h2 and http/1.1).
+    /// Re-read when it changes.
+    #[arg(long, env = "DISTILL_SERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DISTILL_SERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, env = "DISTILL_SERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Connections each listener keeps open at once; more are closed at accept [default: 4096].
+    #[arg(long, env = "DISTILL_SERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time a new connection has to finish its TLS handshake and send its first request's
+    /// headers, in ms [default: 10000].
+    #[arg(long, env = "DISTILL_SERVE_HEADER_TIMEOUT_MS")]
+    pub header_timeout_ms: Option<u64>,
     /// Limits of every model whose `model.toml` does not set its own.
     #[command(flatten)]
     #[serde(flatten)]
@@ -96,6 +115,10 @@ pub struct ServerConfig {
     pub auth: AuthSettings,
     /// Where audit lines go (none: nowhere).
     pub audit_log: Option<PathBuf>,
+    /// TLS on both listeners, when configured.
+    pub tls: Option<TlsSettings>,
+    /// Connection count and header deadline of both listeners.
+    pub connections: ConnectionLimits,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -125,8 +148,23 @@ impl ServeArgs {
             Some(path) => Some(path),
             None => Some(model_repository.join(".distill").join("audit.jsonl")),
         };
+        let tls = match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            }),
+            (None, None) if self.tls_client_ca.is_none() && file.tls_client_ca.is_none() => None,
+            _ => anyhow::bail!("TLS needs --tls-cert and --tls-key (and --tls-client-ca needs both)"),
+        };
+        let connections = ConnectionLimits {
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(4096).max(1),
+            header_timeout: Duration::from_millis(self.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(10_000)),
+        };
         Ok(ServerConfig {
             audit_log,
+            tls,
+            connections,
             store: self
                 .store
                 .or(file.store)

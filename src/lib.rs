@@ -26,6 +26,7 @@ pub mod scheduler;
 pub mod server;
 pub mod tiny;
 pub mod tokenize;
+pub mod transport;
 pub mod watch;
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 
@@ -23,6 +22,9 @@ use crate::infer::Infer;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::repository::Repository;
+use crate::transport;
+use crate::transport::http::{KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT};
+use crate::transport::tls::{GRPC_ALPN, HTTP_ALPN, Tls};
 
 /// Runs the server with `config` until a shutdown signal.
 pub async fn run(config: ServerConfig) -> Result<()> {
@@ -93,22 +95,30 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;
     let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
-    tracing::info!(addr = %http_addr, "HTTP listening");
-    tracing::info!(addr = %grpc_addr, "gRPC listening");
+    let tls_on = config.tls.is_some();
+    let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    tracing::info!(addr = %http_addr, tls = tls_on, client_certificates = mutual, "HTTP listening");
+    tracing::info!(addr = %grpc_addr, tls = tls_on, client_certificates = mutual, "gRPC listening");
     if let Some(path) = &config.ready_file {
         write_ready_file(path, http_addr, grpc_addr)?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tls = |alpn| {
+        config
+            .tls
+            .as_ref()
+            .map(|settings| Tls::load(settings, alpn))
+            .transpose()
+    };
+    let (http_tls, grpc_tls) = (tls(HTTP_ALPN)?, tls(GRPC_ALPN)?);
+    let http = transport::accept(http, http_tls, config.connections, "http");
+    let grpc = transport::accept(grpc, grpc_tls, config.connections, "grpc");
     let grpc_routes = grpc_routes(state.clone())?;
     let mut grpc_stopped = stopped.clone();
-    // Nagle's algorithm with the client's delayed ACK holds small writes (a streamed token) for
-    // up to 40 ms: send each write at once.
-    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc).map(|conn| {
-        conn.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
+    let grpc_incoming = tokio_stream::wrappers::ReceiverStream::new(grpc).map(Ok::<_, std::io::Error>);
     let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEP_ALIVE_TIMEOUT))
         .layer(crate::api::request_id::RequestIdLayer)
         .layer(crate::api::auth::GrpcAuthLayer::new(auth))
         .add_routes(grpc_routes)
@@ -116,11 +126,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
             let _ = grpc_stopped.wait_for(|s| *s).await;
         });
     let mut http_stopped = stopped.clone();
-    let http = http.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let http_server = axum::serve(http, app).with_graceful_shutdown(async move {
+    let http_server = transport::http::serve(http, router(state), async move {
         let _ = http_stopped.wait_for(|s| *s).await;
     });
     tokio::spawn(async move {
@@ -133,10 +139,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let mut closing = stopped.clone();
     let servers = async { tokio::join!(http_server, grpc_server) };
     tokio::select! {
-        (http_result, grpc_result) = servers => {
-            http_result.context("HTTP server")?;
-            grpc_result.context("gRPC server")?;
-        }
+        ((), grpc_result) = servers => grpc_result.context("gRPC server")?,
         () = async {
             let _ = closing.wait_for(|s| *s).await;
             tokio::time::sleep(CUT_WAIT).await;

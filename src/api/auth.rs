@@ -4,11 +4,10 @@
 //! writes each admin action to the audit log once its answer is known.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{Method, Response, StatusCode};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
@@ -17,10 +16,11 @@ use super::AppState;
 use super::error::InferError;
 use crate::audit::Entry;
 use crate::auth::{self, Authenticator};
+use crate::transport::Peer;
 
 /// Authenticates every HTTP request and serves it as its caller; audits admin actions.
 pub async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> axum::response::Response {
-    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let client = request.extensions().get::<Peer>().map(|p| p.addr);
     let caller = match state.auth.check(request.uri().path(), request.headers(), client) {
         Ok(caller) => caller,
         Err(e) => return InferError::from(e).into_response(),
@@ -120,10 +120,10 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let client = request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|info| info.remote_addr());
+        let peer = request.extensions().get::<Peer>();
+        // A request arrived: the connection's header deadline is met.
+        peer.inspect(|p| p.mark_request());
+        let client = peer.map(|p| p.addr);
         match self.auth.check(request.uri().path(), request.headers(), client) {
             Ok(caller) => Box::pin(auth::scope(caller, self.inner.call(request))),
             Err(e) => {
