@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::auth::AuthSettings;
 use crate::constrain::TerminologySpec;
+use crate::distill::outbound::OutboundPolicy;
 use crate::repository::ModelLimits;
 use crate::transport::ConnectionLimits;
 use crate::transport::tls::TlsSettings;
@@ -74,6 +75,11 @@ pub struct ServeArgs {
     /// headers, in ms [default: 10000].
     #[arg(long, env = "DISTILL_SERVE_HEADER_TIMEOUT_MS")]
     pub header_timeout_ms: Option<u64>,
+    /// Hosts refresh jobs may call as teachers besides loopback (`host`, `host:port`,
+    /// `*.domain`, or `*` for any), always over https; repeatable or comma-separated.
+    #[arg(long, env = "DISTILL_SERVE_TEACHER_ALLOW", value_delimiter = ',')]
+    #[serde(default)]
+    pub teacher_allow: Vec<String>,
     /// Limits of every model whose `model.toml` does not set its own.
     #[command(flatten)]
     #[serde(flatten)]
@@ -119,6 +125,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// Connection count and header deadline of both listeners.
     pub connections: ConnectionLimits,
+    /// Where refresh jobs may send requests.
+    pub outbound: OutboundPolicy,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -161,7 +169,14 @@ impl ServeArgs {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(4096).max(1),
             header_timeout: Duration::from_millis(self.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(10_000)),
         };
+        let teacher_allow = if self.teacher_allow.is_empty() {
+            file.teacher_allow
+        } else {
+            self.teacher_allow
+        };
+        let outbound = OutboundPolicy::new(&teacher_allow).map_err(anyhow::Error::msg)?;
         Ok(ServerConfig {
+            outbound,
             audit_log,
             tls,
             connections,

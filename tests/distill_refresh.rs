@@ -320,12 +320,15 @@ async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
     let error = j["error"].as_str().unwrap();
     assert!(error.contains("http://127.0.0.1:9/v1/chat/completions"), "{error}");
 
-    job["teacher"]["api_key_env"] = json!("DISTILL_SERVE_TEST_NO_SUCH_KEY");
+    job["teacher"]["api_key_env"] = json!("TEACHER_DISTILL_SERVE_TEST_NO_SUCH_KEY");
     let id = start_job(&student, "coder", &job).await;
     let j = finished(&student, &id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "failed");
     assert!(
-        j["error"].as_str().unwrap().contains("DISTILL_SERVE_TEST_NO_SUCH_KEY"),
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("TEACHER_DISTILL_SERVE_TEST_NO_SUCH_KEY"),
         "{j}"
     );
 
@@ -619,5 +622,91 @@ async fn the_cli_uploads_refreshes_with_progress_and_rolls_back() {
         String::from_utf8_lossy(&out.stderr).contains("403"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A teacher on loopback that answers every request with `response` (raw HTTP/1.1), counting
+/// the requests.
+async fn scripted_teacher(response: &'static str) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&count);
+    tokio::spawn(async move {
+        // Bounded: a job makes a handful of requests.
+        for _ in 0..50 {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    (url, count)
+}
+
+/// Teachers are called only where the operator allows, with only `TEACHER_*` keys, and a
+/// teacher's bad answers (a negative Retry-After, a redirect elsewhere) end the job cleanly:
+/// it fails naming the answer, and the model is free for the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_cleanly() {
+    let student = student_server("coder");
+    upload(&student, "notes", 8).await;
+    let job = |url: &str| {
+        json!({"dataset": "notes", "train": {"steps": 1},
+               "teacher": {"url": url, "model": "t", "max_retries": 2, "timeout_ms": 5000, "concurrency": 1}})
+    };
+    let mut refused = Vec::new();
+    let mut with_key = job("http://127.0.0.1:9/v1");
+    with_key["teacher"]["api_key_env"] = json!("HOME");
+    let mut crawling = job("http://127.0.0.1:9/v1");
+    crawling["teacher"]["requests_per_second"] = json!(1e-300);
+    for (body, reason) in [
+        (job("https://api.example.com/v1"), "--teacher-allow"),
+        (job("http://10.1.2.3/v1"), "--teacher-allow"),
+        (job("http://169.254.169.254/latest"), "--teacher-allow"),
+        (with_key, "TEACHER_"),
+        (crawling, "requests_per_second"),
+    ] {
+        let r = student
+            .admin(Method::POST, "/admin/v1/models/coder/refresh")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        refused.push(status);
+        assert!(text.contains(reason), "{reason}: {text}");
+    }
+    assert_eq!(refused, [400; 5]);
+
+    let (url, asked) = scripted_teacher(
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: -1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let id = start_job(&student, "coder", &job(&url)).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["stage"].as_str()),
+        (Some("failed"), Some("teacher")),
+        "{j}"
+    );
+    assert!(j["error"].as_str().unwrap().contains("(429)"), "{j}");
+    assert_eq!(asked.load(Ordering::SeqCst), 3, "one request and two retries");
+
+    let (url, _) = scripted_teacher(
+        "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://10.1.2.3/v1/chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let id = start_job(&student, "coder", &job(&url)).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("(307)"),
+        "the redirect was followed: {j}"
     );
 }

@@ -357,3 +357,57 @@ async fn protected_metrics_ask_for_a_key_and_probes_stay_open() {
         );
     }
 }
+
+/// Admin routes take model names, never paths: `..%2F` and absolute paths are refused and
+/// nothing outside the repository is loaded or shown.
+#[tokio::test]
+async fn model_names_cannot_reach_outside_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    common::server::add_version(&repo, "tiny", 1, 1);
+    common::server::add_version(dir.path(), "outside", 1, 2);
+    let outside = dir.path().join("outside");
+    // Without a declared name, any folder name would pass the name check of model.toml.
+    std::fs::write(outside.join("model.toml"), "").unwrap();
+    let absolute = outside.to_str().unwrap().replace('/', "%2F");
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let http = reqwest::Client::new();
+    for name in ["..%2Foutside", absolute.as_str(), "..", ".hidden", "a%20b"] {
+        for verb in ["load", "reload"] {
+            let r = http
+                .post(server.url(&format!("/admin/v1/models/{name}/{verb}")))
+                .bearer_auth(common::server::ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or_default();
+            assert!(status == 400 || status == 404, "{name} {verb}: {status} {body}");
+            if status == 400 {
+                assert!(
+                    body["error"]["message"].as_str().unwrap().contains("model folder name"),
+                    "{body}"
+                );
+            }
+        }
+    }
+    let models = http
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for text in [models, metrics] {
+        assert!(!text.contains("outside") && !text.contains(".."), "{text}");
+    }
+}

@@ -8,6 +8,7 @@ pub mod heldout;
 pub mod job;
 pub mod loss;
 pub mod model;
+pub mod outbound;
 pub mod service;
 pub mod store;
 pub mod teacher;

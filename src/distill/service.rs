@@ -21,6 +21,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::eval::{EvalContext, evaluate};
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
+use super::outbound::OutboundPolicy;
 use super::store::{JobRecord, JobState, Prompt, Stage, Store, StoreError, TeacherOutput};
 use super::teacher::{StudentVocab, Teacher};
 use super::trainer::{StepReport, train};
@@ -73,6 +74,8 @@ pub struct Distiller {
     terminologies: Arc<Terminologies>,
     metrics: Arc<Metrics>,
     audit: Audit,
+    /// Where teachers may be.
+    outbound: OutboundPolicy,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
 }
 
@@ -85,6 +88,7 @@ impl Distiller {
         terminologies: Arc<Terminologies>,
         metrics: Arc<Metrics>,
         audit: Audit,
+        outbound: OutboundPolicy,
     ) -> Self {
         for status in repository.statuses() {
             remove_staging(&repository.model_dir(&status.name));
@@ -95,6 +99,7 @@ impl Distiller {
             terminologies,
             metrics,
             audit,
+            outbound,
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -117,6 +122,7 @@ impl Distiller {
         actor: (String, Option<SocketAddr>),
     ) -> Result<String, DistillError> {
         spec.validate().map_err(DistillError::Invalid)?;
+        self.outbound.check(&spec.teacher.url).map_err(DistillError::Invalid)?;
         self.repository.get(model)?;
         if let Some(t) = &spec.terminology
             && self.terminologies.get(t).is_none()

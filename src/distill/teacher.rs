@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use super::outbound::KEY_ENV_PREFIX;
 use super::store::TeacherOutput;
 use crate::generate::MAX_TOP_LOGPROBS;
 use crate::tokenize::ChatMessage;
@@ -109,12 +110,31 @@ impl TeacherSpec {
         if self.concurrency == 0 || self.max_tokens == 0 || self.timeout_ms == 0 {
             return bad("teacher.concurrency, max_tokens and timeout_ms must be positive".into());
         }
-        if self.requests_per_second.is_some_and(|r| r.is_nan() || r <= 0.0) {
-            return bad("teacher.requests_per_second must be positive".into());
+        if self
+            .requests_per_second
+            .is_some_and(|r| !(MIN_REQUESTS_PER_SECOND..=MAX_REQUESTS_PER_SECOND).contains(&r))
+        {
+            return bad(format!(
+                "teacher.requests_per_second must be {MIN_REQUESTS_PER_SECOND} to {MAX_REQUESTS_PER_SECOND}"
+            ));
+        }
+        if let Some(var) = &self.api_key_env
+            && !var.starts_with(KEY_ENV_PREFIX)
+        {
+            return bad(format!(
+                "teacher.api_key_env {var:?} must name a variable starting with {KEY_ENV_PREFIX} (jobs may not read the server's other secrets)"
+            ));
         }
         Ok(())
     }
 }
+
+/// Slowest teacher rate a job may ask for: one request every 1000 s.
+const MIN_REQUESTS_PER_SECOND: f64 = 0.001;
+/// Fastest: beyond it the limit means nothing.
+const MAX_REQUESTS_PER_SECOND: f64 = 1e6;
+/// Longest wait a teacher's `Retry-After` may ask for.
+const MAX_RETRY_AFTER_S: f64 = 30.0;
 
 /// Why the teacher could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +212,10 @@ impl Teacher {
             })?),
             None => None,
         };
+        // No redirects: a redirect could lead past the allow-list (see `outbound`).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_millis(spec.timeout_ms.min(10_000)))
             .timeout(Duration::from_millis(spec.timeout_ms))
             .build()
             .map_err(|e| TeacherError::Config(format!("HTTP client: {e}")))?;
@@ -264,8 +287,10 @@ impl Teacher {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .map(|s| Duration::from_secs_f64(s.min(30.0)));
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        // Negative, NaN or endless values are the teacher's mistake: back off.
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(|s| Duration::from_secs_f64(s.min(MAX_RETRY_AFTER_S)));
                     let text = response.text().await.unwrap_or_default();
                     let rejected = TeacherError::Rejected {
                         url: url.clone(),
@@ -420,7 +445,7 @@ mod tests {
     #[test]
     fn a_missing_api_key_variable_is_named() {
         let s = TeacherSpec {
-            api_key_env: Some("DISTILL_SERVE_TEST_UNSET_KEY".into()),
+            api_key_env: Some("TEACHER_DISTILL_SERVE_TEST_UNSET_KEY".into()),
             ..spec()
         };
         let vocab = Arc::new(StudentVocab::new(

@@ -43,6 +43,29 @@ pub enum RepositoryError {
     /// The operation does not fit the model's state.
     #[error("{0}")]
     Conflict(String),
+    /// A name that cannot be a model's (it would leave the repository folder).
+    #[error("{0}")]
+    BadName(String),
+}
+
+/// Longest model name.
+pub const MAX_MODEL_NAME_LEN: usize = 128;
+
+/// A model name is one folder of the repository: letters, digits, `-`, `_` and `.`, not
+/// starting with `.` (no `..`, no slash, no absolute path can reach outside the repository).
+pub fn check_model_name(name: &str) -> Result<(), RepositoryError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_MODEL_NAME_LEN
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(RepositoryError::BadName(format!(
+            "model name {:?} is not a model folder name: 1 to {MAX_MODEL_NAME_LEN} letters, digits, '-', '_' or '.', not starting with '.'",
+            name.chars().take(MAX_MODEL_NAME_LEN).collect::<String>()
+        )))
+    }
 }
 
 /// Context length of a model version that has no `config.json` nor `model_max_length`.
@@ -150,6 +173,13 @@ impl Repository {
             .filter_map(Result::ok)
             .filter(|e| e.path().join("model.toml").is_file())
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|name| match check_model_name(name) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("skipping a model folder: {e}");
+                    false
+                }
+            })
             .collect();
         names.sort();
         Ok(names)
@@ -217,6 +247,7 @@ impl Repository {
     /// Loads `version` of `name` (or the version [`Repository::load`] would choose) beside the
     /// serving one and swaps it in; a failure keeps the serving version.
     pub fn load_version(&self, name: &str, version: Option<u32>) -> Result<Arc<ModelVersion>, RepositoryError> {
+        check_model_name(name)?;
         let dir = self.root.join(name);
         if !dir.join("model.toml").is_file() {
             return Err(RepositoryError::NotFound(name.into()));
