@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::auth::AuthSettings;
 use crate::constrain::TerminologySpec;
 use crate::distill::outbound::OutboundPolicy;
+use crate::distill::service::JobPolicy;
 use crate::repository::ModelLimits;
 use crate::transport::ConnectionLimits;
 use crate::transport::tls::TlsSettings;
@@ -80,6 +81,9 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILL_SERVE_TEACHER_ALLOW", value_delimiter = ',')]
     #[serde(default)]
     pub teacher_allow: Vec<String>,
+    /// Refresh jobs running at once [default: 1].
+    #[arg(long, env = "DISTILL_SERVE_MAX_REFRESH_JOBS")]
+    pub max_refresh_jobs: Option<usize>,
     /// Limits of every model whose `model.toml` does not set its own.
     #[command(flatten)]
     #[serde(flatten)]
@@ -125,8 +129,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// Connection count and header deadline of both listeners.
     pub connections: ConnectionLimits,
-    /// Where refresh jobs may send requests.
-    pub outbound: OutboundPolicy,
+    /// Where refresh jobs may send requests, and how many run at once.
+    pub jobs: JobPolicy,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -176,7 +180,10 @@ impl ServeArgs {
         };
         let outbound = OutboundPolicy::new(&teacher_allow).map_err(anyhow::Error::msg)?;
         Ok(ServerConfig {
-            outbound,
+            jobs: JobPolicy {
+                outbound,
+                max_running: self.max_refresh_jobs.or(file.max_refresh_jobs).unwrap_or(1).max(1),
+            },
             audit_log,
             tls,
             connections,

@@ -69,7 +69,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         Arc::clone(&terminologies),
         Arc::clone(&metrics),
         audit,
-        config.outbound.clone(),
+        config.jobs.clone(),
     ));
     let lifecycle = Lifecycle::new();
     let infer = Infer::new(

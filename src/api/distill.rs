@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::{ErrorKind, InferError};
+use super::limits::MAX_UPLOAD_LINES;
 use crate::distill::job::{PromptInput, RefreshSpec};
 use crate::distill::service::DistillError;
 use crate::distill::store::JobState;
@@ -131,6 +132,15 @@ pub async fn upload(
     body: Bytes,
 ) -> Result<Json<Value>, InferError> {
     let text = std::str::from_utf8(&body).map_err(|_| InferError::bad_request("the body is not UTF-8 JSONL"))?;
+    let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+    if lines > MAX_UPLOAD_LINES {
+        return Err(InferError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "the upload has {lines} prompts; one upload may hold at most {MAX_UPLOAD_LINES} (send the rest in further uploads)"
+            ),
+        ));
+    }
     let mut prompts = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let input: PromptInput =

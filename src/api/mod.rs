@@ -7,6 +7,7 @@ mod distill;
 pub mod error;
 pub mod grpc;
 mod kserve;
+pub mod limits;
 pub mod openai;
 pub mod request_id;
 mod terminology;
@@ -14,7 +15,7 @@ mod terminology;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -66,16 +67,20 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/jobs/{id}/events", get(distill::events))
         .route("/admin/v1/jobs/{id}/cancel", post(distill::cancel))
         .route("/admin/v1/datasets", get(distill::datasets))
+        .layer(DefaultBodyLimit::max(limits::MAX_ADMIN_BODY_BYTES))
         // Dataset names may hold a slash (`capture/<model>`).
         .route(
             "/admin/v1/datasets/{*name}",
-            post(distill::upload).get(distill::dataset),
+            post(distill::upload)
+                .get(distill::dataset)
+                .layer(DefaultBodyLimit::max(limits::MAX_UPLOAD_BYTES)),
         );
     let v1 = Router::new()
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/terminologies/{name}/coverage", post(terminology::coverage));
+        .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
+        .layer(DefaultBodyLimit::max(limits::MAX_REQUEST_BODY_BYTES));
     Router::new()
         .merge(v1)
         .route("/v2", get(kserve::server_metadata))
@@ -89,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         // Every route, the fallback included, is authenticated by its path (`auth::access`).
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(axum::middleware::from_fn(limits::json_too_large))
         .layer(request_id::RequestIdLayer)
         .with_state(state)
 }

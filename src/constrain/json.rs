@@ -18,6 +18,12 @@ const DEFAULT_MAX_LENGTH: usize = 64;
 /// Most items of an array when a schema gives no `maxItems`.
 const DEFAULT_MAX_ITEMS: usize = 3;
 
+/// Most properties a schema may have (the document is one flat object: nested objects are
+/// refused, so the depth is one).
+pub const MAX_SCHEMA_PROPERTIES: usize = 64;
+/// Most values of one `enum`.
+pub const MAX_SCHEMA_ENUM_VALUES: usize = 256;
+
 /// One piece of the document.
 enum Segment {
     Literal(Vec<u8>),
@@ -236,6 +242,12 @@ impl JsonMachine {
             .and_then(Value::as_object)
             .filter(|p| !p.is_empty())
             .ok_or_else(|| invalid("the schema needs \"properties\"".into()))?;
+        if properties.len() > MAX_SCHEMA_PROPERTIES {
+            return Err(invalid(format!(
+                "the schema has {} properties; at most {MAX_SCHEMA_PROPERTIES} are allowed",
+                properties.len()
+            )));
+        }
         let mut machine = Self { segments: Vec::new() };
         for (i, (name, property)) in properties.iter().enumerate() {
             let key = serde_json::to_string(name).map_err(|e| invalid(e.to_string()))?;
@@ -262,6 +274,12 @@ impl JsonMachine {
                 if let Some(set) = quoted_terms(name, property, terminologies)? {
                     self.segments.push(Segment::Terms(Automaton::new(set, 1, b"")));
                 } else if let Some(options) = property.get("enum").and_then(Value::as_array) {
+                    if options.len() > MAX_SCHEMA_ENUM_VALUES {
+                        return Err(unsupported(&format!(
+                            "an enum of {} values (at most {MAX_SCHEMA_ENUM_VALUES})",
+                            options.len()
+                        )));
+                    }
                     let quoted: Vec<String> = options.iter().filter_map(Value::as_str).map(json_quote).collect();
                     if quoted.is_empty() {
                         return Err(unsupported("an empty or non-string enum"));

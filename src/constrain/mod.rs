@@ -19,7 +19,7 @@ pub use automaton::{Automaton, State, States, TermSet, TokenMask};
 pub use coverage::{CodeShape, Coverage, Mention, coverage};
 pub use guide::Guide;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
-pub use json::{JsonMachine, JsonState, JsonStates};
+pub use json::{JsonMachine, JsonState, JsonStates, MAX_SCHEMA_ENUM_VALUES, MAX_SCHEMA_PROPERTIES};
 pub use machine::{ByteMachine, StateSet};
 pub use registry::{
     CodeFormat, ConstraintError, ConstraintRequest, MatchKind, Terminologies, TerminologySpec, TerminologySummary,

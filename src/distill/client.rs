@@ -185,15 +185,22 @@ pub async fn run(server: ServerArgs, command: DistillCommand) -> Result<()> {
     match command {
         DistillCommand::Upload { dataset, file } => {
             let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            print(
-                &client
+            let mut last = None;
+            // In parts within the server's per-upload limits; each part appends.
+            for part in upload_parts(&text, UPLOAD_PART_BYTES, UPLOAD_PART_LINES) {
+                let answer = client
                     .json(
                         Method::POST,
                         &format!("/admin/v1/datasets/{dataset}"),
-                        Some(text.into()),
+                        Some(part.to_vec().into()),
                     )
-                    .await?,
-            );
+                    .await?;
+                let added = last.as_ref().map_or(0, |l: &Value| l["added"].as_u64().unwrap_or(0));
+                let mut answer = answer;
+                answer["added"] = (added + answer["added"].as_u64().unwrap_or(0)).into();
+                last = Some(answer);
+            }
+            print(&last.context("the file holds no prompts")?);
         }
         DistillCommand::Refresh { model, job, no_wait } => {
             let body = std::fs::read(&job).with_context(|| format!("reading {}", job.display()))?;
@@ -235,4 +242,55 @@ pub async fn run(server: ServerArgs, command: DistillCommand) -> Result<()> {
         DistillCommand::Eval(args) => print(&heldout::evaluate(&client.args.server, &args).await?),
     }
     Ok(())
+}
+
+/// Bytes of one part `distill upload` sends: half the server's limit, for headroom.
+const UPLOAD_PART_BYTES: usize = super::store::MAX_UPLOAD_BYTES / 2;
+/// Prompts of one part.
+const UPLOAD_PART_LINES: usize = super::store::MAX_UPLOAD_LINES;
+
+/// `text` cut at line ends into parts of at most `max_bytes` (unless one line is longer) and
+/// `max_lines` non-empty lines.
+fn upload_parts(text: &[u8], max_bytes: usize, max_lines: usize) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let (mut start, mut lines) = (0, 0);
+    let mut at = 0;
+    while at < text.len() {
+        let end = text[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(text.len(), |i| at + i + 1);
+        let blank = text[at..end].iter().all(u8::is_ascii_whitespace);
+        if !blank && at > start && (end - start > max_bytes || lines == max_lines) {
+            parts.push(&text[start..at]);
+            (start, lines) = (at, 0);
+        }
+        lines += usize::from(!blank);
+        at = end;
+    }
+    if lines > 0 {
+        parts.push(&text[start..]);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_cut_at_line_ends_within_both_limits() {
+        let text = b"a\nbb\n\nccc\nd";
+        assert_eq!(upload_parts(text, 100, 100), vec![&text[..]]);
+        // Blank lines stay with the part before them.
+        assert_eq!(upload_parts(text, 100, 2), vec![&b"a\nbb\n\n"[..], &b"ccc\nd"[..]]);
+        assert_eq!(upload_parts(text, 5, 100), vec![&b"a\nbb\n\n"[..], &b"ccc\nd"[..]]);
+        assert_eq!(
+            upload_parts(text, 4, 100),
+            vec![&b"a\n"[..], &b"bb\n\n"[..], &b"ccc\n"[..], &b"d"[..]]
+        );
+        assert!(upload_parts(b"\n\n", 10, 10).is_empty());
+        let joined: Vec<u8> = upload_parts(text, 3, 1).concat();
+        assert_eq!(joined, text);
+    }
 }

@@ -67,6 +67,15 @@ enum Outcome {
     Rejected(Vec<String>),
 }
 
+/// What the operator allows refresh jobs.
+#[derive(Debug, Clone)]
+pub struct JobPolicy {
+    /// Where teachers may be.
+    pub outbound: OutboundPolicy,
+    /// Jobs running at once (training takes every core it is given).
+    pub max_running: usize,
+}
+
 /// Runs refresh jobs against the repository.
 pub struct Distiller {
     store: Arc<Store>,
@@ -74,8 +83,7 @@ pub struct Distiller {
     terminologies: Arc<Terminologies>,
     metrics: Arc<Metrics>,
     audit: Audit,
-    /// Where teachers may be.
-    outbound: OutboundPolicy,
+    policy: JobPolicy,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
 }
 
@@ -88,7 +96,7 @@ impl Distiller {
         terminologies: Arc<Terminologies>,
         metrics: Arc<Metrics>,
         audit: Audit,
-        outbound: OutboundPolicy,
+        policy: JobPolicy,
     ) -> Self {
         for status in repository.statuses() {
             remove_staging(&repository.model_dir(&status.name));
@@ -99,7 +107,7 @@ impl Distiller {
             terminologies,
             metrics,
             audit,
-            outbound,
+            policy,
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -122,7 +130,10 @@ impl Distiller {
         actor: (String, Option<SocketAddr>),
     ) -> Result<String, DistillError> {
         spec.validate().map_err(DistillError::Invalid)?;
-        self.outbound.check(&spec.teacher.url).map_err(DistillError::Invalid)?;
+        self.policy
+            .outbound
+            .check(&spec.teacher.url)
+            .map_err(DistillError::Invalid)?;
         self.repository.get(model)?;
         if let Some(t) = &spec.terminology
             && self.terminologies.get(t).is_none()
@@ -145,6 +156,12 @@ impl Distiller {
             if jobs.values().any(|j| j.model == model) {
                 return Err(DistillError::Conflict(format!(
                     "a refresh of `{model}` is already running"
+                )));
+            }
+            if jobs.len() >= self.policy.max_running {
+                return Err(DistillError::Conflict(format!(
+                    "{} refresh jobs are running, the server's --max-refresh-jobs; retry when one ends",
+                    jobs.len()
                 )));
             }
             self.store.add_prompts(&spec.dataset, &prompts)?;

@@ -12,6 +12,11 @@ use serde_json::Value;
 
 use crate::tokenize::ChatMessage;
 
+/// Body of one dataset upload (`distill upload` sends bigger files in parts).
+pub const MAX_UPLOAD_BYTES: usize = 16 << 20;
+/// Prompts in one dataset upload.
+pub const MAX_UPLOAD_LINES: usize = 50_000;
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

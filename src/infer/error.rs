@@ -21,6 +21,8 @@ pub enum ErrorKind {
     /// The request is well formed but cannot be carried out, e.g. a model that fails to load
     /// (HTTP 422, `FAILED_PRECONDITION`).
     Unprocessable,
+    /// The request is larger than a limit of the server allows (HTTP 413, `OUT_OF_RANGE`).
+    TooLarge,
     /// Admission refused it; retry later (HTTP 429, `RESOURCE_EXHAUSTED`).
     Overloaded,
     /// The model is not serving now (HTTP 503, `UNAVAILABLE`).
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Unprocessable => "unprocessable",
+            ErrorKind::TooLarge => "payload_too_large",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",

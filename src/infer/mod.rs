@@ -23,7 +23,9 @@ use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
 pub use error::{ErrorKind, InferError};
 pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
-pub use validate::{MAX_CONSTRAINT_ITEMS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+pub use validate::{
+    MAX_CONSTRAINT_ITEMS, MAX_PROMPT_BYTES_PER_TOKEN, MAX_SEPARATOR_BYTES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
+};
 
 /// Runs generation requests for every protocol; cloning shares it.
 #[derive(Clone)]
@@ -35,6 +37,9 @@ pub struct Infer {
     /// Deadline of requests that set none.
     request_timeout: Option<Duration>,
     lifecycle: Arc<Lifecycle>,
+    /// Validations (templates, tokenizers, compiles) running at once: about one per core, so
+    /// a burst of large prompts waits here instead of filling the blocking pool.
+    validating: Arc<tokio::sync::Semaphore>,
 }
 
 impl Infer {
@@ -54,6 +59,9 @@ impl Infer {
             distiller,
             request_timeout,
             lifecycle,
+            validating: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            )),
         }
     }
 
@@ -88,8 +96,14 @@ impl Infer {
             };
             // An instant past what the clock can hold means no deadline, not a panic.
             let deadline = timeout.and_then(|t| record.started.checked_add(t));
+            validate::prompt_size(&model, &request.prompt).map_err(|e| record.fail(e))?;
+            let slot = Arc::clone(&self.validating)
+                .acquire_owned()
+                .await
+                .map_err(|_| record.fail(InferError::internal("validation is closed")))?;
             let (terminologies, version) = (Arc::clone(&self.terminologies), Arc::clone(&model));
             let (request, checked) = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let checked = validate::generation_request(&terminologies, &version, &request, deadline);
                 (request, checked)
             })

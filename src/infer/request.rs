@@ -45,6 +45,18 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+impl Prompt {
+    /// The text's size in bytes (messages: their roles and contents), before any rendering;
+    /// token ids count nothing here (their number is checked against the context).
+    pub fn text_bytes(&self) -> usize {
+        match self {
+            Prompt::Text(text) => text.len(),
+            Prompt::Chat(messages) => messages.iter().map(|m| m.role.len() + m.content.len()).sum(),
+            Prompt::Tokens(_) => 0,
+        }
+    }
+}
+
 /// Sampling and output settings as the client gave them; checked by validation, which names
 /// the field at fault with the names below (OpenAI's).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -28,6 +28,33 @@ pub const MAX_SEPARATOR_BYTES: usize = 32;
 /// everyone's cost.
 pub const MAX_STOP_BYTES: usize = 256;
 
+/// Most prompt bytes per token of a model's context: a prompt longer than the context times
+/// this cannot fit whatever it tokenizes to, and is refused before the tokenizer spends time on
+/// it.
+pub const MAX_PROMPT_BYTES_PER_TOKEN: usize = 32;
+
+/// Refuses a prompt whose text alone is too long for `model` (see
+/// [`MAX_PROMPT_BYTES_PER_TOKEN`]); cheap, so it runs before validation is scheduled.
+pub fn prompt_size(model: &ModelVersion, prompt: &Prompt) -> Result<(), InferError> {
+    let limit = model.context_length.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
+    let bytes = prompt.text_bytes();
+    if bytes > limit {
+        let param = if matches!(prompt, Prompt::Chat(_)) {
+            "messages"
+        } else {
+            "prompt"
+        };
+        return Err(InferError::invalid(
+            param,
+            format!(
+                "the prompt is {bytes} bytes; model `{}` takes at most {limit} ({MAX_PROMPT_BYTES_PER_TOKEN} bytes per token of its {}-token context)",
+                model.name, model.context_length
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The checked request for `request` on `model`, to be dropped at `deadline`.
 pub fn generation_request(
     terminologies: &Terminologies,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 use super::AppState;
+use super::limits::MAX_REQUEST_BODY_BYTES;
 use crate::infer::{ErrorKind, InferError};
 
 /// Generated types and clients of the gRPC services.
@@ -60,11 +61,13 @@ pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflectio
         .add_service(
             proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(kserve::KServe {
                 state: state.clone(),
-            }),
+            })
+            .max_decoding_message_size(MAX_REQUEST_BODY_BYTES),
         )
-        .add_service(proto::generate::generate_server::GenerateServer::new(
-            generate::GenerateService { state },
-        ))
+        .add_service(
+            proto::generate::generate_server::GenerateServer::new(generate::GenerateService { state })
+                .max_decoding_message_size(MAX_REQUEST_BODY_BYTES),
+        )
         .add_service(health)
         .add_service(reflection);
     Ok(routes.routes())
@@ -100,6 +103,7 @@ impl From<InferError> for Status {
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::Conflict => Code::Aborted,
             ErrorKind::Unprocessable => Code::FailedPrecondition,
+            ErrorKind::TooLarge => Code::OutOfRange,
             ErrorKind::Overloaded => Code::ResourceExhausted,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
@@ -163,6 +167,7 @@ mod tests {
             ErrorKind::NotFound,
             ErrorKind::Conflict,
             ErrorKind::Unprocessable,
+            ErrorKind::TooLarge,
             ErrorKind::Overloaded,
             ErrorKind::Unavailable,
             ErrorKind::DeadlineExceeded,
