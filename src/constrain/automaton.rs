@@ -11,8 +11,12 @@ use fst::raw::{CompiledAddr, Fst};
 use super::machine::{ByteMachine, StateSet};
 use super::vocab::TokenTrie;
 
-/// Key of a cached start mask: the vocabulary trie (by address), max items, separator.
-type StartKey = (usize, usize, Vec<u8>);
+/// Key of a cached start mask: the vocabulary trie's id, max items, separator.
+type StartKey = (u64, usize, Vec<u8>);
+
+/// Start masks a term set keeps (one per vocabulary and answer shape in use); the least
+/// recently used goes first.
+pub const MAX_START_MASKS: usize = 16;
 
 /// A set of allowed strings, compiled once and shared.
 pub struct TermSet {
@@ -243,14 +247,20 @@ impl ByteMachine for Automaton {
     /// The start is the widest mask (every token that begins a term) and the same for every
     /// request: computed once per vocabulary and answer shape, kept in the term set.
     fn start_mask(&self, trie: &Arc<TokenTrie>) -> Option<Arc<TokenMask>> {
-        let key = (Arc::as_ptr(trie) as usize, self.max_items, self.separator.to_vec());
+        let key = (trie.id(), self.max_items, self.separator.to_vec());
         let mut cached = self.terms.start_masks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, mask)) = cached.iter().find(|(k, _)| *k == key) {
-            return Some(Arc::clone(mask));
+        if let Some(i) = cached.iter().position(|(k, _)| *k == key) {
+            let hit = cached.remove(i);
+            let mask = Arc::clone(&hit.1);
+            cached.push(hit);
+            return Some(mask);
         }
         let mut mask = TokenMask::new(trie.vocab_size());
         self.fill_mask(trie, &self.start(), &mut mask);
         let mask = Arc::new(mask);
+        if cached.len() >= MAX_START_MASKS {
+            cached.remove(0);
+        }
         cached.push((key, Arc::clone(&mask)));
         Some(mask)
     }
@@ -331,6 +341,26 @@ mod tests {
     fn accepts_text(a: &Automaton, text: &str) -> bool {
         let s = a.advance(&a.start(), text.as_bytes());
         a.accepts(&s)
+    }
+
+    #[test]
+    fn start_masks_are_bounded_and_keyed_by_trie_id() {
+        let terms = Arc::new(TermSet::new(["ab", "b"]));
+        let bytes = |extra: &[u8]| vec![b"a".to_vec(), b"b".to_vec(), extra.to_vec()];
+        let trie = Arc::new(TokenTrie::from_token_bytes(bytes(b"ab")));
+        for items in 1..=MAX_START_MASKS + 4 {
+            Automaton::new(Arc::clone(&terms), items, b", ").start_mask(&trie);
+        }
+        assert_eq!(terms.start_masks.lock().unwrap().len(), MAX_START_MASKS);
+        // A new vocabulary (a reloaded model) never gets the old one's mask, even if it were
+        // built where the old one was.
+        let a = Automaton::new(Arc::clone(&terms), 1, b"");
+        let first = a.start_mask(&trie).unwrap();
+        assert!(first.contains(2), "token `ab` starts a term");
+        drop(trie);
+        let other = Arc::new(TokenTrie::from_token_bytes(bytes(b"zz")));
+        let second = a.start_mask(&other).unwrap();
+        assert!(!second.contains(2), "a stale start mask was served");
     }
 
     #[test]

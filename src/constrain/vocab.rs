@@ -80,6 +80,9 @@ pub fn token_bytes(tokenizer: &Tokenizer) -> Vec<Vec<u8>> {
 
 /// Every token in a byte trie, children sorted by byte, stored flat.
 pub struct TokenTrie {
+    /// Unique to this trie in the process (never reused, unlike its address): caches keyed by
+    /// it cannot serve a reloaded model's vocabulary another's entries.
+    id: u64,
     /// Children of node `n`: `edges[edge_start[n]..edge_start[n + 1]]`, as `(byte, child)`.
     edge_start: Vec<u32>,
     edges: Vec<(u8, u32)>,
@@ -128,7 +131,9 @@ impl TokenTrie {
             }
             ends[node].push(id as u32);
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut trie = Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             edge_start: Vec::with_capacity(children.len() + 1),
             edges: Vec::new(),
             token_start: Vec::with_capacity(children.len() + 1),
@@ -150,6 +155,11 @@ impl TokenTrie {
 
     /// The root node.
     pub const ROOT: u32 = 0;
+
+    /// This trie's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
 
     /// `(byte, child)` edges of `node`, sorted by byte.
     pub fn children(&self, node: u32) -> &[(u8, u32)] {
