@@ -81,6 +81,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILL_SERVE_TEACHER_ALLOW", value_delimiter = ',')]
     #[serde(default)]
     pub teacher_allow: Vec<String>,
+    /// Turn off reading datasets' prompts back through the admin API (uploads, refreshes and
+    /// deletes still work).
+    #[arg(long, env = "DISTILL_SERVE_NO_DATASET_READ")]
+    #[serde(default)]
+    pub no_dataset_read: bool,
+    /// Days captured prompts (datasets `capture/<model>`) are kept; 0 keeps them until deleted
+    /// [default: 30].
+    #[arg(long, env = "DISTILL_SERVE_CAPTURE_RETENTION_DAYS")]
+    pub capture_retention_days: Option<u64>,
     /// Refresh jobs running at once [default: 1].
     #[arg(long, env = "DISTILL_SERVE_MAX_REFRESH_JOBS")]
     pub max_refresh_jobs: Option<usize>,
@@ -131,6 +140,10 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
     /// Where refresh jobs may send requests, and how many run at once.
     pub jobs: JobPolicy,
+    /// Whether the admin API may read datasets back.
+    pub dataset_read: bool,
+    /// How long captured prompts are kept (none: until deleted).
+    pub capture_retention: Option<Duration>,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -180,6 +193,15 @@ impl ServeArgs {
         };
         let outbound = OutboundPolicy::new(&teacher_allow).map_err(anyhow::Error::msg)?;
         Ok(ServerConfig {
+            dataset_read: !(self.no_dataset_read || file.no_dataset_read),
+            capture_retention: match self
+                .capture_retention_days
+                .or(file.capture_retention_days)
+                .unwrap_or(30)
+            {
+                0 => None,
+                days => Some(Duration::from_secs(days.saturating_mul(86_400))),
+            },
             jobs: JobPolicy {
                 outbound,
                 max_running: self.max_refresh_jobs.or(file.max_refresh_jobs).unwrap_or(1).max(1),

@@ -51,8 +51,14 @@ pub async fn run(config: ServerConfig) -> Result<()> {
     let repository = Arc::new(repository);
     let terminologies = Arc::new(terminologies);
     let store_path = config.store.clone();
-    if let Some(parent) = store_path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if let Some(parent) = store_path.parent().filter(|p| !p.exists()) {
+        // The store holds captured prompts: its folder is its owner's only.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
         .await
@@ -71,6 +77,9 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         audit,
         config.jobs.clone(),
     ));
+    if let Some(keep) = config.capture_retention {
+        distiller.expire_captures(keep);
+    }
     let lifecycle = Lifecycle::new();
     let infer = Infer::new(
         Arc::clone(&repository),
@@ -87,6 +96,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         metrics,
         lifecycle: Arc::clone(&lifecycle),
         auth: auth.clone(),
+        dataset_read: config.dataset_read,
         infer,
     };
     let http = TcpListener::bind(config.http_addr)

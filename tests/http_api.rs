@@ -405,6 +405,39 @@ async fn hot_reload_swaps_versions_without_failing_requests() {
     );
 }
 
+/// A newest version that cannot load (a torn copy, a bad export) does not take the model down:
+/// the version before it serves, at start and at a reload.
+#[tokio::test]
+async fn a_broken_newest_version_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    add_version(&repo, "tiny", 1, 1);
+    add_version(&repo, "tiny", 2, 2);
+    std::fs::write(repo.join("tiny/2/model.onnx"), b"not an onnx file").unwrap();
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let version = || async {
+        let r = reqwest::Client::new()
+            .get(server.url("/admin/v1/models"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        (v["models"][0]["state"].clone(), v["models"][0]["version"].clone())
+    };
+    assert_eq!(version().await, (json!("READY"), json!(1)));
+    let reload = reqwest::Client::new()
+        .post(server.url("/admin/v1/models/tiny/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    assert_eq!(version().await, (json!("READY"), json!(1)));
+    let body = json!({"model": "tiny", "prompt": "The patient", "max_tokens": 2});
+    assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_model_that_fails_to_load_is_reported_and_others_keep_serving() {
     // A GPU execution provider in a CPU build fails to load; `tiny` must not care.

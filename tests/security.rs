@@ -411,3 +411,84 @@ async fn model_names_cannot_reach_outside_the_repository() {
         assert!(!text.contains("outside") && !text.contains(".."), "{text}");
     }
 }
+
+/// The dataset store (captured prompts, teacher outputs) is its owner's only; the admin API
+/// reads it a page at a time, deletes datasets, and can be kept from reading it at all.
+#[tokio::test]
+async fn datasets_are_private_paged_deletable_and_reading_them_can_be_turned_off() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start(&[]);
+    let store = server.repo.join(".distill");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&store), 0o700);
+    assert_eq!(mode(&store.join("store.sqlite3")), 0o600);
+    let http = reqwest::Client::new();
+    let admin = |method: reqwest::Method, path: &str| {
+        http.request(method, server.url(path))
+            .bearer_auth(common::server::ADMIN_TOKEN)
+    };
+    let lines: String = (0..5).map(|i| format!("{{\"prompt\": \"note {i}\"}}\n")).collect();
+    let upload = admin(reqwest::Method::POST, "/admin/v1/datasets/notes")
+        .body(lines.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let page = |query: &'static str| {
+        let request = admin(reqwest::Method::GET, &format!("/admin/v1/datasets/notes{query}"));
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, first) = page("?limit=2").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (first["total"].as_u64(), first["next_offset"].as_u64()),
+        (Some(5), Some(2))
+    );
+    assert_eq!(first["prompts"].as_array().unwrap().len(), 2);
+    let (_, last) = page("?offset=4&limit=2").await;
+    assert_eq!(last["prompts"].as_array().unwrap().len(), 1);
+    assert!(last["next_offset"].is_null());
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?page=2"] {
+        assert_eq!(page(bad).await.0, 400, "{bad}");
+    }
+    let deleted = admin(reqwest::Method::DELETE, "/admin/v1/datasets/notes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(deleted.json::<Value>().await.unwrap()["deleted"], 5);
+    assert_eq!(page("").await.0, 404);
+    let audit = audit_lines(&store.join("audit.jsonl"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["action"] == "dataset_delete" && l["outcome"] == "success"),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["action"] == "dataset_read" && l["actor"] == "admin"),
+        "{audit:?}"
+    );
+
+    let closed = TestServer::start(&["--no-dataset-read"]);
+    let upload = http
+        .post(closed.url("/admin/v1/datasets/notes"))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let read = http
+        .get(closed.url("/admin/v1/datasets/notes"))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 403);
+}

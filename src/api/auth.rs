@@ -59,6 +59,7 @@ fn admin_action(method: &Method, path: &str) -> Option<(&'static str, String)> {
         (&Method::POST, ["jobs", id, "cancel"]) => ("job_cancel", (*id).to_string()),
         (&Method::POST, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_upload", name.join("/")),
         (&Method::GET, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_read", name.join("/")),
+        (&Method::DELETE, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_delete", name.join("/")),
         _ => return None,
     };
     Some(action)

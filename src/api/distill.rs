@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +35,13 @@ fn store_error(e: impl std::fmt::Display) -> InferError {
     InferError::internal(e.to_string())
 }
 
+/// Runs `work` (SQLite, the filesystem) on a blocking worker, off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, InferError> + Send + 'static,
+) -> Result<T, InferError> {
+    tokio::task::spawn_blocking(work).await.map_err(store_error)?
+}
+
 /// `POST /admin/v1/models/{name}/refresh`: starts a refresh job; 202 with its id.
 pub async fn refresh(
     State(state): State<AppState>,
@@ -60,18 +67,22 @@ pub async fn refresh(
 
 /// `GET /admin/v1/jobs`: the newest jobs first.
 pub async fn jobs(State(state): State<AppState>) -> Result<Json<Value>, InferError> {
-    let jobs = state.distiller.store().jobs(100).map_err(store_error)?;
+    let store = state.distiller.store().clone();
+    let jobs = blocking(move || store.jobs(100).map_err(store_error)).await?;
     Ok(Json(json!({"jobs": jobs})))
 }
 
 /// `GET /admin/v1/jobs/{id}`: stage, progress, losses, evaluation and outcome.
 pub async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, InferError> {
-    Ok(Json(json!(state.distiller.job(&id)?)))
+    let distiller = state.distiller.clone();
+    let record = blocking(move || Ok(distiller.job(&id)?)).await?;
+    Ok(Json(json!(record)))
 }
 
 /// `POST /admin/v1/jobs/{id}/cancel`: asks a running job to stop; 202.
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, InferError> {
-    state.distiller.cancel(&id)?;
+    let (distiller, job) = (state.distiller.clone(), id.clone());
+    blocking(move || Ok(distiller.cancel(&job)?)).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "cancelling": true}))).into_response())
 }
 
@@ -83,7 +94,8 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, InferError> {
     // Subscribe before reading the record, so no event falls between the two.
     let receiver = state.distiller.subscribe(&id);
-    let record = state.distiller.job(&id)?;
+    let distiller = state.distiller.clone();
+    let record = blocking(move || Ok(distiller.job(&id)?)).await?;
     let stream = async_stream::stream! {
         let finished = record.is_finished();
         yield Ok(SseEvent::default().event("snapshot").data(json!(record).to_string()));
@@ -160,7 +172,7 @@ pub async fn upload(
     let dataset = name.clone();
     let (added, total) = tokio::task::spawn_blocking(move || {
         let added = store.add_prompts(&dataset, &prompts)?;
-        Ok::<_, crate::distill::store::StoreError>((added, store.prompts(&dataset)?.len()))
+        Ok::<_, crate::distill::store::StoreError>((added, store.prompts_page(&dataset, 0, 0)?.1))
     })
     .await
     .map_err(store_error)?
@@ -170,7 +182,8 @@ pub async fn upload(
 
 /// `GET /admin/v1/datasets`: every dataset and its number of prompts.
 pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, InferError> {
-    let list = state.distiller.store().datasets().map_err(store_error)?;
+    let store = state.distiller.store().clone();
+    let list = blocking(move || store.datasets().map_err(store_error)).await?;
     let list: Vec<Value> = list
         .into_iter()
         .map(|(name, prompts)| json!({"name": name, "prompts": prompts}))
@@ -178,19 +191,77 @@ pub async fn datasets(State(state): State<AppState>) -> Result<Json<Value>, Infe
     Ok(Json(json!({"datasets": list})))
 }
 
-/// `GET /admin/v1/datasets/{name}`: the dataset's prompts, oldest first.
-pub async fn dataset(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, InferError> {
+/// Prompts one page of `GET /admin/v1/datasets/{name}` holds at most.
+pub const MAX_DATASET_PAGE: usize = 1000;
+
+/// Which page of a dataset to read.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default = "default_page")]
+    limit: usize,
+}
+
+fn default_page() -> usize {
+    100
+}
+
+/// `GET /admin/v1/datasets/{name}?offset=0&limit=100`: a page of the dataset's prompts, oldest
+/// first, with the total and the next page's offset. Off with `--no-dataset-read` (captured
+/// prompts are patients' and clients' words).
+pub async fn dataset(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, InferError> {
+    if !state.dataset_read {
+        return Err(InferError::new(
+            ErrorKind::PermissionDenied,
+            "reading datasets is turned off on this server (--no-dataset-read)",
+        ));
+    }
+    if !(1..=MAX_DATASET_PAGE).contains(&page.limit) {
+        return Err(InferError::invalid(
+            "limit",
+            format!("limit must be 1 to {MAX_DATASET_PAGE}"),
+        ));
+    }
     let store = state.distiller.store().clone();
     let dataset = name.clone();
-    let prompts = tokio::task::spawn_blocking(move || store.prompts(&dataset))
-        .await
-        .map_err(store_error)?
-        .map_err(store_error)?;
-    if prompts.is_empty() {
+    let (prompts, total) = blocking(move || {
+        store
+            .prompts_page(&dataset, page.offset, page.limit)
+            .map_err(store_error)
+    })
+    .await?;
+    if total == 0 {
         return Err(InferError::new(
             ErrorKind::NotFound,
             format!("dataset `{name}` has no prompts"),
         ));
     }
-    Ok(Json(json!({"dataset": name, "prompts": prompts})))
+    let end = page.offset.saturating_add(prompts.len());
+    let next = (end < total).then_some(end);
+    Ok(Json(
+        json!({"dataset": name, "total": total, "offset": page.offset, "next_offset": next, "prompts": prompts}),
+    ))
+}
+
+/// `DELETE /admin/v1/datasets/{name}`: deletes the dataset's prompts and their teacher outputs.
+pub async fn delete_dataset(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, InferError> {
+    let store = state.distiller.store().clone();
+    let dataset = name.clone();
+    let deleted = blocking(move || store.delete_dataset(&dataset).map_err(store_error)).await?;
+    if deleted == 0 {
+        return Err(InferError::new(
+            ErrorKind::NotFound,
+            format!("dataset `{name}` has no prompts"),
+        ));
+    }
+    Ok(Json(json!({"dataset": name, "deleted": deleted})))
 }

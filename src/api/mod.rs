@@ -43,6 +43,8 @@ pub struct AppState {
     pub infer: Infer,
     /// Serving or draining: readiness answers from it.
     pub lifecycle: Arc<Lifecycle>,
+    /// Whether the admin API may read datasets' prompts back.
+    pub dataset_read: bool,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ pub fn router(state: AppState) -> Router {
             "/admin/v1/datasets/{*name}",
             post(distill::upload)
                 .get(distill::dataset)
+                .delete(distill::delete_dataset)
                 .layer(DefaultBodyLimit::max(limits::MAX_UPLOAD_BYTES)),
         );
     let v1 = Router::new()
@@ -94,7 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         // Every route, the fallback included, is authenticated by its path (`auth::access`).
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(axum::middleware::from_fn(limits::json_too_large))
+        .layer(axum::middleware::from_fn(limits::json_errors))
         .layer(request_id::RequestIdLayer)
         .with_state(state)
 }

@@ -34,6 +34,9 @@ use crate::repository::capture::{self, CapturePolicy};
 use crate::repository::{CHECKPOINT_DIR, ModelVersion, Repository, RepositoryError};
 use crate::tokenize::ChatMessage;
 
+/// How often captured prompts past their retention are deleted.
+const CAPTURE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Prefix of the folders candidates are built in, inside the model's folder.
 const STAGING_PREFIX: &str = ".staging-";
 
@@ -183,6 +186,28 @@ impl Distiller {
         tokio::task::spawn_blocking(move || {
             if let Err(e) = store.add_prompts(&dataset, &prompt) {
                 tracing::warn!(dataset = %dataset, error = %e, "could not capture a prompt");
+            }
+        });
+    }
+
+    /// Deletes captured prompts older than `keep` now and every hour after, on a blocking
+    /// worker.
+    pub fn expire_captures(&self, keep: Duration) {
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(CAPTURE_EXPIRY_INTERVAL);
+            loop {
+                every.tick().await;
+                let store = Arc::clone(&store);
+                let before = super::store::now().saturating_sub(keep.as_secs());
+                let pruned =
+                    tokio::task::spawn_blocking(move || store.delete_older(capture::DATASET_PREFIX, before)).await;
+                match pruned {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(prompts = n, "captured prompts past their retention deleted"),
+                    Ok(Err(e)) => tracing::warn!("could not delete expired captured prompts: {e}"),
+                    Err(e) => tracing::warn!("capture expiry stopped: {e}"),
+                }
             }
         });
     }

@@ -24,6 +24,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("dataset store: malformed row: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("dataset store: {0}")]
+    Io(String),
 }
 
 /// A prompt of a dataset.
@@ -140,7 +142,33 @@ impl JobRecord {
     }
 }
 
-fn now() -> u64 {
+/// Makes the store readable by its owner only: a new file is created so, an existing one (and
+/// its WAL files, which SQLite creates with the same mode) loses other users' access.
+fn owner_only(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = Path::new(&name);
+        if let Ok(meta) = std::fs::metadata(file)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Io(format!("{}: {e}", file.display())))?;
+            tracing::info!(file = %file.display(), "dataset store made readable by its owner only");
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -188,6 +216,7 @@ impl Store {
     /// Opens (or creates) the store at `path`. Jobs a previous process left running are marked
     /// failed: their process is gone.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        owner_only(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -248,6 +277,65 @@ impl Store {
             })
         })
         .collect()
+    }
+
+    /// Up to `limit` prompts of `dataset` from the `offset`-th on (oldest first), and how many
+    /// it holds in all.
+    pub fn prompts_page(&self, dataset: &str, offset: usize, limit: usize) -> Result<(Vec<Prompt>, usize), StoreError> {
+        let conn = self.conn();
+        let total: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM prompts WHERE dataset = ?1",
+            params![dataset],
+            |r| r.get(0),
+        )?;
+        let mut query =
+            conn.prepare("SELECT id, messages, label FROM prompts WHERE dataset = ?1 ORDER BY id LIMIT ?2 OFFSET ?3")?;
+        let rows = query.query_map(params![dataset, limit as i64, offset as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
+        let page = rows
+            .map(|row| {
+                let (id, messages, label) = row?;
+                Ok(Prompt {
+                    id,
+                    messages: serde_json::from_str(&messages)?,
+                    label,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((page, total as usize))
+    }
+
+    /// Deletes `dataset`'s prompts and the teacher outputs kept for them; returns how many
+    /// prompts went.
+    pub fn delete_dataset(&self, dataset: &str) -> Result<usize, StoreError> {
+        self.delete_prompts("dataset = ?1", params![dataset])
+    }
+
+    /// Deletes the prompts of datasets named `prefix...` stored before `before` (seconds since
+    /// the epoch), with their teacher outputs; returns how many went.
+    pub fn delete_older(&self, prefix: &str, before: u64) -> Result<usize, StoreError> {
+        let pattern = format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_"));
+        self.delete_prompts(
+            "dataset LIKE ?1 ESCAPE '\\' AND created_at < ?2",
+            params![pattern, before as i64],
+        )
+    }
+
+    fn delete_prompts(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            &format!("DELETE FROM teacher_outputs WHERE prompt_id IN (SELECT id FROM prompts WHERE {filter})"),
+            args,
+        )?;
+        let deleted = tx.execute(&format!("DELETE FROM prompts WHERE {filter}"), args)?;
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// Every dataset with its number of prompts.
@@ -364,6 +452,34 @@ mod tests {
             role: "user".into(),
             content: text.into(),
         }]
+    }
+
+    #[test]
+    fn old_captures_expire_with_their_teacher_outputs_and_other_datasets_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.sqlite3")).unwrap();
+        store.add_prompts("capture/m", &[(user("captured"), None)]).unwrap();
+        store
+            .add_prompts("capture_x", &[(user("not a capture"), None)])
+            .unwrap();
+        store.add_prompts("notes", &[(user("uploaded"), None)]).unwrap();
+        let id = store.prompts("capture/m").unwrap()[0].id;
+        let output = TeacherOutput {
+            content: "A".into(),
+            reasoning: None,
+            stopped: true,
+            token_ids: None,
+            top_logprobs: None,
+        };
+        store.put_teacher_output(id, "t", &output).unwrap();
+        assert_eq!(store.delete_older("capture/", now() - 3600).unwrap(), 0, "not old yet");
+        assert_eq!(store.delete_older("capture/", now() + 1).unwrap(), 1);
+        assert!(store.prompts("capture/m").unwrap().is_empty());
+        assert_eq!(store.prompts("capture_x").unwrap().len(), 1, "`_` is no wildcard");
+        assert_eq!(store.delete_dataset("notes").unwrap(), 1);
+        assert_eq!(store.datasets().unwrap().len(), 1);
+        let (page, total) = store.prompts_page("capture_x", 0, 0).unwrap();
+        assert_eq!((page.len(), total), (0, 1));
     }
 
     #[test]

@@ -11,8 +11,11 @@ pub const REDACTED: &str = "[REDACTED]";
 
 /// The dataset a model's captured prompts go to.
 pub fn dataset_name(model: &str) -> String {
-    format!("capture/{model}")
+    format!("{DATASET_PREFIX}{model}")
 }
+
+/// Prefix of every capture dataset's name.
+pub const DATASET_PREFIX: &str = "capture/";
 
 /// How a model's prompts are captured.
 #[derive(Debug)]

@@ -7,6 +7,7 @@
 //! recorded with its error and does not affect the others.
 
 pub mod capture;
+mod durable;
 mod limits;
 mod settings;
 
@@ -239,8 +240,10 @@ impl Repository {
     }
 
     /// Loads (or reloads) the model in folder `name` and swaps it in. Blocking: call it off the
-    /// async runtime.
+    /// async runtime. It waits for a promotion or rollback of the model to finish, so it never
+    /// picks a version folder that is being moved.
     pub fn load(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+        let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.load_version(name, None)
     }
 
@@ -287,7 +290,10 @@ impl Repository {
         let dir = self.model_dir(name);
         let next = settings::versions(&dir)?.last().map_or(1, |v| v + 1);
         let target = dir.join(next.to_string());
-        std::fs::rename(staged, &target)
+        // Every file on disk before the version appears, and the rename itself after.
+        durable::sync_tree(staged)
+            .and_then(|()| std::fs::rename(staged, &target))
+            .and_then(|()| durable::sync_dir(&dir))
             .map_err(|e| RepositoryError::Invalid(format!("moving {} into place: {e}", staged.display())))?;
         let model = match self.load_version(name, Some(next)) {
             Ok(model) => model,
@@ -348,20 +354,45 @@ impl Repository {
             )));
         }
         let available = settings::versions(dir)?;
-        // An explicit request, else the pin in model.toml, else the version a refresh or
-        // rollback last chose, else the newest.
-        let chosen = requested
-            .or(settings.version)
-            .or_else(|| settings::serving_version(dir).filter(|v| available.contains(v)));
-        let version = match chosen {
-            Some(v) if available.contains(&v) => v,
-            Some(v) => {
+        // An explicit request or the pin in model.toml is served or fails as it is.
+        if let Some(v) = requested.or(settings.version) {
+            if !available.contains(&v) {
                 return Err(RepositoryError::Invalid(format!("version {v} has no folder {v}/")));
             }
-            None => *available.last().ok_or_else(|| {
-                RepositoryError::Invalid(format!("{}: no version folder (1/, 2/, ...)", dir.display()))
-            })?,
-        };
+            return self.open_exact(name, dir, &settings, v);
+        }
+        // Else the version a refresh or rollback last chose, else the newest; if it cannot
+        // load, the versions before it, newest first, so the model still serves.
+        let preferred = settings::serving_version(dir)
+            .filter(|v| available.contains(v))
+            .or(available.last().copied())
+            .ok_or_else(|| RepositoryError::Invalid(format!("{}: no version folder (1/, 2/, ...)", dir.display())))?;
+        let mut first_error = None;
+        for &version in available.iter().rev().filter(|&&v| v <= preferred) {
+            match self.open_exact(name, dir, &settings, version) {
+                Ok(model) => {
+                    if let Some(e) = &first_error {
+                        tracing::warn!(model = %name, version, "serving an older version: the preferred one failed to load: {e}");
+                    }
+                    return Ok(model);
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, version, error = %e, "version failed to load");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| RepositoryError::Invalid(format!("{}: no version to load", dir.display()))))
+    }
+
+    /// Opens `version` of `name` as it is.
+    fn open_exact(
+        &self,
+        name: &str,
+        dir: &Path,
+        settings: &ModelSettings,
+        version: u32,
+    ) -> Result<ModelVersion, RepositoryError> {
         let vdir = dir.join(version.to_string());
         let invalid = |what: String| RepositoryError::Invalid(format!("{name} version {version}: {what}"));
         let files = TokenizerFiles::open(&vdir).map_err(|e| invalid(e.to_string()))?;

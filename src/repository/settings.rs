@@ -64,12 +64,11 @@ pub fn serving_version(dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Records `version` as the one to serve after a restart (written beside, then renamed).
+/// Records `version` as the one to serve after a restart, atomically and durably.
 pub fn write_serving_version(dir: &Path, version: u32) -> Result<(), RepositoryError> {
-    let tmp = dir.join(format!(".{SERVING_VERSION_FILE}.tmp"));
-    let write = std::fs::write(&tmp, format!("{version}\n"))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(SERVING_VERSION_FILE)));
-    write.map_err(|e| RepositoryError::Invalid(format!("{}: {e}", dir.join(SERVING_VERSION_FILE).display())))
+    let path = dir.join(SERVING_VERSION_FILE);
+    super::durable::write_atomic(&path, format!("{version}\n").as_bytes())
+        .map_err(|e| RepositoryError::Invalid(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
