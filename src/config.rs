@@ -81,6 +81,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILL_SERVE_TEACHER_ALLOW", value_delimiter = ',')]
     #[serde(default)]
     pub teacher_allow: Vec<String>,
+    /// Log each prompt and answer at info, redacted by the model's `capture_redact` patterns.
+    /// Off by default: prompts are medical records and unpublished figures.
+    #[arg(long, env = "DISTILL_SERVE_LOG_PROMPTS")]
+    #[serde(default)]
+    pub log_prompts: bool,
     /// Turn off reading datasets' prompts back through the admin API (uploads, refreshes and
     /// deletes still work).
     #[arg(long, env = "DISTILL_SERVE_NO_DATASET_READ")]
@@ -142,6 +147,8 @@ pub struct ServerConfig {
     pub jobs: JobPolicy,
     /// Whether the admin API may read datasets back.
     pub dataset_read: bool,
+    /// Whether prompts and answers are logged (redacted).
+    pub log_prompts: bool,
     /// How long captured prompts are kept (none: until deleted).
     pub capture_retention: Option<Duration>,
     pub ort_library: Option<PathBuf>,
@@ -194,6 +201,7 @@ impl ServeArgs {
         let outbound = OutboundPolicy::new(&teacher_allow).map_err(anyhow::Error::msg)?;
         Ok(ServerConfig {
             dataset_read: !(self.no_dataset_read || file.no_dataset_read),
+            log_prompts: self.log_prompts || file.log_prompts,
             capture_retention: match self
                 .capture_retention_days
                 .or(file.capture_retention_days)

@@ -88,6 +88,7 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         Arc::clone(&distiller),
         config.request_timeout,
         Arc::clone(&lifecycle),
+        config.log_prompts,
     );
     let state = AppState {
         repository,

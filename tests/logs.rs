@@ -127,3 +127,43 @@ async fn json_lines_carry_the_request_id_and_no_prompt_or_answer_text() {
         }
     }
 }
+
+/// `--log-prompts` logs prompts and answers at info, with the model's `capture_redact`
+/// patterns applied; without it neither appears (see above).
+#[tokio::test]
+async fn log_prompts_logs_them_redacted_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_version(&repo, "tiny", 1, 1);
+    std::fs::write(
+        repo.join("tiny/model.toml"),
+        "name = \"tiny\"\ncapture_redact = ['\\d{3}-\\d{2}-\\d{4}']\n",
+    )
+    .unwrap();
+    let mut args: Vec<&OsStr> = vec![
+        "--model-repository".as_ref(),
+        repo.as_os_str(),
+        "--log-prompts".as_ref(),
+    ];
+    args.push("--log-format".as_ref());
+    args.push("json".as_ref());
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let server = launch(common::binary(), &args, &[("RUST_LOG", "")], move |l| {
+        sink.lock().unwrap().push(l.to_string())
+    })
+    .unwrap();
+    let body = json!({"model": "tiny", "prompt": "VISIBLE-NOTE ssn 123-45-6789", "max_tokens": 4, "temperature": 0});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", server.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = lines.lock().unwrap().join("\n");
+    assert!(log.contains("VISIBLE-NOTE ssn [REDACTED]"), "{log}");
+    assert!(!log.contains("123-45-6789"), "an unredacted number reached the log");
+    assert!(log.contains("answer (--log-prompts)"), "{log}");
+}

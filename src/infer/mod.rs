@@ -18,6 +18,7 @@ use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Metrics;
+use crate::repository::capture::CapturePolicy;
 use crate::repository::{ModelVersion, Repository};
 use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
@@ -40,6 +41,8 @@ pub struct Infer {
     /// Validations (templates, tokenizers, compiles) running at once: about one per core, so
     /// a burst of large prompts waits here instead of filling the blocking pool.
     validating: Arc<tokio::sync::Semaphore>,
+    /// Whether prompts and answers are logged (redacted), `--log-prompts`.
+    log_prompts: bool,
 }
 
 impl Infer {
@@ -51,6 +54,7 @@ impl Infer {
         distiller: Arc<Distiller>,
         request_timeout: Option<Duration>,
         lifecycle: Arc<Lifecycle>,
+        log_prompts: bool,
     ) -> Self {
         Self {
             repository,
@@ -62,6 +66,7 @@ impl Infer {
             validating: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             )),
+            log_prompts,
         }
     }
 
@@ -97,6 +102,9 @@ impl Infer {
             // An instant past what the clock can hold means no deadline, not a panic.
             let deadline = timeout.and_then(|t| record.started.checked_add(t));
             validate::prompt_size(&model, &request.prompt).map_err(|e| record.fail(e))?;
+            if self.log_prompts {
+                log_prompt(&model, &request.prompt);
+            }
             let slot = Arc::clone(&self.validating)
                 .acquire_owned()
                 .await
@@ -125,7 +133,9 @@ impl Infer {
                 .map_err(|e| record.fail(e.into()))?;
             tracing::debug!("queued");
             self.capture(&model, request.prompt);
+            let answer = self.log_prompts.then(|| (Arc::clone(&model.redaction), String::new()));
             Ok(Generation {
+                answer,
                 id,
                 model,
                 logprobs,
@@ -153,6 +163,16 @@ impl Infer {
         };
         self.distiller.capture(&model.name, policy, &messages);
     }
+}
+
+/// Logs `prompt` redacted by the model's `capture_redact` patterns (`--log-prompts` only).
+fn log_prompt(model: &ModelVersion, prompt: &Prompt) {
+    let redacted = match prompt {
+        Prompt::Text(text) => model.redaction.redact_text(text),
+        Prompt::Chat(messages) => serde_json::to_string(&model.redaction.redact(messages)).unwrap_or_default(),
+        Prompt::Tokens(ids) => format!("{} token ids", ids.len()),
+    };
+    tracing::info!(prompt = %redacted, "prompt (--log-prompts)");
 }
 
 /// Records a request's outcome in the metrics and its span when it ends, on whichever path.
@@ -230,6 +250,8 @@ pub struct Generation {
     in_flight: InFlight,
     /// A place among its API key's `max_concurrent_requests`, given back when it ends.
     _tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// With `--log-prompts`: the model's redaction and the answer so far, logged at its end.
+    answer: Option<(Arc<CapturePolicy>, String)>,
     ended: bool,
 }
 
@@ -252,13 +274,24 @@ impl Generation {
             Some(Err(e)) => return Some(Err(self.end(e.into()))),
             None => return Some(Err(self.end(InferError::internal("generation ended before finishing")))),
         };
+        if let (Some((_, answer)), Event::Token { text, .. }) = (&mut self.answer, &event) {
+            answer.push_str(text);
+        }
         if let Event::Finished {
+            text,
             timings,
             prompt_tokens,
             completion_tokens,
             ..
         } = &event
         {
+            if let Some((redaction, answer)) = &mut self.answer {
+                answer.push_str(text);
+                let redacted = redaction.redact_text(answer);
+                self.record
+                    .span
+                    .in_scope(|| tracing::info!(answer = %redacted, "answer (--log-prompts)"));
+            }
             self.ended = true;
             self.record.outcome = "success";
             self.record.span.in_scope(|| {

@@ -17,7 +17,8 @@ pub fn dataset_name(model: &str) -> String {
 /// Prefix of every capture dataset's name.
 pub const DATASET_PREFIX: &str = "capture/";
 
-/// How a model's prompts are captured.
+/// How a model's prompts are redacted where they are kept: captured for refresh jobs, or
+/// logged with `--log-prompts`.
 #[derive(Debug)]
 pub struct CapturePolicy {
     redact: Vec<Regex>,
@@ -39,11 +40,16 @@ impl CapturePolicy {
             .iter()
             .map(|m| ChatMessage {
                 role: m.role.clone(),
-                content: self.redact.iter().fold(m.content.clone(), |text, re| {
-                    re.replace_all(&text, REDACTED).into_owned()
-                }),
+                content: self.redact_text(&m.content),
             })
             .collect()
+    }
+
+    /// `text` with every match of every pattern replaced by [`REDACTED`].
+    pub fn redact_text(&self, text: &str) -> String {
+        self.redact.iter().fold(text.to_string(), |text, re| {
+            re.replace_all(&text, REDACTED).into_owned()
+        })
     }
 }
 

@@ -89,6 +89,9 @@ pub struct ModelVersion {
     pub scheduler: Scheduler,
     /// Whether and how prompts are captured for refresh jobs (off when `None`).
     pub capture: Option<Arc<CapturePolicy>>,
+    /// The model's `capture_redact` patterns, for prompts and answers logged with
+    /// `--log-prompts`.
+    pub redaction: Arc<CapturePolicy>,
 }
 
 impl ModelVersion {
@@ -418,8 +421,9 @@ impl Repository {
             intra_threads: limits.intra_threads,
             execution_provider: settings.execution_provider,
         };
+        let redaction = Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?);
         let capture = match settings.capture {
-            true => Some(Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?)),
+            true => Some(Arc::clone(&redaction)),
             false => None,
         };
         let mut session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
@@ -467,6 +471,7 @@ impl Repository {
             max_tokens: limits.max_tokens,
             scheduler,
             capture,
+            redaction,
         })
     }
 }
