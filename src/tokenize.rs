@@ -14,6 +14,9 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Instructions one rendering may run.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -31,6 +34,9 @@ impl ChatTemplate {
     /// string methods).
     pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        // A template that loops without end (or nearly) fails instead of holding a validation
+        // worker: real chat templates spend a few thousand instructions on a long chat.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, JinjaError> {
@@ -103,6 +109,12 @@ mod tests {
         let err = t.render(&[]).unwrap_err().to_string();
         assert!(err.contains("no system role"), "{err}");
         assert!(ChatTemplate::new("{% for %}".into(), None, None).is_err());
+        let endless = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let err = ChatTemplate::new(endless.into(), None, None)
+            .unwrap()
+            .render(&[])
+            .unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
     }
 
     #[test]

@@ -697,6 +697,27 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
     );
     assert!(j["error"].as_str().unwrap().contains("(429)"), "{j}");
     assert_eq!(asked.load(Ordering::SeqCst), 3, "one request and two retries");
+    // The job's start and its end are in the audit log, by the admin who started it.
+    let audit = std::fs::read_to_string(student.repo.join(".distill/audit.jsonl")).unwrap();
+    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let finish = lines
+        .iter()
+        .find(|l| l["action"] == "refresh_finish")
+        .expect("a refresh_finish line");
+    assert_eq!(
+        (
+            finish["actor"].as_str(),
+            finish["target"].as_str(),
+            finish["outcome"].as_str()
+        ),
+        (Some("admin"), Some("coder"), Some("failed"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["action"] == "refresh" && l["outcome"] == "failed: 400"),
+        "{audit}"
+    );
 
     let (url, _) = scripted_teacher(
         "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://10.1.2.3/v1/chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

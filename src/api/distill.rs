@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::{ErrorKind, InferError};
 use super::limits::MAX_UPLOAD_LINES;
-use crate::distill::job::{PromptInput, RefreshSpec};
+use crate::distill::job::{RefreshSpec, parse_prompts_jsonl};
 use crate::distill::service::DistillError;
 use crate::distill::store::JobState;
 
@@ -153,21 +153,7 @@ pub async fn upload(
             ),
         ));
     }
-    let mut prompts = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let input: PromptInput =
-            serde_json::from_str(line).map_err(|e| InferError::bad_request(format!("line {}: {e}", n + 1)))?;
-        prompts.push(
-            input
-                .into_messages()
-                .map_err(|e| InferError::bad_request(format!("line {}: {e}", n + 1)))?,
-        );
-    }
-    if prompts.is_empty() {
-        return Err(InferError::bad_request(
-            "the body has no prompts (one JSON object per line)",
-        ));
-    }
+    let prompts = parse_prompts_jsonl(text).map_err(InferError::bad_request)?;
     let store = state.distiller.store().clone();
     let dataset = name.clone();
     let (added, total) = tokio::task::spawn_blocking(move || {

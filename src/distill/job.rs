@@ -38,6 +38,23 @@ impl PromptInput {
     }
 }
 
+/// A prompt's messages and its label, if any.
+pub type LabelledPrompt = (Vec<ChatMessage>, Option<String>);
+
+/// The prompts of a JSONL dataset upload, one `PromptInput` per non-blank line; the error
+/// names the line.
+pub fn parse_prompts_jsonl(text: &str) -> Result<Vec<LabelledPrompt>, String> {
+    let mut prompts = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let input: PromptInput = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        prompts.push(input.into_messages().map_err(|e| format!("line {}: {e}", n + 1))?);
+    }
+    if prompts.is_empty() {
+        return Err("the body has no prompts (one JSON object per line)".into());
+    }
+    Ok(prompts)
+}
+
 /// The body of `POST /admin/v1/models/{name}/refresh`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -32,7 +32,7 @@ impl GenerateService {
 }
 
 /// The protocol-neutral form of `req`.
-fn neutral(req: GenerateRequest, endpoint: Endpoint) -> Result<InferRequest, InferError> {
+pub(super) fn neutral(req: GenerateRequest, endpoint: Endpoint) -> Result<InferRequest, InferError> {
     let prompt = match (req.prompt.is_empty(), req.messages.is_empty()) {
         (false, true) => Prompt::Text(req.prompt),
         (true, false) => Prompt::Chat(

@@ -131,7 +131,7 @@ fn params(params: &HashMap<String, InferParameter>) -> Result<Params, InferError
 }
 
 /// The protocol-neutral form of `req`.
-fn neutral(req: &ModelInferRequest) -> Result<InferRequest, InferError> {
+pub(super) fn neutral(req: &ModelInferRequest) -> Result<InferRequest, InferError> {
     Ok(InferRequest {
         params: params(&req.parameters)?,
         ..InferRequest::new(&req.model_name, Endpoint::ModelInfer, Prompt::Text(text_input(req)?))

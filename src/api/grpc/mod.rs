@@ -73,6 +73,19 @@ pub fn routes(state: AppState) -> Result<tonic::service::Routes, tonic_reflectio
     Ok(routes.routes())
 }
 
+/// The neutral request of a `distill_serve.v1.Generate/Generate` message (what the service
+/// does before validation; public for the fuzz targets).
+pub fn translate_generate(request: proto::generate::GenerateRequest) -> Result<crate::infer::InferRequest, InferError> {
+    generate::neutral(request, crate::infer::Endpoint::Generate)
+}
+
+/// The neutral request of a KServe `ModelInfer` message.
+pub fn translate_model_infer(
+    request: &proto::inference::ModelInferRequest,
+) -> Result<crate::infer::InferRequest, InferError> {
+    kserve::neutral(request)
+}
+
 /// The timeout the client set (`grpc-timeout`), if any (an unreadable one is ignored).
 pub fn timeout<T>(request: &tonic::Request<T>) -> Option<Duration> {
     request
