@@ -73,7 +73,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILL_SERVE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Time a new connection has to finish its TLS handshake and send its first request's
-    /// headers, in ms [default: 10000].
+    /// headers, in ms [default: 30000].
     #[arg(long, env = "DISTILL_SERVE_HEADER_TIMEOUT_MS")]
     pub header_timeout_ms: Option<u64>,
     /// Hosts refresh jobs may call as teachers besides loopback (`host`, `host:port`,
@@ -191,7 +191,7 @@ impl ServeArgs {
         };
         let connections = ConnectionLimits {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(4096).max(1),
-            header_timeout: Duration::from_millis(self.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(10_000)),
+            header_timeout: Duration::from_millis(self.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(30_000)),
         };
         let teacher_allow = if self.teacher_allow.is_empty() {
             file.teacher_allow

@@ -197,60 +197,24 @@ async fn admin_actions_and_failed_logins_are_audited_and_the_admin_token_file_ro
         }
         request
     };
-    assert_eq!(
-        admin("/admin/v1/models/tiny/unload", Some(token))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        admin("/admin/v1/models/tiny/load", Some(token))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        admin("/admin/v1/models/tiny/reload", Some(token))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let upload = admin("/admin/v1/datasets/notes", Some(token))
-        .body("{\"prompt\": \"hello\"}\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 200, "{}", upload.text().await.unwrap());
-    assert_eq!(
-        admin("/admin/v1/jobs/job-nope/cancel", Some(token))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        admin("/admin/v1/models/tiny/unload", None)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        admin("/admin/v1/models/tiny/unload", Some("not-the-token"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        403
-    );
+    let steps = [
+        ("/admin/v1/models/tiny/unload", Some(token), "", 200),
+        ("/admin/v1/models/tiny/load", Some(token), "", 200),
+        ("/admin/v1/models/tiny/reload", Some(token), "", 200),
+        (
+            "/admin/v1/datasets/notes",
+            Some(token),
+            "{\"prompt\": \"hello\"}\n",
+            200,
+        ),
+        ("/admin/v1/jobs/job-nope/cancel", Some(token), "", 404),
+        ("/admin/v1/models/tiny/unload", None, "", 401),
+        ("/admin/v1/models/tiny/unload", Some("not-the-token"), "", 403),
+    ];
+    for (path, token, body, status) in steps {
+        let answer = admin(path, token).body(body).send().await.unwrap();
+        assert_eq!(answer.status(), status, "{path}: {}", answer.text().await.unwrap());
+    }
     assert_eq!(complete(&server, Some("sk-wrong"), &small()).await.status(), 401);
 
     let expected = [
@@ -391,24 +355,16 @@ async fn model_names_cannot_reach_outside_the_repository() {
             }
         }
     }
-    let models = http
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for text in [models, metrics] {
-        assert!(!text.contains("outside") && !text.contains(".."), "{text}");
+    for listing in ["/v1/models", "/metrics"] {
+        let text = http
+            .get(server.url(listing))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains("outside") && !text.contains(".."), "{listing}: {text}");
     }
 }
 
