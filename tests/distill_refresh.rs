@@ -697,9 +697,19 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
     );
     assert!(j["error"].as_str().unwrap().contains("(429)"), "{j}");
     assert_eq!(asked.load(Ordering::SeqCst), 3, "one request and two retries");
-    // The job's start and its end are in the audit log, by the admin who started it.
-    let audit = std::fs::read_to_string(student.repo.join(".distill/audit.jsonl")).unwrap();
-    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The job's start and its end are in the audit log, by the admin who started it (the end
+    // is written just after the job's record, on the audit writer's thread: it may trail).
+    let read = || {
+        let audit = std::fs::read_to_string(student.repo.join(".distill/audit.jsonl")).unwrap_or_default();
+        let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (audit, lines)
+    };
+    let ended = TestServer::wait_for(Duration::from_secs(5), || {
+        std::future::ready(read().1.iter().any(|l| l["action"] == "refresh_finish"))
+    })
+    .await;
+    assert!(ended, "no refresh_finish line: {}", read().0);
+    let (audit, lines) = read();
     let finish = lines
         .iter()
         .find(|l| l["action"] == "refresh_finish")

@@ -90,6 +90,21 @@ impl TestServer {
         }
     }
 
+    /// Starts a server configured by `env` alone (no flags but the launcher's addresses), as a
+    /// container runs it; `repo` is where that environment puts the repository.
+    pub fn start_in_env(dir: TempDir, repo: PathBuf, env: &[(&str, &str)]) -> Self {
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "info"));
+        let server = super::launch::launch(super::binary(), &[], &env, |l| eprintln!("server: {l}")).unwrap();
+        Self {
+            base: format!("http://{}", server.http),
+            grpc: format!("http://{}", server.grpc),
+            server,
+            repo,
+            _dir: dir,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

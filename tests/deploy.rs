@@ -1,0 +1,128 @@
+//! The deployment files under `docker/`: the Dockerfile passes hadolint, the Kubernetes
+//! manifests validate against the Kubernetes schemas offline, and the binary starts and gets
+//! ready with the Dockerfile's own environment, as the container runs it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::server::{TestServer, add_version};
+
+fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs `program` with `args`; its status and output.
+fn run(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (scripts/setup.sh installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let dockerfile = repo_file("docker/Dockerfile");
+    let (ok, out) = run("hadolint", &[dockerfile.to_str().unwrap()]);
+    assert!(ok, "hadolint:\n{out}");
+    // The linter is alive: a Dockerfile with a known fault fails it.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(&bad, "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n").unwrap();
+    assert!(
+        !run("hadolint", &[bad.to_str().unwrap()]).0,
+        "hadolint passed a faulty Dockerfile"
+    );
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_offline() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_file("docker/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    let names: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
+    let mut args = vec!["--strict"];
+    args.extend(&names);
+    let (ok, out) = run("kubernetes-validate", &args);
+    assert!(ok, "kubernetes-validate:\n{out}");
+    // And it refuses a manifest with a misspelt field.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: x\nspec:\n  prots:\n    - port: 80\n",
+    )
+    .unwrap();
+    assert!(!run("kubernetes-validate", &["--strict", bad.to_str().unwrap()]).0);
+}
+
+/// The `ENV` settings of the Dockerfile's final stage, as `(name, value)`.
+fn dockerfile_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_file("docker/Dockerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let last_stage = joined.rsplit("\nFROM ").next().unwrap();
+    last_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_binary_serves_with_the_containers_environment() {
+    let env = dockerfile_env();
+    let get = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("the Dockerfile sets no {name}: {env:?}"))
+    };
+    assert_eq!(get("DISTILL_SERVE_MODEL_REPOSITORY"), "/models");
+    assert_eq!(get("DISTILL_SERVE_HTTP_ADDR"), "0.0.0.0:8080");
+    assert_eq!(get("DISTILL_SERVE_GRPC_ADDR"), "0.0.0.0:8081");
+    // The container's paths, moved under a temporary root; the addresses moved to free
+    // loopback ports (the launcher sets them); everything else as the image has it.
+    let root = tempfile::tempdir().unwrap();
+    let models = root.path().join("models");
+    add_version(&models, "tiny", 1, 1);
+    let state = root.path().join("var/lib/distill-serve");
+    std::fs::create_dir_all(&state).unwrap();
+    let terminology = repo_file("tests/fixtures/terminology/icd10cm_tabular_small.xml");
+    let moved: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.ends_with("_ADDR") && k != "ORT_DYLIB_PATH")
+        .map(|(k, v)| {
+            let v = match k.as_str() {
+                "DISTILL_SERVE_TERMINOLOGIES" => format!("icd10cm=icd10cm-xml:{}", terminology.display()),
+                _ if v.starts_with('/') => format!("{}{v}", root.path().display()),
+                _ => v.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let env_refs: Vec<(&str, &str)> = moved.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dir = tempfile::tempdir().unwrap();
+    // No --model-repository flag: the repository comes from the environment, as in the image.
+    let server = TestServer::start_in_env(dir, models, &env_refs);
+    let ready = TestServer::wait_for(Duration::from_secs(10), || async {
+        reqwest::get(server.url("/v2/health/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "not ready with the container's environment");
+    assert!(state.join("store.sqlite3").is_file() && state.join("audit.jsonl").is_file());
+}
