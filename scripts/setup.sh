@@ -35,6 +35,21 @@ if [ "${SETUP_CLIENTS:-1}" = 1 ]; then
   done
 fi
 
+# promtool, to check the alert rules (docker/prometheus/): Debian's prometheus package, unpacked
+# into the cache (nothing is installed system-wide).
+PROM_VERSION=2.42.0+ds-5+b6
+PROMTOOL=$CACHE/prometheus-${PROM_VERSION%%+*}/promtool
+if [ "${SETUP_CLIENTS:-1}" = 1 ] && [ ! -x "$PROMTOOL" ]; then
+  echo "setup: fetching promtool (Debian prometheus $PROM_VERSION)"
+  tmp_deb=$(mktemp -d)
+  (cd "$tmp_deb" && { apt-get download "prometheus=$PROM_VERSION" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get download "prometheus=$PROM_VERSION" >/dev/null; }; })
+  dpkg-deb -x "$tmp_deb"/prometheus_*.deb "$tmp_deb/root"
+  mkdir -p "$(dirname "$PROMTOOL")"
+  cp "$tmp_deb/root/usr/bin/promtool" "$PROMTOOL"
+  rm -rf "$tmp_deb"
+fi
+
 # Downloads the wheel `$1` (pip requirement `$2`, extra pip flags after) into the cache unless
 # it is there, and checks it against sha256 `$3`.
 fetch_wheel() {

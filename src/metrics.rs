@@ -34,6 +34,7 @@ pub struct Metrics {
     bucket_dispatches: IntCounterVec,
     inter_token_latency: HistogramVec,
     model_version: IntGaugeVec,
+    model_ready: IntGaugeVec,
     refresh_jobs: IntCounterVec,
     /// The version each model's info gauge shows, to remove it on a swap.
     serving: Mutex<HashMap<String, u32>>,
@@ -177,6 +178,11 @@ impl Metrics {
                 "1 for the version each model serves",
                 &["model", "version"],
             )?,
+            model_ready: gauge(
+                "distill_serve_model_ready",
+                "1 when the model serves, 0 when it should but cannot (failed to load, or its engine keeps failing); no series when unloaded on purpose",
+                &["model"],
+            )?,
             refresh_jobs: counter(
                 "distill_serve_refresh_jobs_total",
                 "Distillation refresh jobs ended, by outcome (succeeded, rejected, failed, cancelled)",
@@ -201,6 +207,7 @@ impl Metrics {
         m.registry.register(Box::new(m.bucket_dispatches.clone()))?;
         m.registry.register(Box::new(m.inter_token_latency.clone()))?;
         m.registry.register(Box::new(m.model_version.clone()))?;
+        m.registry.register(Box::new(m.model_ready.clone()))?;
         m.registry.register(Box::new(m.refresh_jobs.clone()))?;
         Ok(m)
     }
@@ -234,6 +241,16 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[model, endpoint, tenant])
             .observe(duration.as_secs_f64());
+    }
+
+    /// Records whether `model` serves (`None`: unloaded on purpose, no series).
+    pub fn set_model_ready(&self, model: &str, ready: Option<bool>) {
+        match ready {
+            Some(ready) => self.model_ready.with_label_values(&[model]).set(i64::from(ready)),
+            None => {
+                let _ = self.model_ready.remove_label_values(&[model]);
+            }
+        }
     }
 
     /// Counts a refresh job of `model` that ended with `outcome`.

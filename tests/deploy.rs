@@ -126,3 +126,110 @@ async fn the_binary_serves_with_the_containers_environment() {
     assert!(ready, "not ready with the container's environment");
     assert!(state.join("store.sqlite3").is_file() && state.join("audit.jsonl").is_file());
 }
+
+fn promtool() -> PathBuf {
+    distill_serve::paths::setup_cache_dir().join("prometheus-2.42.0/promtool")
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let tool = promtool();
+    let rules = repo_file("docker/prometheus/alerts.yaml");
+    let (ok, out) = run(tool.to_str().unwrap(), &["check", "rules", rules.to_str().unwrap()]);
+    assert!(ok && out.contains("SUCCESS"), "promtool:\n{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "groups:\n  - name: x\n    rules:\n      - alert: A\n        expr: rate(x[5m]\n",
+    )
+    .unwrap();
+    assert!(!run(tool.to_str().unwrap(), &["check", "rules", bad.to_str().unwrap()]).0);
+}
+
+/// Every `distill_serve_*` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("distill_serve_") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        names.insert(name);
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    common::server::add_trainable_version(&repo, "tiny", 1, 1);
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let body = json!({"model": "tiny", "prompt": "The patient", "max_tokens": 4});
+    assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
+    // A refresh job that fails at once (nothing listens on port 9) fills the job counter.
+    let job = json!({"dataset": "notes", "prompts": [{"prompt": "x"}], "train": {"steps": 1},
+                     "teacher": {"url": "http://127.0.0.1:9/v1", "model": "t", "max_retries": 0, "timeout_ms": 2000}});
+    let started = server
+        .admin(reqwest::Method::POST, "/admin/v1/models/tiny/refresh")
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202, "{}", started.text().await.unwrap());
+    let id = started.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ended = TestServer::wait_for(Duration::from_secs(30), || async {
+        let j: Value = server
+            .admin(reqwest::Method::GET, &format!("/admin/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        j["state"] == "failed"
+    })
+    .await;
+    assert!(ended, "the job did not fail as expected");
+
+    let exposition = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::BTreeSet<String> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(String::from)
+        .collect();
+    let dashboard = std::fs::read_to_string(repo_file("docker/grafana/distill-serve.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queries: Vec<String> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string())
+        })
+        .collect();
+    queries.push(parsed["templating"]["list"][1]["query"].as_str().unwrap().to_string());
+    queries.push(std::fs::read_to_string(repo_file("docker/prometheus/alerts.yaml")).unwrap());
+    let wanted: std::collections::BTreeSet<String> = queries.iter().flat_map(|q| metric_names(q)).collect();
+    assert!(wanted.len() >= 10, "{wanted:?}");
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\n{exposition}"
+    );
+}

@@ -26,7 +26,7 @@ use crate::distill::service::Distiller;
 use crate::infer::Infer;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::repository::Repository;
+use crate::repository::{ModelState, Repository};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -103,6 +103,15 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Readiness is read at scrape time, so it cannot go stale.
+    for status in state.repository.statuses() {
+        let ready = match status.state {
+            ModelState::Ready => Some(true),
+            ModelState::Unavailable => Some(false),
+            ModelState::Unloaded => None,
+        };
+        state.metrics.set_model_ready(&status.name, ready);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
