@@ -423,7 +423,7 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
     let staging: Vec<_> = std::fs::read_dir(repo.join("coder"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(".staging-"))
+        .filter(|n| n.starts_with(".staging-") && !n.ends_with(".lock"))
         .collect();
     assert_eq!(staging.len(), 1, "the candidate is built in a staging folder");
 
@@ -740,4 +740,93 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
         j["error"].as_str().unwrap().contains("(307)"),
         "the redirect was followed: {j}"
     );
+}
+
+/// The model version a server serves.
+async fn served_version(server: &TestServer, model: &str) -> Value {
+    let list: Value = server
+        .admin(Method::GET, "/admin/v1/models")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .map(|m| m["version"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Two replicas over one shared repository (each with its own store, as the Kubernetes
+/// manifests run them): a refresh on one, a replica starting while the candidate is built
+/// leaves it alone, and a `reload` on the other serves the new version; no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_on_one_replica_is_served_by_another_after_a_reload() {
+    let teacher = teacher_server();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_trainable_version(&repo, "coder", 1, 1);
+    let stores = tempfile::tempdir().unwrap();
+    let store = |name: &str| stores.path().join(name).to_str().unwrap().to_string();
+    let (store_a, store_b) = (store("a.sqlite3"), store("b.sqlite3"));
+    let a = TestServer::start_with_repo(dir, repo.clone(), &["--store", &store_a]);
+    upload(&a, "notes", 120).await;
+    let id = start_job(&a, "coder", &token_job(&teacher, 80)).await;
+    // Replica B starts while A's candidate folder is being written.
+    let model_dir = repo.join("coder");
+    let building = TestServer::wait_for(Duration::from_secs(120), || {
+        let staged = std::fs::read_dir(&model_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .any(|e| e.path().is_dir() && e.file_name().to_string_lossy().starts_with(".staging-"))
+            })
+            .unwrap_or(false);
+        std::future::ready(staged)
+    })
+    .await;
+    assert!(building, "never saw the candidate folder: {}", job(&a, &id).await);
+    let b = TestServer::start_with_repo(tempfile::tempdir().unwrap(), repo, &["--store", &store_b]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (url, stop, failed) = (b.url("/v1/completions"), stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            // Bounded in count and time.
+            for i in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let body = json!({"model": "coder", "prompt": format!("request {i}"), "max_tokens": 4});
+                match http.post(&url).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let j = finished(&a, &id, Duration::from_secs(240)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(served_version(&a, "coder").await, 2);
+    assert_eq!(served_version(&b, "coder").await, 1, "B changes only when told");
+    let reload = b
+        .admin(Method::POST, "/admin/v1/models/coder/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap());
+    assert_eq!(served_version(&b, "coder").await, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed on B");
 }

@@ -254,6 +254,11 @@ impl Distiller {
 
     async fn run(self: Arc<Self>, id: String, model: String, spec: RefreshSpec, live: Arc<LiveJob>) {
         let staging = self.repository.model_dir(&model).join(format!("{STAGING_PREFIX}{id}"));
+        // Replicas sharing the repository leave a locked candidate alone when they start.
+        let lock = StagingLock::take(&staging);
+        if let Err(e) = &lock {
+            tracing::warn!(job = %id, error = %e, "could not lock the staging folder");
+        }
         let mut p = Progress {
             id: id.clone(),
             store: Arc::clone(&self.store),
@@ -279,6 +284,7 @@ impl Distiller {
         {
             tracing::warn!(job = %id, error = %e, "could not remove the staging folder");
         }
+        drop(lock);
         let (state, error) = match outcome {
             Ok(Outcome::Promoted) => (JobState::Succeeded, None),
             Ok(Outcome::Rejected(failures)) => (
@@ -560,10 +566,75 @@ fn remove_staging(model_dir: &Path) {
         return;
     };
     for e in entries.filter_map(Result::ok) {
-        if e.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
-            tracing::info!(path = %e.path().display(), "removing an unfinished refresh candidate");
-            let _ = std::fs::remove_dir_all(e.path());
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(STAGING_PREFIX) {
+            continue;
         }
+        if name.ends_with(LOCK_SUFFIX) {
+            // A lock whose job died before its folder was made.
+            let folder = e.path().with_file_name(name.trim_end_matches(LOCK_SUFFIX));
+            if !folder.exists() && !StagingLock::is_held(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+            continue;
+        }
+        let lock = StagingLock::path(&e.path());
+        if StagingLock::is_held(&lock) {
+            tracing::info!(path = %e.path().display(), "a refresh candidate another process is building: left alone");
+            continue;
+        }
+        tracing::info!(path = %e.path().display(), "removing an unfinished refresh candidate");
+        let _ = std::fs::remove_dir_all(e.path());
+        let _ = std::fs::remove_file(lock);
+    }
+}
+
+/// Suffix of a staging folder's lock file, beside it (not in it: the folder becomes a version).
+const LOCK_SUFFIX: &str = ".lock";
+
+/// An exclusive `flock` on `<staging>.lock`, held while a job builds its candidate, so another
+/// process over the same repository (a replica starting) knows the folder is in use.
+struct StagingLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl StagingLock {
+    fn path(staging: &Path) -> PathBuf {
+        let mut name = staging.as_os_str().to_owned();
+        name.push(LOCK_SUFFIX);
+        PathBuf::from(name)
+    }
+
+    fn take(staging: &Path) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = Self::path(staging);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        // SAFETY: flock on a file descriptor this function owns; no memory is shared.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { path, _file: file })
+    }
+
+    /// Whether another open file holds the lock at `path`.
+    fn is_held(path: &Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::File::open(path) else {
+            return false;
+        };
+        // SAFETY: as in `take`; the shared lock, if taken, is released when `file` closes.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    }
+}
+
+impl Drop for StagingLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -574,4 +645,30 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("panic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_candidate_survives_another_process_starting_and_a_stale_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (building, stale) = (dir.path().join(".staging-job-a"), dir.path().join(".staging-job-b"));
+        std::fs::create_dir_all(&building).unwrap();
+        std::fs::create_dir_all(&stale).unwrap();
+        let lock = StagingLock::take(&building).unwrap();
+        assert!(StagingLock::is_held(&StagingLock::path(&building)));
+        remove_staging(dir.path());
+        assert!(building.is_dir(), "a candidate being built was removed");
+        assert!(!stale.exists(), "a stale candidate was kept");
+        drop(lock);
+        assert!(!StagingLock::path(&building).exists());
+        remove_staging(dir.path());
+        assert!(!building.exists());
+        let orphan = dir.path().join(".staging-job-c.lock");
+        std::fs::write(&orphan, "").unwrap();
+        remove_staging(dir.path());
+        assert!(!orphan.exists(), "an orphan lock was kept");
+    }
 }
