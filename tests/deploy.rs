@@ -81,8 +81,10 @@ fn dockerfile_env() -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_binary_serves_with_the_containers_environment() {
+/// Starts the binary with the Dockerfile's environment, its paths moved under a temporary
+/// root and the repository set to `repository` (a path inside the container); returns the
+/// server (ready) and the root.
+async fn start_as_container(repository: &str, add: impl FnOnce(&Path)) -> (TestServer, tempfile::TempDir) {
     let env = dockerfile_env();
     let get = |name: &str| {
         env.iter()
@@ -96,10 +98,9 @@ async fn the_binary_serves_with_the_containers_environment() {
     // The container's paths, moved under a temporary root; the addresses moved to free
     // loopback ports (the launcher sets them); everything else as the image has it.
     let root = tempfile::tempdir().unwrap();
-    let models = root.path().join("models");
-    add_version(&models, "tiny", 1, 1);
-    let state = root.path().join("var/lib/distill-serve");
-    std::fs::create_dir_all(&state).unwrap();
+    let models = PathBuf::from(format!("{}{repository}", root.path().display()));
+    add(&models);
+    std::fs::create_dir_all(root.path().join("var/lib/distill-serve")).unwrap();
     let terminology = repo_file("tests/fixtures/terminology/icd10cm_tabular_small.xml");
     let moved: Vec<(String, String)> = env
         .iter()
@@ -107,6 +108,7 @@ async fn the_binary_serves_with_the_containers_environment() {
         .map(|(k, v)| {
             let v = match k.as_str() {
                 "DISTILL_SERVE_TERMINOLOGIES" => format!("icd10cm=icd10cm-xml:{}", terminology.display()),
+                "DISTILL_SERVE_MODEL_REPOSITORY" => models.display().to_string(),
                 _ if v.starts_with('/') => format!("{}{v}", root.path().display()),
                 _ => v.clone(),
             };
@@ -114,9 +116,8 @@ async fn the_binary_serves_with_the_containers_environment() {
         })
         .collect();
     let env_refs: Vec<(&str, &str)> = moved.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let dir = tempfile::tempdir().unwrap();
     // No --model-repository flag: the repository comes from the environment, as in the image.
-    let server = TestServer::start_in_env(dir, models, &env_refs);
+    let server = TestServer::start_in_env(tempfile::tempdir().unwrap(), models, &env_refs);
     let ready = TestServer::wait_for(Duration::from_secs(10), || async {
         reqwest::get(server.url("/v2/health/ready"))
             .await
@@ -124,7 +125,42 @@ async fn the_binary_serves_with_the_containers_environment() {
     })
     .await;
     assert!(ready, "not ready with the container's environment");
+    (server, root)
+}
+
+#[tokio::test]
+async fn the_binary_serves_with_the_containers_environment() {
+    let (_server, root) = start_as_container("/models", |models| add_version(models, "tiny", 1, 1)).await;
+    let state = root.path().join("var/lib/distill-serve");
     assert!(state.join("store.sqlite3").is_file() && state.join("audit.jsonl").is_file());
+}
+
+/// KServe's storage initializer puts one model's folder at `/mnt/models`: given as the
+/// repository, it is served as that model.
+#[tokio::test]
+async fn a_single_model_folder_mounted_as_kserve_does_is_served() {
+    let (server, _root) = start_as_container("/mnt/models", |mount| {
+        let parent = mount.parent().unwrap();
+        add_version(parent, "models", 1, 1);
+        std::fs::write(mount.join("model.toml"), "name = \"coder\"\n").unwrap();
+    })
+    .await;
+    let list: serde_json::Value = reqwest::get(server.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], "coder", "{list}");
+    let body = serde_json::json!({"model": "coder", "prompt": "The patient", "max_tokens": 2});
+    assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
+    assert_eq!(
+        reqwest::get(server.url("/v2/models/coder/ready"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 fn promtool() -> PathBuf {
@@ -232,4 +268,38 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
         missing.is_empty(),
         "queried but not exported: {missing:?}\n{exposition}"
     );
+}
+
+#[test]
+fn the_kserve_objects_hold_the_fields_kserve_defines() {
+    let script = repo_file("tests/clients/check_kserve.py");
+    let (runtime, service) = (
+        repo_file("docker/kserve/servingruntime.yaml"),
+        repo_file("docker/kserve/inferenceservice.yaml"),
+    );
+    let (ok, out) = run(
+        "python3",
+        &[
+            script.to_str().unwrap(),
+            runtime.to_str().unwrap(),
+            service.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && out.trim() == "ok", "{out}");
+    // The check has teeth: a runtime whose container KServe would not find fails it.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("runtime.yaml");
+    let text = std::fs::read_to_string(&runtime)
+        .unwrap()
+        .replace("kserve-container", "server");
+    std::fs::write(&bad, text).unwrap();
+    let (ok, out) = run(
+        "python3",
+        &[
+            script.to_str().unwrap(),
+            bad.to_str().unwrap(),
+            service.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && out.contains("kserve-container"), "{out}");
 }

@@ -145,6 +145,9 @@ fn health_reason(health: Health) -> String {
 /// The repository and the state of every model in it.
 pub struct Repository {
     root: PathBuf,
+    /// The model's name when `root` is itself one model's folder (KServe mounts one model at
+    /// `/mnt/models`).
+    single: Option<String>,
     defaults: ModelLimits,
     metrics: Arc<Metrics>,
     models: RwLock<BTreeMap<String, Slot>>,
@@ -153,9 +156,23 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Opens `root` and loads every model folder in it (a folder with a `model.toml`).
+    /// Opens `root` and loads every model folder in it (a folder with a `model.toml`); or,
+    /// when `root` holds a `model.toml` itself, the one model it is (named by its `name`, else
+    /// by the folder).
     pub fn open(root: &Path, defaults: ModelLimits, metrics: Arc<Metrics>) -> Result<Self, RepositoryError> {
+        let single = match root.join("model.toml").is_file() {
+            true => {
+                let declared = ModelSettings::read(root)?.name;
+                let folder = root.file_name().and_then(|n| n.to_str()).map(str::to_string);
+                let name = declared.or(folder).unwrap_or_else(|| "model".into());
+                check_model_name(&name)?;
+                tracing::info!(model = %name, folder = %root.display(), "the repository is a single model folder");
+                Some(name)
+            }
+            false => None,
+        };
         let repo = Self {
+            single,
             root: root.to_path_buf(),
             defaults,
             metrics,
@@ -171,6 +188,9 @@ impl Repository {
     }
 
     fn model_folders(&self) -> Result<Vec<String>, RepositoryError> {
+        if let Some(name) = &self.single {
+            return Ok(vec![name.clone()]);
+        }
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| RepositoryError::Invalid(format!("model repository {}: {e}", self.root.display())))?;
         let mut names: Vec<String> = entries
@@ -254,8 +274,8 @@ impl Repository {
     /// serving one and swaps it in; a failure keeps the serving version.
     pub fn load_version(&self, name: &str, version: Option<u32>) -> Result<Arc<ModelVersion>, RepositoryError> {
         check_model_name(name)?;
-        let dir = self.root.join(name);
-        if !dir.join("model.toml").is_file() {
+        let dir = self.model_dir(name);
+        if !dir.join("model.toml").is_file() || self.single.as_ref().is_some_and(|single| single != name) {
             return Err(RepositoryError::NotFound(name.into()));
         }
         match self.open_version(name, &dir, version) {
@@ -282,7 +302,10 @@ impl Repository {
 
     /// The folder of model `name`.
     pub fn model_dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        match &self.single {
+            Some(_) => self.root.clone(),
+            None => self.root.join(name),
+        }
     }
 
     /// Moves the finished version folder `staged` (inside the model's folder) into place as
