@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::repository::Repository;
 use crate::transport;
 use crate::transport::http::{KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT};
-use crate::transport::tls::{GRPC_ALPN, HTTP_ALPN, Tls};
+use crate::transport::tls::Tls;
 
 /// Runs the server with `config` until a shutdown signal.
 pub async fn run(config: ServerConfig) -> Result<()> {
@@ -115,14 +115,8 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         write_ready_file(path, http_addr, grpc_addr)?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let tls = |alpn| {
-        config
-            .tls
-            .as_ref()
-            .map(|settings| Tls::load(settings, alpn))
-            .transpose()
-    };
-    let (http_tls, grpc_tls) = (tls(HTTP_ALPN)?, tls(GRPC_ALPN)?);
+    let http_tls = config.tls.as_ref().map(Tls::load).transpose()?;
+    let grpc_tls = http_tls.as_ref().map(Tls::for_grpc);
     let http = transport::accept(http, http_tls, config.connections, "http");
     let grpc = transport::accept(grpc, grpc_tls, config.connections, "grpc");
     let grpc_routes = grpc_routes(state.clone())?;

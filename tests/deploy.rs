@@ -220,15 +220,7 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
         .unwrap()
         .to_string();
     let ended = TestServer::wait_for(Duration::from_secs(30), || async {
-        let j: Value = server
-            .admin(reqwest::Method::GET, &format!("/admin/v1/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        j["state"] == "failed"
+        server.admin_get(&format!("/admin/v1/jobs/{id}")).await["state"] == "failed"
     })
     .await;
     assert!(ended, "the job did not fail as expected");

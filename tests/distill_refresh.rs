@@ -84,14 +84,7 @@ async fn start_job(server: &TestServer, model: &str, job: &Value) -> String {
 }
 
 async fn job(server: &TestServer, id: &str) -> Value {
-    server
-        .admin(Method::GET, &format!("/admin/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    server.admin_get(&format!("/admin/v1/jobs/{id}")).await
 }
 
 /// Polls the job until it ends (at most `limit`).
@@ -108,14 +101,7 @@ async fn finished(server: &TestServer, id: &str, limit: Duration) -> Value {
 }
 
 async fn serving_version(server: &TestServer, model: &str) -> u64 {
-    let list: Value = server
-        .admin(Method::GET, "/admin/v1/models")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = server.admin_get("/admin/v1/models").await;
     list["models"]
         .as_array()
         .unwrap()
@@ -742,25 +728,6 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
     );
 }
 
-/// The model version a server serves.
-async fn served_version(server: &TestServer, model: &str) -> Value {
-    let list: Value = server
-        .admin(Method::GET, "/admin/v1/models")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    list["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == model)
-        .map(|m| m["version"].clone())
-        .unwrap_or(Value::Null)
-}
-
 /// Two replicas over one shared repository (each with its own store, as the Kubernetes
 /// manifests run them): a refresh on one, a replica starting while the candidate is built
 /// leaves it alone, and a `reload` on the other serves the new version; no request fails.
@@ -816,15 +783,15 @@ async fn a_refresh_on_one_replica_is_served_by_another_after_a_reload() {
     };
     let j = finished(&a, &id, Duration::from_secs(240)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert_eq!(served_version(&a, "coder").await, 2);
-    assert_eq!(served_version(&b, "coder").await, 1, "B changes only when told");
+    assert_eq!(serving_version(&a, "coder").await, 2);
+    assert_eq!(serving_version(&b, "coder").await, 1, "B changes only when told");
     let reload = b
         .admin(Method::POST, "/admin/v1/models/coder/reload")
         .send()
         .await
         .unwrap();
     assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap());
-    assert_eq!(served_version(&b, "coder").await, 2);
+    assert_eq!(serving_version(&b, "coder").await, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();

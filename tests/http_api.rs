@@ -416,13 +416,7 @@ async fn a_broken_newest_version_falls_back_to_the_one_before() {
     std::fs::write(repo.join("tiny/2/model.onnx"), b"not an onnx file").unwrap();
     let server = TestServer::start_with_repo(dir, repo, &[]);
     let version = || async {
-        let r = reqwest::Client::new()
-            .get(server.url("/admin/v1/models"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let v: Value = r.json().await.unwrap();
+        let v = server.admin_get("/admin/v1/models").await;
         (v["models"][0]["state"].clone(), v["models"][0]["version"].clone())
     };
     assert_eq!(version().await, (json!("READY"), json!(1)));

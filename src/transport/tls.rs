@@ -26,32 +26,56 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The configurations of both listeners (they differ in ALPN only), built together from the
+/// same files.
+struct Configs {
+    http: Arc<ServerConfig>,
+    grpc: Arc<ServerConfig>,
+}
+
 /// A listener's TLS configuration, current with its files; cloning shares it.
 #[derive(Clone)]
 pub struct Tls {
-    config: Watched<ServerConfig>,
+    configs: Watched<Configs>,
+    grpc: bool,
 }
 
 /// ALPN of the HTTP port: HTTP/2 first, then HTTP/1.1.
-pub const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// ALPN of the gRPC port.
-pub const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+const GRPC_ALPN: &[&[u8]] = &[b"h2"];
 
 impl Tls {
-    /// Loads `settings` (an error here stops the server) and watches the files.
-    pub fn load(settings: &TlsSettings, alpn: &'static [&'static [u8]]) -> Result<Self> {
+    /// Loads `settings` (an error here stops the server) and watches the files; the HTTP
+    /// listener's side (see [`Tls::for_grpc`]).
+    pub fn load(settings: &TlsSettings) -> Result<Self> {
         warn_if_shared(&settings.key);
         let mut paths = vec![settings.cert.clone(), settings.key.clone()];
         paths.extend(settings.client_ca.clone());
-        let parse: Parser<ServerConfig> = Arc::new(move |bytes, _| server_config(bytes, alpn));
+        let parse: Parser<Configs> = Arc::new(|bytes, _| {
+            Ok(Configs {
+                http: Arc::new(server_config(bytes, HTTP_ALPN)?),
+                grpc: Arc::new(server_config(bytes, GRPC_ALPN)?),
+            })
+        });
         Ok(Self {
-            config: Watched::load("TLS certificate", paths, parse)?,
+            configs: Watched::load("TLS certificate", paths, parse)?,
+            grpc: false,
         })
+    }
+
+    /// The same files, for the gRPC listener.
+    pub fn for_grpc(&self) -> Self {
+        Self {
+            configs: self.configs.clone(),
+            grpc: true,
+        }
     }
 
     /// An acceptor with the configuration now in force.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.get())
+        let configs = self.configs.get();
+        TlsAcceptor::from(Arc::clone(if self.grpc { &configs.grpc } else { &configs.http }))
     }
 }
 

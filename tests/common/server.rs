@@ -190,4 +190,15 @@ impl TestServer {
             .request(method, self.url(path))
             .bearer_auth(ADMIN_TOKEN)
     }
+
+    /// GETs the admin route `path` and parses its JSON answer.
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
