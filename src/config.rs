@@ -13,6 +13,7 @@ use crate::constrain::TerminologySpec;
 use crate::distill::outbound::OutboundPolicy;
 use crate::distill::service::JobPolicy;
 use crate::repository::ModelLimits;
+use crate::telemetry::TraceSettings;
 use crate::transport::ConnectionLimits;
 use crate::transport::tls::TlsSettings;
 
@@ -95,6 +96,15 @@ pub struct ServeArgs {
     /// [default: 30].
     #[arg(long, env = "DISTILL_SERVE_CAPTURE_RETENTION_DAYS")]
     pub capture_retention_days: Option<u64>,
+    /// Export traces (a span per request, with its queue, prefill and decode) to this
+    /// OpenTelemetry collector over OTLP/HTTP protobuf: a base URL such as
+    /// `http://otel-collector:4318` (`/v1/traces` is appended) or the full traces URL. Off when
+    /// absent. `OTEL_BSP_*` tune the batching of exports.
+    #[arg(long, env = "DISTILL_SERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans [default: OTEL_SERVICE_NAME, else distill-serve].
+    #[arg(long, env = "DISTILL_SERVE_OTLP_SERVICE_NAME", requires = "otlp_endpoint")]
+    pub otlp_service_name: Option<String>,
     /// Refresh jobs running at once [default: 1].
     #[arg(long, env = "DISTILL_SERVE_MAX_REFRESH_JOBS")]
     pub max_refresh_jobs: Option<usize>,
@@ -151,6 +161,8 @@ pub struct ServerConfig {
     pub log_prompts: bool,
     /// How long captured prompts are kept (none: until deleted).
     pub capture_retention: Option<Duration>,
+    /// Where traces are exported (none: not at all).
+    pub traces: Option<TraceSettings>,
     pub ort_library: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
@@ -199,6 +211,13 @@ impl ServeArgs {
             self.teacher_allow
         };
         let outbound = OutboundPolicy::new(&teacher_allow).map_err(anyhow::Error::msg)?;
+        let traces = match self.otlp_endpoint.or(file.otlp_endpoint) {
+            Some(endpoint) => Some(TraceSettings::new(
+                &endpoint,
+                self.otlp_service_name.or(file.otlp_service_name),
+            )?),
+            None => None,
+        };
         Ok(ServerConfig {
             dataset_read: !(self.no_dataset_read || file.no_dataset_read),
             log_prompts: self.log_prompts || file.log_prompts,
@@ -214,6 +233,7 @@ impl ServeArgs {
                 outbound,
                 max_running: self.max_refresh_jobs.or(file.max_refresh_jobs).unwrap_or(1).max(1),
             },
+            traces,
             audit_log,
             tls,
             connections,

@@ -24,6 +24,7 @@ pub mod repository;
 pub mod request_id;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod tiny;
 pub mod tokenize;
 pub mod transport;

@@ -11,7 +11,11 @@ use distill_serve::distill::client::{DistillCommand, ServerArgs};
 use distill_serve::distill::finetune;
 use distill_serve::distill::trainer::TrainConfig;
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
+use distill_serve::telemetry::{TraceLayer, Tracing};
 use distill_serve::tiny::{self, TinySpec};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -41,19 +45,43 @@ enum LogFormat {
     Json,
 }
 
-/// Logs to stderr at RUST_LOG's levels (info by default) in `format`.
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at RUST_LOG's levels (info by default) in `format`; `traces` (when exporting)
+/// sees spans by its own filter, so RUST_LOG cannot turn traces off.
+fn init_logging(format: LogFormat, traces: Option<TraceLayer>) {
     let filter = tracing_subscriber::EnvFilter::builder()
         .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
         .from_env_lossy();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => Box::new(log.with_ansi(std::io::stderr().is_terminal()).with_filter(filter)),
         // Span fields (the request id) go into each line's `span` and `spans` keys.
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Json => Box::new(
+            log.json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_filter(filter),
+        ),
+    };
+    tracing_subscriber::registry().with(traces).with(log).init();
+}
+
+/// Runs the server, logging, and exporting traces when `--otlp-endpoint` is given.
+fn serve(args: ServeArgs, log_format: LogFormat) -> Result<()> {
+    let config = args.resolve()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (tracing, layer) = match &config.traces {
+        Some(settings) => {
+            let (tracing, layer) = Tracing::start(settings, runtime.handle().clone())?;
+            (Some(tracing), Some(layer))
+        }
+        None => (None, None),
+    };
+    init_logging(log_format, layer);
+    let served = runtime.block_on(distill_serve::server::run(config));
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
     }
+    served
 }
 
 #[derive(Subcommand)]
@@ -177,7 +205,10 @@ struct ExportArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // `serve` sets up its own logging, with its trace exporter.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(cli.log_format, None);
+    }
     match cli.command {
         Command::Tiny { spec, out } => {
             let config = tiny::write_tiny(&spec, &out)?;
@@ -211,10 +242,7 @@ fn main() -> Result<()> {
         Command::Distill { server, command } => {
             tokio::runtime::Runtime::new()?.block_on(distill_serve::distill::client::run(server, command))?;
         }
-        Command::Serve(args) => {
-            let config = args.resolve()?;
-            tokio::runtime::Runtime::new()?.block_on(distill_serve::server::run(config))?;
-        }
+        Command::Serve(args) => serve(*args, cli.log_format)?,
         Command::Terminology(TerminologyCommand::Inspect {
             kind,
             path,

@@ -84,7 +84,15 @@ impl Infer {
         };
         let id = crate::request_id::current();
         // Inside the transport's `request` span, which carries the id.
-        let span = tracing::info_span!("generate", model = %request.model, endpoint = request.endpoint.as_str());
+        let span = tracing::info_span!(
+            "generate",
+            model = %request.model,
+            endpoint = request.endpoint.as_str(),
+            outcome = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
         async {
             if self.lifecycle.is_draining() {
@@ -217,6 +225,10 @@ impl Drop for Record {
         self.metrics
             .observe_request(&self.model, self.endpoint.as_str(), tenant, self.outcome, elapsed);
         let ms = elapsed.as_secs_f64() * 1000.0;
+        self.span.record("outcome", self.outcome);
+        if self.outcome != "success" {
+            self.span.record("otel.status_code", "error");
+        }
         // Failures at info, so an operator sees them at the default level; successes at debug.
         self.span.in_scope(|| match self.outcome {
             "success" => tracing::debug!(outcome = self.outcome, ms, "request ended"),
@@ -294,6 +306,9 @@ impl Generation {
             }
             self.ended = true;
             self.record.outcome = "success";
+            // As i64: the OpenTelemetry layer exports unsigned fields as strings.
+            self.record.span.record("prompt_tokens", *prompt_tokens as i64);
+            self.record.span.record("completion_tokens", *completion_tokens as i64);
             self.record.span.in_scope(|| {
                 tracing::debug!(
                     queue_ms = timings.queue.as_secs_f64() * 1000.0,

@@ -14,6 +14,7 @@ pub mod admission;
 mod batch;
 mod health;
 mod queue;
+mod stages;
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -31,6 +32,7 @@ pub use batch::warm_up;
 pub use health::{FAILING_AFTER, Health};
 use health::{HealthState, PanicWatch};
 pub use queue::{BatchPolicy, BucketQueue, Pending};
+use stages::Stages;
 
 /// Why a request ended without finishing.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -81,6 +83,7 @@ struct Job {
     events: mpsc::UnboundedSender<EventResult>,
     queued_at: Instant,
     ticket: Ticket,
+    stages: Stages,
 }
 
 /// Where a running sequence's events go, and its timings.
@@ -96,6 +99,7 @@ struct Meta {
     last_event: Option<Instant>,
     /// The request's share of the load, given back when the sequence leaves, however it ends.
     ticket: Ticket,
+    stages: Stages,
 }
 
 /// Handle to a model's scheduler; cloning shares it.
@@ -168,6 +172,7 @@ impl Scheduler {
             events,
             queued_at,
             ticket,
+            stages: Stages::queued(),
         };
         // A failed send drops the job and its ticket, which gives the places back.
         self.jobs.send(job).map_err(|_| SubmitError::Closed)?;
@@ -211,6 +216,7 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
         None => {
             metrics.time_to_first_token.observe(since);
             meta.first_token_at = Some(now);
+            meta.stages.decode();
         }
         Some(_) => metrics.inter_token_latency.observe(since),
     }
@@ -241,6 +247,7 @@ fn deliver(meta: &mut Meta, advance: Result<Advance, GenerateError>, metrics: &M
                     inference: now.duration_since(meta.admitted_at),
                 };
                 finished = true;
+                meta.stages.end();
             }
         }
         match &mut meta.held {
@@ -361,7 +368,8 @@ impl Worker {
             self.metrics.bucket_dispatch(self.queue.bucket_bound(bucket));
             let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
             let prompt_tokens: usize = pending.iter().map(|p| p.tokens).sum();
-            let computed = pending.len() * longest;
+            let rows = pending.len();
+            let computed = rows * longest;
             self.metrics.observe_prefill(computed, prompt_tokens);
             let seqs: Vec<(Sequence, Meta)> = pending
                 .into_iter()
@@ -369,6 +377,7 @@ impl Worker {
                     self.metrics.queue_time.observe(p.arrived.elapsed().as_secs_f64());
                     let mut job = p.item;
                     job.ticket.started();
+                    job.stages.prefill(p.tokens, rows);
                     let held = (!job.request.stream).then(Vec::new);
                     let meta = Meta {
                         events: job.events,
@@ -379,6 +388,7 @@ impl Worker {
                         first_token_at: None,
                         last_event: None,
                         ticket: job.ticket,
+                        stages: job.stages,
                     };
                     (Sequence::new(job.request), meta)
                 })
