@@ -91,25 +91,51 @@ PY
   echo "setup: ICD-10-CM 2026 installed at $ICD_DEST"
 fi
 
+# Unpacks the files of wheel `$1` whose names start with `$2` (a folder inside the wheel) into
+# folder `$3`, flat.
+unpack_libraries() {
+  python3 - "$@" <<'PY'
+import os, sys, zipfile
+wheel, prefix, out = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if n.startswith(prefix) and ".so" in n and "pybind11" not in n]
+    if not names:
+        sys.exit(f"setup: no libraries under {prefix} in {wheel}")
+    os.makedirs(out, exist_ok=True)
+    for n in names:
+        with z.open(n) as src, open(os.path.join(out, os.path.basename(n)), "wb") as dst:
+            dst.write(src.read())
+PY
+}
+
 if [ -f "$LIB" ]; then
   echo "setup: ONNX Runtime $ORT_VERSION already at $LIB"
-  exit 0
+else
+  fetch_wheel "$WHEEL" "onnxruntime==$ORT_VERSION" "$WHEEL_SHA256" --only-binary=:all: \
+    --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311
+  tmp=$(mktemp -d)
+  unpack_libraries "$CACHE/wheels/$WHEEL" onnxruntime/capi/libonnxruntime.so "$tmp"
+  mkdir -p "$DEST"
+  mv "$tmp/libonnxruntime.so.$ORT_VERSION" "$LIB"
+  rm -rf "$tmp"
+  echo "setup: ONNX Runtime $ORT_VERSION installed at $LIB"
 fi
 
-mkdir -p "$DEST"
-fetch_wheel "$WHEEL" "onnxruntime==$ORT_VERSION" "$WHEEL_SHA256" --only-binary=:all: \
-  --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-python3 - "$CACHE/wheels/$WHEEL" "$tmp" <<'PY'
-import sys, zipfile
-wheel, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    names = [n for n in z.namelist() if n.startswith("onnxruntime/capi/libonnxruntime.so")]
-    if not names:
-        sys.exit("setup: no libonnxruntime.so in the wheel")
-    for n in names:
-        z.extract(n, out)
-PY
-mv "$tmp/onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" "$LIB"
-echo "setup: ONNX Runtime $ORT_VERSION installed at $LIB"
+# SETUP_GPU=1 (the CUDA image's build): ONNX Runtime with its CUDA and TensorRT execution
+# providers, out of the pinned PyPI `onnxruntime-gpu` wheel (255 MB; CUDA 13, cuDNN 9, and
+# TensorRT 10 for the TensorRT provider, which the wheel does not hold). Its newest release is
+# one behind the CPU library's; the C API (version 31, what the binary asks for) is the same.
+ORT_GPU_VERSION=1.31.1
+GPU_WHEEL=onnxruntime_gpu-${ORT_GPU_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl
+GPU_WHEEL_SHA256=e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6
+GPU_DEST=$CACHE/onnxruntime-gpu-$ORT_GPU_VERSION
+if [ "${SETUP_GPU:-0}" = 1 ]; then
+  if [ -f "$GPU_DEST/libonnxruntime_providers_cuda.so" ]; then
+    echo "setup: ONNX Runtime GPU $ORT_GPU_VERSION already at $GPU_DEST"
+  else
+    fetch_wheel "$GPU_WHEEL" "onnxruntime-gpu==$ORT_GPU_VERSION" "$GPU_WHEEL_SHA256" --only-binary=:all: \
+      --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311
+    unpack_libraries "$CACHE/wheels/$GPU_WHEEL" onnxruntime/capi/lib "$GPU_DEST"
+    echo "setup: ONNX Runtime GPU $ORT_GPU_VERSION installed at $GPU_DEST"
+  fi
+fi

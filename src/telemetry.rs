@@ -3,6 +3,7 @@
 //! to an OTLP/HTTP collector as protobuf, and each request continues the trace its client
 //! names in a W3C `traceparent` header (HTTP) or metadata entry (gRPC).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,6 +19,14 @@ use tracing_subscriber::registry::Registry;
 /// The `service.name` of exported spans when neither `--otlp-service-name` nor
 /// `OTEL_SERVICE_NAME` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "distill-serve";
+
+/// Whether spans are exported (set once, at start).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports traces.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// How long one export may take before it is given up (the spans are dropped, never retried).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +105,7 @@ impl Tracing {
             .with_resource(resource)
             .build();
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        EXPORTING.store(true, Ordering::Relaxed);
         let tracer = provider.tracer("distill-serve");
         // Spans only: events (log lines) stay in the log, where --log-prompts governs them.
         let only_our_spans = tracing_subscriber::filter::filter_fn(|meta| {
@@ -120,7 +130,7 @@ impl Tracing {
 }
 
 /// The trace context a request's client sent in its `traceparent` header (none: an empty
-/// context, so the request starts a trace). Reads nothing unless tracing is on.
+/// context, so the request starts a trace).
 pub fn remote_parent(headers: &axum::http::HeaderMap) -> opentelemetry::Context {
     opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)))
 }

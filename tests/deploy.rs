@@ -1,6 +1,7 @@
-//! The deployment files under `docker/`: the Dockerfile passes hadolint, the Kubernetes
-//! manifests validate against the Kubernetes schemas offline, and the binary starts and gets
-//! ready with the Dockerfile's own environment, as the container runs it.
+//! The deployment files under `docker/`: both Dockerfiles pass hadolint, the Kubernetes
+//! manifests validate against the Kubernetes schemas offline (and the custom resources against
+//! schemas of our own), and the binary starts with each Dockerfile's own environment, as the
+//! container runs it.
 
 mod common;
 
@@ -29,10 +30,11 @@ fn run(program: &str, args: &[&str]) -> (bool, String) {
 }
 
 #[test]
-fn the_dockerfile_passes_hadolint() {
-    let dockerfile = repo_file("docker/Dockerfile");
-    let (ok, out) = run("hadolint", &[dockerfile.to_str().unwrap()]);
-    assert!(ok, "hadolint:\n{out}");
+fn the_dockerfiles_pass_hadolint() {
+    for name in ["docker/Dockerfile", "docker/Dockerfile.cuda"] {
+        let (ok, out) = run("hadolint", &[repo_file(name).to_str().unwrap()]);
+        assert!(ok, "hadolint {name}:\n{out}");
+    }
     // The linter is alive: a Dockerfile with a known fault fails it.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("Dockerfile");
@@ -45,18 +47,29 @@ fn the_dockerfile_passes_hadolint() {
 
 #[test]
 fn the_kubernetes_manifests_validate_offline() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_file("docker/kubernetes"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 6, "{files:?}");
+    let yaml_in = |dir: &str| -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(repo_file(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        files
+    };
+    let mut files = yaml_in("docker/kubernetes");
+    files.extend(yaml_in("docker/kubernetes/gpu"));
+    assert!(files.len() >= 9, "{files:?}");
     let names: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
     let mut args = vec!["--strict"];
     args.extend(&names);
     let (ok, out) = run("kubernetes-validate", &args);
     assert!(ok, "kubernetes-validate:\n{out}");
+    // Only the ServiceMonitor (a custom resource) goes unchecked there; the next test checks it.
+    let unchecked: Vec<&str> = out.lines().filter(|l| l.contains("Couldn't find schema")).collect();
+    assert!(
+        unchecked.len() == 1 && unchecked[0].contains("servicemonitor.yaml"),
+        "{out}"
+    );
     // And it refuses a manifest with a misspelt field.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
@@ -68,9 +81,39 @@ fn the_kubernetes_manifests_validate_offline() {
     assert!(!run("kubernetes-validate", &["--strict", bad.to_str().unwrap()]).0);
 }
 
-/// The `ENV` settings of the Dockerfile's final stage, as `(name, value)`.
-fn dockerfile_env() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(repo_file("docker/Dockerfile")).unwrap();
+#[test]
+fn the_service_monitor_and_the_gpu_deployment_hold_what_they_must() {
+    let script = repo_file("tests/clients/check_manifests.py");
+    let folder = repo_file("docker/kubernetes");
+    let (ok, out) = run("python3", &[script.to_str().unwrap(), folder.to_str().unwrap()]);
+    assert!(ok && out.trim() == "ok", "{out}");
+    // The check has teeth: a GPU Deployment without its GPU, and a ServiceMonitor on a port
+    // the Service lacks, fail it.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("kubernetes");
+    std::fs::create_dir_all(copy.join("gpu")).unwrap();
+    for name in ["service.yaml", "deployment.yaml"] {
+        std::fs::copy(folder.join(name), copy.join(name)).unwrap();
+    }
+    let gpu = std::fs::read_to_string(folder.join("gpu/deployment.yaml")).unwrap();
+    std::fs::write(
+        copy.join("gpu/deployment.yaml"),
+        gpu.replace("nvidia.com/gpu: 1", "cpu: \"1\""),
+    )
+    .unwrap();
+    let monitor = std::fs::read_to_string(folder.join("servicemonitor.yaml")).unwrap();
+    std::fs::write(
+        copy.join("servicemonitor.yaml"),
+        monitor.replace("- port: http", "- port: web"),
+    )
+    .unwrap();
+    let (ok, out) = run("python3", &[script.to_str().unwrap(), copy.to_str().unwrap()]);
+    assert!(!ok && out.contains("nvidia.com/gpu") && out.contains("'web'"), "{out}");
+}
+
+/// The `ENV` settings of `dockerfile`'s final stage, as `(name, value)`.
+fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_file(dockerfile)).unwrap();
     let joined = text.replace("\\\n", " ");
     let last_stage = joined.rsplit("\nFROM ").next().unwrap();
     last_stage
@@ -81,11 +124,15 @@ fn dockerfile_env() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Starts the binary with the Dockerfile's environment, its paths moved under a temporary
-/// root and the repository set to `repository` (a path inside the container); returns the
-/// server (ready) and the root.
-async fn start_as_container(repository: &str, add: impl FnOnce(&Path)) -> (TestServer, tempfile::TempDir) {
-    let env = dockerfile_env();
+/// Starts the binary with `dockerfile`'s environment, its paths moved under a temporary root
+/// and the repository set to `repository` (a path inside the container); returns the server
+/// (live) and the root.
+async fn start_as_container(
+    dockerfile: &str,
+    repository: &str,
+    add: impl FnOnce(&Path),
+) -> (TestServer, tempfile::TempDir) {
+    let env = dockerfile_env(dockerfile);
     let get = |name: &str| {
         env.iter()
             .find(|(k, _)| k == name)
@@ -118,33 +165,77 @@ async fn start_as_container(repository: &str, add: impl FnOnce(&Path)) -> (TestS
     let env_refs: Vec<(&str, &str)> = moved.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // No --model-repository flag: the repository comes from the environment, as in the image.
     let server = TestServer::start_in_env(tempfile::tempdir().unwrap(), models, &env_refs);
-    let ready = TestServer::wait_for(Duration::from_secs(10), || async {
+    (server, root)
+}
+
+/// Whether `server` is ready within a few seconds.
+async fn becomes_ready(server: &TestServer) -> bool {
+    TestServer::wait_for(Duration::from_secs(10), || async {
         reqwest::get(server.url("/v2/health/ready"))
             .await
             .is_ok_and(|r| r.status() == 200)
     })
-    .await;
-    assert!(ready, "not ready with the container's environment");
-    (server, root)
+    .await
 }
 
 #[tokio::test]
 async fn the_binary_serves_with_the_containers_environment() {
-    let (_server, root) = start_as_container("/models", |models| add_version(models, "tiny", 1, 1)).await;
+    let (server, root) = start_as_container("docker/Dockerfile", "/models", |models| {
+        add_version(models, "tiny", 1, 1)
+    })
+    .await;
+    assert!(
+        becomes_ready(&server).await,
+        "not ready with the container's environment"
+    );
     let state = root.path().join("var/lib/distill-serve");
     assert!(state.join("store.sqlite3").is_file() && state.join("audit.jsonl").is_file());
+}
+
+/// The CUDA image's environment puts every model on the CUDA provider unless its `model.toml`
+/// names another: in this build (no `cuda` feature, no GPU) such a model reports why it cannot
+/// load, and one that asks for the CPU serves.
+#[tokio::test]
+async fn the_cuda_images_environment_puts_models_on_the_gpu_provider() {
+    let env = dockerfile_env("docker/Dockerfile.cuda");
+    assert!(
+        env.contains(&("DISTILL_SERVE_EXECUTION_PROVIDER".into(), "cuda".into())),
+        "{env:?}"
+    );
+    let (server, _root) = start_as_container("docker/Dockerfile.cuda", "/models", |models| {
+        add_version(models, "gpu", 1, 1);
+        add_version(models, "cpu", 1, 2);
+        std::fs::write(models.join("cpu/model.toml"), "execution_provider = \"cpu\"\n").unwrap();
+    })
+    .await;
+    let cpu_ready = TestServer::wait_for(Duration::from_secs(10), || async {
+        reqwest::get(server.url("/v2/models/cpu/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(cpu_ready, "the model that asks for the CPU is not served");
+    let r = reqwest::get(server.url("/v2/models/gpu/ready")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("cuda"), "{body}");
 }
 
 /// KServe's storage initializer puts one model's folder at `/mnt/models`: given as the
 /// repository, it is served as that model.
 #[tokio::test]
 async fn a_single_model_folder_mounted_as_kserve_does_is_served() {
-    let (server, _root) = start_as_container("/mnt/models", |mount| {
+    let (server, _root) = start_as_container("docker/Dockerfile", "/mnt/models", |mount| {
         let parent = mount.parent().unwrap();
         add_version(parent, "models", 1, 1);
         std::fs::write(mount.join("model.toml"), "name = \"coder\"\n").unwrap();
     })
     .await;
+    assert!(
+        becomes_ready(&server).await,
+        "not ready with the container's environment"
+    );
     let list: serde_json::Value = reqwest::get(server.url("/v1/models"))
         .await
         .unwrap()

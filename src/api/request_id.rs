@@ -58,20 +58,25 @@ where
             "request",
             id = %id,
             path = %path,
-            otel.name = %span_name(&request),
-            otel.kind = "server",
+            otel.name = Empty,
+            otel.kind = Empty,
             http.response.status_code = Empty,
             otel.status_code = Empty,
         );
-        // Without an exporter, or without a usable traceparent, there is no parent to set.
-        let _ = span.set_parent(telemetry::remote_parent(request.headers()));
+        // Set only when exporting, so log lines do not carry them.
+        if telemetry::exporting() {
+            span.record("otel.name", span_name(&request));
+            span.record("otel.kind", "server");
+            // Without a usable traceparent there is no parent to set.
+            let _ = span.set_parent(telemetry::remote_parent(request.headers()));
+        }
         let header = HeaderValue::from_str(&id).ok();
         let response = self.inner.call(request);
         Box::pin(request_id::scope(id, async move {
             let mut response = response.instrument(span.clone()).await?;
             let status = response.status();
             span.record("http.response.status_code", i64::from(status.as_u16()));
-            if status.is_server_error() {
+            if status.is_server_error() && telemetry::exporting() {
                 span.record("otel.status_code", "error");
             }
             if let Some(header) = header {

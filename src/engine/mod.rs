@@ -40,7 +40,7 @@ impl<R> From<ort::Error<R>> for EngineError {
 }
 
 /// Where a model's graph runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
     #[default]

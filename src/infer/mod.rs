@@ -226,7 +226,7 @@ impl Drop for Record {
             .observe_request(&self.model, self.endpoint.as_str(), tenant, self.outcome, elapsed);
         let ms = elapsed.as_secs_f64() * 1000.0;
         self.span.record("outcome", self.outcome);
-        if self.outcome != "success" {
+        if self.outcome != "success" && crate::telemetry::exporting() {
             self.span.record("otel.status_code", "error");
         }
         // Failures at info, so an operator sees them at the default level; successes at debug.

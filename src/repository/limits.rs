@@ -1,17 +1,22 @@
-//! The limits of one model, declared once: the server's flags (and its config file) set them
-//! for every model, a model's `model.toml` overrides them for that model, and the defaults
-//! below fill in what neither sets.
+//! The limits of one model (and where its graph runs), declared once: the server's flags (and
+//! its config file) set them for every model, a model's `model.toml` overrides them for that
+//! model, and the defaults below fill in what neither sets.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::ExecutionProvider;
 use crate::scheduler::{AdmissionLimits, BatchPolicy};
 
 /// Limits as one layer gives them (any may be absent).
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelLimits {
+    /// Where models run: cpu, cuda (a build with `--features cuda`) or tensorrt (`--features
+    /// tensorrt`), with an ONNX Runtime library built with them [default: cpu].
+    #[arg(long, env = "DISTILL_SERVE_EXECUTION_PROVIDER", value_enum)]
+    pub execution_provider: Option<ExecutionProvider>,
     /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
     #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
@@ -55,6 +60,7 @@ pub struct ModelLimits {
 /// The limits of a loaded model, every default applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
+    pub execution_provider: ExecutionProvider,
     pub intra_threads: usize,
     pub admission: AdmissionLimits,
     pub max_tokens: usize,
@@ -67,6 +73,7 @@ impl ModelLimits {
     /// Each limit of `self`, else the one of `under`.
     pub fn or(self, under: &ModelLimits) -> Self {
         Self {
+            execution_provider: self.execution_provider.or(under.execution_provider),
             intra_threads: self.intra_threads.or(under.intra_threads),
             max_queue_time_ms: self.max_queue_time_ms.or(under.max_queue_time_ms),
             max_queue: self.max_queue.or(under.max_queue),
@@ -84,6 +91,7 @@ impl ModelLimits {
     /// The limits with the defaults filled in, for a model of `context_length` tokens.
     pub fn resolve(self, context_length: usize) -> Limits {
         Limits {
+            execution_provider: self.execution_provider.unwrap_or_default(),
             intra_threads: self.intra_threads.unwrap_or(0),
             admission: AdmissionLimits {
                 max_queue_time: Duration::from_millis(self.max_queue_time_ms.unwrap_or(30_000)),
@@ -117,12 +125,14 @@ mod tests {
             ..Default::default()
         };
         let model = ModelLimits {
+            execution_provider: Some(ExecutionProvider::Cuda),
             max_queue: Some(7),
             buckets: Some(vec![8, 64]),
             ..Default::default()
         };
         let limits = model.or(&server).resolve(2048);
         assert_eq!(limits.admission.max_queue, 7);
+        assert_eq!(limits.execution_provider, ExecutionProvider::Cuda);
         assert_eq!(limits.max_tokens, 9);
         assert_eq!(limits.batch.buckets, vec![8, 64]);
         assert_eq!(limits.admission.max_concurrent, usize::MAX);
@@ -130,5 +140,6 @@ mod tests {
         let defaults = ModelLimits::default().resolve(64);
         assert_eq!(defaults.batch.buckets, BatchPolicy::default_buckets(64));
         assert_eq!(defaults.batch.max_batch_size, 32);
+        assert_eq!(defaults.execution_provider, ExecutionProvider::Cpu);
     }
 }

@@ -442,7 +442,7 @@ impl Repository {
         let limits = settings.limits.clone().or(&self.defaults).resolve(context_length);
         let options = SessionOptions {
             intra_threads: limits.intra_threads,
-            execution_provider: settings.execution_provider,
+            execution_provider: limits.execution_provider,
         };
         let redaction = Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?);
         let capture = match settings.capture {
@@ -462,7 +462,7 @@ impl Repository {
             version,
             file = %vdir.join(MODEL_FILE).display(),
             precision = session.precision(),
-            execution_provider = ?settings.execution_provider,
+            execution_provider = ?limits.execution_provider,
             layers = session.num_layers(),
             vocab = session.vocab_size(),
             context_length,

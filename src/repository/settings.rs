@@ -7,7 +7,6 @@ use serde::Deserialize;
 
 use super::RepositoryError;
 use super::limits::ModelLimits;
-use crate::engine::ExecutionProvider;
 
 /// The contents of `model.toml`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -17,9 +16,7 @@ pub struct ModelSettings {
     pub name: Option<String>,
     /// Serve this version instead of the newest.
     pub version: Option<u32>,
-    #[serde(default)]
-    pub execution_provider: ExecutionProvider,
-    /// Limits of this model (the server's for those absent).
+    /// Limits of this model, and its execution provider (the server's for those absent).
     #[serde(flatten)]
     pub limits: ModelLimits,
     /// Store this model's prompts in the dataset `capture/<name>` for refresh jobs.
@@ -74,16 +71,17 @@ pub fn write_serving_version(dir: &Path, version: u32) -> Result<(), RepositoryE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ExecutionProvider;
 
     #[test]
     fn minimal_and_full_settings_parse() {
         let s: ModelSettings = toml::from_str("name = \"coder\"").unwrap();
         assert_eq!(s.name.as_deref(), Some("coder"));
-        assert_eq!(s.execution_provider, ExecutionProvider::Cpu);
+        assert_eq!(s.limits.execution_provider, None);
         let s: ModelSettings = toml::from_str("version = 2\nexecution_provider = \"tensorrt\"\nmax_queue = 8").unwrap();
         assert_eq!(
-            (s.version, s.execution_provider, s.limits.max_queue),
-            (Some(2), ExecutionProvider::Tensorrt, Some(8))
+            (s.version, s.limits.execution_provider, s.limits.max_queue),
+            (Some(2), Some(ExecutionProvider::Tensorrt), Some(8))
         );
         let err = toml::from_str::<ModelSettings>("max_qeue = 8").unwrap_err().to_string();
         assert!(err.contains("max_qeue"), "{err}");
