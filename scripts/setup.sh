@@ -3,9 +3,18 @@
 # the pinned PyPI `onnxruntime` wheel (the only prebuilt ORT this environment can download),
 # checked against its sha256 and unpacked into the cache folder the binary looks in; and the
 # OpenAI Python SDK the tests use as a client; and the public-domain ICD-10-CM release (CMS
-# tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. Idempotent: a
-# second run changes nothing.
+# tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. With --gpu, also
+# ONNX Runtime's GPU build and the CUDA libraries it needs (below). Idempotent: a second run
+# changes nothing.
 set -euo pipefail
+
+GPU=0
+for arg in "$@"; do
+  case $arg in
+    --gpu) GPU=1 ;;
+    *) echo "usage: scripts/setup.sh [--gpu]" >&2; exit 2 ;;
+  esac
+done
 
 ORT_VERSION=1.32.0
 WHEEL=onnxruntime-${ORT_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl
@@ -121,16 +130,35 @@ else
   echo "setup: ONNX Runtime $ORT_VERSION installed at $LIB"
 fi
 
-# SETUP_GPU=1 (the CUDA image's build): ONNX Runtime with its CUDA and TensorRT execution
-# providers, out of the pinned PyPI `onnxruntime-gpu` wheel (255 MB; CUDA 13, cuDNN 9, and
-# TensorRT 10 for the TensorRT provider, which the wheel does not hold). Its newest release is
-# one behind the CPU library's; the C API (version 31, what the binary asks for) is the same.
+# --gpu: ONNX Runtime with its CUDA and TensorRT execution providers, out of the pinned PyPI
+# `onnxruntime-gpu` wheel (255 MB; built for CUDA 13 with SASS for sm_75 and up), core and
+# provider libraries side by side (ONNX Runtime loads providers from its own folder). Its
+# newest release is one behind the CPU library's; the C API the binary asks for (31) is the
+# same. TensorRT is not in the registries (see README).
 ORT_GPU_VERSION=1.31.1
 GPU_WHEEL=onnxruntime_gpu-${ORT_GPU_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl
 GPU_WHEEL_SHA256=e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6
 GPU_DEST=$CACHE/onnxruntime-gpu-$ORT_GPU_VERSION
-if [ "${SETUP_GPU:-0}" = 1 ]; then
-  if [ -f "$GPU_DEST/libonnxruntime_providers_cuda.so" ]; then
+# The CUDA 13.0-line libraries its CUDA provider loads, from NVIDIA's PyPI wheels, unpacked
+# into one folder the binary preloads them from; each is skipped when the system has all the
+# libraries it gives. A line: requirement, wheel, sha256, the libraries.
+CUDA_DEST=$CACHE/cuda-13.0
+CUDA_WHEELS=(
+  "nvidia-cuda-runtime==13.0.96 nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl 7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548 libcudart.so.13"
+  "nvidia-cublas==13.1.0.3 nvidia_cublas-13.1.0.3-py3-none-manylinux_2_27_x86_64.whl ee8722c1f0145ab246bccb9e452153b5e0515fd094c3678df50b2a0888b8b171 libcublasLt.so.13 libcublas.so.13"
+  "nvidia-cuda-nvrtc==13.0.88 nvidia_cuda_nvrtc-13.0.88-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575 libnvrtc.so.13"
+  "nvidia-curand==10.4.0.35 nvidia_curand-10.4.0.35-py3-none-manylinux_2_27_x86_64.whl 1aee33a5da6e1db083fe2b90082def8915f30f3248d5896bcec36a579d941bfc libcurand.so.10"
+  "nvidia-cufft==12.0.0.61 nvidia_cufft-12.0.0.61-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl 6c44f692dce8fd5ffd3e3df134b6cdb9c2f72d99cf40b62c32dde45eea9ddad3 libcufft.so.12"
+  "nvidia-cudnn-cu13==9.19.0.56 nvidia_cudnn_cu13-9.19.0.56-py3-none-manylinux_2_27_x86_64.whl d20e1734305e9d68889a96e3f35094d733ff1f83932ebe462753973e53a572bf libcudnn.so.9 libcudnn_graph.so.9 libcudnn_ops.so.9 libcudnn_heuristic.so.9 libcudnn_adv.so.9 libcudnn_cnn.so.9 libcudnn_engines_precompiled.so.9 libcudnn_engines_runtime_compiled.so.9"
+)
+
+# Whether library `$1` is in the CUDA folder or known to the system's loader.
+have_library() {
+  [ -f "$CUDA_DEST/$1" ] || /sbin/ldconfig -p 2>/dev/null | grep -q "[[:space:]]$1 "
+}
+
+if [ "$GPU" = 1 ]; then
+  if [ -f "$GPU_DEST/libonnxruntime_providers_cuda.so" ] && [ -f "$GPU_DEST/libonnxruntime.so.$ORT_GPU_VERSION" ]; then
     echo "setup: ONNX Runtime GPU $ORT_GPU_VERSION already at $GPU_DEST"
   else
     fetch_wheel "$GPU_WHEEL" "onnxruntime-gpu==$ORT_GPU_VERSION" "$GPU_WHEEL_SHA256" --only-binary=:all: \
@@ -138,4 +166,18 @@ if [ "${SETUP_GPU:-0}" = 1 ]; then
     unpack_libraries "$CACHE/wheels/$GPU_WHEEL" onnxruntime/capi/lib "$GPU_DEST"
     echo "setup: ONNX Runtime GPU $ORT_GPU_VERSION installed at $GPU_DEST"
   fi
+  for line in "${CUDA_WHEELS[@]}"; do
+    read -r requirement wheel sha libraries <<<"$line"
+    missing=0
+    for library in $libraries; do
+      have_library "$library" || missing=1
+    done
+    if [ "$missing" = 0 ]; then
+      echo "setup: ${requirement%%==*} already there"
+      continue
+    fi
+    fetch_wheel "$wheel" "$requirement" "$sha" --only-binary=:all:
+    unpack_libraries "$CACHE/wheels/$wheel" nvidia/ "$CUDA_DEST"
+    echo "setup: ${requirement%%==*} installed at $CUDA_DEST"
+  done
 fi

@@ -129,9 +129,14 @@ pub struct ServeArgs {
     /// <model repository>/.distill/store.sqlite3].
     #[arg(long, env = "DISTILL_SERVE_STORE")]
     pub store: Option<PathBuf>,
-    /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs].
+    /// The ONNX Runtime shared library [default: the one scripts/setup.sh installs; in a build
+    /// with the `cuda` feature, its GPU build when `setup.sh --gpu` installed it].
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
+    /// Folder of CUDA libraries the GPU providers preload (those it lacks come from the
+    /// system) [default: the one `setup.sh --gpu` fills].
+    #[arg(long, env = "DISTILL_SERVE_CUDA_LIBRARIES")]
+    pub cuda_libraries: Option<PathBuf>,
     /// Once both listeners are bound, write their addresses here as JSON
     /// (`{"http": "127.0.0.1:8080", "grpc": "127.0.0.1:8081"}`), for supervisors and tests
     /// that start the server on port 0.
@@ -164,6 +169,8 @@ pub struct ServerConfig {
     /// Where traces are exported (none: not at all).
     pub traces: Option<TraceSettings>,
     pub ort_library: Option<PathBuf>,
+    /// Folder of CUDA libraries to preload (none: the setup's).
+    pub cuda_libraries: Option<PathBuf>,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
     /// SQLite file of the dataset store.
@@ -258,6 +265,7 @@ impl ServeArgs {
                 protect_metrics: self.protect_metrics || file.protect_metrics,
             },
             ort_library: self.ort_library.or(file.ort_library),
+            cuda_libraries: self.cuda_libraries.or(file.cuda_libraries),
             ready_file: self.ready_file.or(file.ready_file),
             request_timeout: match self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(300_000) {
                 0 => None,

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod constrain;
 pub mod distill;
+pub mod doctor;
 pub mod engine;
 pub mod export;
 pub mod generate;

@@ -10,6 +10,7 @@ use distill_serve::constrain::{self, DescriptionTypes, SnomedOptions, SourceKind
 use distill_serve::distill::client::{DistillCommand, ServerArgs};
 use distill_serve::distill::finetune;
 use distill_serve::distill::trainer::TrainConfig;
+use distill_serve::doctor::DoctorArgs;
 use distill_serve::export::{self, ExternalData, Int8Format, Precision};
 use distill_serve::telemetry::{TraceLayer, Tracing};
 use distill_serve::tiny::{self, TinySpec};
@@ -98,6 +99,9 @@ enum Command {
     Export(ExportArgs),
     /// Serve the models of a model repository over HTTP.
     Serve(Box<ServeArgs>),
+    /// Check what this machine and build can run: ONNX Runtime, GPUs, CUDA, TensorRT, and
+    /// whether the configured execution providers load (exit status 1 when one cannot).
+    Doctor(DoctorArgs),
     /// Terminologies (ICD-10-CM, SNOMED CT, lists) for constrained decoding.
     #[command(subcommand)]
     Terminology(TerminologyCommand),
@@ -243,6 +247,19 @@ fn main() -> Result<()> {
             tokio::runtime::Runtime::new()?.block_on(distill_serve::distill::client::run(server, command))?;
         }
         Command::Serve(args) => serve(*args, cli.log_format)?,
+        Command::Doctor(args) => {
+            let report = distill_serve::doctor::check(&args);
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if !report.failures.is_empty() {
+                anyhow::bail!(
+                    "a configured execution provider cannot run here:\n  {}",
+                    report.failures.join("\n  ")
+                );
+            }
+            println!("ok: every configured execution provider runs here");
+        }
         Command::Terminology(TerminologyCommand::Inspect {
             kind,
             path,

@@ -33,6 +33,9 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         model_repository = %config.model_repository.display(),
         "distill-serve starting"
     );
+    if let Some(folder) = &config.cuda_libraries {
+        crate::engine::gpu::set_cuda_libraries(folder.clone());
+    }
     crate::engine::environment(config.ort_library.as_deref())?;
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     let root = config.model_repository.clone();

@@ -3,6 +3,7 @@
 
 mod decoder;
 mod encoder;
+pub mod gpu;
 mod runtime;
 
 use std::path::Path;
@@ -11,7 +12,7 @@ use ort::session::{Session, builder::GraphOptimizationLevel};
 
 pub use decoder::{CacheRows, DecoderSession, KvCache};
 pub use encoder::EncoderSession;
-pub use runtime::{ORT_VERSION, default_library_path, environment};
+pub use runtime::{ORT_GPU_VERSION, ORT_VERSION, default_library_path, environment};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -74,36 +75,28 @@ pub fn open_session(model: &Path, options: SessionOptions) -> Result<Session, En
     Ok(builder.commit_from_file(model)?)
 }
 
-/// GPU execution providers; each fails loudly instead of silently falling back to the CPU.
-mod gpu {
-    use ort::session::builder::SessionBuilder;
-
-    use super::EngineError;
-
-    #[cfg(feature = "cuda")]
-    pub fn cuda(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
-        Ok(builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?)
+/// Opens `model` (a graph of input `x` [1, 8] and output `y`, as
+/// [`crate::export::write_probe_model`] writes) on `provider` and runs it once: whether the
+/// provider can load and run here.
+pub fn run_probe(model: &Path, provider: ExecutionProvider) -> Result<(), EngineError> {
+    let mut session = open_session(
+        model,
+        SessionOptions {
+            intra_threads: 1,
+            execution_provider: provider,
+        },
+    )?;
+    let x = ndarray::Array2::<f32>::ones((1, 8));
+    let outputs = session.run(ort::inputs!["x" => ort::value::TensorRef::from_array_view(x.view())?])?;
+    let y = outputs
+        .get("y")
+        .ok_or_else(|| EngineError::Layout("the probe has no `y` output".into()))?
+        .try_extract_array::<f32>()?;
+    if y.len() != 8 {
+        return Err(EngineError::Layout(format!(
+            "the probe answered {} values, not 8",
+            y.len()
+        )));
     }
-
-    #[cfg(not(feature = "cuda"))]
-    pub fn cuda(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
-        Err(EngineError::Unavailable(
-            "execution provider `cuda` needs a build with `--features cuda`".into(),
-        ))
-    }
-
-    #[cfg(feature = "tensorrt")]
-    pub fn tensorrt(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
-        Ok(builder.with_execution_providers([
-            ort::ep::TensorRT::default().build().error_on_failure(),
-            ort::ep::CUDA::default().build(),
-        ])?)
-    }
-
-    #[cfg(not(feature = "tensorrt"))]
-    pub fn tensorrt(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
-        Err(EngineError::Unavailable(
-            "execution provider `tensorrt` needs a build with `--features tensorrt`".into(),
-        ))
-    }
+    Ok(())
 }

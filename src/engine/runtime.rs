@@ -15,10 +15,21 @@ use super::EngineError;
 /// ONNX Runtime version the setup script installs.
 pub const ORT_VERSION: &str = "1.32.0";
 
+/// Version of the GPU build `scripts/setup.sh --gpu` installs.
+pub const ORT_GPU_VERSION: &str = "1.31.1";
+
 /// Where the setup script puts the library: `$XDG_CACHE_HOME` (or `~/.cache`) +
-/// `distill-serve/onnxruntime-<version>/libonnxruntime.so.<version>`.
+/// `distill-serve/onnxruntime-<version>/libonnxruntime.so.<version>`. A build with the `cuda`
+/// feature takes the GPU build (`onnxruntime-gpu-<version>/`) when `setup.sh --gpu` installed it.
 pub fn default_library_path() -> PathBuf {
-    crate::paths::setup_cache_dir()
+    let cache = crate::paths::setup_cache_dir();
+    let gpu = cache
+        .join(format!("onnxruntime-gpu-{ORT_GPU_VERSION}"))
+        .join(format!("libonnxruntime.so.{ORT_GPU_VERSION}"));
+    if cfg!(feature = "cuda") && gpu.is_file() {
+        return gpu;
+    }
+    cache
         .join(format!("onnxruntime-{ORT_VERSION}"))
         .join(format!("libonnxruntime.so.{ORT_VERSION}"))
 }

@@ -148,3 +148,16 @@ pub fn export(
         precision: precision.label(),
     })
 }
+
+/// Writes a one-node model (`y = x · W`, `x` of shape [1, 8]) to `path`: the smallest graph
+/// that shows an execution provider can load and run, for `distill-serve doctor`.
+pub fn write_probe_model(path: &Path) -> Result<()> {
+    let mut g = GraphBuilder::new("probe", None)?;
+    let weights: Vec<f32> = (0..64).map(|i| (i % 9) as f32 / 8.0).collect();
+    let w = g.f32_init("w", &[8, 8], &weights)?;
+    g.input("x", graph::Elem::F32, &[graph::Dim::Fixed(1), graph::Dim::Fixed(8)]);
+    g.node_in(graph::ONNX_DOMAIN, "MatMul", &["x", &w], &["y"], Vec::new());
+    g.output("y", graph::Elem::F32, &[graph::Dim::Fixed(1), graph::Dim::Fixed(8)]);
+    g.finish(path, &[])?;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! GPU execution providers, each failing loudly instead of silently falling back to the CPU,
+//! and the CUDA libraries their provider needs: preloaded from the folder `scripts/setup.sh
+//! --gpu` fills (NVIDIA's PyPI wheels), so no `LD_LIBRARY_PATH` is needed; libraries not there
+//! are left to the system's loader, and one that is missing everywhere is named in the error.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::builder::SessionBuilder;
+
+use super::EngineError;
+
+/// The CUDA and cuDNN libraries ONNX Runtime's CUDA provider loads, in load order
+/// (dependencies first; the list `ort` keeps for its own preloading).
+pub const CUDA_LIBRARIES: &[&str] = &[
+    "libcudart.so.13",
+    "libcublasLt.so.13",
+    "libcublas.so.13",
+    "libnvrtc.so.13",
+    "libcurand.so.10",
+    "libcufft.so.12",
+    "libcudnn.so.9",
+    "libcudnn_graph.so.9",
+    "libcudnn_ops.so.9",
+    "libcudnn_heuristic.so.9",
+    "libcudnn_adv.so.9",
+    "libcudnn_cnn.so.9",
+    "libcudnn_engines_precompiled.so.9",
+    "libcudnn_engines_runtime_compiled.so.9",
+];
+
+/// Where `scripts/setup.sh --gpu` unpacks the CUDA libraries.
+pub fn default_cuda_libraries() -> PathBuf {
+    crate::paths::setup_cache_dir().join("cuda-13.0")
+}
+
+static CUDA_FOLDER: OnceLock<PathBuf> = OnceLock::new();
+static PRELOADED: OnceLock<Result<Vec<&'static str>, String>> = OnceLock::new();
+
+/// Takes the CUDA libraries from `folder` instead of [`default_cuda_libraries`]; only the first
+/// call before the first GPU session counts.
+pub fn set_cuda_libraries(folder: PathBuf) {
+    let _ = CUDA_FOLDER.set(folder);
+}
+
+/// The CUDA library folder in use.
+pub fn cuda_libraries() -> PathBuf {
+    CUDA_FOLDER.get().cloned().unwrap_or_else(default_cuda_libraries)
+}
+
+/// Loads, once per process, each CUDA library the folder holds; returns those it loaded.
+pub fn preload_cuda_libraries() -> Result<&'static [&'static str], EngineError> {
+    let loaded = PRELOADED.get_or_init(|| preload_from(&cuda_libraries()));
+    match loaded {
+        Ok(names) => Ok(names),
+        Err(message) => Err(EngineError::Runtime(message.clone())),
+    }
+}
+
+/// Loads every library of [`CUDA_LIBRARIES`] that `folder` holds, in order.
+fn preload_from(folder: &Path) -> Result<Vec<&'static str>, String> {
+    let mut loaded = Vec::new();
+    for &name in CUDA_LIBRARIES {
+        let path = folder.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        // SAFETY: loading a library runs its initialisers; these are NVIDIA's CUDA libraries,
+        // which ONNX Runtime's CUDA provider would load itself. The handle is kept for good
+        // (the loader then finds the library by its soname when the provider asks for it).
+        let library = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| format!("loading the CUDA library {}: {e}", path.display()))?;
+        std::mem::forget(library);
+        loaded.push(name);
+    }
+    Ok(loaded)
+}
+
+/// The CUDA provider (device 0), after preloading its libraries.
+#[cfg(feature = "cuda")]
+pub fn cuda(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+    preload_cuda_libraries()?;
+    Ok(builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?)
+}
+
+/// Refused: this build has no CUDA provider.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+    Err(EngineError::Unavailable(
+        "execution provider `cuda` needs a build with `--features cuda`".into(),
+    ))
+}
+
+/// The TensorRT provider, with CUDA for what TensorRT does not take.
+#[cfg(feature = "tensorrt")]
+pub fn tensorrt(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+    preload_cuda_libraries()?;
+    Ok(builder.with_execution_providers([
+        ort::ep::TensorRT::default().build().error_on_failure(),
+        ort::ep::CUDA::default().build(),
+    ])?)
+}
+
+/// Refused: this build has no TensorRT provider.
+#[cfg(not(feature = "tensorrt"))]
+pub fn tensorrt(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+    Err(EngineError::Unavailable(
+        "execution provider `tensorrt` needs a build with `--features tensorrt`".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_libraries_the_folder_holds_are_loaded_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(preload_from(dir.path()).unwrap(), Vec::<&str>::new());
+        std::fs::write(dir.path().join("libcurand.so.10"), b"not an ELF file").unwrap();
+        let err = preload_from(dir.path()).unwrap_err();
+        assert!(err.contains("libcurand.so.10"), "{err}");
+    }
+}
