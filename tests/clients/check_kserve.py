@@ -6,23 +6,7 @@ import sys
 
 import yaml
 
-faults = []
-
-
-def need(cond, message):
-    if not cond:
-        faults.append(message)
-
-
-def keys(obj, where, allowed, required=()):
-    if not isinstance(obj, dict):
-        faults.append(f"{where}: not a mapping")
-        return {}
-    for k in obj:
-        need(k in allowed, f"{where}: unknown field {k!r}")
-    for k in required:
-        need(k in obj, f"{where}: missing {k!r}")
-    return obj
+from schema_check import finish, keys, need
 
 
 runtime_file, service_file = sys.argv[1], sys.argv[2]
@@ -84,5 +68,4 @@ need(model.get("runtime") == meta.get("name"), "the predictor must name the runt
 need(model.get("protocolVersion") in ("v1", "v2", "grpc-v2"), "protocolVersion")
 need(isinstance(model.get("storageUri"), str) and "://" in model.get("storageUri", ""), "storageUri must be a URI")
 
-print("\n".join(faults) if faults else "ok")
-sys.exit(1 if faults else 0)
+finish()

@@ -10,23 +10,7 @@ import sys
 
 import yaml
 
-faults = []
-
-
-def need(cond, message):
-    if not cond:
-        faults.append(message)
-
-
-def keys(obj, where, allowed, required=()):
-    if not isinstance(obj, dict):
-        faults.append(f"{where}: not a mapping")
-        return {}
-    for k in obj:
-        need(k in allowed, f"{where}: unknown field {k!r}")
-    for k in required:
-        need(k in obj, f"{where}: missing {k!r}")
-    return obj
+from schema_check import finish, keys, need
 
 
 folder = sys.argv[1]
@@ -89,5 +73,4 @@ cpu_pod = copy.deepcopy(cpu["spec"]["template"]["spec"])
 cpu_pod.pop("containers")
 need(same == cpu_pod, "the GPU pod differs from the CPU pod beyond GPU placement")
 
-print("\n".join(faults) if faults else "ok")
-sys.exit(1 if faults else 0)
+finish()
