@@ -76,34 +76,49 @@ fn preload_from(folder: &Path) -> Result<Vec<&'static str>, String> {
     Ok(loaded)
 }
 
-/// The CUDA provider (device 0), after preloading its libraries.
+/// The CUDA provider on GPU `device`, after preloading its libraries.
 #[cfg(feature = "cuda")]
-pub fn cuda(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+pub fn cuda(builder: SessionBuilder, device: u32) -> Result<SessionBuilder, EngineError> {
     preload_cuda_libraries()?;
-    Ok(builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?)
+    Ok(builder.with_execution_providers([cuda_on(device)?.build().error_on_failure()])?)
+}
+
+/// CUDA's provider settings for GPU `device`.
+#[cfg(feature = "cuda")]
+fn cuda_on(device: u32) -> Result<ort::ep::CUDA, EngineError> {
+    Ok(ort::ep::CUDA::default().with_device_id(device_index(device)?))
+}
+
+/// `device` as the providers take it.
+#[cfg(feature = "cuda")]
+fn device_index(device: u32) -> Result<i32, EngineError> {
+    i32::try_from(device).map_err(|_| EngineError::Input(format!("device_id {device} is out of range")))
 }
 
 /// Refused: this build has no CUDA provider.
 #[cfg(not(feature = "cuda"))]
-pub fn cuda(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+pub fn cuda(_: SessionBuilder, _: u32) -> Result<SessionBuilder, EngineError> {
     Err(EngineError::Unavailable(
         "execution provider `cuda` needs a build with `--features cuda`".into(),
     ))
 }
 
-/// The TensorRT provider, with CUDA for what TensorRT does not take.
+/// The TensorRT provider on GPU `device`, with CUDA for what TensorRT does not take.
 #[cfg(feature = "tensorrt")]
-pub fn tensorrt(builder: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+pub fn tensorrt(builder: SessionBuilder, device: u32) -> Result<SessionBuilder, EngineError> {
     preload_cuda_libraries()?;
     Ok(builder.with_execution_providers([
-        ort::ep::TensorRT::default().build().error_on_failure(),
-        ort::ep::CUDA::default().build(),
+        ort::ep::TensorRT::default()
+            .with_device_id(device_index(device)?)
+            .build()
+            .error_on_failure(),
+        cuda_on(device)?.build(),
     ])?)
 }
 
 /// Refused: this build has no TensorRT provider.
 #[cfg(not(feature = "tensorrt"))]
-pub fn tensorrt(_: SessionBuilder) -> Result<SessionBuilder, EngineError> {
+pub fn tensorrt(_: SessionBuilder, _: u32) -> Result<SessionBuilder, EngineError> {
     Err(EngineError::Unavailable(
         "execution provider `tensorrt` needs a build with `--features tensorrt`".into(),
     ))

@@ -59,6 +59,8 @@ pub struct SessionOptions {
     /// Threads of the intra-op pool (0 lets ONNX Runtime choose).
     pub intra_threads: usize,
     pub execution_provider: ExecutionProvider,
+    /// The GPU of a GPU provider.
+    pub device_id: u32,
 }
 
 /// Opens `model` (an `.onnx` file, with its external data beside it).
@@ -69,8 +71,8 @@ pub fn open_session(model: &Path, options: SessionOptions) -> Result<Session, En
         .with_intra_threads(options.intra_threads)?;
     let mut builder = match options.execution_provider {
         ExecutionProvider::Cpu => builder,
-        ExecutionProvider::Cuda => gpu::cuda(builder)?,
-        ExecutionProvider::Tensorrt => gpu::tensorrt(builder)?,
+        ExecutionProvider::Cuda => gpu::cuda(builder, options.device_id)?,
+        ExecutionProvider::Tensorrt => gpu::tensorrt(builder, options.device_id)?,
     };
     Ok(builder.commit_from_file(model)?)
 }
@@ -84,6 +86,7 @@ pub fn run_probe(model: &Path, provider: ExecutionProvider) -> Result<(), Engine
         SessionOptions {
             intra_threads: 1,
             execution_provider: provider,
+            device_id: 0,
         },
     )?;
     let x = ndarray::Array2::<f32>::ones((1, 8));

@@ -17,6 +17,9 @@ pub struct ModelLimits {
     /// tensorrt`), with an ONNX Runtime library built with them [default: cpu].
     #[arg(long, env = "DISTILL_SERVE_EXECUTION_PROVIDER", value_enum)]
     pub execution_provider: Option<ExecutionProvider>,
+    /// The GPU a GPU provider runs models on (CUDA's numbering) [default: 0].
+    #[arg(long, env = "DISTILL_SERVE_DEVICE_ID")]
+    pub device_id: Option<u32>,
     /// ONNX Runtime intra-op threads per model, 0 = all cores [default: 0].
     #[arg(long, env = "DISTILL_SERVE_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
@@ -61,6 +64,7 @@ pub struct ModelLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub execution_provider: ExecutionProvider,
+    pub device_id: u32,
     pub intra_threads: usize,
     pub admission: AdmissionLimits,
     pub max_tokens: usize,
@@ -74,6 +78,7 @@ impl ModelLimits {
     pub fn or(self, under: &ModelLimits) -> Self {
         Self {
             execution_provider: self.execution_provider.or(under.execution_provider),
+            device_id: self.device_id.or(under.device_id),
             intra_threads: self.intra_threads.or(under.intra_threads),
             max_queue_time_ms: self.max_queue_time_ms.or(under.max_queue_time_ms),
             max_queue: self.max_queue.or(under.max_queue),
@@ -92,6 +97,7 @@ impl ModelLimits {
     pub fn resolve(self, context_length: usize) -> Limits {
         Limits {
             execution_provider: self.execution_provider.unwrap_or_default(),
+            device_id: self.device_id.unwrap_or(0),
             intra_threads: self.intra_threads.unwrap_or(0),
             admission: AdmissionLimits {
                 max_queue_time: Duration::from_millis(self.max_queue_time_ms.unwrap_or(30_000)),
@@ -120,6 +126,7 @@ mod tests {
     #[test]
     fn the_model_overrides_the_server_which_overrides_the_defaults() {
         let server = ModelLimits {
+            device_id: Some(1),
             max_queue: Some(5),
             max_tokens: Some(9),
             ..Default::default()
@@ -133,6 +140,7 @@ mod tests {
         let limits = model.or(&server).resolve(2048);
         assert_eq!(limits.admission.max_queue, 7);
         assert_eq!(limits.execution_provider, ExecutionProvider::Cuda);
+        assert_eq!(limits.device_id, 1);
         assert_eq!(limits.max_tokens, 9);
         assert_eq!(limits.batch.buckets, vec![8, 64]);
         assert_eq!(limits.admission.max_concurrent, usize::MAX);

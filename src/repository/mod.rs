@@ -443,6 +443,7 @@ impl Repository {
         let options = SessionOptions {
             intra_threads: limits.intra_threads,
             execution_provider: limits.execution_provider,
+            device_id: limits.device_id,
         };
         let redaction = Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?);
         let capture = match settings.capture {
