@@ -11,7 +11,7 @@ use distill_serve::distill::client::{DistillCommand, ServerArgs};
 use distill_serve::distill::finetune;
 use distill_serve::distill::trainer::TrainConfig;
 use distill_serve::doctor::DoctorArgs;
-use distill_serve::export::{self, ExternalData, Int8Format, Precision};
+use distill_serve::export::{self, Attention, ExternalData, Int8Format, Precision};
 use distill_serve::telemetry::{TraceLayer, Tracing};
 use distill_serve::tiny::{self, TinySpec};
 use tracing_subscriber::Layer;
@@ -205,6 +205,10 @@ struct ExportArgs {
     /// When to write weights to model.onnx_data.
     #[arg(long, value_enum, default_value = "auto")]
     external_data: ExternalData,
+    /// How a decoder's attention is written: with-past (what the server runs) or gqa (ONNX
+    /// Runtime's fused GroupQueryAttention, right-padded rows; not served yet).
+    #[arg(long, value_enum, default_value = "with-past")]
+    attention: Attention,
 }
 
 fn main() -> Result<()> {
@@ -224,7 +228,13 @@ fn main() -> Result<()> {
             } else {
                 Precision::Fp32
             };
-            let report = export::export(&args.checkpoint, &args.out, precision, args.external_data)?;
+            let report = export::export_with_attention(
+                &args.checkpoint,
+                &args.out,
+                precision,
+                args.external_data,
+                args.attention,
+            )?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Train(args) => train(args)?,

@@ -163,11 +163,18 @@ impl DecoderSession {
         };
         let has_position_ids = names.contains(&"position_ids");
         // distill-serve's exports say what they hold; files made elsewhere may not.
-        let precision = session
-            .metadata()
-            .ok()
-            .and_then(|m| m.custom("distill_serve.precision"))
-            .unwrap_or_else(|| "unrecorded".into());
+        let (attention, precision) = match session.metadata() {
+            Ok(m) => (m.custom("distill_serve.attention"), m.custom("distill_serve.precision")),
+            Err(_) => (None, None),
+        };
+        if attention.as_deref() == Some(crate::export::FUSED_ATTENTION_LABEL) {
+            return Err(EngineError::Layout(
+                "this graph has fused attention (exported with --attention gqa: right-padded rows), \
+                 which the server does not run yet; export with --attention with-past"
+                    .into(),
+            ));
+        }
+        let precision = precision.unwrap_or_else(|| "unrecorded".into());
         Ok(Self {
             precision,
             session,

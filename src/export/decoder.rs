@@ -2,11 +2,17 @@
 //! `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value` in;
 //! `logits`, `present.{i}.key|value` out. Batch and sequence axes are dynamic, and an empty past
 //! (length 0) serves the prefill.
+//!
+//! With [`Attention::Gqa`] each layer's attention is ONNX Runtime's fused `GroupQueryAttention`
+//! instead, rotary embedding inside: rows are right-padded (a row's keys start at position 0),
+//! each row's length is the sum of its `attention_mask` row, and there is no `position_ids`
+//! (positions follow from the lengths), so no row attends over another's padding.
 
 use anyhow::Result;
 
+use super::Attention;
 use super::emit::Emitter;
-use super::graph::{Attr, Dim, Elem};
+use super::graph::{Attr, Dim, Elem, MS_DOMAIN};
 use crate::checkpoint::DecoderConfig;
 
 /// The value every masked attention score is replaced with (as `transformers` does, the
@@ -14,7 +20,13 @@ use crate::checkpoint::DecoderConfig;
 const MASKED: f32 = f32::MIN;
 
 /// Values computed once and used by every layer.
-struct Shared {
+enum Shared {
+    WithPast(WithPast),
+    Gqa(Fused),
+}
+
+/// What the with-past attention of every layer shares.
+struct WithPast {
     /// `[batch, 1, S, head_dim]` RoPE cosines and sines.
     cos: String,
     sin: String,
@@ -25,10 +37,24 @@ struct Shared {
     halves: String,
 }
 
+/// What the fused attention of every layer shares.
+struct Fused {
+    /// `[batch]` int32: each row's length minus one (its last key's position).
+    seqlens_k: String,
+    /// int32 scalar: the width of `attention_mask`, the longest row's length.
+    total: String,
+    /// `[max_position_embeddings, head_dim / 2]` RoPE tables.
+    cos_cache: String,
+    sin_cache: String,
+}
+
 /// Emits the whole decoder graph and declares its inputs and outputs.
-pub fn build(e: &mut Emitter, c: &DecoderConfig) -> Result<()> {
-    declare_io(e, c);
-    let shared = shared_values(e, c)?;
+pub fn build(e: &mut Emitter, c: &DecoderConfig, attention: Attention) -> Result<()> {
+    declare_io(e, c, attention);
+    let shared = match attention {
+        Attention::WithPast => Shared::WithPast(shared_values(e, c)?),
+        Attention::Gqa => Shared::Gqa(fused_values(e, c)?),
+    };
     let mut x = e.embedding("input_ids", "model.embed_tokens.weight", true)?;
     for layer in 0..c.num_layers {
         x = decoder_layer(e, c, &shared, layer, &x)?;
@@ -44,7 +70,7 @@ pub fn build(e: &mut Emitter, c: &DecoderConfig) -> Result<()> {
     Ok(())
 }
 
-fn declare_io(e: &mut Emitter, c: &DecoderConfig) {
+fn declare_io(e: &mut Emitter, c: &DecoderConfig, attention: Attention) {
     let (batch, seq) = (Dim::Named("batch_size"), Dim::Named("sequence_length"));
     let (past, total) = (Dim::Named("past_sequence_length"), Dim::Named("total_sequence_length"));
     let kv = |len: &Dim| {
@@ -57,7 +83,9 @@ fn declare_io(e: &mut Emitter, c: &DecoderConfig) {
     };
     e.b.input("input_ids", Elem::I64, &[batch.clone(), seq.clone()]);
     e.b.input("attention_mask", Elem::I64, &[batch.clone(), total.clone()]);
-    e.b.input("position_ids", Elem::I64, &[batch.clone(), seq.clone()]);
+    if attention == Attention::WithPast {
+        e.b.input("position_ids", Elem::I64, &[batch.clone(), seq.clone()]);
+    }
     for i in 0..c.num_layers {
         e.b.input(&format!("past_key_values.{i}.key"), Elem::F32, &kv(&past));
         e.b.input(&format!("past_key_values.{i}.value"), Elem::F32, &kv(&past));
@@ -69,7 +97,7 @@ fn declare_io(e: &mut Emitter, c: &DecoderConfig) {
     }
 }
 
-fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Shared> {
+fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<WithPast> {
     let b = &mut e.b;
     // RoPE: angles = position_ids * inv_freq, duplicated over both halves of the head.
     let inv_freq = c.rope.inv_freq(c.head_dim);
@@ -113,7 +141,7 @@ fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Shared> {
     let masked = b.scalar_f32(MASKED);
     let half = (c.head_dim / 2) as i64;
     let halves = b.i64s(&[half, half]);
-    Ok(Shared {
+    Ok(WithPast {
         cos,
         sin,
         allowed,
@@ -122,10 +150,58 @@ fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Shared> {
     })
 }
 
+/// The sequence lengths and RoPE tables of the fused attention. `GroupQueryAttention` rotates
+/// by position tables of `head_dim / 2` columns, which it takes in multiples of 8.
+fn fused_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Fused> {
+    anyhow::ensure!(
+        c.head_dim.is_multiple_of(16),
+        "fused attention (GroupQueryAttention) needs a head_dim that is a multiple of 16, not {}",
+        c.head_dim
+    );
+    let b = &mut e.b;
+    let axis = b.i64s(&[1]);
+    let lengths = b.op(
+        "ReduceSum",
+        &["attention_mask", &axis],
+        vec![("keepdims", Attr::Int(0))],
+    );
+    let one = b.scalar_i64(1);
+    let last = b.op("Sub", &[&lengths, &one], vec![]);
+    let seqlens_k = b.op("Cast", &[&last], vec![("to", Attr::Int(6))]);
+    let mask_shape = b.op("Shape", &["attention_mask"], vec![]);
+    let idx1 = b.scalar_i64(1);
+    let width = b.op("Gather", &[&mask_shape, &idx1], vec![("axis", Attr::Int(0))]);
+    let total = b.op("Cast", &[&width], vec![("to", Attr::Int(6))]);
+    // The tables as the with-past graph computes its angles: f32 position times f32 frequency.
+    let inv_freq = c.rope.inv_freq(c.head_dim);
+    let positions = c.max_position_embeddings;
+    let mut cos = Vec::with_capacity(positions * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions * inv_freq.len());
+    for pos in 0..positions {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let dims = [positions, inv_freq.len()];
+    let cos_cache = b.f32_init("rope.cos_cache", &dims, &cos)?;
+    let sin_cache = b.f32_init("rope.sin_cache", &dims, &sin)?;
+    Ok(Fused {
+        seqlens_k,
+        total,
+        cos_cache,
+        sin_cache,
+    })
+}
+
 fn decoder_layer(e: &mut Emitter, c: &DecoderConfig, s: &Shared, layer: usize, x: &str) -> Result<String> {
     let p = format!("model.layers.{layer}");
     let h = e.rms_norm(x, &format!("{p}.input_layernorm.weight"), c.rms_norm_eps)?;
-    let attn = attention(e, c, s, layer, &h)?;
+    let attn = match s {
+        Shared::WithPast(s) => attention(e, c, s, layer, &h)?,
+        Shared::Gqa(s) => fused_attention(e, c, s, layer, &h)?,
+    };
     let attn = e.linear(&attn, &format!("{p}.self_attn.o_proj"), c.o_bias)?;
     let x = e.b.op("Add", &[x, &attn], vec![]);
     let h = e.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"), c.rms_norm_eps)?;
@@ -145,7 +221,7 @@ fn split_heads(e: &mut Emitter, x: &str, heads: usize, head_dim: usize) -> Strin
     e.b.op("Transpose", &[&x], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))])
 }
 
-fn rope(e: &mut Emitter, s: &Shared, x: &str) -> String {
+fn rope(e: &mut Emitter, s: &WithPast, x: &str) -> String {
     let (x1, x2) = (e.b.fresh("x1"), e.b.fresh("x2"));
     e.b.node_in("", "Split", &[x, &s.halves], &[&x1, &x2], vec![("axis", Attr::Int(-1))]);
     let neg = e.b.op("Neg", &[&x2], vec![]);
@@ -155,7 +231,41 @@ fn rope(e: &mut Emitter, s: &Shared, x: &str) -> String {
     e.b.op("Add", &[&a, &r], vec![])
 }
 
-fn attention(e: &mut Emitter, c: &DecoderConfig, s: &Shared, layer: usize, h: &str) -> Result<String> {
+/// One layer's attention in one `GroupQueryAttention` node: projections in, RoPE, the cache
+/// extended row by row at each row's own length, causal attention within each row's length.
+fn fused_attention(e: &mut Emitter, c: &DecoderConfig, s: &Fused, layer: usize, h: &str) -> Result<String> {
+    let p = format!("model.layers.{layer}.self_attn");
+    let q = e.linear(h, &format!("{p}.q_proj"), c.qkv_bias)?;
+    let k = e.linear(h, &format!("{p}.k_proj"), c.qkv_bias)?;
+    let v = e.linear(h, &format!("{p}.v_proj"), c.qkv_bias)?;
+    let out = e.b.fresh("attn");
+    e.b.node_in(
+        MS_DOMAIN,
+        "GroupQueryAttention",
+        &[
+            &q,
+            &k,
+            &v,
+            &format!("past_key_values.{layer}.key"),
+            &format!("past_key_values.{layer}.value"),
+            &s.seqlens_k,
+            &s.total,
+            &s.cos_cache,
+            &s.sin_cache,
+        ],
+        &[&out, &format!("present.{layer}.key"), &format!("present.{layer}.value")],
+        vec![
+            ("num_heads", Attr::Int(c.num_heads as i64)),
+            ("kv_num_heads", Attr::Int(c.num_kv_heads as i64)),
+            ("do_rotary", Attr::Int(1)),
+            ("rotary_interleaved", Attr::Int(0)),
+            ("scale", Attr::Float(1.0 / (c.head_dim as f32).sqrt())),
+        ],
+    );
+    Ok(out)
+}
+
+fn attention(e: &mut Emitter, c: &DecoderConfig, s: &WithPast, layer: usize, h: &str) -> Result<String> {
     let p = format!("model.layers.{layer}.self_attn");
     let (nh, kvh, d) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
     let q = e.linear(h, &format!("{p}.q_proj"), c.qkv_bias)?;

@@ -43,6 +43,31 @@ pub enum Int8Format {
     Qdq,
 }
 
+/// How a decoder's attention is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attention {
+    /// Standard ONNX operators in Optimum's with-past layout: rows left-padded, the cache grown
+    /// by a `Concat` each step. What the server runs.
+    #[default]
+    WithPast,
+    /// ONNX Runtime's fused `GroupQueryAttention` (com.microsoft) with rotary embedding inside:
+    /// rows right-padded with their own lengths, no `position_ids`. The server does not run it
+    /// yet.
+    Gqa,
+}
+
+impl Attention {
+    fn label(self) -> &'static str {
+        match self {
+            Attention::WithPast => "with-past",
+            Attention::Gqa => FUSED_ATTENTION_LABEL,
+        }
+    }
+}
+
+/// The `distill_serve.attention` metadata of an export with fused attention.
+pub const FUSED_ATTENTION_LABEL: &str = "gqa";
+
 /// Numeric precision of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -96,12 +121,23 @@ pub struct ExportReport {
 }
 
 /// Exports the checkpoint in `checkpoint_dir` to `out_dir/model.onnx`, copying `config.json`
-/// and the tokenizer files beside it.
+/// and the tokenizer files beside it; attention in the with-past layout.
 pub fn export(
     checkpoint_dir: &Path,
     out_dir: &Path,
     precision: Precision,
     external: ExternalData,
+) -> Result<ExportReport> {
+    export_with_attention(checkpoint_dir, out_dir, precision, external, Attention::WithPast)
+}
+
+/// As [`export`], with a decoder's attention written as `attention` says.
+pub fn export_with_attention(
+    checkpoint_dir: &Path,
+    out_dir: &Path,
+    precision: Precision,
+    external: ExternalData,
+    attention: Attention,
 ) -> Result<ExportReport> {
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -124,12 +160,13 @@ pub fn export(
     let builder = GraphBuilder::new(family.model_type(), use_external.then_some(data_path.as_path()))?;
     let mut e = Emitter::new(builder, &ckpt.weights, precision);
     match &ckpt.config {
-        ModelConfig::Decoder(c) => decoder::build(&mut e, c)?,
+        ModelConfig::Decoder(c) => decoder::build(&mut e, c, attention)?,
         ModelConfig::Encoder(c) => encoder::build(&mut e, c)?,
     }
     let metadata = [
         ("distill_serve.family", family.model_type().to_string()),
         ("distill_serve.precision", precision.label().to_string()),
+        ("distill_serve.attention", attention.label().to_string()),
     ];
     let mut files = e.b.finish(&model_path, &metadata)?;
     let model_bytes = files
