@@ -1,0 +1,189 @@
+//! Decode throughput of the with-past graph against the fused `GroupQueryAttention` graph
+//! (`--attention gqa`), same student and precision, one run, so the figures are ratios on the
+//! same machine state. Rows have different prompt lengths (a quarter to all of
+//! `--prompt-len`), as a serving batch does: the with-past graph left-pads them and attends
+//! every row over the longest, and copies the whole cache each step; the fused one does
+//! neither.
+//!
+//! ```sh
+//! cargo bench --bench attention                                   # mid shape, INT8
+//! cargo bench --bench attention -- --shape r1-distill-qwen-1.5b   # the real 1.5B dimensions
+//! ```
+//! Flags: `--shape S`, `--batch 1,16,32`, `--prompt-len 128`, `--decode-steps 32`, `--fp32`,
+//! `--threads N`, `--work-dir DIR` (default `target/bench-models`, shared with `student`).
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use distill_serve::checkpoint::Family;
+use distill_serve::engine::{DecoderSession, SessionOptions, open_session};
+use distill_serve::export::{self, Attention, ExternalData, Precision};
+use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use ndarray::{Array2, Array4};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+
+#[derive(clap::Parser)]
+struct Options {
+    #[arg(long, value_enum, default_value = "mid")]
+    shape: ShapePreset,
+    /// Batch sizes, comma-separated.
+    #[arg(long = "batch", value_delimiter = ',', default_value = "1,16,32")]
+    batches: Vec<usize>,
+    /// The longest prompt; rows hold a quarter to all of it.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// FP32 instead of the default INT8 layout.
+    #[arg(long)]
+    fp32: bool,
+    /// ONNX Runtime intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value = "target/bench-models")]
+    work_dir: PathBuf,
+    /// `cargo bench` passes `--bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Exports (or reuses) the student of `o.shape` with `attention`.
+fn model(o: &Options, attention: Attention) -> Result<PathBuf> {
+    let shape = o.shape.to_possible_value().context("a shape without a name")?;
+    let dir = o.work_dir.join(format!("attention-{}", shape.get_name()));
+    let ckpt = dir.join("checkpoint");
+    if !ckpt.join("config.json").exists() {
+        let mut spec = TinySpec::new(Family::Qwen2, 0);
+        spec.shape = o.shape;
+        write_tiny(&spec, &ckpt)?;
+    }
+    let (precision, label) = match o.fp32 {
+        true => (Precision::Fp32, "fp32"),
+        false => (Precision::DEFAULT_INT8, "int8"),
+    };
+    let name = attention.to_possible_value().context("an attention without a name")?;
+    let out = dir.join(format!("{}-{label}", name.get_name()));
+    let path = out.join(export::MODEL_FILE);
+    if !path.exists() {
+        export::export_with_attention(&ckpt, &out, precision, ExternalData::Auto, attention)?;
+    }
+    Ok(path)
+}
+
+/// Row `b`'s prompt length: a quarter to all of the longest.
+fn lengths(batch: usize, longest: usize) -> Vec<usize> {
+    (0..batch).map(|b| (longest * (1 + b % 4) / 4).max(1)).collect()
+}
+
+fn token(b: usize, i: usize) -> i64 {
+    ((b * 131 + i * 17 + 5) % 500) as i64
+}
+
+/// Decode tokens/s of the with-past graph: left-padded rows, the cache grown by the graph.
+fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> Result<f64> {
+    let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
+    let pad = |b: usize| width - lengths[b];
+    let ids = Array2::from_shape_fn(
+        (batch, width),
+        |(b, i)| if i < pad(b) { 0 } else { token(b, i - pad(b)) },
+    );
+    let mask = Array2::from_shape_fn((batch, width), |(b, i)| i64::from(i >= pad(b)));
+    let pos = Array2::from_shape_fn((batch, width), |(b, i)| i.saturating_sub(pad(b)) as i64);
+    let (_, mut cache) = session.forward_last(&ids, &mask, &pos, session.empty_cache(batch)?)?;
+    let started = Instant::now();
+    for k in 0..steps {
+        let ids = Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k));
+        let mask = Array2::from_shape_fn((batch, width + k + 1), |(b, i)| i64::from(i >= pad(b)));
+        let pos = Array2::from_shape_fn((batch, 1), |(b, _)| (lengths[b] + k) as i64);
+        cache = session.forward_last(&ids, &mask, &pos, cache)?.1;
+    }
+    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Decode tokens/s of the fused graph: right-padded rows, each at its own length.
+fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<f64> {
+    let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
+    let (kv_heads, head_dim) = kv_shape(session)?;
+    let mut past: Vec<DynValue> = (0..2 * layers)
+        .map(|_| Ok(Tensor::from_array(Array4::<f32>::zeros((batch, kv_heads, 0, head_dim)))?.into_dyn()))
+        .collect::<Result<_>>()?;
+    let ids = Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 });
+    let mut elapsed = Duration::ZERO;
+    for k in 0..=steps {
+        let (ids, extra) = match k {
+            0 => (ids.clone(), 0),
+            _ => (Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k - 1)), k),
+        };
+        let mask = Array2::from_shape_fn((batch, width + extra), |(b, i)| i64::from(i < lengths[b] + extra));
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+            ("input_ids".into(), Tensor::from_array(ids)?.into()),
+            ("attention_mask".into(), Tensor::from_array(mask)?.into()),
+        ];
+        for (i, value) in past.drain(..).enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), value.into()));
+        }
+        let started = Instant::now();
+        let mut outputs = session.run(inputs)?;
+        if k > 0 {
+            elapsed += started.elapsed();
+        }
+        for l in 0..layers {
+            for kind in ["key", "value"] {
+                past.push(
+                    outputs
+                        .remove(format!("present.{l}.{kind}"))
+                        .context("no present output")?,
+                );
+            }
+        }
+    }
+    Ok((batch * steps) as f64 / elapsed.as_secs_f64())
+}
+
+fn kv_shape(session: &Session) -> Result<(usize, usize)> {
+    let input = session
+        .inputs()
+        .iter()
+        .find(|i| i.name() == "past_key_values.0.key")
+        .context("no past_key_values.0.key input")?;
+    match input.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } if shape.len() == 4 => Ok((shape[1] as usize, shape[3] as usize)),
+        other => anyhow::bail!("past key of shape {other:?}"),
+    }
+}
+
+fn main() -> Result<()> {
+    let o = Options::parse();
+    let options = SessionOptions {
+        intra_threads: o.threads,
+        ..Default::default()
+    };
+    let mut reference = DecoderSession::open(&model(&o, Attention::WithPast)?, options)?;
+    let mut gqa = open_session(&model(&o, Attention::Gqa)?, options)?;
+    let layers = reference.num_layers();
+    println!(
+        "\n### attention: {:?} student, {}, prompts of {} to {} tokens, {} decode steps\n",
+        o.shape,
+        if o.fp32 { "FP32" } else { "INT8" },
+        (o.prompt_len / 4).max(1),
+        o.prompt_len,
+        o.decode_steps
+    );
+    println!("| batch | with-past decode tok/s | fused (GQA) decode tok/s | x with-past |");
+    println!("|---|---|---|---|");
+    for &batch in &o.batches {
+        let rows = lengths(batch, o.prompt_len);
+        // A warm-up of each, then the timed runs.
+        with_past(&mut reference, &rows, 2)?;
+        fused(&mut gqa, &rows, 2, layers)?;
+        let old = with_past(&mut reference, &rows, o.decode_steps)?;
+        let new = fused(&mut gqa, &rows, o.decode_steps, layers)?;
+        println!("| {batch} | {old:.1} | {new:.1} | {:.2} |", new / old);
+    }
+    Ok(())
+}
