@@ -1,9 +1,9 @@
 //! Decode throughput of the with-past graph against the fused `GroupQueryAttention` graph
 //! (`--attention gqa`), same student and precision, one run, so the figures are ratios on the
 //! same machine state. Rows have different prompt lengths (a quarter to all of
-//! `--prompt-len`), as a serving batch does: the with-past graph left-pads them and attends
-//! every row over the longest, and copies the whole cache each step; the fused one does
-//! neither.
+//! `--prompt-len`), as a serving batch does: the with-past graph left-pads them, attends every
+//! row over the longest and copies the whole cache each step; the fused one attends each row
+//! over its own length, and with a shared cache (bound as past and present) copies nothing.
 //!
 //! ```sh
 //! cargo bench --bench attention                                   # mid shape, INT8
@@ -21,6 +21,7 @@ use clap::{Parser, ValueEnum};
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, SessionOptions, open_session};
 use distill_serve::export::{self, Attention, ExternalData, Precision};
+use distill_serve::reference::max_abs_diff;
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use ndarray::{Array2, Array4};
 use ort::session::{Session, SessionInputValue};
@@ -104,15 +105,16 @@ fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> R
     Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Decode tokens/s of the fused graph: right-padded rows, each at its own length.
-fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<f64> {
+/// Decode tokens/s of the fused graph: right-padded rows, each at its own length; and the last
+/// step's logits.
+fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<(f64, Vec<f32>)> {
     let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
     let (kv_heads, head_dim) = kv_shape(session)?;
     let mut past: Vec<DynValue> = (0..2 * layers)
         .map(|_| Ok(Tensor::from_array(Array4::<f32>::zeros((batch, kv_heads, 0, head_dim)))?.into_dyn()))
         .collect::<Result<_>>()?;
     let ids = Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 });
-    let mut elapsed = Duration::ZERO;
+    let (mut elapsed, mut last) = (Duration::ZERO, Vec::new());
     for k in 0..=steps {
         let (ids, extra) = match k {
             0 => (ids.clone(), 0),
@@ -141,8 +143,52 @@ fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) 
                 );
             }
         }
+        if k == steps {
+            let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+            last = logits.to_vec();
+        }
     }
-    Ok((batch * steps) as f64 / elapsed.as_secs_f64())
+    Ok(((batch * steps) as f64 / elapsed.as_secs_f64(), last))
+}
+
+/// As [`fused`], with the cache preallocated for the whole run and bound as both each layer's
+/// past and present (I/O binding): the op writes each new position in place, no copy.
+fn fused_shared(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<(f64, Vec<f32>)> {
+    let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
+    let (kv_heads, head_dim) = kv_shape(session)?;
+    let mut binding = session.create_binding()?;
+    let mut caches = Vec::with_capacity(2 * layers);
+    for l in 0..layers {
+        for kind in ["key", "value"] {
+            let mut cache = Tensor::<f32>::new(session.allocator(), [batch, kv_heads, width + steps, head_dim])?;
+            binding.bind_input(format!("past_key_values.{l}.{kind}"), &cache)?;
+            binding.bind_output(format!("present.{l}.{kind}"), &mut cache)?;
+            caches.push(cache);
+        }
+    }
+    let ids = Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 });
+    let (mut elapsed, mut last) = (Duration::ZERO, Vec::new());
+    for k in 0..=steps {
+        let (ids, extra) = match k {
+            0 => (ids.clone(), 0),
+            _ => (Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k - 1)), k),
+        };
+        let mask = Array2::from_shape_fn((batch, width + extra), |(b, i)| i64::from(i < lengths[b] + extra));
+        binding.bind_input("input_ids", &Tensor::from_array(ids)?)?;
+        binding.bind_input("attention_mask", &Tensor::from_array(mask)?)?;
+        // Bound afresh each run: the prefill's logits have another shape than a step's.
+        binding.bind_output_to_device("logits", session.allocator().memory_info())?;
+        let started = Instant::now();
+        let outputs = session.run_binding(&binding)?;
+        if k > 0 {
+            elapsed += started.elapsed();
+        }
+        if k == steps {
+            let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+            last = logits.to_vec();
+        }
+    }
+    Ok(((batch * steps) as f64 / elapsed.as_secs_f64(), last))
 }
 
 fn kv_shape(session: &Session) -> Result<(usize, usize)> {
@@ -174,16 +220,25 @@ fn main() -> Result<()> {
         o.prompt_len,
         o.decode_steps
     );
-    println!("| batch | with-past decode tok/s | fused (GQA) decode tok/s | x with-past |");
-    println!("|---|---|---|---|");
+    println!(
+        "| batch | with-past decode tok/s | fused | x with-past | fused, shared cache | x with-past | max abs diff fused vs shared |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for &batch in &o.batches {
         let rows = lengths(batch, o.prompt_len);
         // A warm-up of each, then the timed runs.
         with_past(&mut reference, &rows, 2)?;
         fused(&mut gqa, &rows, 2, layers)?;
+        fused_shared(&mut gqa, &rows, 2, layers)?;
         let old = with_past(&mut reference, &rows, o.decode_steps)?;
-        let new = fused(&mut gqa, &rows, o.decode_steps, layers)?;
-        println!("| {batch} | {old:.1} | {new:.1} | {:.2} |", new / old);
+        let (new, copied) = fused(&mut gqa, &rows, o.decode_steps, layers)?;
+        let (shared, in_place) = fused_shared(&mut gqa, &rows, o.decode_steps, layers)?;
+        println!(
+            "| {batch} | {old:.1} | {new:.1} | {:.2} | {shared:.1} | {:.2} | {:.1e} |",
+            new / old,
+            shared / old,
+            max_abs_diff(&copied, &in_place)
+        );
     }
     Ok(())
 }
