@@ -108,19 +108,14 @@ fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> R
 /// Decode tokens/s of the fused graph: right-padded rows, each at its own length; and the last
 /// step's logits.
 fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<(f64, Vec<f32>)> {
-    let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
+    let batch = lengths.len();
     let (kv_heads, head_dim) = kv_shape(session)?;
     let mut past: Vec<DynValue> = (0..2 * layers)
         .map(|_| Ok(Tensor::from_array(Array4::<f32>::zeros((batch, kv_heads, 0, head_dim)))?.into_dyn()))
         .collect::<Result<_>>()?;
-    let ids = Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 });
     let (mut elapsed, mut last) = (Duration::ZERO, Vec::new());
     for k in 0..=steps {
-        let (ids, extra) = match k {
-            0 => (ids.clone(), 0),
-            _ => (Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k - 1)), k),
-        };
-        let mask = Array2::from_shape_fn((batch, width + extra), |(b, i)| i64::from(i < lengths[b] + extra));
+        let (ids, mask) = fused_inputs(lengths, k);
         let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
             ("input_ids".into(), Tensor::from_array(ids)?.into()),
             ("attention_mask".into(), Tensor::from_array(mask)?.into()),
@@ -166,14 +161,9 @@ fn fused_shared(session: &mut Session, lengths: &[usize], steps: usize, layers: 
             caches.push(cache);
         }
     }
-    let ids = Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 });
     let (mut elapsed, mut last) = (Duration::ZERO, Vec::new());
     for k in 0..=steps {
-        let (ids, extra) = match k {
-            0 => (ids.clone(), 0),
-            _ => (Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k - 1)), k),
-        };
-        let mask = Array2::from_shape_fn((batch, width + extra), |(b, i)| i64::from(i < lengths[b] + extra));
+        let (ids, mask) = fused_inputs(lengths, k);
         binding.bind_input("input_ids", &Tensor::from_array(ids)?)?;
         binding.bind_input("attention_mask", &Tensor::from_array(mask)?)?;
         // Bound afresh each run: the prefill's logits have another shape than a step's.
@@ -189,6 +179,18 @@ fn fused_shared(session: &mut Session, lengths: &[usize], steps: usize, layers: 
         }
     }
     Ok(((batch * steps) as f64 / elapsed.as_secs_f64(), last))
+}
+
+/// The fused graph's `input_ids` and `attention_mask` at run `k`: the right-padded prompts
+/// first, then one token a row, each row's mask covering its own length.
+fn fused_inputs(lengths: &[usize], k: usize) -> (Array2<i64>, Array2<i64>) {
+    let (batch, width) = (lengths.len(), lengths.iter().copied().max().unwrap_or(0));
+    let ids = match k {
+        0 => Array2::from_shape_fn((batch, width), |(b, i)| if i < lengths[b] { token(b, i) } else { 0 }),
+        _ => Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k - 1)),
+    };
+    let mask = Array2::from_shape_fn((batch, width + k), |(b, i)| i64::from(i < lengths[b] + k));
+    (ids, mask)
 }
 
 fn kv_shape(session: &Session) -> Result<(usize, usize)> {
