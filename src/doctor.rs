@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::engine::{self, ExecutionProvider};
-use crate::repository::ModelSettings;
+use crate::repository::{self, ModelSettings};
 
 /// What `doctor` checks.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -164,37 +164,23 @@ fn configured_providers(args: &DoctorArgs, report: &mut Report) -> BTreeMap<&'st
     let Some(root) = &args.model_repository else {
         return wanted;
     };
-    let folders: Vec<PathBuf> = if root.join("model.toml").is_file() {
-        vec![root.clone()]
-    } else {
-        match std::fs::read_dir(root) {
-            Ok(entries) => entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.join("model.toml").is_file())
-                .collect(),
-            Err(e) => {
-                report
-                    .failures
-                    .push(format!("model repository {}: {e}", root.display()));
-                return wanted;
-            }
+    let models = match repository::models_in(root) {
+        Ok(models) => models,
+        Err(e) => {
+            report.failures.push(e.to_string());
+            return wanted;
         }
     };
-    for folder in folders {
-        let label = folder
-            .file_name()
-            .map_or_else(|| folder.display().to_string(), |n| n.to_string_lossy().into_owned());
+    for (name, folder) in models {
         match ModelSettings::read(&folder) {
             Ok(settings) => {
                 let provider = settings.limits.execution_provider.unwrap_or(default);
-                let name = settings.name.unwrap_or(label);
                 wanted
                     .entry(provider_name(provider))
                     .or_default()
                     .push(format!("model {name}"));
             }
-            Err(e) => report.failures.push(format!("model {label}: {e}")),
+            Err(e) => report.failures.push(format!("model {name}: {e}")),
         }
     }
     wanted

@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::repo_file;
 use common::server::{TestServer, add_version};
-
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 /// Runs `program` with `args`; its status and output.
 fn run(program: &str, args: &[&str]) -> (bool, String) {

@@ -9,14 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::binary;
 use common::server::add_version;
+use common::{binary, repo_file};
 
 const GPU_WHEEL: &str = "onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl";
-
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn text(out: &Output) -> String {
     format!(

@@ -160,17 +160,10 @@ impl Repository {
     /// when `root` holds a `model.toml` itself, the one model it is (named by its `name`, else
     /// by the folder).
     pub fn open(root: &Path, defaults: ModelLimits, metrics: Arc<Metrics>) -> Result<Self, RepositoryError> {
-        let single = match root.join("model.toml").is_file() {
-            true => {
-                let declared = ModelSettings::read(root)?.name;
-                let folder = root.file_name().and_then(|n| n.to_str()).map(str::to_string);
-                let name = declared.or(folder).unwrap_or_else(|| "model".into());
-                check_model_name(&name)?;
-                tracing::info!(model = %name, folder = %root.display(), "the repository is a single model folder");
-                Some(name)
-            }
-            false => None,
-        };
+        let single = single_model(root)?;
+        if let Some(name) = &single {
+            tracing::info!(model = %name, folder = %root.display(), "the repository is a single model folder");
+        }
         let repo = Self {
             single,
             root: root.to_path_buf(),
@@ -188,25 +181,10 @@ impl Repository {
     }
 
     fn model_folders(&self) -> Result<Vec<String>, RepositoryError> {
-        if let Some(name) = &self.single {
-            return Ok(vec![name.clone()]);
+        match &self.single {
+            Some(name) => Ok(vec![name.clone()]),
+            None => folder_names(&self.root),
         }
-        let entries = std::fs::read_dir(&self.root)
-            .map_err(|e| RepositoryError::Invalid(format!("model repository {}: {e}", self.root.display())))?;
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.path().join("model.toml").is_file())
-            .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|name| match check_model_name(name) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!("skipping a model folder: {e}");
-                    false
-                }
-            })
-            .collect();
-        names.sort();
-        Ok(names)
     }
 
     /// The serving version of `name`.
@@ -498,4 +476,50 @@ impl Repository {
             redaction,
         })
     }
+}
+
+/// The models of the repository at `root`, each as (the name it is served as, its folder): see
+/// [`Repository::open`].
+pub fn models_in(root: &Path) -> Result<Vec<(String, PathBuf)>, RepositoryError> {
+    Ok(match single_model(root)? {
+        Some(name) => vec![(name, root.to_path_buf())],
+        None => folder_names(root)?
+            .into_iter()
+            .map(|name| (name.clone(), root.join(name)))
+            .collect(),
+    })
+}
+
+/// The model `root` is when it holds a `model.toml` itself (named by its `name`, else by the
+/// folder); none when it is a repository of model folders.
+fn single_model(root: &Path) -> Result<Option<String>, RepositoryError> {
+    if !root.join("model.toml").is_file() {
+        return Ok(None);
+    }
+    let declared = ModelSettings::read(root)?.name;
+    let folder = root.file_name().and_then(|n| n.to_str()).map(str::to_string);
+    let name = declared.or(folder).unwrap_or_else(|| "model".into());
+    check_model_name(&name)?;
+    Ok(Some(name))
+}
+
+/// The sub-folders of `root` holding a `model.toml`, by name; those whose name cannot be a
+/// model's are skipped with a warning.
+fn folder_names(root: &Path) -> Result<Vec<String>, RepositoryError> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| RepositoryError::Invalid(format!("model repository {}: {e}", root.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("model.toml").is_file())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|name| match check_model_name(name) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("skipping a model folder: {e}");
+                false
+            }
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }

@@ -120,6 +120,11 @@ pub fn ort_greedy(session: &mut DecoderSession, prompt: &[u32], n: usize) -> Vec
     distill_serve::generate::greedy(session, prompt, n, &[]).unwrap()
 }
 
+/// `path` inside the repository checkout.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 /// The path of the built `distill-serve` binary.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_distill-serve"))

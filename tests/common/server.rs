@@ -72,30 +72,27 @@ impl TestServer {
 
     /// As [`TestServer::start_with_repo`], with extra environment variables.
     pub fn start_with_env(dir: TempDir, repo: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut args: Vec<&OsStr> = vec!["--model-repository".as_ref(), repo.as_os_str()];
+        let folder = repo.clone();
+        let mut args: Vec<&OsStr> = vec!["--model-repository".as_ref(), folder.as_os_str()];
         if !extra.contains(&"--admin-token-file") {
             args.extend(["--admin-token", ADMIN_TOKEN].map(OsStr::new));
         }
         args.extend(extra.iter().map(OsStr::new));
-        let mut env = env.to_vec();
-        env.push(("RUST_LOG", "info"));
-        // The server's log goes to the test's stderr, which the test runner shows when it fails.
-        let server = super::launch::launch(super::binary(), &args, &env, |l| eprintln!("server: {l}")).unwrap();
-        Self {
-            base: format!("http://{}", server.http),
-            grpc: format!("http://{}", server.grpc),
-            server,
-            repo,
-            _dir: dir,
-        }
+        Self::launch(dir, repo, &args, env)
     }
 
     /// Starts a server configured by `env` alone (no flags but the launcher's addresses), as a
     /// container runs it; `repo` is where that environment puts the repository.
     pub fn start_in_env(dir: TempDir, repo: PathBuf, env: &[(&str, &str)]) -> Self {
+        Self::launch(dir, repo, &[], env)
+    }
+
+    /// Starts the binary with `args` and `env` (logging at info) and waits until it listens.
+    fn launch(dir: TempDir, repo: PathBuf, args: &[&OsStr], env: &[(&str, &str)]) -> Self {
         let mut env = env.to_vec();
         env.push(("RUST_LOG", "info"));
-        let server = super::launch::launch(super::binary(), &[], &env, |l| eprintln!("server: {l}")).unwrap();
+        // The server's log goes to the test's stderr, which the test runner shows when it fails.
+        let server = super::launch::launch(super::binary(), args, &env, |l| eprintln!("server: {l}")).unwrap();
         Self {
             base: format!("http://{}", server.http),
             grpc: format!("http://{}", server.grpc),
