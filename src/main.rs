@@ -205,8 +205,9 @@ struct ExportArgs {
     /// When to write weights to model.onnx_data.
     #[arg(long, value_enum, default_value = "auto")]
     external_data: ExternalData,
-    /// How a decoder's attention is written: with-past (what the server runs) or gqa (ONNX
-    /// Runtime's fused GroupQueryAttention, right-padded rows; not served yet).
+    /// How a decoder's attention is written: with-past (standard operators, the cache grown by
+    /// a copy each step) or gqa (ONNX Runtime's fused GroupQueryAttention over a shared cache
+    /// written in place).
     #[arg(long, value_enum, default_value = "with-past")]
     attention: Attention,
 }

@@ -5,63 +5,84 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::TestServer;
+use common::server::{TestServer, add_exported_version};
+use distill_serve::export::{Attention, Precision};
+use distill_serve::tiny::ShapePreset;
 use serde_json::{Value, json};
 
-async fn greedy(server: &TestServer, prompt: &str, max_tokens: u32) -> String {
-    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+async fn greedy_on(server: &TestServer, model: &str, prompt: &str, max_tokens: u32) -> String {
+    let body =
+        json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
     let r = server.post("/v1/completions", &body).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
-#[tokio::test]
-async fn outputs_under_concurrent_load_equal_outputs_alone() {
-    let server = TestServer::start(&["--max-batch-size", "6", "--max-queue-delay-ms", "2"]);
-    // Prompts of very different lengths (different buckets) and answers of different lengths,
-    // so sequences leave at different steps and others join mid-way.
-    let cases: Vec<(String, u32)> = (0..14)
+/// Prompts of very different lengths (different buckets) and answers of different lengths,
+/// so sequences leave at different steps and others join mid-way.
+fn cases() -> Vec<(String, u32)> {
+    (0..14)
         .map(|i| {
             (
                 format!("Case {i}: {}", "the patient reports pain ".repeat(1 + (i % 5) * 6)),
                 8 + (i as u32 % 4) * 10,
             )
         })
-        .collect();
-    let mut alone = Vec::new();
-    for (prompt, n) in &cases {
-        alone.push(greedy(&server, prompt, *n).await);
+        .collect()
+}
+
+/// Each case alone, one after another, on `model`.
+async fn alone(server: &TestServer, model: &str, cases: &[(String, u32)]) -> Vec<String> {
+    let mut answers = Vec::new();
+    for (prompt, n) in cases {
+        answers.push(greedy_on(server, model, prompt, *n).await);
     }
-    let together = futures::future::join_all(cases.iter().enumerate().map(|(i, (prompt, n))| {
-        let server = &server;
-        async move {
-            // Staggered arrivals: later requests join a batch that is already decoding.
-            tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
-            greedy(server, prompt, *n).await
-        }
+    answers
+}
+
+/// All cases at once on `model`, arrivals staggered so later requests join a batch that is
+/// already decoding.
+async fn together(server: &TestServer, model: &str, cases: &[(String, u32)]) -> Vec<String> {
+    futures::future::join_all(cases.iter().enumerate().map(|(i, (prompt, n))| async move {
+        tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
+        greedy_on(server, model, prompt, *n).await
     }))
-    .await;
+    .await
+}
+
+/// Asserts that some decode step of `model` ran more than one sequence.
+async fn assert_batched(server: &TestServer, model: &str) {
+    let steps = server
+        .metric(&format!("distill_serve_batch_size_count{{model=\"{model}\"}}"))
+        .await;
+    let single = server
+        .metric(&format!(
+            "distill_serve_batch_size_bucket{{model=\"{model}\",le=\"1\"}}"
+        ))
+        .await;
+    assert!(
+        steps > single,
+        "{model}: no decode step ran more than one sequence ({single} of {steps} were single)"
+    );
+}
+
+#[tokio::test]
+async fn outputs_under_concurrent_load_equal_outputs_alone() {
+    let server = TestServer::start(&["--max-batch-size", "6", "--max-queue-delay-ms", "2"]);
+    let cases = cases();
+    let alone = alone(&server, "tiny", &cases).await;
+    let together = together(&server, "tiny", &cases).await;
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a, b, "case {i}: batched output differs from the output alone");
     }
+    assert_batched(&server, "tiny").await;
     let text = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let count = |prefix: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
-    };
-    let steps = count("distill_serve_batch_size_count{model=\"tiny\"}");
-    let single = count("distill_serve_batch_size_bucket{model=\"tiny\",le=\"1\"}");
-    assert!(
-        steps > single,
-        "no decode step ran more than one sequence ({single} of {steps} were single)"
-    );
     assert!(
         text.contains("distill_serve_bucket_dispatches_total{bucket=\"16\",model=\"tiny\"}"),
         "no dispatch from bucket 16"
@@ -70,4 +91,40 @@ async fn outputs_under_concurrent_load_equal_outputs_alone() {
         text.contains("distill_serve_bucket_dispatches_total{bucket=\"128\",model=\"tiny\"}"),
         "no dispatch from bucket 128"
     );
+}
+
+/// The fused-attention graph (`--attention gqa`) under the scheduler: rows in the slots of one
+/// shared cache, joining, leaving, the buffer growing past its first capacity and compacting.
+/// In FP32 every answer equals the with-past graph's answer alone; in INT8 the fused graph's
+/// batched answers equal its answers alone.
+#[tokio::test]
+async fn fused_attention_serves_the_answers_of_the_with_past_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    let student = (5, ShapePreset::Tiny);
+    add_exported_version(&repo, "past", 1, student, Precision::Fp32, Attention::WithPast);
+    add_exported_version(&repo, "fused", 1, student, Precision::Fp32, Attention::Gqa);
+    add_exported_version(&repo, "fused-int8", 1, student, Precision::DEFAULT_INT8, Attention::Gqa);
+    let server = TestServer::start_with_repo(dir, repo, &["--max-batch-size", "6", "--max-queue-delay-ms", "2"]);
+    let cases = cases();
+
+    let reference = alone(&server, "past", &cases).await;
+    let fused = together(&server, "fused", &cases).await;
+    for (i, (a, b)) in reference.iter().zip(&fused).enumerate() {
+        assert_eq!(
+            a, b,
+            "case {i}: the fused graph, batched, differs from the with-past graph alone"
+        );
+    }
+    assert_batched(&server, "fused").await;
+
+    let int8_alone = alone(&server, "fused-int8", &cases).await;
+    let int8_together = together(&server, "fused-int8", &cases).await;
+    for (i, (a, b)) in int8_alone.iter().zip(&int8_together).enumerate() {
+        assert_eq!(
+            a, b,
+            "case {i}: the INT8 fused graph, batched, differs from its output alone"
+        );
+    }
+    assert_batched(&server, "fused-int8").await;
 }

@@ -5,16 +5,17 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use ndarray::{Array2, Array3, Array4, Ix3, Ix4, s};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef, ValueType};
 
+use super::slots::PrefillRows;
 use super::{EngineError, SessionOptions, open_session};
 
 /// The key/value cache of a batch: one key and one value tensor
 /// `[batch, kv_heads, length, head_dim]` per layer, owned by ONNX Runtime.
 pub struct KvCache {
     /// `[key_0, value_0, key_1, value_1, ...]`.
-    values: Vec<DynValue>,
+    pub(super) values: Vec<DynValue>,
     /// Positions held.
     len: usize,
 }
@@ -117,6 +118,8 @@ pub struct DecoderSession {
     head_dim: usize,
     vocab_size: usize,
     has_position_ids: bool,
+    /// Exported with `--attention gqa`: right-padded rows, a cache shared through I/O binding.
+    fused: bool,
     precision: String,
 }
 
@@ -167,13 +170,7 @@ impl DecoderSession {
             Ok(m) => (m.custom("distill_serve.attention"), m.custom("distill_serve.precision")),
             Err(_) => (None, None),
         };
-        if attention.as_deref() == Some(crate::export::FUSED_ATTENTION_LABEL) {
-            return Err(EngineError::Layout(
-                "this graph has fused attention (exported with --attention gqa: right-padded rows), \
-                 which the server does not run yet; export with --attention with-past"
-                    .into(),
-            ));
-        }
+        let fused = attention.as_deref() == Some(crate::export::FUSED_ATTENTION_LABEL);
         let precision = precision.unwrap_or_else(|| "unrecorded".into());
         Ok(Self {
             precision,
@@ -183,7 +180,27 @@ impl DecoderSession {
             head_dim,
             vocab_size,
             has_position_ids,
+            fused,
         })
+    }
+
+    /// Whether the graph has fused attention (`--attention gqa`): it runs right-padded rows,
+    /// through [`DecoderSession::prefill_rows`] and a [`super::SlotCache`].
+    pub fn fused_attention(&self) -> bool {
+        self.fused
+    }
+
+    /// KV heads and head size of the cache.
+    pub fn kv_geometry(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
+    }
+
+    pub(super) fn allocator(&self) -> &ort::memory::Allocator {
+        self.session.allocator()
+    }
+
+    pub(super) fn create_binding(&self) -> Result<IoBinding, EngineError> {
+        Ok(self.session.create_binding()?)
     }
 
     /// The precision the exporter recorded (`fp32`, `int8-matmul-integer`, ...), or
@@ -307,17 +324,103 @@ impl DecoderSession {
         } else {
             logits.to_owned()
         };
-        let mut values = Vec::with_capacity(self.num_layers * 2);
-        for layer in 0..self.num_layers {
-            for kind in ["key", "value"] {
-                let name = format!("present.{layer}.{kind}");
-                values.push(
-                    outputs
-                        .remove(&name)
-                        .ok_or_else(|| EngineError::Layout(format!("no `{name}` output")))?,
-                );
-            }
-        }
+        let values = take_presents(&mut outputs, self.num_layers)?;
         Ok((logits, KvCache { values, len: total }))
     }
+
+    /// The prefill of a fused-attention graph: `prompts` as one right-padded batch over an
+    /// empty cache. Returns each row's logits at its last position (`[rows, vocab]`) and the
+    /// rows' cache, to be written into a [`super::SlotCache`].
+    pub fn prefill_rows(&mut self, prompts: &[&[u32]]) -> Result<(Array2<f32>, PrefillRows), EngineError> {
+        if !self.fused {
+            return Err(EngineError::Layout("prefill_rows needs a fused-attention graph".into()));
+        }
+        let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let (rows, width) = (prompts.len(), lengths.iter().copied().max().unwrap_or(0));
+        if rows == 0 || lengths.contains(&0) {
+            return Err(EngineError::Input("a prefill needs rows of at least one token".into()));
+        }
+        let ids = Array2::from_shape_fn((rows, width), |(b, i)| prompts[b].get(i).map_or(0, |&t| i64::from(t)));
+        let mask = Array2::from_shape_fn((rows, width), |(b, i)| i64::from(i < lengths[b]));
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+            ("input_ids".into(), Tensor::from_array(ids)?.into()),
+            ("attention_mask".into(), Tensor::from_array(mask)?.into()),
+        ];
+        for (i, value) in self.empty_cache(rows)?.values.into_iter().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), value.into()));
+        }
+        let started = std::time::Instant::now();
+        let mut outputs = self.session.run(inputs)?;
+        tracing::debug!(
+            rows,
+            tokens = width,
+            past = 0,
+            micros = started.elapsed().as_micros() as u64,
+            "forward"
+        );
+        let all = outputs
+            .get("logits")
+            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
+            .try_extract_array::<f32>()?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        // A graph may give every position's logits or only each row's last.
+        let last = |b: usize| if all.dim().1 == 1 { 0 } else { lengths[b] - 1 };
+        let logits = Array2::from_shape_fn((rows, all.dim().2), |(b, v)| all[[b, last(b), v]]);
+        let values = take_presents(&mut outputs, self.num_layers)?;
+        Ok((
+            logits,
+            PrefillRows {
+                cache: KvCache { values, len: width },
+                lengths,
+            },
+        ))
+    }
+
+    /// Runs `binding` (the cache bound by a [`super::SlotCache`]) with one token a row and its
+    /// mask; returns the logits `[rows, vocab]`.
+    pub(super) fn run_bound(
+        &mut self,
+        binding: &mut IoBinding,
+        ids: Array2<i64>,
+        mask: Array2<i64>,
+    ) -> Result<Array2<f32>, EngineError> {
+        let (rows, past) = (ids.nrows(), mask.ncols().saturating_sub(1));
+        binding.bind_input("input_ids", &Tensor::from_array(ids)?)?;
+        binding.bind_input("attention_mask", &Tensor::from_array(mask)?)?;
+        binding.bind_output_to_device("logits", self.session.allocator().memory_info())?;
+        let started = std::time::Instant::now();
+        let outputs = self.session.run_binding(binding)?;
+        tracing::debug!(
+            rows,
+            tokens = 1,
+            past,
+            micros = started.elapsed().as_micros() as u64,
+            "forward"
+        );
+        let logits = outputs
+            .get("logits")
+            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
+            .try_extract_array::<f32>()?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        Ok(logits.slice(s![.., -1, ..]).to_owned())
+    }
+}
+
+/// The `present.{i}.key|value` outputs of a run, in layer order.
+fn take_presents(outputs: &mut ort::session::SessionOutputs<'_>, layers: usize) -> Result<Vec<DynValue>, EngineError> {
+    let mut values = Vec::with_capacity(layers * 2);
+    for layer in 0..layers {
+        for kind in ["key", "value"] {
+            let name = format!("present.{layer}.{kind}");
+            values.push(
+                outputs
+                    .remove(&name)
+                    .ok_or_else(|| EngineError::Layout(format!("no `{name}` output")))?,
+            );
+        }
+    }
+    Ok(values)
 }

@@ -5,6 +5,7 @@ mod decoder;
 mod encoder;
 pub mod gpu;
 mod runtime;
+mod slots;
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use ort::session::{Session, builder::GraphOptimizationLevel};
 pub use decoder::{CacheRows, DecoderSession, KvCache};
 pub use encoder::EncoderSession;
 pub use runtime::{ORT_GPU_VERSION, ORT_VERSION, default_library_path, environment};
+pub use slots::{PrefillRows, SlotCache, SlotSource};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]

@@ -47,12 +47,12 @@ pub enum Int8Format {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Attention {
     /// Standard ONNX operators in Optimum's with-past layout: rows left-padded, the cache grown
-    /// by a `Concat` each step. What the server runs.
+    /// by a `Concat` each step. Runs on any ONNX runtime.
     #[default]
     WithPast,
     /// ONNX Runtime's fused `GroupQueryAttention` (com.microsoft) with rotary embedding inside:
-    /// rows right-padded with their own lengths, no `position_ids`. The server does not run it
-    /// yet.
+    /// rows right-padded with their own lengths, no `position_ids`. The server keeps its cache
+    /// in one buffer that the op extends in place (the engine's `SlotCache`).
     Gqa,
 }
 

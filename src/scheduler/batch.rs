@@ -5,12 +5,16 @@
 //! inside ONNX Runtime (no copy on our side). Only when rows join (after their prefill) or leave
 //! (finished or cancelled) is the cache re-laid, in one copy per tensor; columns that are
 //! padding for every row are trimmed then.
+//!
+//! A fused-attention graph (`--attention gqa`) instead keeps its rows right-aligned in the slots
+//! of one [`SlotCache`] that ONNX Runtime extends in place; joins write into free slots, and the
+//! buffer is re-laid only to grow, to take more rows than it has free slots, or to compact.
 
 use ndarray::{Array2, Axis, concatenate, s};
 use tokenizers::Tokenizer;
 
 use super::BatchPolicy;
-use crate::engine::{CacheRows, DecoderSession, EngineError, KvCache};
+use crate::engine::{CacheRows, DecoderSession, EngineError, KvCache, PrefillRows, SlotCache, SlotSource};
 use crate::generate::{Advance, GenerateError, Sequence};
 
 /// One decoding row.
@@ -25,11 +29,18 @@ pub struct Row<T> {
 /// Rows that finished prefill together, ready to join the decode batch.
 pub struct Prefilled<T> {
     rows: Vec<Row<T>>,
-    mask: Array2<i64>,
-    cache: KvCache,
+    state: PrefillState,
 }
 
-/// Runs the prefill of `seqs` as one left-padded batch. Each sequence's first token is chosen
+/// The cache of prefilled rows, in the layout of their graph.
+enum PrefillState {
+    /// Left-padded rows of a with-past graph, and their mask.
+    LeftPadded { mask: Array2<i64>, cache: KvCache },
+    /// Rows of a fused-attention graph: `keep[j]` is the prefill row of the `j`th row kept.
+    Fused { cache: PrefillRows, keep: Vec<usize> },
+}
+
+/// Runs the prefill of `seqs` as one padded batch (left-padded; right-padded for a fused graph). Each sequence's first token is chosen
 /// at once; `on_advance` receives it (with the row's meta) and sequences that finish there are
 /// dropped. Returns the rows still generating.
 pub fn prefill<T>(
@@ -38,6 +49,15 @@ pub fn prefill<T>(
     seqs: Vec<(Sequence, T)>,
     mut on_advance: impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
 ) -> Result<Option<Prefilled<T>>, EngineError> {
+    if session.fused_attention() {
+        let prompts: Vec<&[u32]> = seqs.iter().map(|(s, _)| s.prompt()).collect();
+        let (logits, cache) = session.prefill_rows(&prompts)?;
+        let (rows, keep) = first_tokens(tokenizer, seqs, &logits, &mut on_advance);
+        return Ok((!rows.is_empty()).then_some(Prefilled {
+            rows,
+            state: PrefillState::Fused { cache, keep },
+        }));
+    }
     let longest = seqs.iter().map(|(s, _)| s.prompt().len()).max().unwrap_or(0);
     let n = seqs.len();
     let mut ids = Array2::<i64>::zeros((n, longest));
@@ -53,10 +73,39 @@ pub fn prefill<T>(
         }
     }
     let (logits, cache) = session.forward_last(&ids, &mask, &positions, session.empty_cache(n)?)?;
+    let logits = logits.index_axis_move(Axis(1), 0);
+    let (rows, keep) = first_tokens(tokenizer, seqs, &logits, &mut on_advance);
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let (mask, cache) = if keep.len() == n {
+        (mask, cache)
+    } else {
+        let rows = CacheRows {
+            cache: &cache,
+            rows: &keep,
+            from: 0,
+        };
+        (mask.select(Axis(0), &keep), KvCache::gather(&[rows], longest)?)
+    };
+    Ok(Some(Prefilled {
+        rows,
+        state: PrefillState::LeftPadded { mask, cache },
+    }))
+}
+
+/// Chooses each prefilled sequence's first token from its row of `logits` (`[rows, vocab]`);
+/// returns the rows still generating and the prefill rows they came from.
+fn first_tokens<T>(
+    tokenizer: &Tokenizer,
+    seqs: Vec<(Sequence, T)>,
+    logits: &Array2<f32>,
+    on_advance: &mut impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
+) -> (Vec<Row<T>>, Vec<usize>) {
     let mut keep = Vec::new();
     let mut rows = Vec::new();
     for (b, (mut seq, mut meta)) in seqs.into_iter().enumerate() {
-        let last = logits.slice(s![b, 0, ..]).to_vec();
+        let last = logits.row(b).to_vec();
         let advance = seq.advance(tokenizer, &last);
         let next = advance.as_ref().ok().and_then(|a| a.next);
         let wanted = on_advance(&mut meta, advance);
@@ -71,20 +120,7 @@ pub fn prefill<T>(
             keep.push(b);
         }
     }
-    if rows.is_empty() {
-        return Ok(None);
-    }
-    let (mask, cache) = if keep.len() == n {
-        (mask, cache)
-    } else {
-        let rows = CacheRows {
-            cache: &cache,
-            rows: &keep,
-            from: 0,
-        };
-        (mask.select(Axis(0), &keep), KvCache::gather(&[rows], longest)?)
-    };
-    Ok(Some(Prefilled { rows, mask, cache }))
+    (rows, keep)
 }
 
 /// Runs the largest prefill `policy` allows (the longest bucket, as many rows as the token
@@ -127,24 +163,40 @@ fn left_pad2(a: Array2<i64>, len: usize) -> Array2<i64> {
     out
 }
 
-/// The decode batch: rows (slots) sharing one left-padded KV cache. A finished row leaves its
-/// slot empty instead of re-laying the cache; a joining row is written into an empty slot in
-/// place when it fits, so in steady state no step copies the cache on our side. The batch is
-/// compacted (one copy) only when empty slots outnumber live rows, or a newcomer does not fit.
+/// The decode batch: rows (slots) sharing one KV cache. A finished row leaves its slot empty
+/// instead of re-laying the cache; a joining row is written into an empty slot in place when it
+/// fits, so in steady state no step copies the cache on our side. The batch is compacted (one
+/// copy) only when empty slots outnumber live rows, or a newcomer does not fit.
 pub struct DecodeBatch<T> {
     rows: Vec<Option<Row<T>>>,
-    mask: Array2<i64>,
-    cache: Option<KvCache>,
+    cache: BatchCache,
+}
+
+/// The decode batch's cache, in its graph's layout.
+enum BatchCache {
+    Empty,
+    /// With-past graph: left-padded rows, the mask marking padding.
+    LeftPadded {
+        mask: Array2<i64>,
+        cache: KvCache,
+    },
+    /// Fused-attention graph: right-aligned rows in slots.
+    Slots(Box<SlotCache>),
 }
 
 impl<T> Default for DecodeBatch<T> {
     fn default() -> Self {
         Self {
             rows: Vec::new(),
-            mask: Array2::zeros((0, 0)),
-            cache: None,
+            cache: BatchCache::Empty,
         }
     }
+}
+
+/// The capacity a slot buffer gets when it must hold `needed` positions: half as much again,
+/// so a growing batch re-lays its buffer a logarithmic number of times.
+fn slot_capacity(needed: usize) -> usize {
+    (needed + needed / 2).next_multiple_of(16)
 }
 
 impl<T> DecodeBatch<T> {
@@ -163,67 +215,110 @@ impl<T> DecodeBatch<T> {
         self.rows.iter().flatten().map(|r| &r.meta)
     }
 
-    /// Adds freshly prefilled rows.
-    pub fn join(&mut self, new: Prefilled<T>) -> Result<(), EngineError> {
-        let Some(cache) = &mut self.cache else {
-            self.rows = new.rows.into_iter().map(Some).collect();
-            self.mask = new.mask;
-            self.cache = Some(new.cache);
-            return Ok(());
-        };
-        let free: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_none()).collect();
-        if free.len() < new.rows.len() || new.cache.len() > cache.len() {
-            return self.relayout(Some(new));
-        }
-        let pairs: Vec<(usize, usize)> = free.iter().copied().enumerate().take(new.rows.len()).collect();
-        cache.write_rows(&new.cache, &pairs)?;
-        let start = self.mask.ncols() - new.mask.ncols();
-        for ((src, dst), row) in pairs.into_iter().zip(new.rows) {
-            self.mask.row_mut(dst).fill(0);
-            self.mask.slice_mut(s![dst, start..]).assign(&new.mask.row(src));
-            self.rows[dst] = Some(row);
-        }
-        Ok(())
+    fn free_slots(&self) -> Vec<usize> {
+        (0..self.rows.len()).filter(|&i| self.rows[i].is_none()).collect()
     }
 
-    /// Rebuilds the cache with the live rows only (and `new` after them), trimming columns that
-    /// are padding for every row: one copy per tensor.
-    fn relayout(&mut self, new: Option<Prefilled<T>>) -> Result<(), EngineError> {
-        let Some(cache) = self.cache.take() else {
+    fn live_slots(&self) -> Vec<usize> {
+        (0..self.rows.len()).filter(|&i| self.rows[i].is_some()).collect()
+    }
+
+    /// Adds freshly prefilled rows.
+    pub fn join(&mut self, session: &DecoderSession, new: Prefilled<T>) -> Result<(), EngineError> {
+        let (free, live) = (self.free_slots(), self.live_slots());
+        match (&mut self.cache, new.state) {
+            (BatchCache::Empty, PrefillState::LeftPadded { mask, cache }) => {
+                self.rows = new.rows.into_iter().map(Some).collect();
+                self.cache = BatchCache::LeftPadded { mask, cache };
+                Ok(())
+            }
+            (BatchCache::Empty, PrefillState::Fused { cache, keep }) => {
+                let needed = keep.iter().map(|&r| cache.lengths()[r]).max().unwrap_or(0) + 1;
+                let mut slots = SlotCache::new(session, keep.len(), slot_capacity(needed))?;
+                for (slot, &r) in keep.iter().enumerate() {
+                    slots.write(slot, &cache, r)?;
+                }
+                self.rows = new.rows.into_iter().map(Some).collect();
+                self.cache = BatchCache::Slots(Box::new(slots));
+                Ok(())
+            }
+            (
+                BatchCache::LeftPadded { mask, cache },
+                PrefillState::LeftPadded {
+                    mask: new_mask,
+                    cache: new_cache,
+                },
+            ) => {
+                if free.len() < new.rows.len() || new_cache.len() > cache.len() {
+                    return self.relayout(Some((new.rows, new_mask, new_cache)));
+                }
+                let pairs: Vec<(usize, usize)> = free.iter().copied().enumerate().take(new.rows.len()).collect();
+                cache.write_rows(&new_cache, &pairs)?;
+                let start = mask.ncols() - new_mask.ncols();
+                for ((src, dst), row) in pairs.into_iter().zip(new.rows) {
+                    mask.row_mut(dst).fill(0);
+                    mask.slice_mut(s![dst, start..]).assign(&new_mask.row(src));
+                    self.rows[dst] = Some(row);
+                }
+                Ok(())
+            }
+            (BatchCache::Slots(slots), PrefillState::Fused { cache, keep }) => {
+                let longest = keep.iter().map(|&r| cache.lengths()[r]).max().unwrap_or(0);
+                if free.len() >= new.rows.len() && longest < slots.capacity() {
+                    for ((&slot, &r), row) in free.iter().zip(&keep).zip(new.rows) {
+                        slots.write(slot, &cache, r)?;
+                        self.rows[slot] = Some(row);
+                    }
+                    return Ok(());
+                }
+                let mut sources: Vec<SlotSource> = live.into_iter().map(SlotSource::Slot).collect();
+                sources.extend(keep.iter().map(|&r| SlotSource::Prefill(r)));
+                let needed = slots.step_width().max(longest + 1);
+                **slots = slots.relayout(session, &sources, Some(&cache), slot_capacity(needed))?;
+                self.rows.retain(Option::is_some);
+                self.rows.extend(new.rows.into_iter().map(Some));
+                Ok(())
+            }
+            _ => Err(EngineError::Layout(
+                "prefilled rows of another cache layout than the batch's".into(),
+            )),
+        }
+    }
+
+    /// Rebuilds a left-padded cache with the live rows only (and `new` after them), trimming
+    /// columns that are padding for every row: one copy per tensor.
+    fn relayout(&mut self, new: Option<(Vec<Row<T>>, Array2<i64>, KvCache)>) -> Result<(), EngineError> {
+        let BatchCache::LeftPadded { mask, cache } = std::mem::replace(&mut self.cache, BatchCache::Empty) else {
             return Ok(());
         };
-        let live: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_some()).collect();
-        let first_used = self.unused_columns();
-        let mask = self.mask.select(Axis(0), &live);
+        let live = self.live_slots();
+        let first_used = unused_columns(&self.rows, &mask);
+        let mask = mask.select(Axis(0), &live);
         let kept = mask.ncols() - first_used;
-        let len = kept.max(new.as_ref().map_or(0, |n| n.cache.len()));
+        let len = kept.max(new.as_ref().map_or(0, |n| n.2.len()));
         let mut parts = vec![CacheRows {
             cache: &cache,
             rows: &live,
             from: first_used,
         }];
-        let new_rows: Vec<usize> = new.as_ref().map_or(Vec::new(), |n| (0..n.rows.len()).collect());
+        let new_rows: Vec<usize> = new.as_ref().map_or(Vec::new(), |n| (0..n.0.len()).collect());
         if let Some(n) = &new {
             parts.push(CacheRows {
-                cache: &n.cache,
+                cache: &n.2,
                 rows: &new_rows,
                 from: 0,
             });
         }
         let gathered = KvCache::gather(&parts, len)?;
         let mut masks = vec![left_pad2(mask.slice(s![.., first_used..]).to_owned(), len)];
-        let mut rows: Vec<Option<Row<T>>> = std::mem::take(&mut self.rows)
-            .into_iter()
-            .filter(Option::is_some)
-            .collect();
-        if let Some(n) = new {
-            masks.push(left_pad2(n.mask, len));
-            rows.extend(n.rows.into_iter().map(Some));
+        self.rows.retain(Option::is_some);
+        if let Some((rows, new_mask, _)) = new {
+            masks.push(left_pad2(new_mask, len));
+            self.rows.extend(rows.into_iter().map(Some));
         }
         let views: Vec<_> = masks.iter().map(|m| m.view()).collect();
-        self.mask = concatenate(Axis(0), &views).map_err(|e| EngineError::Layout(format!("joining masks: {e}")))?;
-        self.rows = rows;
-        self.cache = Some(gathered);
+        let mask = concatenate(Axis(0), &views).map_err(|e| EngineError::Layout(format!("joining masks: {e}")))?;
+        self.cache = BatchCache::LeftPadded { mask, cache: gathered };
         Ok(())
     }
 
@@ -236,20 +331,34 @@ impl<T> DecodeBatch<T> {
         tokenizer: &Tokenizer,
         mut on_advance: impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
     ) -> Result<(), EngineError> {
-        let Some(cache) = self.cache.take() else { return Ok(()) };
         let n = self.rows.len();
-        let ids = Array2::from_shape_fn((n, 1), |(b, _)| {
-            self.rows[b].as_ref().map_or(0, |r| i64::from(r.next_token))
-        });
-        let positions = Array2::from_shape_fn((n, 1), |(b, _)| self.rows[b].as_ref().map_or(0, |r| r.next_position));
-        let mask = std::mem::take(&mut self.mask);
-        self.mask = concatenate(Axis(1), &[mask.view(), Array2::ones((n, 1)).view()])
-            .map_err(|e| EngineError::Layout(format!("growing the mask: {e}")))?;
-        let (logits, cache) = session.forward_last(&ids, &self.mask, &positions, cache)?;
-        self.cache = Some(cache);
+        let token = |b: usize| self.rows[b].as_ref().map_or(0, |r| i64::from(r.next_token));
+        let logits = match std::mem::replace(&mut self.cache, BatchCache::Empty) {
+            BatchCache::Empty => return Ok(()),
+            BatchCache::LeftPadded { mask, cache } => {
+                let ids = Array2::from_shape_fn((n, 1), |(b, _)| token(b));
+                let positions =
+                    Array2::from_shape_fn((n, 1), |(b, _)| self.rows[b].as_ref().map_or(0, |r| r.next_position));
+                let mask = concatenate(Axis(1), &[mask.view(), Array2::ones((n, 1)).view()])
+                    .map_err(|e| EngineError::Layout(format!("growing the mask: {e}")))?;
+                let (logits, cache) = session.forward_last(&ids, &mask, &positions, cache)?;
+                self.cache = BatchCache::LeftPadded { mask, cache };
+                logits.index_axis_move(Axis(1), 0)
+            }
+            BatchCache::Slots(mut slots) => {
+                if slots.step_width() > slots.capacity() {
+                    let sources: Vec<SlotSource> = (0..n).map(SlotSource::Slot).collect();
+                    *slots = slots.relayout(session, &sources, None, slot_capacity(slots.step_width()))?;
+                }
+                let tokens: Vec<i64> = (0..n).map(token).collect();
+                let logits = slots.step(session, &tokens)?;
+                self.cache = BatchCache::Slots(slots);
+                logits
+            }
+        };
         for (b, slot) in self.rows.iter_mut().enumerate() {
             let Some(row) = slot else { continue };
-            let last = logits.slice(s![b, 0, ..]).to_vec();
+            let last = logits.row(b).to_vec();
             let advance = row.seq.advance(tokenizer, &last);
             let next = advance.as_ref().ok().and_then(|a| a.next);
             if on_advance(&mut row.meta, advance)
@@ -260,33 +369,45 @@ impl<T> DecodeBatch<T> {
             } else {
                 // Finished or abandoned: the slot (and the request's place) frees at once.
                 *slot = None;
+                if let BatchCache::Slots(slots) = &mut self.cache {
+                    slots.free(b);
+                }
             }
         }
-        let live = self.len();
+        let live_slots = self.live_slots();
+        let live = live_slots.len();
         if live == 0 {
             *self = Self::default();
-        } else if n - live > live || 2 * self.unused_columns() > self.mask.ncols() {
-            // Amortised: a re-layout copies the cache once, and only after the batch has lost
-            // half of its rows or half of its columns.
-            self.relayout(None)?;
+            return Ok(());
+        }
+        // Amortised: a re-layout copies the cache once, and only after the batch has lost half
+        // of its rows, or half of its columns (slots: of its capacity).
+        match &mut self.cache {
+            BatchCache::LeftPadded { mask, .. } => {
+                if n - live > live || 2 * unused_columns(&self.rows, mask) > mask.ncols() {
+                    self.relayout(None)?;
+                }
+            }
+            BatchCache::Slots(slots) => {
+                let width = slots.step_width();
+                if n - live > live || 2 * slot_capacity(width) < slots.capacity() {
+                    let sources: Vec<SlotSource> = live_slots.into_iter().map(SlotSource::Slot).collect();
+                    **slots = slots.relayout(session, &sources, None, slot_capacity(width))?;
+                    self.rows.retain(Option::is_some);
+                }
+            }
+            BatchCache::Empty => {}
         }
         Ok(())
     }
+}
 
-    /// Leading columns that are padding for every live row (they grow as rows are replaced).
-    fn unused_columns(&self) -> usize {
-        self.rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.is_some())
-            .map(|(b, _)| {
-                self.mask
-                    .row(b)
-                    .iter()
-                    .position(|&m| m != 0)
-                    .unwrap_or(self.mask.ncols())
-            })
-            .min()
-            .unwrap_or(0)
-    }
+/// Leading columns that are padding for every live row (they grow as rows are replaced).
+fn unused_columns<T>(rows: &[Option<Row<T>>], mask: &Array2<i64>) -> usize {
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_some())
+        .map(|(b, _)| mask.row(b).iter().position(|&m| m != 0).unwrap_or(mask.ncols()))
+        .min()
+        .unwrap_or(0)
 }

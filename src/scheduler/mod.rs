@@ -406,7 +406,7 @@ impl Worker {
                     self.admission.observe_prefill(started.elapsed(), computed);
                     self.health.record(true);
                     if let Some(prefilled) = prefilled
-                        && let Err(e) = self.batch.join(prefilled)
+                        && let Err(e) = self.batch.join(&self.session, prefilled)
                     {
                         tracing::error!(error = %e, "joining the decode batch failed");
                         self.fail_batch(&e.to_string());

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use distill_serve::checkpoint::Family;
-use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::export::{self, Attention, ExternalData, Precision};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use tempfile::TempDir;
 
@@ -20,13 +20,33 @@ pub fn add_version(repo: &Path, name: &str, version: u32, seed: u64) {
 /// As [`add_version`], with the student's dimensions from `shape` (`Mid`: the 16M-parameter
 /// student, where a decode step costs milliseconds and batching pays as for real students).
 pub fn add_shaped_version(repo: &Path, name: &str, version: u32, seed: u64, shape: ShapePreset) {
+    add_exported_version(
+        repo,
+        name,
+        version,
+        (seed, shape),
+        Precision::DEFAULT_INT8,
+        Attention::WithPast,
+    );
+}
+
+/// Writes version `version` of model `name`: the qwen2 student of `(seed, shape)` exported at
+/// `precision` with `attention`.
+pub fn add_exported_version(
+    repo: &Path,
+    name: &str,
+    version: u32,
+    (seed, shape): (u64, ShapePreset),
+    precision: Precision,
+    attention: Attention,
+) {
     let work = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(Family::Qwen2, seed);
     spec.shape = shape;
     spec.init_std = (shape == ShapePreset::Tiny).then_some(0.3);
     write_tiny(&spec, work.path()).unwrap();
     let out = repo.join(name).join(version.to_string());
-    export::export(work.path(), &out, Precision::DEFAULT_INT8, ExternalData::Never).unwrap();
+    export::export_with_attention(work.path(), &out, precision, ExternalData::Never, attention).unwrap();
     let toml = repo.join(name).join("model.toml");
     if !toml.exists() {
         std::fs::write(toml, format!("name = \"{name}\"\n")).unwrap();

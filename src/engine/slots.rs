@@ -1,0 +1,212 @@
+//! The KV cache of a fused-attention decoder (exported with `--attention gqa`): one buffer per
+//! layer's key and value, `[slots, kv_heads, capacity, head_dim]`, allocated once and bound as
+//! both the `past` input and the `present` output of every decode step (ONNX Runtime's I/O
+//! binding), so `GroupQueryAttention` writes each new position in place: no per-step copy of
+//! the cache, and each row attends over its own length only.
+//!
+//! Rows are right-aligned at position 0 of their slot. A prefill runs apart (its own rows,
+//! empty past) and its rows are copied into free slots; the buffer is re-laid (one copy) only
+//! when rows outgrow its capacity, newcomers find no free slot, or the scheduler compacts it.
+
+use ndarray::Array2;
+use ort::session::IoBinding;
+use ort::value::Tensor;
+
+use super::{DecoderSession, EngineError, KvCache};
+
+/// The shared cache of a decode batch of fused-attention rows.
+pub struct SlotCache {
+    /// `[key_0, value_0, key_1, value_1, ...]`, each `[slots, kv_heads, capacity, head_dim]`.
+    buffers: Vec<Tensor<f32>>,
+    binding: IoBinding,
+    /// Positions each slot holds; 0 is a free slot.
+    lengths: Vec<usize>,
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Rows of a finished prefill, their positions left-aligned from 0 in `cache`.
+pub struct PrefillRows {
+    pub(super) cache: KvCache,
+    pub(super) lengths: Vec<usize>,
+}
+
+impl PrefillRows {
+    /// The positions each row holds.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+}
+
+/// Where a row of the cache comes from when it is re-laid.
+#[derive(Debug, Clone, Copy)]
+pub enum SlotSource {
+    /// A slot of the current buffer.
+    Slot(usize),
+    /// A row of a prefill.
+    Prefill(usize),
+}
+
+impl SlotCache {
+    /// A buffer of `slots` free slots of `capacity` positions.
+    pub fn new(session: &DecoderSession, slots: usize, capacity: usize) -> Result<Self, EngineError> {
+        let (kv_heads, head_dim) = session.kv_geometry();
+        let buffers = (0..session.num_layers() * 2)
+            .map(|_| {
+                let mut buffer = Tensor::<f32>::new(session.allocator(), [slots, kv_heads, capacity, head_dim])?;
+                // Positions past a row's length are never read; zero them anyway, so what a
+                // buffer holds never depends on the allocator's leftovers.
+                buffer.extract_tensor_mut().1.fill(0.0);
+                Ok(buffer)
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let binding = session.create_binding()?;
+        let mut cache = Self {
+            buffers,
+            binding,
+            lengths: vec![0; slots],
+            capacity,
+            kv_heads,
+            head_dim,
+        };
+        cache.bind()?;
+        Ok(cache)
+    }
+
+    /// Number of slots (free or not): the batch size of a step.
+    pub fn slots(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Positions a slot can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions held by `slot` (0: free).
+    pub fn len_of(&self, slot: usize) -> usize {
+        self.lengths.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Frees a slot; its positions are left where they are and overwritten by the next row.
+    pub fn free(&mut self, slot: usize) {
+        if let Some(len) = self.lengths.get_mut(slot) {
+            *len = 0;
+        }
+    }
+
+    /// Copies row `row` of `prefill` into free slot `slot`.
+    pub fn write(&mut self, slot: usize, prefill: &PrefillRows, row: usize) -> Result<(), EngineError> {
+        let len = *prefill
+            .lengths
+            .get(row)
+            .ok_or_else(|| EngineError::Layout(format!("prefill has no row {row}")))?;
+        if slot >= self.slots() || len > self.capacity {
+            return Err(EngineError::Layout(format!(
+                "a row of {len} positions does not fit slot {slot} of {} x {}",
+                self.slots(),
+                self.capacity
+            )));
+        }
+        let (heads, dim, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.cache.values) {
+            let (shape, src) = source.try_extract_tensor::<f32>()?;
+            let src_cap = usize::try_from(shape[2]).unwrap_or(0);
+            let dst = buffer.extract_tensor_mut().1;
+            for h in 0..heads {
+                let from = (row * heads + h) * src_cap * dim;
+                let to = (slot * heads + h) * cap * dim;
+                dst[to..to + len * dim].copy_from_slice(&src[from..from + len * dim]);
+            }
+        }
+        self.lengths[slot] = len;
+        self.bind()
+    }
+
+    /// A new buffer of `capacity` positions whose slots are `sources`, in order: one copy of
+    /// each kept row.
+    pub fn relayout(
+        &self,
+        session: &DecoderSession,
+        sources: &[SlotSource],
+        prefill: Option<&PrefillRows>,
+        capacity: usize,
+    ) -> Result<Self, EngineError> {
+        let mut out = Self::new(session, sources.len(), capacity)?;
+        for (slot, source) in sources.iter().enumerate() {
+            match *source {
+                SlotSource::Prefill(row) => {
+                    let prefill = prefill
+                        .ok_or_else(|| EngineError::Layout("re-laying a prefill row without a prefill".into()))?;
+                    out.write(slot, prefill, row)?;
+                }
+                SlotSource::Slot(from) => out.copy_slot(self, from, slot)?,
+            }
+        }
+        Ok(out)
+    }
+
+    fn copy_slot(&mut self, src: &SlotCache, from: usize, slot: usize) -> Result<(), EngineError> {
+        let len = src.len_of(from);
+        if len > self.capacity {
+            return Err(EngineError::Layout(format!(
+                "{len} positions into a capacity of {}",
+                self.capacity
+            )));
+        }
+        let (heads, dim) = (self.kv_heads, self.head_dim);
+        for (dst, source) in self.buffers.iter_mut().zip(&src.buffers) {
+            let src_data = source.extract_tensor().1;
+            let dst = dst.extract_tensor_mut().1;
+            for h in 0..heads {
+                let a = (from * heads + h) * src.capacity * dim;
+                let b = (slot * heads + h) * self.capacity * dim;
+                dst[b..b + len * dim].copy_from_slice(&src_data[a..a + len * dim]);
+            }
+        }
+        self.lengths[slot] = len;
+        self.bind()
+    }
+
+    /// The width a step needs: the longest row plus the new position.
+    pub fn step_width(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(0) + 1
+    }
+
+    /// Runs one decode step: `tokens[slot]` after each held row (free slots compute a
+    /// throw-away row of their own). Returns the logits `[slots, vocab]`; every held row grows
+    /// by one position. The caller keeps `step_width() <= capacity()`.
+    pub fn step(&mut self, session: &mut DecoderSession, tokens: &[i64]) -> Result<Array2<f32>, EngineError> {
+        let slots = self.slots();
+        let width = self.step_width();
+        if tokens.len() != slots || width > self.capacity {
+            return Err(EngineError::Input(format!(
+                "a step of {} tokens over {slots} slots, {width} positions wide in {}",
+                tokens.len(),
+                self.capacity
+            )));
+        }
+        let ids = Array2::from_shape_fn((slots, 1), |(b, _)| tokens[b]);
+        // A free slot is a row of one position (length 0 would be an invalid sequence length).
+        let mask = Array2::from_shape_fn((slots, width), |(b, i)| i64::from(i <= self.lengths[b]));
+        let logits = session.run_bound(&mut self.binding, ids, mask)?;
+        for len in self.lengths.iter_mut().filter(|l| **l > 0) {
+            *len += 1;
+        }
+        Ok(logits)
+    }
+
+    /// (Re-)binds every buffer as its layer's past and present: ONNX Runtime reads a bound
+    /// input when it is bound (for a device other than the buffer's, it copies it then).
+    fn bind(&mut self) -> Result<(), EngineError> {
+        for (i, buffer) in self.buffers.iter_mut().enumerate() {
+            let (layer, kind) = (i / 2, if i % 2 == 0 { "key" } else { "value" });
+            self.binding
+                .bind_input(format!("past_key_values.{layer}.{kind}"), buffer)?;
+            self.binding
+                .bind_output(format!("present.{layer}.{kind}"), &mut *buffer)?;
+        }
+        Ok(())
+    }
+}
