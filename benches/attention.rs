@@ -84,8 +84,9 @@ fn token(b: usize, i: usize) -> i64 {
     ((b * 131 + i * 17 + 5) % 500) as i64
 }
 
-/// Decode tokens/s of the with-past graph: left-padded rows, the cache grown by the graph.
-fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> Result<f64> {
+/// Decode tokens/s of the with-past graph: left-padded rows, the cache grown by the graph; and
+/// the prefill's time.
+fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> Result<(f64, Duration)> {
     let (batch, width) = (lengths.len(), *lengths.iter().max().context("no rows")?);
     let pad = |b: usize| width - lengths[b];
     let ids = Array2::from_shape_fn(
@@ -94,7 +95,9 @@ fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> R
     );
     let mask = Array2::from_shape_fn((batch, width), |(b, i)| i64::from(i >= pad(b)));
     let pos = Array2::from_shape_fn((batch, width), |(b, i)| i.saturating_sub(pad(b)) as i64);
+    let started = Instant::now();
     let (_, mut cache) = session.forward_last(&ids, &mask, &pos, session.empty_cache(batch)?)?;
+    let prefill = started.elapsed();
     let started = Instant::now();
     for k in 0..steps {
         let ids = Array2::from_shape_fn((batch, 1), |(b, _)| token(b, k));
@@ -102,18 +105,18 @@ fn with_past(session: &mut DecoderSession, lengths: &[usize], steps: usize) -> R
         let pos = Array2::from_shape_fn((batch, 1), |(b, _)| (lengths[b] + k) as i64);
         cache = session.forward_last(&ids, &mask, &pos, cache)?.1;
     }
-    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+    Ok(((batch * steps) as f64 / started.elapsed().as_secs_f64(), prefill))
 }
 
-/// Decode tokens/s of the fused graph: right-padded rows, each at its own length; and the last
-/// step's logits.
-fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<(f64, Vec<f32>)> {
+/// Decode tokens/s of the fused graph: right-padded rows, each at its own length; the last
+/// step's logits; and the prefill's time.
+fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) -> Result<(f64, Vec<f32>, Duration)> {
     let batch = lengths.len();
     let (kv_heads, head_dim) = kv_shape(session)?;
     let mut past: Vec<DynValue> = (0..2 * layers)
         .map(|_| Ok(Tensor::from_array(Array4::<f32>::zeros((batch, kv_heads, 0, head_dim)))?.into_dyn()))
         .collect::<Result<_>>()?;
-    let (mut elapsed, mut last) = (Duration::ZERO, Vec::new());
+    let (mut elapsed, mut last, mut prefill) = (Duration::ZERO, Vec::new(), Duration::ZERO);
     for k in 0..=steps {
         let (ids, mask) = fused_inputs(lengths, k);
         let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
@@ -128,6 +131,8 @@ fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) 
         let mut outputs = session.run(inputs)?;
         if k > 0 {
             elapsed += started.elapsed();
+        } else {
+            prefill = started.elapsed();
         }
         for l in 0..layers {
             for kind in ["key", "value"] {
@@ -143,7 +148,7 @@ fn fused(session: &mut Session, lengths: &[usize], steps: usize, layers: usize) 
             last = logits.to_vec();
         }
     }
-    Ok(((batch * steps) as f64 / elapsed.as_secs_f64(), last))
+    Ok(((batch * steps) as f64 / elapsed.as_secs_f64(), last, prefill))
 }
 
 /// As [`fused`], with the cache preallocated for the whole run and bound as both each layer's
@@ -223,23 +228,25 @@ fn main() -> Result<()> {
         o.decode_steps
     );
     println!(
-        "| batch | with-past decode tok/s | fused | x with-past | fused, shared cache | x with-past | max abs diff fused vs shared |"
+        "| batch | with-past decode tok/s | fused | x with-past | fused, shared cache | x with-past | max abs diff fused vs shared | prefill ms with-past | fused |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &batch in &o.batches {
         let rows = lengths(batch, o.prompt_len);
         // A warm-up of each, then the timed runs.
         with_past(&mut reference, &rows, 2)?;
         fused(&mut gqa, &rows, 2, layers)?;
         fused_shared(&mut gqa, &rows, 2, layers)?;
-        let old = with_past(&mut reference, &rows, o.decode_steps)?;
-        let (new, copied) = fused(&mut gqa, &rows, o.decode_steps, layers)?;
+        let (old, old_prefill) = with_past(&mut reference, &rows, o.decode_steps)?;
+        let (new, copied, new_prefill) = fused(&mut gqa, &rows, o.decode_steps, layers)?;
         let (shared, in_place) = fused_shared(&mut gqa, &rows, o.decode_steps, layers)?;
         println!(
-            "| {batch} | {old:.1} | {new:.1} | {:.2} | {shared:.1} | {:.2} | {:.1e} |",
+            "| {batch} | {old:.1} | {new:.1} | {:.2} | {shared:.1} | {:.2} | {:.1e} | {:.1} | {:.1} |",
             new / old,
             shared / old,
-            max_abs_diff(&copied, &in_place)
+            max_abs_diff(&copied, &in_place),
+            old_prefill.as_secs_f64() * 1e3,
+            new_prefill.as_secs_f64() * 1e3
         );
     }
     Ok(())

@@ -1,11 +1,13 @@
 //! The serving benchmark: one server binary under the `loadtest` 10x scenario (closed loop at a
-//! baseline concurrency C, then 10C) in three configurations, each compared with the bare
+//! baseline concurrency C, then 10C) in four configurations, each compared with the bare
 //! engine doing exactly the same work. Bounded in count and time; every figure is a ratio
 //! within this one run.
 //!
 //! - batching: the defaults (length buckets, continuous decode batching);
 //! - off: `--max-batch-size 1`;
-//! - FIFO: one bucket (`--buckets 512`): plain first-come batches padded to the longest.
+//! - FIFO: one bucket (`--buckets 512`): plain first-come batches padded to the longest;
+//! - gqa: the defaults on the same student exported with fused attention (`--attention gqa`),
+//!   its cache written in place in one shared buffer.
 //!
 //! Serving efficiency: the server logs the shape of every ONNX Runtime run (rows, new tokens,
 //! cached positions) at debug level; after the 10C level the bench replays those runs, in order
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use distill_serve::engine::{DecoderSession, KvCache, SessionOptions};
+use distill_serve::engine::{DecoderSession, KvCache, SessionOptions, SlotCache};
 use distill_serve::tiny::ShapePreset;
 use loadtest::{Bounds, Client, Load, Plan, Protocol, Report, Sampling, TenX, Workload, workload};
 use ndarray::Array2;
@@ -107,9 +109,15 @@ impl Server {
 }
 
 /// Runs one closed-loop level of `concurrency` clients.
-async fn level(o: &Options, workload: &Arc<Workload>, base: &str, concurrency: usize, warmup: u64) -> Result<Report> {
+async fn level(
+    o: &Options,
+    workload: &Arc<Workload>,
+    (base, model): (&str, &str),
+    concurrency: usize,
+    warmup: u64,
+) -> Result<Report> {
     let sampling = Sampling {
-        model: "bench".into(),
+        model: model.into(),
         max_tokens: o.max_tokens,
         temperature: 0.7,
         stream: false,
@@ -134,10 +142,11 @@ async fn level(o: &Options, workload: &Arc<Workload>, base: &str, concurrency: u
 }
 
 /// The 10x scenario against `server`, and the shapes the server ran during the 10C level.
-async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server) -> Result<(Report, Vec<Shape>)> {
-    let mut report = level(o, workload, &server.process.base, o.baseline, 4).await?;
+async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server, model: &str) -> Result<(Report, Vec<Shape>)> {
+    let target = (server.process.base.as_str(), model);
+    let mut report = level(o, workload, target, o.baseline, 4).await?;
     server.take_shapes();
-    let ten = level(o, workload, &server.process.base, o.baseline * 10, 0).await?;
+    let ten = level(o, workload, target, o.baseline * 10, 0).await?;
     // The server logs each run before it returns; give the last lines time to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shapes = server.take_shapes();
@@ -149,6 +158,9 @@ async fn ten_x(o: &Options, workload: &Arc<Workload>, server: &Server) -> Result
 /// Time the bare engine needs to run `shapes` in order (cache set-up between runs whose
 /// shapes do not chain is not counted).
 fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
+    if session.fused_attention() {
+        return replay_fused(session, shapes);
+    }
     let mut held: Option<(usize, KvCache)> = None;
     let mut busy = Duration::ZERO;
     for &(rows, tokens, past, _) in shapes {
@@ -167,31 +179,56 @@ fn replay(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
     Ok(busy)
 }
 
+/// [`replay`] for a fused-attention graph: prefills as right-padded batches of `tokens`-long
+/// rows, decode steps over a shared cache whose rows all hold `past` positions (the server logs
+/// the mean of its rows' lengths). Buffer set-up is not counted.
+fn replay_fused(session: &mut DecoderSession, shapes: &[Shape]) -> Result<Duration> {
+    let mut busy = Duration::ZERO;
+    for &(rows, tokens, past, _) in shapes {
+        if tokens > 1 || past == 0 {
+            let prompt = vec![0u32; tokens];
+            let prompts = vec![prompt.as_slice(); rows];
+            let started = Instant::now();
+            session.prefill_rows(&prompts)?;
+            busy += started.elapsed();
+        } else {
+            let mut slots = SlotCache::with_lengths(session, &vec![past; rows], past + 1)?;
+            let started = Instant::now();
+            slots.step(session, &vec![0; rows])?;
+            busy += started.elapsed();
+        }
+    }
+    Ok(busy)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = Options::parse();
     let dir = tempfile::tempdir()?;
     let repo = common::student_repository(dir.path(), o.shape, false)?;
-    let version = repo.join("bench/1");
+    common::add_fused_export(dir.path())?;
     let workload = Arc::new(Workload::Lognormal {
         modes: workload::parse_mix(&o.lengths)?,
         max_words: MAX_WORDS,
     });
 
-    let mut session = DecoderSession::open(&version.join("model.onnx"), SessionOptions::default())?;
+    let open = |model: &str| DecoderSession::open(&repo.join(model).join("1/model.onnx"), SessionOptions::default());
+    let (mut with_past, mut fused) = (open("bench")?, open("bench-gqa")?);
 
-    let configs: [(&str, &[&str]); 3] = [
-        ("batching (buckets)", &[]),
-        ("off (--max-batch-size 1)", &["--max-batch-size", "1"]),
-        ("FIFO pad-to-longest (--buckets 512)", &["--buckets", "512"]),
+    let configs: [(&str, &[&str], &str); 4] = [
+        ("batching (buckets)", &[], "bench"),
+        ("off (--max-batch-size 1)", &["--max-batch-size", "1"], "bench"),
+        ("FIFO pad-to-longest (--buckets 512)", &["--buckets", "512"], "bench"),
+        ("batching, fused attention (--attention gqa)", &[], "bench-gqa"),
     ];
     let mut rows = Vec::new();
-    for (name, flags) in configs {
+    for (name, flags, model) in configs {
         let server = Server::start(&repo, flags)?;
-        let (report, shapes) = ten_x(&o, &workload, &server).await?;
+        let (report, shapes) = ten_x(&o, &workload, &server, model).await?;
         drop(server);
         println!("\n#### {name}\n\n{}", report.markdown());
-        let engine = replay(&mut session, &shapes)?;
+        let session = if model == "bench" { &mut with_past } else { &mut fused };
+        let engine = replay(session, &shapes)?;
         let in_server = Duration::from_micros(shapes.iter().map(|s| s.3).sum());
         rows.push((name, report, engine, in_server));
     }

@@ -31,6 +31,23 @@ pub fn student_repository(dir: &Path, shape: ShapePreset, trainable: bool) -> Re
     Ok(repo)
 }
 
+/// Adds model `bench-gqa` to the repository [`student_repository`] wrote in `dir` (not
+/// trainable): the same student exported with fused attention.
+// Each bench compiles this file; only the serve bench compares attention graphs.
+#[allow(dead_code)]
+pub fn add_fused_export(dir: &Path) -> Result<()> {
+    let repo = dir.join("models");
+    export::export_with_attention(
+        &dir.join("checkpoint"),
+        &repo.join("bench-gqa/1"),
+        Precision::DEFAULT_INT8,
+        ExternalData::Auto,
+        export::Attention::Gqa,
+    )?;
+    std::fs::write(repo.join("bench-gqa/model.toml"), "name = \"bench-gqa\"\n")?;
+    Ok(())
+}
+
 /// A running server.
 pub struct Server {
     _process: launch::Launched,
