@@ -11,7 +11,7 @@ use distill_serve::distill::client::{DistillCommand, ServerArgs};
 use distill_serve::distill::finetune;
 use distill_serve::distill::trainer::TrainConfig;
 use distill_serve::doctor::DoctorArgs;
-use distill_serve::export::{self, Attention, ExternalData, Int8Format, Precision};
+use distill_serve::export::{self, Activations, Attention, ExternalData, Int8Format, Precision};
 use distill_serve::telemetry::{TraceLayer, Tracing};
 use distill_serve::tiny::{self, TinySpec};
 use tracing_subscriber::Layer;
@@ -210,6 +210,10 @@ struct ExportArgs {
     /// written in place).
     #[arg(long, value_enum, default_value = "with-past")]
     attention: Attention,
+    /// The float type of activations and cache: fp32, or fp16 for GPUs (with --attention gqa;
+    /// logits of each row's last position only).
+    #[arg(long, value_enum, default_value = "fp32")]
+    activations: Activations,
 }
 
 fn main() -> Result<()> {
@@ -229,13 +233,11 @@ fn main() -> Result<()> {
             } else {
                 Precision::Fp32
             };
-            let report = export::export_with_attention(
-                &args.checkpoint,
-                &args.out,
-                precision,
-                args.external_data,
-                args.attention,
-            )?;
+            let form = export::Form {
+                attention: args.attention,
+                activations: args.activations,
+            };
+            let report = export::export_form(&args.checkpoint, &args.out, precision, args.external_data, form)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Train(args) => train(args)?,

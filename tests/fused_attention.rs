@@ -3,7 +3,9 @@
 //! reference; the fused graph runs them as one right-padded batch, prefill and greedy decode
 //! steps with rows of different lengths, and must give the same logits (1e-4, FP32) at every
 //! real position, for grouped (qwen2) and plain multi-head (llama) layouts. In INT8 a row's
-//! logits do not depend on its batch-mates.
+//! logits do not depend on its batch-mates. The GPU form (FP16 activations and cache, FP16 or
+//! `MatMulNBits` INT8 weights, last-position logits) runs here on the CPU provider through the
+//! server's slot cache and stays close to the FP32 graph.
 
 mod common;
 
@@ -11,9 +13,9 @@ use std::borrow::Cow;
 
 use common::{PROMPTS, student};
 use distill_serve::checkpoint::Family;
-use distill_serve::engine::{DecoderSession, SessionOptions, open_session};
-use distill_serve::export::{self, Attention, ExternalData, Precision};
-use distill_serve::reference::max_abs_diff;
+use distill_serve::engine::{DecoderSession, SessionOptions, SlotCache, open_session};
+use distill_serve::export::{self, Attention, ExternalData, Form, Int8Format, Precision};
+use distill_serve::reference::{cosine, max_abs_diff};
 use ndarray::{Array2, Array4, Ix3, s};
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, Tensor};
@@ -222,4 +224,47 @@ fn int8_fused_rows_do_not_depend_on_their_batch() {
             assert!(diff <= 1e-5, "row {b} position {i}: {diff}");
         }
     }
+}
+
+/// The GPU form of `student` at `precision`, through `prefill_rows` and a [`SlotCache`] as the
+/// scheduler runs it, against the FP32 with-past reference: every row's prefill and step
+/// logits at cosine `min_cosine` or closer.
+fn gpu_form_follows_the_fp32_graph(precision: Precision, min_cosine: f32) {
+    let student = student(Family::Qwen2, 13, |_| {});
+    let mut with_past = student.decoder("with-past", Precision::Fp32);
+    let dir = student.dir.path().join(format!("gpu-{precision:?}"));
+    export::export_form(&student.checkpoint, &dir, precision, ExternalData::Never, Form::GPU).unwrap();
+    let mut gpu = DecoderSession::open(&dir.join(export::MODEL_FILE), SessionOptions::default()).unwrap();
+    assert!(gpu.fused_attention());
+    assert_eq!(gpu.kv_type(), ort::value::TensorElementType::Float16);
+
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| student.encode(p)).collect();
+    let expected: Vec<_> = prompts.iter().map(|p| reference(&mut with_past, p)).collect();
+    let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let (logits, prefill) = gpu.prefill_rows(&rows).unwrap();
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let mut slots = SlotCache::new(&gpu, rows.len(), longest + STEPS + 1).unwrap();
+    for (b, (prefill_logits, _, _)) in expected.iter().enumerate() {
+        let c = cosine(&logits.row(b).to_vec(), prefill_logits.last().unwrap());
+        assert!(c >= min_cosine, "{precision:?} row {b} prefill: cosine {c}");
+        slots.write(b, &prefill, b).unwrap();
+    }
+    for k in 0..STEPS {
+        let tokens: Vec<i64> = expected.iter().map(|(_, _, t)| i64::from(t[k])).collect();
+        let logits = slots.step(&mut gpu, &tokens).unwrap();
+        for (b, (_, steps, _)) in expected.iter().enumerate() {
+            let c = cosine(&logits.row(b).to_vec(), &steps[k]);
+            assert!(c >= min_cosine, "{precision:?} row {b} step {k}: cosine {c}");
+        }
+    }
+}
+
+#[test]
+fn gpu_form_in_fp16_follows_the_fp32_graph() {
+    gpu_form_follows_the_fp32_graph(Precision::Fp32, 0.999);
+}
+
+#[test]
+fn gpu_form_with_matmul_nbits_int8_weights_follows_the_fp32_graph() {
+    gpu_form_follows_the_fp32_graph(Precision::Int8(Int8Format::MatMulNBits), 0.99);
 }

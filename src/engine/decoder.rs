@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ndarray::{Array2, Array3, Array4, Ix3, Ix4, s};
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorRef, ValueType};
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::slots::PrefillRows;
 use super::{EngineError, SessionOptions, open_session};
@@ -120,6 +120,8 @@ pub struct DecoderSession {
     has_position_ids: bool,
     /// Exported with `--attention gqa`: right-padded rows, a cache shared through I/O binding.
     fused: bool,
+    /// The cache's element type: FP32, or FP16 for a GPU-form graph.
+    kv_type: TensorElementType,
     precision: String,
 }
 
@@ -141,9 +143,14 @@ impl DecoderSession {
             .iter()
             .find(|i| i.name() == "past_key_values.0.key")
             .ok_or_else(|| EngineError::Layout("decoder has no `past_key_values.0.key` input".into()))?;
-        let (kv_heads, head_dim) = match first.dtype() {
-            ValueType::Tensor { shape, .. } if shape.len() == 4 && shape[1] > 0 && shape[3] > 0 => {
-                (shape[1] as usize, shape[3] as usize)
+        let (kv_heads, head_dim, kv_type) = match first.dtype() {
+            ValueType::Tensor { shape, ty, .. }
+                if shape.len() == 4
+                    && shape[1] > 0
+                    && shape[3] > 0
+                    && matches!(ty, TensorElementType::Float32 | TensorElementType::Float16) =>
+            {
+                (shape[1] as usize, shape[3] as usize, *ty)
             }
             other => {
                 return Err(EngineError::Layout(format!(
@@ -181,6 +188,7 @@ impl DecoderSession {
             vocab_size,
             has_position_ids,
             fused,
+            kv_type,
         })
     }
 
@@ -188,6 +196,11 @@ impl DecoderSession {
     /// through [`DecoderSession::prefill_rows`] and a [`super::SlotCache`].
     pub fn fused_attention(&self) -> bool {
         self.fused
+    }
+
+    /// The cache's element type (FP32, or FP16 for a GPU-form graph).
+    pub fn kv_type(&self) -> TensorElementType {
+        self.kv_type
     }
 
     /// KV heads and head size of the cache.
@@ -226,10 +239,13 @@ impl DecoderSession {
 
     /// A cache of `len` zeroed positions for `batch` sequences (benchmarks replay shapes with it).
     pub fn zeroed_cache(&self, batch: usize, len: usize) -> Result<KvCache, EngineError> {
+        let shape = (batch, self.kv_heads, len, self.head_dim);
         let values = (0..self.num_layers * 2)
             .map(|_| {
-                let zeros = Array4::<f32>::zeros((batch, self.kv_heads, len, self.head_dim));
-                Ok(Tensor::from_array(zeros)?.into_dyn())
+                Ok(match self.kv_type {
+                    TensorElementType::Float16 => Tensor::from_array(Array4::<half::f16>::zeros(shape))?.into_dyn(),
+                    _ => Tensor::from_array(Array4::<f32>::zeros(shape))?.into_dyn(),
+                })
             })
             .collect::<Result<_, EngineError>>()?;
         Ok(KvCache { values, len })
@@ -386,7 +402,10 @@ impl DecoderSession {
         ids: Array2<i64>,
         mask: Array2<i64>,
     ) -> Result<Array2<f32>, EngineError> {
-        let (rows, past) = (ids.nrows(), mask.ncols().saturating_sub(1));
+        // Rows hold different lengths: `past` is their mean (a free slot's is 0), what a replay
+        // of this step with rows of one length costs alike.
+        let rows = ids.nrows();
+        let past = (mask.sum().max(0) as usize).saturating_sub(rows) / rows.max(1);
         binding.bind_input("input_ids", &Tensor::from_array(ids)?)?;
         binding.bind_input("attention_mask", &Tensor::from_array(mask)?)?;
         binding.bind_output_to_device("logits", self.session.allocator().memory_info())?;

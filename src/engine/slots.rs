@@ -10,14 +10,16 @@
 
 use ndarray::Array2;
 use ort::session::IoBinding;
-use ort::value::Tensor;
+use ort::value::{DynTensor, PrimitiveTensorElementType, TensorElementType, TensorValueTypeMarker, Value};
 
 use super::{DecoderSession, EngineError, KvCache};
 
 /// The shared cache of a decode batch of fused-attention rows.
 pub struct SlotCache {
     /// `[key_0, value_0, key_1, value_1, ...]`, each `[slots, kv_heads, capacity, head_dim]`.
-    buffers: Vec<Tensor<f32>>,
+    buffers: Vec<DynTensor>,
+    /// FP32, or FP16 for a GPU-form graph.
+    elem: TensorElementType,
     binding: IoBinding,
     /// Positions each slot holds; 0 is a free slot.
     lengths: Vec<usize>,
@@ -52,18 +54,23 @@ impl SlotCache {
     /// A buffer of `slots` free slots of `capacity` positions.
     pub fn new(session: &DecoderSession, slots: usize, capacity: usize) -> Result<Self, EngineError> {
         let (kv_heads, head_dim) = session.kv_geometry();
+        let elem = session.kv_type();
         let buffers = (0..session.num_layers() * 2)
             .map(|_| {
-                let mut buffer = Tensor::<f32>::new(session.allocator(), [slots, kv_heads, capacity, head_dim])?;
+                let mut buffer = DynTensor::new(session.allocator(), elem, [slots, kv_heads, capacity, head_dim])?;
                 // Positions past a row's length are never read; zero them anyway, so what a
                 // buffer holds never depends on the allocator's leftovers.
-                buffer.extract_tensor_mut().1.fill(0.0);
+                match elem {
+                    TensorElementType::Float16 => buffer.try_extract_tensor_mut::<half::f16>()?.1.fill(half::f16::ZERO),
+                    _ => buffer.try_extract_tensor_mut::<f32>()?.1.fill(0.0),
+                }
                 Ok(buffer)
             })
             .collect::<Result<_, EngineError>>()?;
         let binding = session.create_binding()?;
         let mut cache = Self {
             buffers,
+            elem,
             binding,
             lengths: vec![0; slots],
             capacity,
@@ -71,6 +78,19 @@ impl SlotCache {
             head_dim,
         };
         cache.bind()?;
+        Ok(cache)
+    }
+
+    /// A buffer whose slots hold `lengths` zeroed positions each (benchmarks replay a server's
+    /// steps with it).
+    pub fn with_lengths(session: &DecoderSession, lengths: &[usize], capacity: usize) -> Result<Self, EngineError> {
+        if lengths.iter().any(|&l| l > capacity) {
+            return Err(EngineError::Input(format!(
+                "rows of {lengths:?} positions in a capacity of {capacity}"
+            )));
+        }
+        let mut cache = Self::new(session, lengths.len(), capacity)?;
+        cache.lengths = lengths.to_vec();
         Ok(cache)
     }
 
@@ -110,15 +130,27 @@ impl SlotCache {
             )));
         }
         let (heads, dim, cap) = (self.kv_heads, self.head_dim, self.capacity);
-        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.cache.values) {
-            let (shape, src) = source.try_extract_tensor::<f32>()?;
-            let src_cap = usize::try_from(shape[2]).unwrap_or(0);
-            let dst = buffer.extract_tensor_mut().1;
-            for h in 0..heads {
-                let from = (row * heads + h) * src_cap * dim;
-                let to = (slot * heads + h) * cap * dim;
-                dst[to..to + len * dim].copy_from_slice(&src[from..from + len * dim]);
+        // The present's own length (ONNX Runtime sizes it; the mask's width in practice).
+        let src_cap = match prefill.cache.values.first().map(|v| v.dtype()) {
+            Some(ort::value::ValueType::Tensor { shape, .. }) if shape.len() == 4 => {
+                usize::try_from(shape[2]).unwrap_or(0)
             }
+            _ => {
+                return Err(EngineError::Layout(
+                    "a prefill cache without [rows, heads, len, dim] tensors".into(),
+                ));
+            }
+        };
+        // Head h of the row: `len` positions at the start of its `capacity`-long block.
+        let spans: Vec<Span> = (0..heads)
+            .map(|h| Span {
+                from: (row * heads + h) * src_cap * dim,
+                to: (slot * heads + h) * cap * dim,
+                count: len * dim,
+            })
+            .collect();
+        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.cache.values) {
+            copy_spans(self.elem, buffer, source, &spans)?;
         }
         self.lengths[slot] = len;
         self.bind()
@@ -156,14 +188,15 @@ impl SlotCache {
             )));
         }
         let (heads, dim) = (self.kv_heads, self.head_dim);
+        let spans: Vec<Span> = (0..heads)
+            .map(|h| Span {
+                from: (from * heads + h) * src.capacity * dim,
+                to: (slot * heads + h) * self.capacity * dim,
+                count: len * dim,
+            })
+            .collect();
         for (dst, source) in self.buffers.iter_mut().zip(&src.buffers) {
-            let src_data = source.extract_tensor().1;
-            let dst = dst.extract_tensor_mut().1;
-            for h in 0..heads {
-                let a = (from * heads + h) * src.capacity * dim;
-                let b = (slot * heads + h) * self.capacity * dim;
-                dst[b..b + len * dim].copy_from_slice(&src_data[a..a + len * dim]);
-            }
+            copy_spans(self.elem, dst, source, &spans)?;
         }
         self.lengths[slot] = len;
         self.bind()
@@ -208,5 +241,43 @@ impl SlotCache {
                 .bind_output(format!("present.{layer}.{kind}"), &mut *buffer)?;
         }
         Ok(())
+    }
+}
+
+/// A run of elements copied from one cache tensor to another.
+struct Span {
+    from: usize,
+    to: usize,
+    count: usize,
+}
+
+/// Copies `spans` of `src` into `dst`, both of element type `elem` in host memory.
+fn copy_spans<S: TensorValueTypeMarker + ?Sized>(
+    elem: TensorElementType,
+    dst: &mut DynTensor,
+    src: &Value<S>,
+    spans: &[Span],
+) -> Result<(), EngineError> {
+    fn copy<T: PrimitiveTensorElementType + Copy, S: TensorValueTypeMarker + ?Sized>(
+        dst: &mut DynTensor,
+        src: &Value<S>,
+        spans: &[Span],
+    ) -> Result<(), EngineError> {
+        let src = src.try_extract_tensor::<T>()?.1;
+        let dst = dst.try_extract_tensor_mut::<T>()?.1;
+        for span in spans {
+            let (Some(from), Some(to)) = (
+                src.get(span.from..span.from + span.count),
+                dst.get_mut(span.to..span.to + span.count),
+            ) else {
+                return Err(EngineError::Layout("a KV cache copy out of bounds".into()));
+            };
+            to.copy_from_slice(from);
+        }
+        Ok(())
+    }
+    match elem {
+        TensorElementType::Float16 => copy::<half::f16, S>(dst, src, spans),
+        _ => copy::<f32, S>(dst, src, spans),
     }
 }

@@ -46,6 +46,8 @@ struct Fused {
     /// `[max_position_embeddings, head_dim / 2]` RoPE tables.
     cos_cache: String,
     sin_cache: String,
+    /// `[batch]` int64: the position of each row's last token in this run's input.
+    last_index: String,
 }
 
 /// Emits the whole decoder graph and declares its inputs and outputs.
@@ -59,15 +61,42 @@ pub fn build(e: &mut Emitter, c: &DecoderConfig, attention: Attention) -> Result
     for layer in 0..c.num_layers {
         x = decoder_layer(e, c, &shared, layer, &x)?;
     }
-    let x = e.rms_norm(&x, "model.norm.weight", c.rms_norm_eps)?;
+    let mut x = e.rms_norm(&x, "model.norm.weight", c.rms_norm_eps)?;
+    let fp16 = e.b.float() == Elem::F16;
+    if let (true, Shared::Gqa(s)) = (fp16, &shared) {
+        x = last_positions(e, s, &x, c.hidden_size);
+    }
     let head = if c.tie_word_embeddings {
         "model.embed_tokens.weight"
     } else {
         "lm_head.weight"
     };
     let logits = e.linear_from(&x, head, None)?;
-    e.b.node_in("", "Identity", &[&logits], &["logits"], vec![]);
+    if fp16 {
+        let to = i64::from(Elem::F32.code());
+        e.b.node_in("", "Cast", &[&logits], &["logits"], vec![("to", Attr::Int(to))]);
+    } else {
+        e.b.node_in("", "Identity", &[&logits], &["logits"], vec![]);
+    }
     Ok(())
+}
+
+/// `[batch, S, hidden]` -> `[batch, 1, hidden]`: each row's last token (a right-padded prefill
+/// row's last real token; a decode step's only one), so the output head runs once a row.
+fn last_positions(e: &mut Emitter, s: &Fused, x: &str, hidden: usize) -> String {
+    let b = &mut e.b;
+    let shape = b.op("Shape", &["input_ids"], vec![]);
+    let (zero, one) = (b.scalar_i64(0), b.scalar_i64(1));
+    let rows = b.op("Gather", &[&shape, &zero], vec![("axis", Attr::Int(0))]);
+    let width = b.op("Gather", &[&shape, &one], vec![("axis", Attr::Int(0))]);
+    let starts = b.op("Range", &[&zero, &rows, &one], vec![]);
+    let starts = b.op("Mul", &[&starts, &width], vec![]);
+    let flat_index = b.op("Add", &[&starts, &s.last_index], vec![]);
+    let flat_shape = b.i64s(&[-1, hidden as i64]);
+    let flat = b.op("Reshape", &[x, &flat_shape], vec![]);
+    let picked = b.op("Gather", &[&flat, &flat_index], vec![("axis", Attr::Int(0))]);
+    let axes = b.i64s(&[1]);
+    b.op("Unsqueeze", &[&picked, &axes], vec![])
 }
 
 fn declare_io(e: &mut Emitter, c: &DecoderConfig, attention: Attention) {
@@ -81,19 +110,22 @@ fn declare_io(e: &mut Emitter, c: &DecoderConfig, attention: Attention) {
             Dim::Fixed(c.head_dim),
         ]
     };
+    let float = e.b.float();
     e.b.input("input_ids", Elem::I64, &[batch.clone(), seq.clone()]);
     e.b.input("attention_mask", Elem::I64, &[batch.clone(), total.clone()]);
     if attention == Attention::WithPast {
         e.b.input("position_ids", Elem::I64, &[batch.clone(), seq.clone()]);
     }
     for i in 0..c.num_layers {
-        e.b.input(&format!("past_key_values.{i}.key"), Elem::F32, &kv(&past));
-        e.b.input(&format!("past_key_values.{i}.value"), Elem::F32, &kv(&past));
+        e.b.input(&format!("past_key_values.{i}.key"), float, &kv(&past));
+        e.b.input(&format!("past_key_values.{i}.value"), float, &kv(&past));
     }
-    e.b.output("logits", Elem::F32, &[batch, seq, Dim::Fixed(c.vocab_size)]);
+    // The GPU form gives each row's last position only.
+    let positions = if e.b.float() == Elem::F16 { Dim::Fixed(1) } else { seq };
+    e.b.output("logits", Elem::F32, &[batch, positions, Dim::Fixed(c.vocab_size)]);
     for i in 0..c.num_layers {
-        e.b.output(&format!("present.{i}.key"), Elem::F32, &kv(&total));
-        e.b.output(&format!("present.{i}.value"), Elem::F32, &kv(&total));
+        e.b.output(&format!("present.{i}.key"), float, &kv(&total));
+        e.b.output(&format!("present.{i}.value"), float, &kv(&total));
     }
 }
 
@@ -101,8 +133,9 @@ fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<WithPast> {
     let b = &mut e.b;
     // RoPE: angles = position_ids * inv_freq, duplicated over both halves of the head.
     let inv_freq = c.rope.inv_freq(c.head_dim);
-    let inv_freq = b.f32_init("rope.inv_freq", &[inv_freq.len()], &inv_freq)?;
-    let pos = b.op("Cast", &["position_ids"], vec![("to", Attr::Int(1))]);
+    let inv_freq = b.float_init("rope.inv_freq", &[inv_freq.len()], &inv_freq)?;
+    let to = i64::from(b.float().code());
+    let pos = b.op("Cast", &["position_ids"], vec![("to", Attr::Int(to))]);
     let last = b.i64s(&[-1]);
     let pos = b.op("Unsqueeze", &[&pos, &last], vec![]);
     let freqs = b.op("Mul", &[&pos, &inv_freq], vec![]);
@@ -138,7 +171,7 @@ fn shared_values(e: &mut Emitter, c: &DecoderConfig) -> Result<WithPast> {
     let not_pad = b.op("Cast", &["attention_mask"], vec![("to", Attr::Int(9))]);
     let not_pad = b.op("Unsqueeze", &[&not_pad, &pad_axes], vec![]);
     let allowed = b.op("And", &[&causal, &not_pad], vec![]);
-    let masked = b.scalar_f32(MASKED);
+    let masked = b.scalar_float(MASKED);
     let half = (c.head_dim / 2) as i64;
     let halves = b.i64s(&[half, half]);
     Ok(WithPast {
@@ -168,6 +201,12 @@ fn fused_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Fused> {
     let one = b.scalar_i64(1);
     let last = b.op("Sub", &[&lengths, &one], vec![]);
     let seqlens_k = b.op("Cast", &[&last], vec![("to", Attr::Int(6))]);
+    // A row's last token in this run: a prefill row's at its length - 1, a step's at 0.
+    let ids_shape = b.op("Shape", &["input_ids"], vec![]);
+    let seq_axis = b.scalar_i64(1);
+    let seq = b.op("Gather", &[&ids_shape, &seq_axis], vec![("axis", Attr::Int(0))]);
+    let seq_last = b.op("Sub", &[&seq, &one], vec![]);
+    let last_index = b.op("Min", &[&last, &seq_last], vec![]);
     let mask_shape = b.op("Shape", &["attention_mask"], vec![]);
     let idx1 = b.scalar_i64(1);
     let width = b.op("Gather", &[&mask_shape, &idx1], vec![("axis", Attr::Int(0))]);
@@ -185,13 +224,14 @@ fn fused_values(e: &mut Emitter, c: &DecoderConfig) -> Result<Fused> {
         }
     }
     let dims = [positions, inv_freq.len()];
-    let cos_cache = b.f32_init("rope.cos_cache", &dims, &cos)?;
-    let sin_cache = b.f32_init("rope.sin_cache", &dims, &sin)?;
+    let cos_cache = b.float_init("rope.cos_cache", &dims, &cos)?;
+    let sin_cache = b.float_init("rope.sin_cache", &dims, &sin)?;
     Ok(Fused {
         seqlens_k,
         total,
         cos_cache,
         sin_cache,
+        last_index,
     })
 }
 
@@ -297,7 +337,7 @@ fn attention(e: &mut Emitter, c: &DecoderConfig, s: &WithPast, layer: usize, h: 
     );
     // Grouped-query attention without copying keys: the query heads of one key/value head are
     // contiguous, so [B, H, S, D] reshapes to [B, KV, groups * S, D] and attends to [B, KV, T, D].
-    let scale = e.b.scalar_f32(1.0 / (c.head_dim as f32).sqrt());
+    let scale = e.b.scalar_float(1.0 / (c.head_dim as f32).sqrt());
     let q = e.b.op("Mul", &[&q, &scale], vec![]);
     let grouped = e.b.i64s(&[0, kvh, -1, d]);
     let q = e.b.op("Reshape", &[&q, &grouped], vec![]);

@@ -50,10 +50,11 @@ impl<'w> Emitter<'w> {
         Ok((self.weights.f32(name)?, meta.shape))
     }
 
-    /// Adds a checkpoint tensor as an `f32` initializer under its own name.
-    pub fn f32_tensor(&mut self, name: &str) -> Result<String> {
+    /// Adds a checkpoint tensor as a float initializer (the graph's float type) under its own
+    /// name.
+    pub fn float_tensor(&mut self, name: &str) -> Result<String> {
         let (values, shape) = self.tensor(name)?;
-        self.b.f32_init(name, &shape, &values)
+        self.b.float_init(name, &shape, &values)
     }
 
     /// `x @ W^T + b` for the checkpoint's `{prefix}.weight` (`[out, in]`) and, when `bias`,
@@ -73,7 +74,7 @@ impl<'w> Emitter<'w> {
             Precision::Fp32 => {
                 let wt = self
                     .b
-                    .f32_init(&format!("{weight}.T"), &[inp, out], &transpose(&w, out, inp))?;
+                    .float_init(&format!("{weight}.T"), &[inp, out], &transpose(&w, out, inp))?;
                 self.b.op("MatMul", &[x, &wt], vec![])
             }
             Precision::Int8(Int8Format::MatMulInteger) => {
@@ -82,10 +83,11 @@ impl<'w> Emitter<'w> {
                 let wq = self
                     .b
                     .initializer(&format!("{weight}.int8"), Elem::I8, &[inp, out], as_bytes(&codes))?;
-                let ws = self.b.f32_init(&format!("{weight}.scale"), &[out], &q.scales)?;
+                let ws = self.b.float_init(&format!("{weight}.scale"), &[out], &q.scales)?;
                 let xq = self.quantize_per_token(x)?;
                 let acc = self.b.op("MatMulInteger", &[&xq.codes, &wq, &xq.zero_point], vec![]);
-                let acc = self.b.op("Cast", &[&acc], vec![("to", Attr::Int(1))]);
+                let to = i64::from(self.b.float().code());
+                let acc = self.b.op("Cast", &[&acc], vec![("to", Attr::Int(to))]);
                 let acc = self.b.op("Mul", &[&acc, &ws], vec![]);
                 self.b.op("Mul", &[&acc, &xq.scale], vec![])
             }
@@ -95,7 +97,7 @@ impl<'w> Emitter<'w> {
                 let wq = self
                     .b
                     .initializer(&format!("{weight}.int8"), Elem::I8, &[inp, out], as_bytes(&codes))?;
-                let ws = self.b.f32_init(&format!("{weight}.scale"), &[out], &q.scales)?;
+                let ws = self.b.float_init(&format!("{weight}.scale"), &[out], &q.scales)?;
                 let wd = self.b.op("DequantizeLinear", &[&wq, &ws], vec![("axis", Attr::Int(1))]);
                 let xq = self.quantize_activation(x);
                 let xd = self
@@ -113,7 +115,7 @@ impl<'w> Emitter<'w> {
                 )?;
                 let ws = self
                     .b
-                    .f32_init(&format!("{weight}.scales"), &[out, q.blocks], &q.scales)?;
+                    .float_init(&format!("{weight}.scales"), &[out, q.blocks], &q.scales)?;
                 self.b.op_in(
                     MS_DOMAIN,
                     "MatMulNBits",
@@ -131,7 +133,7 @@ impl<'w> Emitter<'w> {
         };
         match bias {
             Some(bias) => {
-                let bias = self.f32_tensor(bias)?;
+                let bias = self.float_tensor(bias)?;
                 Ok(self.b.op("Add", &[&y, &bias], vec![]))
             }
             None => Ok(y),
@@ -151,13 +153,13 @@ impl<'w> Emitter<'w> {
             &[&abs],
             vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
         );
-        let (qmax, tiny) = (b.scalar_f32(127.0), b.scalar_f32(f32::MIN_POSITIVE));
+        let (qmax, tiny) = (b.scalar_float(127.0), b.scalar_float(f32::MIN_POSITIVE));
         let scale = b.op("Div", &[&amax, &qmax], vec![]);
         let scale = b.op("Max", &[&scale, &tiny], vec![]);
         let inverse = b.op("Reciprocal", &[&scale], vec![]);
         let scaled = b.op("Mul", &[x, &inverse], vec![]);
         // Cast truncates, so adding 128.5 rounds to nearest and offsets to the zero point at once.
-        let offset = b.scalar_f32(128.5);
+        let offset = b.scalar_float(128.5);
         let shifted = b.op("Add", &[&scaled, &offset], vec![]);
         let codes = b.op("Cast", &[&shifted], vec![("to", Attr::Int(2))]);
         let zp_name = b.fresh("zp128");
@@ -197,7 +199,7 @@ impl<'w> Emitter<'w> {
     /// with one scale per row when `quantize` is set and the precision is INT8.
     pub fn embedding(&mut self, ids: &str, name: &str, quantize: bool) -> Result<String> {
         if !quantize || self.precision == Precision::Fp32 {
-            let table = self.f32_tensor(name)?;
+            let table = self.float_tensor(name)?;
             return Ok(self.b.op("Gather", &[&table, ids], vec![]));
         }
         let (values, shape) = self.tensor(name)?;
@@ -208,9 +210,10 @@ impl<'w> Emitter<'w> {
             .initializer(&format!("{name}.gather.int8"), Elem::I8, &shape, as_bytes(&q.codes))?;
         let scales = self
             .b
-            .f32_init(&format!("{name}.gather.scale"), &[shape[0]], &q.scales)?;
+            .float_init(&format!("{name}.gather.scale"), &[shape[0]], &q.scales)?;
         let rows = self.b.op("Gather", &[&table, ids], vec![]);
-        let rows = self.b.op("Cast", &[&rows], vec![("to", Attr::Int(1))]);
+        let to = i64::from(self.b.float().code());
+        let rows = self.b.op("Cast", &[&rows], vec![("to", Attr::Int(to))]);
         let row_scales = self.b.op("Gather", &[&scales, ids], vec![]);
         let axes = self.b.i64s(&[-1]);
         let row_scales = self.b.op("Unsqueeze", &[&row_scales, &axes], vec![]);
@@ -220,14 +223,26 @@ impl<'w> Emitter<'w> {
     /// RMS normalisation over the last axis, in plain ops (ONNX Runtime fuses them into
     /// `SimplifiedLayerNormalization`).
     pub fn rms_norm(&mut self, x: &str, weight: &str, eps: f64) -> Result<String> {
-        let w = self.f32_tensor(weight)?;
+        let w = self.float_tensor(weight)?;
+        if self.b.float() == Elem::F16 {
+            // Squares of FP16 activations overflow: ONNX Runtime's fused op accumulates in FP32.
+            return Ok(self.b.op(
+                "SimplifiedLayerNormalization",
+                &[x, &w],
+                vec![
+                    ("axis", Attr::Int(-1)),
+                    ("epsilon", Attr::Float(eps as f32)),
+                    ("stash_type", Attr::Int(1)),
+                ],
+            ));
+        }
         let sq = self.b.op("Mul", &[x, x], vec![]);
         let mean = self.b.op(
             "ReduceMean",
             &[&sq],
             vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
         );
-        let eps = self.b.scalar_f32(eps as f32);
+        let eps = self.b.scalar_float(eps as f32);
         let var = self.b.op("Add", &[&mean, &eps], vec![]);
         let rms = self.b.op("Sqrt", &[&var], vec![]);
         let normed = self.b.op("Div", &[x, &rms], vec![]);
@@ -236,8 +251,8 @@ impl<'w> Emitter<'w> {
 
     /// Layer normalisation over the last axis with `{prefix}.weight` and `{prefix}.bias`.
     pub fn layer_norm(&mut self, x: &str, prefix: &str, eps: f64) -> Result<String> {
-        let w = self.f32_tensor(&format!("{prefix}.weight"))?;
-        let b = self.f32_tensor(&format!("{prefix}.bias"))?;
+        let w = self.float_tensor(&format!("{prefix}.weight"))?;
+        let b = self.float_tensor(&format!("{prefix}.bias"))?;
         Ok(self.b.op(
             "LayerNormalization",
             &[x, &w, &b],

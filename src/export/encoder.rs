@@ -36,7 +36,7 @@ pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
     let axes = e.b.i64s(&[1, 2]);
     let keep = e.b.op("Cast", &["attention_mask"], vec![("to", Attr::Int(9))]);
     let keep = e.b.op("Unsqueeze", &[&keep, &axes], vec![]);
-    let (open, closed) = (e.b.scalar_f32(0.0), e.b.scalar_f32(f32::MIN));
+    let (open, closed) = (e.b.scalar_float(0.0), e.b.scalar_float(f32::MIN));
     let bias = e.b.op("Where", &[&keep, &open, &closed], vec![]);
 
     for layer in 0..c.num_layers {
@@ -68,7 +68,7 @@ fn encoder_layer(e: &mut Emitter, c: &EncoderConfig, bias: &str, layer: usize, x
     let q = project(e, "query")?;
     let k = project(e, "key")?;
     let v = project(e, "value")?;
-    let scale = e.b.scalar_f32(1.0 / (d as f32).sqrt());
+    let scale = e.b.scalar_float(1.0 / (d as f32).sqrt());
     let q = e.b.op("Mul", &[&q, &scale], vec![]);
     let kt = e.b.op("Transpose", &[&k], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
     let scores = e.b.op("MatMul", &[&q, &kt], vec![]);
@@ -91,8 +91,8 @@ fn encoder_layer(e: &mut Emitter, c: &EncoderConfig, bias: &str, layer: usize, x
 
 /// Exact (erf) GELU; ONNX Runtime fuses the pattern into its `Gelu` kernel.
 fn gelu(e: &mut Emitter, x: &str) -> String {
-    let inv_sqrt2 = e.b.scalar_f32(std::f32::consts::FRAC_1_SQRT_2);
-    let (half, one) = (e.b.scalar_f32(0.5), e.b.scalar_f32(1.0));
+    let inv_sqrt2 = e.b.scalar_float(std::f32::consts::FRAC_1_SQRT_2);
+    let (half, one) = (e.b.scalar_float(0.5), e.b.scalar_float(1.0));
     let scaled = e.b.op("Mul", &[x, &inv_sqrt2], vec![]);
     let erf = e.b.op("Erf", &[&scaled], vec![]);
     let erf1 = e.b.op("Add", &[&erf, &one], vec![]);

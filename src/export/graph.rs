@@ -19,16 +19,19 @@ use super::proto::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {
     F32,
+    F16,
     U8,
     I8,
     I64,
 }
 
 impl Elem {
-    fn code(self) -> i32 {
+    /// The ONNX `DataType` code (what a `Cast` node's `to` takes).
+    pub fn code(self) -> i32 {
         use tensor_proto::DataType as D;
         (match self {
             Elem::F32 => D::Float,
+            Elem::F16 => D::Float16,
             Elem::U8 => D::Uint8,
             Elem::I8 => D::Int8,
             Elem::I64 => D::Int64,
@@ -75,6 +78,8 @@ pub struct GraphBuilder {
     uses_ms_domain: bool,
     counter: usize,
     external: Option<ExternalData>,
+    /// The type of float initializers and constants: `F32`, or `F16` for a GPU graph.
+    float: Elem,
 }
 
 impl GraphBuilder {
@@ -105,7 +110,18 @@ impl GraphBuilder {
             uses_ms_domain: false,
             counter: 0,
             external,
+            float: Elem::F32,
         })
+    }
+
+    /// Writes float initializers and constants as `float` (`F32` or `F16`) from now on.
+    pub fn set_float(&mut self, float: Elem) {
+        self.float = float;
+    }
+
+    /// The type float initializers and constants are written in.
+    pub fn float(&self) -> Elem {
+        self.float
     }
 
     /// A value name not used before in this graph.
@@ -175,14 +191,10 @@ impl GraphBuilder {
         Ok(name.to_string())
     }
 
-    /// An `f32` initializer.
-    pub fn f32_init(&mut self, name: &str, dims: &[usize], values: &[f32]) -> Result<String> {
-        self.initializer(
-            name,
-            Elem::F32,
-            dims,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+    /// A float initializer, in the builder's float type.
+    pub fn float_init(&mut self, name: &str, dims: &[usize], values: &[f32]) -> Result<String> {
+        let raw = float_bytes(self.float, values);
+        self.initializer(name, self.float, dims, raw)
     }
 
     /// An `i64` 1-D constant with a generated name.
@@ -210,13 +222,13 @@ impl GraphBuilder {
         name
     }
 
-    /// A scalar `f32` constant with a generated name.
-    pub fn scalar_f32(&mut self, value: f32) -> String {
+    /// A scalar float constant with a generated name, in the builder's float type.
+    pub fn scalar_float(&mut self, value: f32) -> String {
         let name = self.fresh("const");
         self.graph.initializer.push(TensorProto {
             name: name.clone(),
-            data_type: Elem::F32.code(),
-            float_data: vec![value],
+            data_type: self.float.code(),
+            raw_data: Bytes::from(float_bytes(self.float, &[value])),
             ..Default::default()
         });
         name
@@ -313,5 +325,16 @@ fn value_info(name: &str, elem: Elem, dims: &[Dim]) -> ValueInfoProto {
             })),
         }),
         ..Default::default()
+    }
+}
+
+/// `values` as little-endian `F32` or `F16` (rounded to nearest) bytes.
+fn float_bytes(float: Elem, values: &[f32]) -> Vec<u8> {
+    match float {
+        Elem::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
 }

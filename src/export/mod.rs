@@ -65,6 +65,34 @@ impl Attention {
     }
 }
 
+/// The float type a graph computes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// FP32 throughout: what the CPU runs fastest.
+    #[default]
+    Fp32,
+    /// FP16 activations, cache and float weights (RMS normalisation accumulates in FP32), and
+    /// logits of each row's last position only, cast to FP32: the GPU form. Needs fused
+    /// attention (ONNX Runtime's CUDA `GroupQueryAttention` runs in FP16 only) and FP32 or
+    /// `matmul-nbits` weights.
+    Fp16,
+}
+
+/// The layout and types of an exported decoder graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Form {
+    pub attention: Attention,
+    pub activations: Activations,
+}
+
+impl Form {
+    /// The GPU form: fused attention, FP16 activations, last-position logits.
+    pub const GPU: Form = Form {
+        attention: Attention::Gqa,
+        activations: Activations::Fp16,
+    };
+}
+
 /// The `distill_serve.attention` metadata of an export with fused attention.
 pub const FUSED_ATTENTION_LABEL: &str = "gqa";
 
@@ -82,8 +110,9 @@ impl Precision {
     /// `cargo bench --bench student`.
     pub const DEFAULT_INT8: Precision = Precision::Int8(Int8Format::MatMulInteger);
 
-    fn label(self) -> &'static str {
+    fn label(self, activations: Activations) -> &'static str {
         match self {
+            Precision::Fp32 if activations == Activations::Fp16 => "fp16",
             Precision::Fp32 => "fp32",
             Precision::Int8(Int8Format::MatMulInteger) => "int8-matmul-integer",
             Precision::Int8(Int8Format::MatMulNBits) => "int8-matmul-nbits",
@@ -139,6 +168,32 @@ pub fn export_with_attention(
     external: ExternalData,
     attention: Attention,
 ) -> Result<ExportReport> {
+    let form = Form {
+        attention,
+        ..Form::default()
+    };
+    export_form(checkpoint_dir, out_dir, precision, external, form)
+}
+
+/// As [`export`], in the layout and types `form` says.
+pub fn export_form(
+    checkpoint_dir: &Path,
+    out_dir: &Path,
+    precision: Precision,
+    external: ExternalData,
+    form: Form,
+) -> Result<ExportReport> {
+    let Form { attention, activations } = form;
+    if activations == Activations::Fp16 {
+        anyhow::ensure!(
+            attention == Attention::Gqa,
+            "FP16 activations need fused attention (--attention gqa)"
+        );
+        anyhow::ensure!(
+            matches!(precision, Precision::Fp32 | Precision::Int8(Int8Format::MatMulNBits)),
+            "FP16 activations take FP32 weights (stored as FP16) or --int8-format matmul-nbits"
+        );
+    }
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let bytes_per_weight = if precision == Precision::Fp32 { 4 } else { 1 };
@@ -157,7 +212,10 @@ pub fn export_with_attention(
         std::fs::remove_file(&data_path)?;
     }
     let family = ckpt.config.family();
-    let builder = GraphBuilder::new(family.model_type(), use_external.then_some(data_path.as_path()))?;
+    let mut builder = GraphBuilder::new(family.model_type(), use_external.then_some(data_path.as_path()))?;
+    if activations == Activations::Fp16 {
+        builder.set_float(graph::Elem::F16);
+    }
     let mut e = Emitter::new(builder, &ckpt.weights, precision);
     match &ckpt.config {
         ModelConfig::Decoder(c) => decoder::build(&mut e, c, attention)?,
@@ -165,8 +223,9 @@ pub fn export_with_attention(
     }
     let metadata = [
         ("distill_serve.family", family.model_type().to_string()),
-        ("distill_serve.precision", precision.label().to_string()),
+        ("distill_serve.precision", precision.label(activations).to_string()),
         ("distill_serve.attention", attention.label().to_string()),
+        ("distill_serve.activations", format!("{activations:?}").to_lowercase()),
     ];
     let mut files = e.b.finish(&model_path, &metadata)?;
     let model_bytes = files
@@ -182,7 +241,7 @@ pub fn export_with_attention(
     Ok(ExportReport {
         files,
         model_bytes,
-        precision: precision.label(),
+        precision: precision.label(activations),
     })
 }
 
@@ -191,7 +250,7 @@ pub fn export_with_attention(
 pub fn write_probe_model(path: &Path) -> Result<()> {
     let mut g = GraphBuilder::new("probe", None)?;
     let weights: Vec<f32> = (0..64).map(|i| (i % 9) as f32 / 8.0).collect();
-    let w = g.f32_init("w", &[8, 8], &weights)?;
+    let w = g.float_init("w", &[8, 8], &weights)?;
     g.input("x", graph::Elem::F32, &[graph::Dim::Fixed(1), graph::Dim::Fixed(8)]);
     g.node_in(graph::ONNX_DOMAIN, "MatMul", &["x", &w], &["y"], Vec::new());
     g.output("y", graph::Elem::F32, &[graph::Dim::Fixed(1), graph::Dim::Fixed(8)]);
