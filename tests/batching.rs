@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::server::{TestServer, add_exported_version};
-use distill_serve::export::{Attention, Precision};
+use distill_serve::export::{Attention, Form, Precision};
 use distill_serve::tiny::ShapePreset;
 use serde_json::{Value, json};
 
@@ -95,16 +95,21 @@ async fn outputs_under_concurrent_load_equal_outputs_alone() {
 
 /// The fused-attention graph (`--attention gqa`) under the scheduler: rows in the slots of one
 /// shared cache, joining, leaving, the buffer growing past its first capacity and compacting.
-/// In FP32 every answer equals the with-past graph's answer alone; in INT8 the fused graph's
-/// batched answers equal its answers alone.
+/// In FP32 every answer equals the with-past graph's answer alone; in INT8 and in the FP16 GPU
+/// form the fused graph's batched answers equal its answers alone.
 #[tokio::test]
 async fn fused_attention_serves_the_answers_of_the_with_past_graph() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("models");
     let student = (5, ShapePreset::Tiny);
-    add_exported_version(&repo, "past", 1, student, Precision::Fp32, Attention::WithPast);
-    add_exported_version(&repo, "fused", 1, student, Precision::Fp32, Attention::Gqa);
-    add_exported_version(&repo, "fused-int8", 1, student, Precision::DEFAULT_INT8, Attention::Gqa);
+    let gqa = Form {
+        attention: Attention::Gqa,
+        ..Form::default()
+    };
+    add_exported_version(&repo, "past", 1, student, Precision::Fp32, Form::default());
+    add_exported_version(&repo, "fused", 1, student, Precision::Fp32, gqa);
+    add_exported_version(&repo, "fused-int8", 1, student, Precision::DEFAULT_INT8, gqa);
+    add_exported_version(&repo, "gpu-form", 1, student, Precision::Fp32, Form::GPU);
     let server = TestServer::start_with_repo(dir, repo, &["--max-batch-size", "6", "--max-queue-delay-ms", "2"]);
     let cases = cases();
 
@@ -127,4 +132,12 @@ async fn fused_attention_serves_the_answers_of_the_with_past_graph() {
         );
     }
     assert_batched(&server, "fused-int8").await;
+
+    // The GPU form (FP16 cache in the slots, last-position logits) serves here on the CPU.
+    let gpu_alone = alone(&server, "gpu-form", &cases).await;
+    let gpu_together = together(&server, "gpu-form", &cases).await;
+    for (i, (a, b)) in gpu_alone.iter().zip(&gpu_together).enumerate() {
+        assert_eq!(a, b, "case {i}: the GPU form, batched, differs from its output alone");
+    }
+    assert_batched(&server, "gpu-form").await;
 }

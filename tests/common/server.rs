@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use distill_serve::checkpoint::Family;
-use distill_serve::export::{self, Attention, ExternalData, Precision};
+use distill_serve::export::{self, ExternalData, Form, Precision};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 use tempfile::TempDir;
 
@@ -26,19 +26,19 @@ pub fn add_shaped_version(repo: &Path, name: &str, version: u32, seed: u64, shap
         version,
         (seed, shape),
         Precision::DEFAULT_INT8,
-        Attention::WithPast,
+        Form::default(),
     );
 }
 
 /// Writes version `version` of model `name`: the qwen2 student of `(seed, shape)` exported at
-/// `precision` with `attention`.
+/// `precision` in `form`.
 pub fn add_exported_version(
     repo: &Path,
     name: &str,
     version: u32,
     (seed, shape): (u64, ShapePreset),
     precision: Precision,
-    attention: Attention,
+    form: Form,
 ) {
     let work = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(Family::Qwen2, seed);
@@ -46,7 +46,7 @@ pub fn add_exported_version(
     spec.init_std = (shape == ShapePreset::Tiny).then_some(0.3);
     write_tiny(&spec, work.path()).unwrap();
     let out = repo.join(name).join(version.to_string());
-    export::export_with_attention(work.path(), &out, precision, ExternalData::Never, attention).unwrap();
+    export::export_form(work.path(), &out, precision, ExternalData::Never, form).unwrap();
     let toml = repo.join(name).join("model.toml");
     if !toml.exists() {
         std::fs::write(toml, format!("name = \"{name}\"\n")).unwrap();
