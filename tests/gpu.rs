@@ -2,7 +2,8 @@
 //! leaves an installed state alone and refuses a wheel whose checksum is wrong (offline: the
 //! package index is a closed loopback port), and `doctor` reports the machine and fails on a
 //! provider the configuration asks for but cannot run. Where a GPU exists, the GPU lines are
-//! checked instead of the "none" line.
+//! checked instead of the "none" line, and the GPU form runs on the CUDA provider against the
+//! CPU provider (skipped, saying why, without a GPU or a CUDA build).
 
 mod common;
 
@@ -171,4 +172,59 @@ fn doctor_fails_on_a_configured_provider_that_cannot_run() {
     // The CPU default alone passes.
     let out = doctor(&["--execution-provider", "cpu"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Whether an NVIDIA GPU answers here.
+fn gpu_present() -> bool {
+    Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
+#[test]
+fn the_gpu_form_on_cuda_gives_the_logits_of_the_cpu() {
+    use distill_serve::checkpoint::Family;
+    use distill_serve::engine::{DecoderSession, ExecutionProvider, SessionOptions, SlotCache};
+    use distill_serve::export::{self, ExternalData, Form, Int8Format, Precision};
+
+    if !cfg!(feature = "cuda") {
+        println!("skipped: this build has no CUDA provider (cargo test --features cuda)");
+        return;
+    }
+    if !gpu_present() {
+        println!("skipped: no NVIDIA GPU here (nvidia-smi lists none)");
+        return;
+    }
+    let student = common::student(Family::Qwen2, 21, |_| {});
+    let dir = student.dir.path().join("gpu-form");
+    let precision = Precision::Int8(Int8Format::MatMulNBits);
+    export::export_form(&student.checkpoint, &dir, precision, ExternalData::Never, Form::GPU).unwrap();
+    let model = dir.join(export::MODEL_FILE);
+    let prompts: Vec<Vec<u32>> = common::PROMPTS.iter().map(|p| student.encode(p)).collect();
+    let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let run = |provider| {
+        let options = SessionOptions {
+            execution_provider: provider,
+            ..SessionOptions::default()
+        };
+        let mut session = DecoderSession::open(&model, options).unwrap();
+        let (first, prefill) = session.prefill_rows(&rows).unwrap();
+        let mut slots = SlotCache::new(&session, rows.len(), 64).unwrap();
+        for b in 0..rows.len() {
+            slots.write(b, &prefill, b).unwrap();
+        }
+        let step = slots.step(&mut session, &vec![7; rows.len()]).unwrap();
+        (first, step)
+    };
+    let (cpu, gpu) = (run(ExecutionProvider::Cpu), run(ExecutionProvider::Cuda));
+    for (name, a, b) in [("prefill", &cpu.0, &gpu.0), ("step", &cpu.1, &gpu.1)] {
+        for r in 0..rows.len() {
+            let c = distill_serve::reference::cosine(&a.row(r).to_vec(), &b.row(r).to_vec());
+            assert!(
+                c >= 0.999,
+                "{name} row {r}: cosine {c} between the CPU and CUDA providers"
+            );
+        }
+    }
 }
