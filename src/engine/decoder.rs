@@ -122,6 +122,8 @@ pub struct DecoderSession {
     fused: bool,
     /// The cache's element type: FP32, or FP16 for a GPU-form graph.
     kv_type: TensorElementType,
+    /// Where it runs (a slot cache goes to the GPU's memory on a GPU provider).
+    options: SessionOptions,
     precision: String,
 }
 
@@ -189,6 +191,7 @@ impl DecoderSession {
             has_position_ids,
             fused,
             kv_type,
+            options,
         })
     }
 
@@ -210,6 +213,23 @@ impl DecoderSession {
 
     pub(super) fn allocator(&self) -> &ort::memory::Allocator {
         self.session.allocator()
+    }
+
+    /// An allocator in the GPU's memory on a GPU provider; `None` on the CPU.
+    pub(super) fn device_allocator(&self) -> Result<Option<ort::memory::Allocator>, EngineError> {
+        use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+        if self.options.execution_provider == super::ExecutionProvider::Cpu {
+            return Ok(None);
+        }
+        let device = i32::try_from(self.options.device_id)
+            .map_err(|_| EngineError::Input(format!("device_id {} is out of range", self.options.device_id)))?;
+        let info = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        Ok(Some(Allocator::new(&self.session, info)?))
     }
 
     pub(super) fn create_binding(&self) -> Result<IoBinding, EngineError> {
@@ -384,14 +404,11 @@ impl DecoderSession {
         // A graph may give every position's logits or only each row's last.
         let last = |b: usize| if all.dim().1 == 1 { 0 } else { lengths[b] - 1 };
         let logits = Array2::from_shape_fn((rows, all.dim().2), |(b, v)| all[[b, last(b), v]]);
-        let values = take_presents(&mut outputs, self.num_layers)?;
-        Ok((
-            logits,
-            PrefillRows {
-                cache: KvCache { values, len: width },
-                lengths,
-            },
-        ))
+        let presents = take_presents(&mut outputs, self.num_layers)?
+            .into_iter()
+            .map(|v| v.downcast::<ort::value::DynTensorValueType>())
+            .collect::<Result<_, _>>()?;
+        Ok((logits, PrefillRows { presents, lengths }))
     }
 
     /// Runs `binding` (the cache bound by a [`super::SlotCache`]) with one token a row and its

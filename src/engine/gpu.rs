@@ -3,6 +3,7 @@
 //! --gpu` fills (NVIDIA's PyPI wheels), so no `LD_LIBRARY_PATH` is needed; libraries not there
 //! are left to the system's loader, and one that is missing everywhere is named in the error.
 
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -76,6 +77,44 @@ fn preload_from(folder: &Path) -> Result<Vec<&'static str>, String> {
     Ok(loaded)
 }
 
+/// The CUDA runtime's `cudaMemcpy(dst, src, bytes, kind)`.
+type CudaMemcpy = unsafe extern "C" fn(*mut c_void, *const c_void, usize, i32) -> i32;
+
+static CUDA_MEMCPY: OnceLock<Result<CudaMemcpy, String>> = OnceLock::new();
+
+/// `cudaMemcpyDefault`: the runtime tells host and device pointers apart (unified addressing).
+const MEMCPY_DEFAULT: i32 = 4;
+
+/// Copies `bytes` from `src` to `dst`, either or both in a GPU's memory, with the CUDA runtime
+/// (loaded on first use): how a slot cache in GPU memory moves its rows.
+///
+/// # Safety
+/// `src` and `dst` must each address `bytes` valid bytes, in host or GPU memory.
+pub unsafe fn copy_memory(dst: *mut c_void, src: *const c_void, bytes: usize) -> Result<(), EngineError> {
+    let memcpy = CUDA_MEMCPY.get_or_init(|| {
+        // The runtime from setup's folder when there is one, else the system's.
+        let _ = preload_cuda_libraries();
+        // SAFETY: NVIDIA's CUDA runtime, which ONNX Runtime's CUDA provider loads anyway; the
+        // handle is kept for good, so the function pointer stays valid.
+        let library = unsafe { libloading::Library::new("libcudart.so.13") }
+            .map_err(|e| format!("loading the CUDA runtime (libcudart.so.13): {e}"))?;
+        // SAFETY: `cudaMemcpy` has this signature in every CUDA runtime.
+        let symbol = unsafe { library.get::<CudaMemcpy>(b"cudaMemcpy\0") }
+            .map(|f| *f)
+            .map_err(|e| format!("libcudart.so.13 has no cudaMemcpy: {e}"))?;
+        std::mem::forget(library);
+        Ok(symbol)
+    });
+    let memcpy = memcpy.as_ref().map_err(|e| EngineError::Runtime(e.clone()))?;
+    // SAFETY: the caller vouches for both ranges.
+    match unsafe { memcpy(dst, src, bytes, MEMCPY_DEFAULT) } {
+        0 => Ok(()),
+        status => Err(EngineError::Runtime(format!(
+            "cudaMemcpy failed with CUDA error {status}"
+        ))),
+    }
+}
+
 /// The CUDA provider on GPU `device`, after preloading its libraries.
 #[cfg(feature = "cuda")]
 pub fn cuda(builder: SessionBuilder, device: u32) -> Result<SessionBuilder, EngineError> {
@@ -127,6 +166,18 @@ pub fn tensorrt(_: SessionBuilder, _: u32) -> Result<SessionBuilder, EngineError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a GPU the copy is an error that names CUDA, never a crash; with one, it copies.
+    #[test]
+    fn a_memory_copy_copies_or_names_what_is_missing() {
+        let src = [1u8, 2, 3, 4];
+        let mut dst = [0u8; 4];
+        // SAFETY: two host arrays of four bytes.
+        match unsafe { copy_memory(dst.as_mut_ptr().cast(), src.as_ptr().cast(), 4) } {
+            Ok(()) => assert_eq!(dst, src),
+            Err(e) => assert!(e.to_string().contains("CUDA") || e.to_string().contains("cuda"), "{e}"),
+        }
+    }
 
     #[test]
     fn only_the_libraries_the_folder_holds_are_loaded_and_a_bad_one_is_named() {

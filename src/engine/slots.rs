@@ -7,12 +7,16 @@
 //! Rows are right-aligned at position 0 of their slot. A prefill runs apart (its own rows,
 //! empty past) and its rows are copied into free slots; the buffer is re-laid (one copy) only
 //! when rows outgrow its capacity, newcomers find no free slot, or the scheduler compacts it.
+//!
+//! On a GPU provider the buffers are allocated in the GPU's memory and stay there: only the
+//! logits come back to the host each step; rows are copied into them with the CUDA runtime.
 
 use ndarray::Array2;
+use ort::memory::Allocator;
 use ort::session::IoBinding;
-use ort::value::{DynTensor, PrimitiveTensorElementType, TensorElementType, TensorValueTypeMarker, Value};
+use ort::value::{DynTensor, PrimitiveTensorElementType, Shape, TensorElementType};
 
-use super::{DecoderSession, EngineError, KvCache};
+use super::{DecoderSession, EngineError};
 
 /// The shared cache of a decode batch of fused-attention rows.
 pub struct SlotCache {
@@ -21,6 +25,9 @@ pub struct SlotCache {
     /// FP32, or FP16 for a GPU-form graph.
     elem: TensorElementType,
     binding: IoBinding,
+    /// The GPU memory the buffers live in (`None`: host memory); declared after the buffers and
+    /// the binding, so it outlives them.
+    _device: Option<Allocator>,
     /// Positions each slot holds; 0 is a free slot.
     lengths: Vec<usize>,
     capacity: usize,
@@ -28,9 +35,10 @@ pub struct SlotCache {
     head_dim: usize,
 }
 
-/// Rows of a finished prefill, their positions left-aligned from 0 in `cache`.
+/// Rows of a finished prefill, their positions left-aligned from 0 in each layer's key and
+/// value (`[rows, kv_heads, width, head_dim]`).
 pub struct PrefillRows {
-    pub(super) cache: KvCache,
+    pub(super) presents: Vec<DynTensor>,
     pub(super) lengths: Vec<usize>,
 }
 
@@ -55,11 +63,16 @@ impl SlotCache {
     pub fn new(session: &DecoderSession, slots: usize, capacity: usize) -> Result<Self, EngineError> {
         let (kv_heads, head_dim) = session.kv_geometry();
         let elem = session.kv_type();
+        let device = session.device_allocator()?;
+        let allocator = device.as_ref().unwrap_or(session.allocator());
         let buffers = (0..session.num_layers() * 2)
             .map(|_| {
-                let mut buffer = DynTensor::new(session.allocator(), elem, [slots, kv_heads, capacity, head_dim])?;
+                let mut buffer = DynTensor::new(allocator, elem, [slots, kv_heads, capacity, head_dim])?;
+                if !buffer.memory_info().is_cpu_accessible() {
+                    return Ok(buffer);
+                }
                 // Positions past a row's length are never read; zero them anyway, so what a
-                // buffer holds never depends on the allocator's leftovers.
+                // host buffer holds never depends on the allocator's leftovers.
                 match elem {
                     TensorElementType::Float16 => buffer.try_extract_tensor_mut::<half::f16>()?.1.fill(half::f16::ZERO),
                     _ => buffer.try_extract_tensor_mut::<f32>()?.1.fill(0.0),
@@ -72,6 +85,7 @@ impl SlotCache {
             buffers,
             elem,
             binding,
+            _device: device,
             lengths: vec![0; slots],
             capacity,
             kv_heads,
@@ -131,7 +145,7 @@ impl SlotCache {
         }
         let (heads, dim, cap) = (self.kv_heads, self.head_dim, self.capacity);
         // The present's own length (ONNX Runtime sizes it; the mask's width in practice).
-        let src_cap = match prefill.cache.values.first().map(|v| v.dtype()) {
+        let src_cap = match prefill.presents.first().map(|v| v.dtype()) {
             Some(ort::value::ValueType::Tensor { shape, .. }) if shape.len() == 4 => {
                 usize::try_from(shape[2]).unwrap_or(0)
             }
@@ -149,7 +163,7 @@ impl SlotCache {
                 count: len * dim,
             })
             .collect();
-        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.cache.values) {
+        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.presents) {
             copy_spans(self.elem, buffer, source, &spans)?;
         }
         self.lengths[slot] = len;
@@ -251,33 +265,69 @@ struct Span {
     count: usize,
 }
 
-/// Copies `spans` of `src` into `dst`, both of element type `elem` in host memory.
-fn copy_spans<S: TensorValueTypeMarker + ?Sized>(
+/// Copies `spans` of `src` into `dst`, both of element type `elem`: by slices in host memory,
+/// by the CUDA runtime otherwise.
+fn copy_spans(
     elem: TensorElementType,
     dst: &mut DynTensor,
-    src: &Value<S>,
+    src: &DynTensor,
     spans: &[Span],
 ) -> Result<(), EngineError> {
-    fn copy<T: PrimitiveTensorElementType + Copy, S: TensorValueTypeMarker + ?Sized>(
-        dst: &mut DynTensor,
-        src: &Value<S>,
-        spans: &[Span],
-    ) -> Result<(), EngineError> {
-        let src = src.try_extract_tensor::<T>()?.1;
-        let dst = dst.try_extract_tensor_mut::<T>()?.1;
-        for span in spans {
-            let (Some(from), Some(to)) = (
-                src.get(span.from..span.from + span.count),
-                dst.get_mut(span.to..span.to + span.count),
-            ) else {
-                return Err(EngineError::Layout("a KV cache copy out of bounds".into()));
-            };
-            to.copy_from_slice(from);
+    if dst.memory_info().is_cpu_accessible() && src.memory_info().is_cpu_accessible() {
+        match elem {
+            TensorElementType::Float16 => copy_on_host::<half::f16>(dst, src, spans),
+            _ => copy_on_host::<f32>(dst, src, spans),
         }
-        Ok(())
+    } else {
+        copy_on_device(elem, dst, src, spans)
     }
-    match elem {
-        TensorElementType::Float16 => copy::<half::f16, S>(dst, src, spans),
-        _ => copy::<f32, S>(dst, src, spans),
+}
+
+fn copy_on_host<T: PrimitiveTensorElementType + Copy>(
+    dst: &mut DynTensor,
+    src: &DynTensor,
+    spans: &[Span],
+) -> Result<(), EngineError> {
+    let src = src.try_extract_tensor::<T>()?.1;
+    let dst = dst.try_extract_tensor_mut::<T>()?.1;
+    for span in spans {
+        let (Some(from), Some(to)) = (
+            src.get(span.from..span.from + span.count),
+            dst.get_mut(span.to..span.to + span.count),
+        ) else {
+            return Err(EngineError::Layout("a KV cache copy out of bounds".into()));
+        };
+        to.copy_from_slice(from);
     }
+    Ok(())
+}
+
+/// [`copy_spans`] for memory the host cannot read (a GPU's), with the CUDA runtime.
+fn copy_on_device(
+    elem: TensorElementType,
+    dst: &mut DynTensor,
+    src: &DynTensor,
+    spans: &[Span],
+) -> Result<(), EngineError> {
+    let size = match elem {
+        TensorElementType::Float16 => 2,
+        _ => 4,
+    };
+    let elements = |shape: &Shape| usize::try_from(shape.iter().product::<i64>()).unwrap_or(0);
+    let (src_len, dst_len) = (elements(src.shape()), elements(dst.shape()));
+    let (src_ptr, dst_ptr) = (src.data_ptr().cast::<u8>(), dst.data_ptr_mut().cast::<u8>());
+    for span in spans {
+        if span.from + span.count > src_len || span.to + span.count > dst_len {
+            return Err(EngineError::Layout("a KV cache copy out of bounds".into()));
+        }
+        // SAFETY: both spans lie inside their tensors (checked above), of `size`-byte elements.
+        unsafe {
+            super::gpu::copy_memory(
+                dst_ptr.add(span.to * size).cast(),
+                src_ptr.add(span.from * size).cast(),
+                span.count * size,
+            )?;
+        }
+    }
+    Ok(())
 }
