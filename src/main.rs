@@ -205,11 +205,11 @@ struct ExportArgs {
     /// When to write weights to model.onnx_data.
     #[arg(long, value_enum, default_value = "auto")]
     external_data: ExternalData,
-    /// How a decoder's attention is written: with-past (standard operators, the cache grown by
-    /// a copy each step) or gqa (ONNX Runtime's fused GroupQueryAttention over a shared cache
-    /// written in place).
-    #[arg(long, value_enum, default_value = "with-past")]
-    attention: Attention,
+    /// How a decoder's attention is written: gqa (ONNX Runtime's fused GroupQueryAttention over
+    /// a shared cache written in place; the default where the head size is a multiple of 16) or
+    /// with-past (standard operators, the cache grown by a copy each step).
+    #[arg(long, value_enum)]
+    attention: Option<Attention>,
     /// The float type of activations and cache: fp32, or fp16 for GPUs (with --attention gqa;
     /// logits of each row's last position only).
     #[arg(long, value_enum, default_value = "fp32")]
@@ -233,8 +233,12 @@ fn main() -> Result<()> {
             } else {
                 Precision::Fp32
             };
+            let attention = match args.attention {
+                Some(attention) => attention,
+                None => export::preferred_attention(&args.checkpoint)?,
+            };
             let form = export::Form {
-                attention: args.attention,
+                attention,
                 activations: args.activations,
             };
             let report = export::export_form(&args.checkpoint, &args.out, precision, args.external_data, form)?;

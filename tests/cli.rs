@@ -57,6 +57,8 @@ fn tiny_then_export_int8_from_the_command_line() {
     let report = run(&["export", "--checkpoint", "ck", "--out", "onnx", "--int8"], dir.path());
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["precision"], "int8-matmul-integer");
+    // Fused attention by default where the head size allows it (the tiny student's does).
+    assert_eq!(report["attention"], "gqa");
     for file in [
         MODEL_FILE,
         "config.json",
@@ -68,6 +70,38 @@ fn tiny_then_export_int8_from_the_command_line() {
     }
     let session = DecoderSession::open(&dir.path().join("onnx").join(MODEL_FILE), SessionOptions::default()).unwrap();
     assert_eq!(session.num_layers(), 3);
+    assert!(session.fused_attention());
+
+    let args = [
+        "export",
+        "--checkpoint",
+        "ck",
+        "--out",
+        "past",
+        "--attention",
+        "with-past",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&run(&args, dir.path())).unwrap();
+    assert_eq!(report["attention"], "with-past");
+
+    // A head size the fused op does not take (24) keeps the with-past layout by default.
+    let tiny = [
+        "tiny",
+        "--family",
+        "llama",
+        "--out",
+        "odd",
+        "--hidden-size",
+        "72",
+        "--num-heads",
+        "3",
+        "--num-kv-heads",
+        "1",
+    ];
+    run(&tiny, dir.path());
+    let report = run(&["export", "--checkpoint", "odd", "--out", "odd-onnx"], dir.path());
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["attention"], "with-past");
 }
 
 #[test]

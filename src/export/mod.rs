@@ -147,6 +147,20 @@ pub struct ExportReport {
     pub model_bytes: u64,
     /// Precision label, e.g. `fp32` or `int8-matmul-integer`.
     pub precision: &'static str,
+    /// Attention label of a decoder (`with-past` or `gqa`); `null` for an encoder.
+    pub attention: Option<&'static str>,
+}
+
+/// The attention the `export` command writes when not told: fused where ONNX Runtime's op takes
+/// the decoder's head size (it is faster in the server: README, Serving benchmark), with-past
+/// otherwise; encoders have neither.
+pub fn preferred_attention(checkpoint_dir: &Path) -> Result<Attention> {
+    let path = checkpoint_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(match ModelConfig::from_json(&text)? {
+        ModelConfig::Decoder(c) if c.head_dim.is_multiple_of(16) => Attention::Gqa,
+        _ => Attention::WithPast,
+    })
 }
 
 /// Exports the checkpoint in `checkpoint_dir` to `out_dir/model.onnx`, copying `config.json`
@@ -242,6 +256,7 @@ pub fn export_form(
         files,
         model_bytes,
         precision: precision.label(activations),
+        attention: matches!(ckpt.config, ModelConfig::Decoder(_)).then(|| attention.label()),
     })
 }
 

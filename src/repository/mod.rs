@@ -441,6 +441,7 @@ impl Repository {
             version,
             file = %vdir.join(MODEL_FILE).display(),
             precision = session.precision(),
+            attention = if session.fused_attention() { "gqa" } else { "with-past" },
             execution_provider = ?limits.execution_provider,
             layers = session.num_layers(),
             vocab = session.vocab_size(),
