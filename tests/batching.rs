@@ -114,30 +114,19 @@ async fn fused_attention_serves_the_answers_of_the_with_past_graph() {
     let cases = cases();
 
     let reference = alone(&server, "past", &cases).await;
-    let fused = together(&server, "fused", &cases).await;
-    for (i, (a, b)) in reference.iter().zip(&fused).enumerate() {
-        assert_eq!(
-            a, b,
-            "case {i}: the fused graph, batched, differs from the with-past graph alone"
-        );
+    batched_equals(&server, "fused", &cases, &reference).await;
+    for model in ["fused-int8", "gpu-form"] {
+        // INT8, and the GPU form (FP16 cache in the slots, last-position logits) on the CPU.
+        let own = alone(&server, model, &cases).await;
+        batched_equals(&server, model, &cases, &own).await;
     }
-    assert_batched(&server, "fused").await;
+}
 
-    let int8_alone = alone(&server, "fused-int8", &cases).await;
-    let int8_together = together(&server, "fused-int8", &cases).await;
-    for (i, (a, b)) in int8_alone.iter().zip(&int8_together).enumerate() {
-        assert_eq!(
-            a, b,
-            "case {i}: the INT8 fused graph, batched, differs from its output alone"
-        );
+/// Asserts that all `cases` at once on `model` give `expected`, and were batched.
+async fn batched_equals(server: &TestServer, model: &str, cases: &[(String, u32)], expected: &[String]) {
+    let batched = together(server, model, cases).await;
+    for (i, (want, got)) in expected.iter().zip(&batched).enumerate() {
+        assert_eq!(want, got, "case {i}: {model}, batched, differs from the answer alone");
     }
-    assert_batched(&server, "fused-int8").await;
-
-    // The GPU form (FP16 cache in the slots, last-position logits) serves here on the CPU.
-    let gpu_alone = alone(&server, "gpu-form", &cases).await;
-    let gpu_together = together(&server, "gpu-form", &cases).await;
-    for (i, (a, b)) in gpu_alone.iter().zip(&gpu_together).enumerate() {
-        assert_eq!(a, b, "case {i}: the GPU form, batched, differs from its output alone");
-    }
-    assert_batched(&server, "gpu-form").await;
+    assert_batched(server, model).await;
 }

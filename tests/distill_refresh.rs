@@ -8,18 +8,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::server::{ADMIN_TOKEN, TestServer, add_trainable_version, add_version};
+use common::server::{ADMIN_TOKEN, TestServer, add_trainable_form, add_trainable_version, add_version};
 use distill_serve::checkpoint::Family;
+use distill_serve::engine::{DecoderSession, SessionOptions};
 use distill_serve::export::{self, ExternalData, Precision};
+use distill_serve::export::{Attention, Form};
 use distill_serve::tiny::{TinySpec, write_tiny};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// A server over a fresh repository holding `name` version 1 with its checkpoint.
+/// A server over a fresh repository holding `name` version 1 with its checkpoint, exported with
+/// fused attention (as `distill-serve export` writes by default).
 fn student_server(name: &str) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("models");
-    add_trainable_version(&repo, name, 1, 1);
+    let fused = Form {
+        attention: Attention::Gqa,
+        ..Form::default()
+    };
+    add_trainable_form(&repo, name, 1, 1, fused);
     TestServer::start_with_repo(dir, repo, &[])
 }
 
@@ -215,6 +222,9 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
     assert_eq!(r["losses"].as_array().unwrap().len(), 80);
     assert_eq!(serving_version(&student, "coder").await, 2);
     assert!(student.repo.join("coder/2/checkpoint/model.safetensors").is_file());
+    // The candidate keeps the served graph's form.
+    let v2 = DecoderSession::open(&student.repo.join("coder/2/model.onnx"), SessionOptions::default()).unwrap();
+    assert!(v2.fused_attention(), "the refreshed version lost its fused attention");
     assert_eq!(r["teacher"]["done"], r["teacher"]["total"], "{}", r["teacher"]);
     // Events from the training stage on (earlier ones may pass before the stream opens).
     for stage in ["stage", "step", "evaluation", "gate", "finished"] {

@@ -28,7 +28,7 @@ use super::trainer::{StepReport, train};
 use crate::audit::{Audit, Entry};
 use crate::checkpoint::TokenizerFiles;
 use crate::constrain::{Terminologies, token_bytes};
-use crate::export::{self, ExternalData, MODEL_FILE, Precision};
+use crate::export::{self, Activations, ExternalData, Int8Format, MODEL_FILE, Precision};
 use crate::metrics::Metrics;
 use crate::repository::capture::{self, CapturePolicy};
 use crate::repository::{CHECKPOINT_DIR, ModelVersion, Repository, RepositoryError};
@@ -384,9 +384,16 @@ impl Distiller {
         self.check_cancel(p)?;
 
         p.stage(Stage::Export);
-        let (ckpt, out, format) = (checkpoint_out.clone(), staging.to_path_buf(), spec.int8_format);
-        tokio::task::spawn_blocking(move || export::export(&ckpt, &out, Precision::Int8(format), ExternalData::Auto))
-            .await??;
+        let (ckpt, out, form) = (checkpoint_out.clone(), staging.to_path_buf(), current.form);
+        // The candidate keeps the served graph's form; the GPU form's INT8 is weight-only.
+        let format = match form.activations {
+            Activations::Fp16 => Int8Format::MatMulNBits,
+            Activations::Fp32 => spec.int8_format,
+        };
+        tokio::task::spawn_blocking(move || {
+            export::export_form(&ckpt, &out, Precision::Int8(format), ExternalData::Auto, form)
+        })
+        .await??;
         self.check_cancel(p)?;
 
         p.stage(Stage::Evaluate);

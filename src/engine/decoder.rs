@@ -340,21 +340,8 @@ impl DecoderSession {
         }
         let started = std::time::Instant::now();
         let mut outputs = self.session.run(inputs)?;
-        // The shape and time of every run, for `cargo bench --bench serve` to replay on the bare
-        // engine and to split the server's time.
-        tracing::debug!(
-            rows = batch,
-            tokens = seq,
-            past,
-            micros = started.elapsed().as_micros() as u64,
-            "forward"
-        );
-        let logits = outputs
-            .get("logits")
-            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
-            .try_extract_array::<f32>()?
-            .into_dimensionality::<Ix3>()
-            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        log_run(batch, seq, past, started);
+        let logits = logits_of(&outputs)?;
         let logits = if last_only {
             logits.slice(s![.., -1.., ..]).to_owned()
         } else {
@@ -388,19 +375,8 @@ impl DecoderSession {
         }
         let started = std::time::Instant::now();
         let mut outputs = self.session.run(inputs)?;
-        tracing::debug!(
-            rows,
-            tokens = width,
-            past = 0,
-            micros = started.elapsed().as_micros() as u64,
-            "forward"
-        );
-        let all = outputs
-            .get("logits")
-            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
-            .try_extract_array::<f32>()?
-            .into_dimensionality::<Ix3>()
-            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        log_run(rows, width, 0, started);
+        let all = logits_of(&outputs)?;
         // A graph may give every position's logits or only each row's last.
         let last = |b: usize| if all.dim().1 == 1 { 0 } else { lengths[b] - 1 };
         let logits = Array2::from_shape_fn((rows, all.dim().2), |(b, v)| all[[b, last(b), v]]);
@@ -428,21 +404,27 @@ impl DecoderSession {
         binding.bind_output_to_device("logits", self.session.allocator().memory_info())?;
         let started = std::time::Instant::now();
         let outputs = self.session.run_binding(binding)?;
-        tracing::debug!(
-            rows,
-            tokens = 1,
-            past,
-            micros = started.elapsed().as_micros() as u64,
-            "forward"
-        );
-        let logits = outputs
-            .get("logits")
-            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
-            .try_extract_array::<f32>()?
-            .into_dimensionality::<Ix3>()
-            .map_err(|e| EngineError::Layout(format!("logits: {e}")))?;
+        log_run(rows, 1, past, started);
+        let logits = logits_of(&outputs)?;
         Ok(logits.slice(s![.., -1, ..]).to_owned())
     }
+}
+
+/// The shape and time of a run, for `cargo bench --bench serve` to replay on the bare engine
+/// and to split the server's time.
+fn log_run(rows: usize, tokens: usize, past: usize, started: std::time::Instant) {
+    let micros = started.elapsed().as_micros() as u64;
+    tracing::debug!(rows, tokens, past, micros, "forward");
+}
+
+/// The `logits` output of a run, `[rows, positions, vocab]`.
+fn logits_of<'a>(outputs: &'a ort::session::SessionOutputs<'_>) -> Result<ndarray::ArrayView3<'a, f32>, EngineError> {
+    outputs
+        .get("logits")
+        .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?
+        .try_extract_array::<f32>()?
+        .into_dimensionality::<Ix3>()
+        .map_err(|e| EngineError::Layout(format!("logits: {e}")))
 }
 
 /// The `present.{i}.key|value` outputs of a run, in layer order.

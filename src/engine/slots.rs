@@ -136,14 +136,6 @@ impl SlotCache {
             .lengths
             .get(row)
             .ok_or_else(|| EngineError::Layout(format!("prefill has no row {row}")))?;
-        if slot >= self.slots() || len > self.capacity {
-            return Err(EngineError::Layout(format!(
-                "a row of {len} positions does not fit slot {slot} of {} x {}",
-                self.slots(),
-                self.capacity
-            )));
-        }
-        let (heads, dim, cap) = (self.kv_heads, self.head_dim, self.capacity);
         // The present's own length (ONNX Runtime sizes it; the mask's width in practice).
         let src_cap = match prefill.presents.first().map(|v| v.dtype()) {
             Some(ort::value::ValueType::Tensor { shape, .. }) if shape.len() == 4 => {
@@ -155,19 +147,7 @@ impl SlotCache {
                 ));
             }
         };
-        // Head h of the row: `len` positions at the start of its `capacity`-long block.
-        let spans: Vec<Span> = (0..heads)
-            .map(|h| Span {
-                from: (row * heads + h) * src_cap * dim,
-                to: (slot * heads + h) * cap * dim,
-                count: len * dim,
-            })
-            .collect();
-        for (buffer, source) in self.buffers.iter_mut().zip(&prefill.presents) {
-            copy_spans(self.elem, buffer, source, &spans)?;
-        }
-        self.lengths[slot] = len;
-        self.bind()
+        self.copy_row(&prefill.presents, (row, src_cap), slot, len)
     }
 
     /// A new buffer of `capacity` positions whose slots are `sources`, in order: one copy of
@@ -194,23 +174,36 @@ impl SlotCache {
     }
 
     fn copy_slot(&mut self, src: &SlotCache, from: usize, slot: usize) -> Result<(), EngineError> {
-        let len = src.len_of(from);
-        if len > self.capacity {
+        self.copy_row(&src.buffers, (from, src.capacity), slot, src.len_of(from))
+    }
+
+    /// Copies the first `len` positions of row `src_row` of `sources` (each layer's key and
+    /// value, `src_cap` positions a row) into `slot`.
+    fn copy_row(
+        &mut self,
+        sources: &[DynTensor],
+        (src_row, src_cap): (usize, usize),
+        slot: usize,
+        len: usize,
+    ) -> Result<(), EngineError> {
+        if slot >= self.slots() || len > self.capacity {
             return Err(EngineError::Layout(format!(
-                "{len} positions into a capacity of {}",
+                "a row of {len} positions does not fit slot {slot} of {} x {}",
+                self.slots(),
                 self.capacity
             )));
         }
-        let (heads, dim) = (self.kv_heads, self.head_dim);
+        let (heads, dim, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        // Head h of the row: `len` positions at the start of its block.
         let spans: Vec<Span> = (0..heads)
             .map(|h| Span {
-                from: (from * heads + h) * src.capacity * dim,
-                to: (slot * heads + h) * self.capacity * dim,
+                from: (src_row * heads + h) * src_cap * dim,
+                to: (slot * heads + h) * cap * dim,
                 count: len * dim,
             })
             .collect();
-        for (dst, source) in self.buffers.iter_mut().zip(&src.buffers) {
-            copy_spans(self.elem, dst, source, &spans)?;
+        for (buffer, source) in self.buffers.iter_mut().zip(sources) {
+            copy_spans(self.elem, buffer, source, &spans)?;
         }
         self.lengths[slot] = len;
         self.bind()

@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::constrain::TokenTrie;
 use crate::engine::{DecoderSession, SessionOptions};
-use crate::export::MODEL_FILE;
+use crate::export::{Activations, Attention, Form, MODEL_FILE};
 use crate::metrics::Metrics;
 use crate::scheduler::{self, FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
@@ -92,6 +92,8 @@ pub struct ModelVersion {
     /// The model's `capture_redact` patterns, for prompts and answers logged with
     /// `--log-prompts`.
     pub redaction: Arc<CapturePolicy>,
+    /// The graph's attention and float type, which a refresh keeps.
+    pub form: Form,
 }
 
 impl ModelVersion {
@@ -453,6 +455,17 @@ impl Repository {
         );
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
+        let form = Form {
+            attention: if session.fused_attention() {
+                Attention::Gqa
+            } else {
+                Attention::WithPast
+            },
+            activations: match session.kv_type() {
+                ort::value::TensorElementType::Float16 => Activations::Fp16,
+                _ => Activations::Fp32,
+            },
+        };
         let scheduler = Scheduler::spawn(
             name,
             session,
@@ -475,6 +488,7 @@ impl Repository {
             scheduler,
             capture,
             redaction,
+            form,
         })
     }
 }

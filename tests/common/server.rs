@@ -56,12 +56,17 @@ pub fn add_exported_version(
 /// Writes version `version` of model `name` with its training checkpoint kept in
 /// `<version>/checkpoint`, as refresh jobs need.
 pub fn add_trainable_version(repo: &Path, name: &str, version: u32, seed: u64) {
+    add_trainable_form(repo, name, version, seed, Form::default());
+}
+
+/// As [`add_trainable_version`], exported in `form`.
+pub fn add_trainable_form(repo: &Path, name: &str, version: u32, seed: u64, form: Form) {
     let out = repo.join(name).join(version.to_string());
     let checkpoint = out.join("checkpoint");
     let mut spec = TinySpec::new(Family::Qwen2, seed);
     spec.init_std = Some(0.3);
     write_tiny(&spec, &checkpoint).unwrap();
-    export::export(&checkpoint, &out, Precision::DEFAULT_INT8, ExternalData::Never).unwrap();
+    export::export_form(&checkpoint, &out, Precision::DEFAULT_INT8, ExternalData::Never, form).unwrap();
     std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
 }
 
