@@ -100,6 +100,18 @@ async fn bad_constraints_are_400_naming_the_problem() {
             json!({"terminology": "icd", "max_items": 2, "separator": "; ".repeat(17)}),
             "at most 32 bytes",
         ),
+        (
+            json!({"terminology": "icd", "subset": "chapter:9"}),
+            "subset part `chapter:9` is not an ICD-10-CM code or range",
+        ),
+        (
+            json!({"terminology": "icd", "subset": ["I25-I20"]}),
+            "its start comes after its end",
+        ),
+        (
+            json!({"terminology": "icd", "subset": "A00-A09"}),
+            "has nothing in this subset to match",
+        ),
     ];
     for (constraint, needle) in cases {
         let body = json!({"model": "tiny", "prompt": "x", "constraint": constraint});
@@ -108,6 +120,55 @@ async fn bad_constraints_are_400_naming_the_problem() {
         let v: Value = r.json().await.unwrap();
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{constraint}: {message}");
+    }
+}
+
+/// Answers constrained to a subset (a range, a category, a list) are members of it, as codes and
+/// as terms; the same subset without it would allow the others.
+#[tokio::test]
+async fn subset_constraints_answer_only_codes_of_the_subset() {
+    let server = server();
+    let t = load_icd10cm_xml(Path::new(&fixture())).unwrap();
+    let billable: Vec<_> = t.entries.iter().filter(|e| e.billable).collect();
+    // Independently of the server's subset matching: the categories by their first letters.
+    let injuries: BTreeSet<&str> = billable
+        .iter()
+        .filter(|e| e.code.starts_with('S'))
+        .map(|e| e.code.as_str())
+        .collect();
+    let metabolic: BTreeSet<&str> = billable
+        .iter()
+        .filter(|e| e.code.starts_with("E11") || e.code == "I10")
+        .map(|e| e.code.as_str())
+        .collect();
+    let injury_terms: BTreeSet<String> = billable
+        .iter()
+        .filter(|e| e.code.starts_with('S'))
+        .flat_map(|e| std::iter::once(e.description.clone()).chain(e.synonyms.iter().cloned()))
+        .collect();
+    // Each subset leaves out codes the terminology has.
+    assert!(injuries.len() > 1 && injuries.len() < billable.len());
+    assert!(metabolic.len() > 1 && metabolic.len() < billable.len());
+    for seed in 0..6 {
+        let temperature = if seed == 0 { 0.0 } else { 1.0 };
+        let (text, reason) = complete(
+            &server,
+            json!({"terminology": "icd", "subset": "S00-T88"}),
+            seed,
+            temperature,
+        )
+        .await;
+        assert!(injuries.contains(text.as_str()), "{text:?} is not in S00-T88");
+        assert_eq!(reason, "stop");
+        let subset = json!({"terminology": "icd", "subset": ["E11", "I10"], "max_items": 2, "separator": "; "});
+        let (text, _) = complete(&server, subset, seed, temperature).await;
+        assert!(
+            text.split("; ").all(|c| metabolic.contains(c)),
+            "{text:?} is not in E11, I10"
+        );
+        let terms = json!({"terminology": "icd", "subset": "S06-S72.9", "match": "term"});
+        let (text, _) = complete(&server, terms, seed, temperature).await;
+        assert!(injury_terms.contains(&text), "{text:?} is not a term of S06-S72.9");
     }
 }
 
@@ -154,6 +215,17 @@ async fn grpc_generate_takes_the_same_constraint() {
         };
         let answer = client.generate(request(constraint, seed)).await.unwrap().into_inner();
         assert!(codes.contains(&answer.text), "{:?}", answer.text);
+        let constraint = Constraint {
+            terminology: "icd".into(),
+            subset: vec!["S00-T88".into()],
+            ..Default::default()
+        };
+        let answer = client.generate(request(constraint, seed)).await.unwrap().into_inner();
+        assert!(
+            answer.text.starts_with('S') && codes.contains(&answer.text),
+            "{:?}",
+            answer.text
+        );
     }
     let bad = Constraint {
         terminology: "icd".into(),
@@ -163,6 +235,18 @@ async fn grpc_generate_takes_the_same_constraint() {
     let status = client.generate(request(bad, 0)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("everything"), "{}", status.message());
+    let bad = Constraint {
+        terminology: "icd".into(),
+        subset: vec!["<< 404684003".into()],
+        ..Default::default()
+    };
+    let status = client.generate(request(bad, 0)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("not an ICD-10-CM code"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use distill_serve::constrain::{
-    DescriptionTypes, SnomedOptions, Terminology, icd10cm_release, load_icd10cm_order, load_icd10cm_xml, load_list,
-    load_snomed_rf2,
+    DescriptionTypes, SnomedOptions, Subset, Terminology, icd10cm_release, load_icd10cm_order, load_icd10cm_xml,
+    load_list, load_snomed_rf2,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -88,6 +88,29 @@ fn the_full_icd10cm_release_yields_exactly_its_billable_codes() {
     assert_eq!(ours.len(), 74_719, "FY2026 April update");
     assert!(t.get("S72.001A").is_some_and(|e| e.billable));
     assert!(t.get("E11.9").is_some_and(|e| e.billable));
+}
+
+/// Subsets of the real release against an independent reading of CMS's code list: a range
+/// takes every billable code of its categories, a code takes everything under it.
+#[test]
+fn icd10cm_subsets_take_the_codes_of_their_categories_in_the_full_release() {
+    let (xml, list) = icd10cm_release();
+    let t = load_icd10cm_xml(&xml).unwrap();
+    let cms = leaf_codes(&std::fs::read_to_string(list).unwrap());
+    let count = |subset: &str| {
+        let subset = Subset::parse(subset).unwrap();
+        billable(&t).into_iter().filter(|c| subset.contains(c)).count()
+    };
+    let in_categories = |keep: &dyn Fn(&str) -> bool| cms.iter().filter(|c| keep(&c[..3])).count();
+    let ischaemic = in_categories(&|cat| ("I20"..="I25").contains(&cat));
+    assert!(ischaemic > 50, "{ischaemic}");
+    assert_eq!(count("I20-I25"), ischaemic);
+    let injuries = in_categories(&|cat| cat.starts_with('S') || (cat.starts_with('T') && cat <= "T88"));
+    assert_eq!(count("S00-T88"), injuries);
+    let under = cms.iter().filter(|c| c.starts_with("E116")).count();
+    assert!(under > 5, "{under}");
+    assert_eq!(count("E11.6"), under);
+    assert_eq!(count("I20-I25, E11.6"), ischaemic + under);
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod json;
 mod machine;
 mod registry;
 mod snomed;
+mod subset;
 mod terminology;
 mod tsv;
 mod vocab;
@@ -22,9 +23,11 @@ pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
 pub use json::{JsonMachine, JsonState, JsonStates, MAX_SCHEMA_ENUM_VALUES, MAX_SCHEMA_PROPERTIES};
 pub use machine::{ByteMachine, StateSet};
 pub use registry::{
-    CodeFormat, ConstraintError, ConstraintRequest, MatchKind, Terminologies, TerminologySpec, TerminologySummary,
+    CodeFormat, ConstraintError, ConstraintRequest, MatchKind, SubsetText, Terminologies, TerminologySpec,
+    TerminologySummary,
 };
 pub use snomed::{DescriptionTypes, SnomedOptions, load_snomed_rf2};
+pub use subset::{MAX_SUBSET_PARTS, Subset};
 pub use terminology::{Entry, LoadError, Terminology, TerminologyStats};
 pub use tsv::load_list;
 pub use vocab::{TokenTrie, token_bytes};

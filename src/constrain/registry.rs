@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::automaton::TermSet;
 use super::coverage::{CodeShape, Coverage, coverage};
+use super::subset::Subset;
 use super::terminology::{LoadError, Terminology, TerminologyStats};
 use super::{SnomedOptions, SourceKind, load};
 
@@ -61,6 +62,27 @@ pub struct ConstraintRequest {
     /// Apply only after this text is generated (`"</think>"` for reasoning students).
     #[serde(default)]
     pub after: Option<String>,
+    /// Only codes in these ICD-10-CM categories and ranges (`"I20-I25, E11"`, or a list).
+    #[serde(default)]
+    pub subset: Option<SubsetText>,
+}
+
+/// A subset as a request writes it: one string of comma-separated parts, or a list of parts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SubsetText {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl SubsetText {
+    /// The parts as one comma-separated string.
+    pub fn joined(&self) -> String {
+        match self {
+            SubsetText::One(text) => text.clone(),
+            SubsetText::Many(parts) => parts.join(","),
+        }
+    }
 }
 
 impl ConstraintRequest {
@@ -74,6 +96,7 @@ impl ConstraintRequest {
             code_format: CodeFormat::default(),
             billable_only: yes(),
             after: None,
+            subset: None,
         }
     }
 }
@@ -144,8 +167,11 @@ pub enum ConstraintError {
     Invalid(String),
 }
 
-/// (what to match, code format, billable only, JSON-quoted)
-type SetKey = (MatchKind, CodeFormat, bool, bool);
+/// (what to match, code format, billable only, JSON-quoted, subset)
+type SetKey = (MatchKind, CodeFormat, bool, bool, Option<Subset>);
+
+/// Most subset term sets kept compiled per terminology; past it they are compiled afresh.
+const MAX_CACHED_SUBSETS: usize = 256;
 
 struct Loaded {
     spec: TerminologySpec,
@@ -239,7 +265,23 @@ impl Terminologies {
         format: CodeFormat,
         billable_only: bool,
     ) -> Result<Arc<TermSet>, ConstraintError> {
-        self.compiled(name, (kind, format, billable_only, false))
+        self.compiled(name, (kind, format, billable_only, false, None))
+    }
+
+    /// As [`Terminologies::term_set`], limited to the codes of `subset` (ICD-10-CM only).
+    pub fn subset_term_set(
+        &self,
+        name: &str,
+        (kind, format, billable_only): (MatchKind, CodeFormat, bool),
+        subset: &Subset,
+    ) -> Result<Arc<TermSet>, ConstraintError> {
+        let loaded = self.loaded(name)?;
+        if !matches!(loaded.spec.kind, SourceKind::Icd10cmXml | SourceKind::Icd10cmOrder) {
+            return Err(ConstraintError::Invalid(format!(
+                "subsets are ranges of ICD-10-CM codes; terminology `{name}` is not ICD-10-CM"
+            )));
+        }
+        self.compiled(name, (kind, format, billable_only, false, Some(subset.clone())))
     }
 
     /// As [`Terminologies::term_set`], each string as a JSON string literal (`"E11.9"`), for
@@ -251,11 +293,11 @@ impl Terminologies {
         format: CodeFormat,
         billable_only: bool,
     ) -> Result<Arc<TermSet>, ConstraintError> {
-        self.compiled(name, (kind, format, billable_only, true))
+        self.compiled(name, (kind, format, billable_only, true, None))
     }
 
     fn compiled(&self, name: &str, key: SetKey) -> Result<Arc<TermSet>, ConstraintError> {
-        let (kind, format, billable_only, quoted) = key;
+        let (kind, format, billable_only, quoted, subset) = key.clone();
         let loaded = self.loaded(name)?;
         let mut sets = loaded.sets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = sets.get(&key) {
@@ -265,7 +307,8 @@ impl Terminologies {
             .terminology
             .entries
             .iter()
-            .filter(|e| e.billable || !billable_only);
+            .filter(|e| e.billable || !billable_only)
+            .filter(|e| subset.as_ref().is_none_or(|s| s.contains(&e.code)));
         let mut strings: Vec<String> = Vec::new();
         for e in entries {
             if kind != MatchKind::Term {
@@ -289,9 +332,13 @@ impl Terminologies {
         }
         let set = Arc::new(TermSet::new(strings));
         if set.is_empty() {
+            let what = if subset.is_some() { " in this subset" } else { "" };
             return Err(ConstraintError::Invalid(format!(
-                "terminology `{name}` has nothing to match as {kind:?}"
+                "terminology `{name}` has nothing{what} to match as {kind:?}"
             )));
+        }
+        if subset.is_some() && sets.len() >= MAX_CACHED_SUBSETS {
+            sets.retain(|k, _| k.4.is_none());
         }
         sets.insert(key, Arc::clone(&set));
         Ok(set)

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::InferError;
 use super::request::{GuideSpec, InferRequest, Params, Prompt};
-use crate::constrain::{ConstraintRequest, Guide, JsonMachine, Terminologies};
+use crate::constrain::{ConstraintError, ConstraintRequest, Guide, JsonMachine, Subset, Terminologies};
 use crate::generate::{GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams};
 use crate::repository::ModelVersion;
 use crate::tokenize::ChatMessage;
@@ -275,9 +275,24 @@ fn constraint(
             "several items need a non-empty separator",
         ));
     }
-    let terms = terminologies
-        .term_set(&spec.terminology, spec.match_kind, spec.code_format, spec.billable_only)
-        .map_err(|e| InferError::invalid("constraint.terminology", e.to_string()))?;
+    let terms = match &spec.subset {
+        None => terminologies
+            .term_set(&spec.terminology, spec.match_kind, spec.code_format, spec.billable_only)
+            .map_err(|e| InferError::invalid("constraint.terminology", e.to_string()))?,
+        Some(text) => {
+            let subset =
+                Subset::parse(&text.joined()).map_err(|e| InferError::invalid("constraint.subset", e.to_string()))?;
+            let what = (spec.match_kind, spec.code_format, spec.billable_only);
+            terminologies
+                .subset_term_set(&spec.terminology, what, &subset)
+                .map_err(|e| match e {
+                    ConstraintError::UnknownTerminology { .. } => {
+                        InferError::invalid("constraint.terminology", e.to_string())
+                    }
+                    ConstraintError::Invalid(_) => InferError::invalid("constraint.subset", e.to_string()),
+                })?
+        }
+    };
     let guide = Guide::new(
         terms,
         Arc::clone(&model.token_trie),

@@ -13,7 +13,7 @@ use super::proto::generate::{
     Constraint, GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
 };
 use crate::api::AppState;
-use crate::constrain::ConstraintRequest;
+use crate::constrain::{ConstraintRequest, SubsetText};
 use crate::generate::Event;
 use crate::infer::{Endpoint, Generation, GuideSpec, InferError, InferRequest, Params, Prompt};
 use crate::tokenize::ChatMessage;
@@ -94,6 +94,9 @@ fn constraint(c: Constraint) -> Result<ConstraintRequest, InferError> {
         spec.billable_only = billable;
     }
     spec.after = c.after;
+    if !c.subset.is_empty() {
+        spec.subset = Some(SubsetText::Many(c.subset));
+    }
     Ok(spec)
 }
 

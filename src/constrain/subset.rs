@@ -1,0 +1,106 @@
+//! Parts of an ICD-10-CM release a request may restrict its answer to: categories and codes
+//! (`"E11"`, `"E11.6"`: the code and everything under it) and ranges of them (`"I20-I25"`,
+//! every code from `I20` through everything under `I25`), several at once (`"I20-I25, E11"`).
+//! Codes compare by their characters without the dot, so a range follows the tabular order.
+
+use super::ConstraintError;
+
+/// Most parts one subset may list.
+pub const MAX_SUBSET_PARTS: usize = 64;
+
+/// A parsed subset: inclusive ranges of dotless, upper-case code prefixes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Subset {
+    ranges: Vec<(String, String)>,
+}
+
+impl Subset {
+    /// Parses `text`: parts separated by commas, each a code or `LOW-HIGH`.
+    pub fn parse(text: &str) -> Result<Self, ConstraintError> {
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        if parts.len() > MAX_SUBSET_PARTS {
+            return Err(ConstraintError::Invalid(format!(
+                "a subset may list at most {MAX_SUBSET_PARTS} parts, got {}",
+                parts.len()
+            )));
+        }
+        let mut ranges = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (low, high) = part.split_once('-').unwrap_or((part, part));
+            let (low, high) = (bound(part, low)?, bound(part, high)?);
+            if low > high {
+                return Err(ConstraintError::Invalid(format!(
+                    "subset part `{part}`: its start comes after its end"
+                )));
+            }
+            ranges.push((low, high));
+        }
+        ranges.sort();
+        ranges.dedup();
+        Ok(Self { ranges })
+    }
+
+    /// Whether `code` (dotted or not) falls in the subset.
+    pub fn contains(&self, code: &str) -> bool {
+        let code = dotless(code);
+        let head = |n: usize| &code[..n.min(code.len())];
+        self.ranges
+            .iter()
+            .any(|(low, high)| head(low.len()) >= low.as_str() && head(high.len()) <= high.as_str())
+    }
+}
+
+fn dotless(code: &str) -> String {
+    code.chars()
+        .filter(|&c| c != '.')
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
+}
+
+/// One end of a range: a letter, a digit, a digit or letter (the category), then up to four
+/// more characters, with or without the dot.
+fn bound(part: &str, text: &str) -> Result<String, ConstraintError> {
+    let code = dotless(text.trim());
+    let chars: Vec<char> = code.chars().collect();
+    let valid = (3..=7).contains(&chars.len())
+        && chars[0].is_ascii_uppercase()
+        && chars[1].is_ascii_digit()
+        && chars[2..].iter().all(char::is_ascii_alphanumeric)
+        && text.trim().matches('.').count() <= 1;
+    if valid {
+        Ok(code)
+    } else {
+        Err(ConstraintError::Invalid(format!(
+            "subset part `{part}` is not an ICD-10-CM code or range of codes (like `I20-I25` or \
+             `E11.6`); chapters and SNOMED CT expressions are not supported"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_take_everything_under_their_ends() {
+        let s = Subset::parse("I20-I25, e11.6").unwrap();
+        for inside in ["I20.0", "I21.A1", "I25.10", "I25", "E11.65", "E116"] {
+            assert!(s.contains(inside), "{inside}");
+        }
+        for outside in ["I26.01", "I1A.0", "E11.9", "E11", "E12.6", "A00.0"] {
+            assert!(!s.contains(outside), "{outside}");
+        }
+    }
+
+    #[test]
+    fn bad_parts_are_named() {
+        for bad in ["chapter:9", "<< 404684003", "I25-I20", "", "I2", "E11..6", "I20-"] {
+            let err = Subset::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("subset part"), "{bad}: {err}");
+        }
+        let at_limit = vec!["E11"; MAX_SUBSET_PARTS].join(",");
+        assert!(Subset::parse(&at_limit).is_ok());
+        let many = vec!["E11"; MAX_SUBSET_PARTS + 1].join(",");
+        assert!(Subset::parse(&many).unwrap_err().to_string().contains("at most"));
+    }
+}
