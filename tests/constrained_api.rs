@@ -101,8 +101,12 @@ async fn bad_constraints_are_400_naming_the_problem() {
             "at most 32 bytes",
         ),
         (
-            json!({"terminology": "icd", "subset": "chapter:9"}),
-            "subset part `chapter:9` is not an ICD-10-CM code or range",
+            json!({"terminology": "icd", "subset": "<< 404684003"}),
+            "subset part `<< 404684003` is not an ICD-10-CM code or range",
+        ),
+        (
+            json!({"terminology": "icd", "subset": "chapter:2"}),
+            "this release has no such chapter (it has: 4, 9, 19)",
         ),
         (
             json!({"terminology": "icd", "subset": ["I25-I20"]}),
@@ -166,6 +170,14 @@ async fn subset_constraints_answer_only_codes_of_the_subset() {
             text.split("; ").all(|c| metabolic.contains(c)),
             "{text:?} is not in E11, I10"
         );
+        let (text, _) = complete(
+            &server,
+            json!({"terminology": "icd", "subset": "chapter:9"}),
+            seed,
+            temperature,
+        )
+        .await;
+        assert_eq!(text, "I10", "chapter 9 of the fixture has one billable code");
         let terms = json!({"terminology": "icd", "subset": "S06-S72.9", "match": "term"});
         let (text, _) = complete(&server, terms, seed, temperature).await;
         assert!(injury_terms.contains(&text), "{text:?} is not a term of S06-S72.9");

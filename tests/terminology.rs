@@ -98,7 +98,7 @@ fn icd10cm_subsets_take_the_codes_of_their_categories_in_the_full_release() {
     let t = load_icd10cm_xml(&xml).unwrap();
     let cms = leaf_codes(&std::fs::read_to_string(list).unwrap());
     let count = |subset: &str| {
-        let subset = Subset::parse(subset).unwrap();
+        let subset = Subset::parse(subset).unwrap().resolve(&t).unwrap();
         billable(&t).into_iter().filter(|c| subset.contains(c)).count()
     };
     let in_categories = |keep: &dyn Fn(&str) -> bool| cms.iter().filter(|c| keep(&c[..3])).count();
@@ -111,6 +111,10 @@ fn icd10cm_subsets_take_the_codes_of_their_categories_in_the_full_release() {
     assert!(under > 5, "{under}");
     assert_eq!(count("E11.6"), under);
     assert_eq!(count("I20-I25, E11.6"), ischaemic + under);
+    // Chapters take the range their description gives: 9 is I00-I99, 19 is S00-T88.
+    assert_eq!(t.chapters.len(), 22, "{:?}", t.chapters);
+    assert_eq!(count("chapter:9"), cms.iter().filter(|c| c.starts_with('I')).count());
+    assert_eq!(count("chapter:19"), injuries);
 }
 
 #[test]

@@ -67,6 +67,8 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     let mut entries = Vec::new();
     let mut pending_extension: Option<char> = None;
     let mut saw_root = false;
+    // The chapter being read: its name and the range its description ends with.
+    let (mut chapter, mut chapters) = ((String::new(), String::new()), Vec::new());
     loop {
         let event = reader
             .read_event()
@@ -125,6 +127,15 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                     .to_string();
                 let n = elements.len();
                 let parent = |k: usize| elements.get(n.wrapping_sub(k)).map(String::as_str);
+                match (parent(1), parent(2)) {
+                    (Some("name"), Some("chapter")) => chapter.0 = value.clone(),
+                    // "Diseases of the circulatory system (I00-I99)"
+                    (Some("desc"), Some("chapter")) => {
+                        let range = value.rsplit_once('(').and_then(|(_, r)| r.strip_suffix(')'));
+                        chapter.1 = range.unwrap_or_default().to_string();
+                    }
+                    _ => {}
+                }
                 let Some(diag) = diags.last_mut() else { continue };
                 match (parent(1), parent(2), parent(3)) {
                     (Some("name"), Some("diag"), _) => diag.name = Some(value),
@@ -144,6 +155,12 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                 let Some(name) = elements.pop() else {
                     return Err(LoadError::at(path, line_of(pos), "closing tag without an opening one"));
                 };
+                if name == "chapter" {
+                    let (name, range) = std::mem::take(&mut chapter);
+                    if !name.is_empty() && !range.is_empty() {
+                        chapters.push((name, range));
+                    }
+                }
                 if name == "diag" {
                     let Some(diag) = diags.pop() else { continue };
                     let code = diag
@@ -186,7 +203,9 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     if entries.is_empty() {
         return Err(LoadError::file(path, "no <diag> codes found"));
     }
-    Ok(Terminology::new("icd10cm-xml", entries))
+    let mut terminology = Terminology::new("icd10cm-xml", entries);
+    terminology.chapters = chapters;
+    Ok(terminology)
 }
 
 /// Reads the CMS order file: fixed width, one code per line: order number (5), code (7, no

@@ -281,7 +281,8 @@ impl Terminologies {
                 "subsets are ranges of ICD-10-CM codes; terminology `{name}` is not ICD-10-CM"
             )));
         }
-        self.compiled(name, (kind, format, billable_only, false, Some(subset.clone())))
+        let subset = subset.clone().resolve(&loaded.terminology)?;
+        self.compiled(name, (kind, format, billable_only, false, Some(subset)))
     }
 
     /// As [`Terminologies::term_set`], each string as a JSON string literal (`"E11.9"`), for

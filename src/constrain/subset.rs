@@ -1,17 +1,21 @@
 //! Parts of an ICD-10-CM release a request may restrict its answer to: categories and codes
-//! (`"E11"`, `"E11.6"`: the code and everything under it) and ranges of them (`"I20-I25"`,
-//! every code from `I20` through everything under `I25`), several at once (`"I20-I25, E11"`).
-//! Codes compare by their characters without the dot, so a range follows the tabular order.
+//! (`"E11"`, `"E11.6"`: the code and everything under it), ranges of them (`"I20-I25"`, every
+//! code from `I20` through everything under `I25`) and chapters (`"chapter:9"`, the range the
+//! release gives the chapter), several at once (`"I20-I25, E11"`). Codes compare by their
+//! characters without the dot, so a range follows the tabular order.
 
 use super::ConstraintError;
+use super::terminology::Terminology;
 
 /// Most parts one subset may list.
 pub const MAX_SUBSET_PARTS: usize = 64;
 
-/// A parsed subset: inclusive ranges of dotless, upper-case code prefixes.
+/// A parsed subset: inclusive ranges of dotless, upper-case code prefixes, and chapters until
+/// [`Subset::resolve`] turns them into ranges.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Subset {
     ranges: Vec<(String, String)>,
+    chapters: Vec<String>,
 }
 
 impl Subset {
@@ -25,7 +29,18 @@ impl Subset {
             )));
         }
         let mut ranges = Vec::with_capacity(parts.len());
+        let mut chapters = Vec::new();
         for part in parts {
+            if let Some(chapter) = part.strip_prefix("chapter:") {
+                let chapter = chapter.trim();
+                if chapter.is_empty() || !chapter.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    return Err(ConstraintError::Invalid(format!(
+                        "subset part `{part}`: a chapter is named by its number, like `chapter:9`"
+                    )));
+                }
+                chapters.push(chapter.to_string());
+                continue;
+            }
             let (low, high) = part.split_once('-').unwrap_or((part, part));
             let (low, high) = (bound(part, low)?, bound(part, high)?);
             if low > high {
@@ -37,7 +52,30 @@ impl Subset {
         }
         ranges.sort();
         ranges.dedup();
-        Ok(Self { ranges })
+        Ok(Self { ranges, chapters })
+    }
+
+    /// The subset with its chapters replaced by the ranges `terminology` gives them.
+    pub fn resolve(mut self, terminology: &Terminology) -> Result<Self, ConstraintError> {
+        for chapter in std::mem::take(&mut self.chapters) {
+            let Some((_, range)) = terminology.chapters.iter().find(|(name, _)| *name == chapter) else {
+                let known: Vec<&str> = terminology.chapters.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(ConstraintError::Invalid(format!(
+                    "subset part `chapter:{chapter}`: this release has no such chapter (it has: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            };
+            let (low, high) = range.split_once('-').unwrap_or((range, range));
+            let part = format!("chapter:{chapter}");
+            self.ranges.push((bound(&part, low)?, bound(&part, high)?));
+        }
+        self.ranges.sort();
+        self.ranges.dedup();
+        Ok(self)
     }
 
     /// Whether `code` (dotted or not) falls in the subset.
@@ -93,8 +131,32 @@ mod tests {
     }
 
     #[test]
+    fn chapters_resolve_to_the_ranges_of_the_release() {
+        let mut t = Terminology::new("icd10cm-xml", Vec::new());
+        t.chapters = vec![("9".into(), "I00-I99".into()), ("19".into(), "S00-T88".into())];
+        let s = Subset::parse("chapter:19, E11").unwrap().resolve(&t).unwrap();
+        assert!(s.contains("T88.9XXA") && s.contains("S72.001A") && s.contains("E11.9"));
+        assert!(!s.contains("I10") && !s.contains("T89"));
+        let err = Subset::parse("chapter:23")
+            .unwrap()
+            .resolve(&t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such chapter (it has: 9, 19)"), "{err}");
+    }
+
+    #[test]
     fn bad_parts_are_named() {
-        for bad in ["chapter:9", "<< 404684003", "I25-I20", "", "I2", "E11..6", "I20-"] {
+        for bad in [
+            "chapter:",
+            "chapter:9-10",
+            "<< 404684003",
+            "I25-I20",
+            "",
+            "I2",
+            "E11..6",
+            "I20-",
+        ] {
             let err = Subset::parse(bad).unwrap_err().to_string();
             assert!(err.contains("subset part"), "{bad}: {err}");
         }

@@ -24,6 +24,9 @@ pub struct Terminology {
     pub kind: &'static str,
     /// Every code, sorted by code.
     pub entries: Vec<Entry>,
+    /// Chapters of a classification that has them (ICD-10-CM's tabular XML): name and range
+    /// of codes (`("9", "I00-I99")`), in release order.
+    pub chapters: Vec<(String, String)>,
 }
 
 /// What a terminology holds, as `terminology inspect` and the admin API report it.
@@ -43,7 +46,11 @@ impl Terminology {
     /// Sorts `entries` by code and wraps them.
     pub fn new(kind: &'static str, mut entries: Vec<Entry>) -> Self {
         entries.sort_by(|a, b| a.code.cmp(&b.code));
-        Self { kind, entries }
+        Self {
+            kind,
+            entries,
+            chapters: Vec::new(),
+        }
     }
 
     /// Counts.
