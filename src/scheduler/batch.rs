@@ -40,9 +40,9 @@ enum PrefillState {
     Fused { cache: PrefillRows, keep: Vec<usize> },
 }
 
-/// Runs the prefill of `seqs` as one padded batch (left-padded; right-padded for a fused graph). Each sequence's first token is chosen
-/// at once; `on_advance` receives it (with the row's meta) and sequences that finish there are
-/// dropped. Returns the rows still generating.
+/// Runs the prefill of `seqs` as one padded batch (left-padded; right-padded for a fused graph).
+/// Each sequence's first token is chosen at once; `on_advance` receives it (with the row's meta)
+/// and sequences that finish there are dropped. Returns the rows still generating.
 pub fn prefill<T>(
     session: &mut DecoderSession,
     tokenizer: &Tokenizer,
