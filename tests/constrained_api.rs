@@ -296,7 +296,8 @@ async fn json_schema_records_hold_valid_codes() {
         "diagnosis": {"type": "string", "x-terminology": "icd"},
         "description": {"type": "string", "x-terminology": "icd", "x-match": "term"},
         "confirmed": {"type": "boolean"},
-        "other_codes": {"type": "array", "items": {"type": "string", "x-terminology": "icd"}, "maxItems": 2}
+        "other_codes": {"type": "array", "items": {"type": "string", "x-terminology": "icd"}, "maxItems": 2},
+        "injury": {"type": "string", "x-terminology": "icd", "x-subset": ["S00-T88"]}
     }});
     let format = json!({"type": "json_schema", "json_schema": {"name": "coding", "schema": schema, "strict": true}});
     for seed in 0..5 {
@@ -309,13 +310,19 @@ async fn json_schema_records_hold_valid_codes() {
         let record: serde_json::Map<String, Value> =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         let keys: Vec<&str> = record.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["diagnosis", "description", "confirmed", "other_codes"], "{text}");
+        assert_eq!(
+            keys,
+            ["diagnosis", "description", "confirmed", "other_codes", "injury"],
+            "{text}"
+        );
         assert!(codes.contains(record["diagnosis"].as_str().unwrap()), "{text}");
         assert!(terms.contains(record["description"].as_str().unwrap()), "{text}");
         assert!(record["confirmed"].is_boolean());
         let others = record["other_codes"].as_array().unwrap();
         assert!((1..=2).contains(&others.len()), "{text}");
         assert!(others.iter().all(|c| codes.contains(c.as_str().unwrap())), "{text}");
+        let injury = record["injury"].as_str().unwrap();
+        assert!(injury.starts_with('S') && codes.contains(injury), "{text}");
     }
     let bad = json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"x": {"type": "number"}}}}});
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": bad});

@@ -11,7 +11,8 @@ use smallvec::SmallVec;
 
 use super::automaton::{Automaton, State, TermSet};
 use super::machine::{ByteMachine, StateSet};
-use super::registry::{CodeFormat, ConstraintError, MatchKind, Terminologies};
+use super::registry::{CodeFormat, ConstraintError, MatchKind, SubsetText, Terminologies};
+use super::subset::Subset;
 
 /// Longest free string when a schema gives no `maxLength`.
 const DEFAULT_MAX_LENGTH: usize = 64;
@@ -376,8 +377,20 @@ fn quoted_terms(
         Some(m) => serde_json::from_value(m.clone())
             .map_err(|e| ConstraintError::Invalid(format!("property `{name}`: x-match: {e}")))?,
     };
+    let Some(subset) = schema.get("x-subset") else {
+        return terminologies
+            .quoted_term_set(terminology, kind, CodeFormat::Dotted, true)
+            .map(Some);
+    };
+    let subset: SubsetText = serde_json::from_value(subset.clone()).map_err(|_| {
+        ConstraintError::Invalid(format!(
+            "property `{name}`: x-subset must be a string or a list of strings"
+        ))
+    })?;
+    let subset = Subset::parse(&subset.joined())
+        .map_err(|e| ConstraintError::Invalid(format!("property `{name}`: x-subset: {e}")))?;
     terminologies
-        .quoted_term_set(terminology, kind, CodeFormat::Dotted, true)
+        .subset_term_set(terminology, (kind, CodeFormat::Dotted, true, true), &subset)
         .map(Some)
 }
 

@@ -268,11 +268,12 @@ impl Terminologies {
         self.compiled(name, (kind, format, billable_only, false, None))
     }
 
-    /// As [`Terminologies::term_set`], limited to the codes of `subset` (ICD-10-CM only).
+    /// As [`Terminologies::term_set`] (JSON-quoted when `quoted`), limited to the codes of
+    /// `subset` (ICD-10-CM only).
     pub fn subset_term_set(
         &self,
         name: &str,
-        (kind, format, billable_only): (MatchKind, CodeFormat, bool),
+        (kind, format, billable_only, quoted): (MatchKind, CodeFormat, bool, bool),
         subset: &Subset,
     ) -> Result<Arc<TermSet>, ConstraintError> {
         let loaded = self.loaded(name)?;
@@ -282,7 +283,7 @@ impl Terminologies {
             )));
         }
         let subset = subset.clone().resolve(&loaded.terminology)?;
-        self.compiled(name, (kind, format, billable_only, false, Some(subset)))
+        self.compiled(name, (kind, format, billable_only, quoted, Some(subset)))
     }
 
     /// As [`Terminologies::term_set`], each string as a JSON string literal (`"E11.9"`), for

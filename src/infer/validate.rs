@@ -282,7 +282,7 @@ fn constraint(
         Some(text) => {
             let subset =
                 Subset::parse(&text.joined()).map_err(|e| InferError::invalid("constraint.subset", e.to_string()))?;
-            let what = (spec.match_kind, spec.code_format, spec.billable_only);
+            let what = (spec.match_kind, spec.code_format, spec.billable_only, false);
             terminologies
                 .subset_term_set(&spec.terminology, what, &subset)
                 .map_err(|e| match e {
