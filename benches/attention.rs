@@ -12,17 +12,18 @@
 //! Flags: `--shape S`, `--batch 1,16,32`, `--prompt-len 128`, `--decode-steps 32`, `--fp32`,
 //! `--threads N`, `--work-dir DIR` (default `target/bench-models`, shared with `student`).
 
+mod bench_models;
+
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, SessionOptions, open_session};
-use distill_serve::export::{self, Attention, ExternalData, Precision};
+use distill_serve::export::{Attention, Form, Precision};
 use distill_serve::reference::max_abs_diff;
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::tiny::ShapePreset;
 use ndarray::{Array2, Array4};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
@@ -54,25 +55,17 @@ struct Options {
 
 /// Exports (or reuses) the student of `o.shape` with `attention`.
 fn model(o: &Options, attention: Attention) -> Result<PathBuf> {
-    let shape = o.shape.to_possible_value().context("a shape without a name")?;
-    let dir = o.work_dir.join(format!("attention-{}", shape.get_name()));
-    let ckpt = dir.join("checkpoint");
-    if !ckpt.join("config.json").exists() {
-        let mut spec = TinySpec::new(Family::Qwen2, 0);
-        spec.shape = o.shape;
-        write_tiny(&spec, &ckpt)?;
-    }
-    let (precision, label) = match o.fp32 {
+    let (precision, precision_label) = match o.fp32 {
         true => (Precision::Fp32, "fp32"),
         false => (Precision::DEFAULT_INT8, "int8"),
     };
     let name = attention.to_possible_value().context("an attention without a name")?;
-    let out = dir.join(format!("{}-{label}", name.get_name()));
-    let path = out.join(export::MODEL_FILE);
-    if !path.exists() {
-        export::export_with_attention(&ckpt, &out, precision, ExternalData::Auto, attention)?;
-    }
-    Ok(path)
+    let label = format!("{}-{precision_label}", name.get_name());
+    let form = Form {
+        attention,
+        ..Form::default()
+    };
+    bench_models::bench_model(&o.work_dir, ("attention", &label), o.shape, precision, form)
 }
 
 /// Row `b`'s prompt length: a quarter to all of the longest.

@@ -15,15 +15,16 @@
 //! dimensions), `--forms fp16,int8`, `--batch 1,2,4,8,16,32,64`, `--prompt-len 128`,
 //! `--decode-steps 64`, `--work-dir DIR` (default `target/bench-models`).
 
+mod bench_models;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
-use distill_serve::checkpoint::Family;
 use distill_serve::engine::{DecoderSession, ExecutionProvider, SessionOptions, SlotCache};
-use distill_serve::export::{self, ExternalData, Form, Int8Format, Precision};
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::export::{Form, Int8Format, Precision};
+use distill_serve::tiny::ShapePreset;
 
 /// The weights of a GPU-form export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,24 +62,11 @@ struct Options {
 
 /// Exports (or reuses) the student of `o.shape` in the GPU form with `weights`.
 fn model(o: &Options, weights: Weights) -> Result<PathBuf> {
-    let shape = o.shape.to_possible_value().context("a shape without a name")?;
-    let dir = o.work_dir.join(format!("gpu-{}", shape.get_name()));
-    let ckpt = dir.join("checkpoint");
-    if !ckpt.join("config.json").exists() {
-        let mut spec = TinySpec::new(Family::Qwen2, 0);
-        spec.shape = o.shape;
-        write_tiny(&spec, &ckpt)?;
-    }
     let (precision, label) = match weights {
         Weights::Fp16 => (Precision::Fp32, "fp16"),
         Weights::Int8 => (Precision::Int8(Int8Format::MatMulNBits), "int8"),
     };
-    let out = dir.join(label);
-    let path = out.join(export::MODEL_FILE);
-    if !path.exists() {
-        export::export_form(&ckpt, &out, precision, ExternalData::Auto, Form::GPU)?;
-    }
-    Ok(path)
+    bench_models::bench_model(&o.work_dir, ("gpu", label), o.shape, precision, Form::GPU)
 }
 
 /// One batch: the prefill's time and the decode steps' time.

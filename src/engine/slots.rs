@@ -206,7 +206,7 @@ impl SlotCache {
             copy_spans(self.elem, buffer, source, &spans)?;
         }
         self.lengths[slot] = len;
-        self.bind()
+        Ok(())
     }
 
     /// The width a step needs: the longest row plus the new position.
@@ -237,8 +237,9 @@ impl SlotCache {
         Ok(logits)
     }
 
-    /// (Re-)binds every buffer as its layer's past and present: ONNX Runtime reads a bound
-    /// input when it is bound (for a device other than the buffer's, it copies it then).
+    /// Binds every buffer as its layer's past and present, once: the buffers live where the
+    /// session runs (host or GPU memory), so ONNX Runtime reads and writes them in place and a
+    /// row copied in later needs no rebinding.
     fn bind(&mut self) -> Result<(), EngineError> {
         for (i, buffer) in self.buffers.iter_mut().enumerate() {
             let (layer, kind) = (i / 2, if i % 2 == 0 { "key" } else { "value" });
