@@ -379,7 +379,12 @@ fn main() -> Result<()> {
         ("ICD-10-CM codes or terms", MatchKind::CodeOrTerm),
     ]
     .into_iter()
-    .map(|(name, kind)| Ok((name, terminologies.term_set("icd10cm", kind, CodeFormat::Dotted, true)?)))
+    .map(|(name, kind)| {
+        Ok((
+            name,
+            terminologies.term_set("icd10cm", kind, CodeFormat::Dotted, true)?.0,
+        ))
+    })
     .collect::<Result<_>>()?;
     let terminology = terminologies.get("icd10cm").context("loaded")?;
     let billable: Vec<_> = terminology.entries.iter().filter(|e| e.billable).collect();

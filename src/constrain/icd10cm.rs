@@ -69,6 +69,8 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     let mut saw_root = false;
     // The chapter being read: its name and the range its description ends with.
     let (mut chapter, mut chapters) = ((String::new(), String::new()), Vec::new());
+    // The CMS fiscal year, `<version>2026</version>`.
+    let mut version = String::new();
     loop {
         let event = reader
             .read_event()
@@ -129,6 +131,7 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                 let parent = |k: usize| elements.get(n.wrapping_sub(k)).map(String::as_str);
                 match (parent(1), parent(2)) {
                     (Some("name"), Some("chapter")) => chapter.0 = value.clone(),
+                    (Some("version"), Some("ICD10CM.tabular")) => version = value.clone(),
                     // "Diseases of the circulatory system (I00-I99)"
                     (Some("desc"), Some("chapter")) => {
                         let range = value.rsplit_once('(').and_then(|(_, r)| r.strip_suffix(')'));
@@ -205,6 +208,7 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     }
     let mut terminology = Terminology::new("icd10cm-xml", entries);
     terminology.chapters = chapters;
+    terminology.release.version = version;
     Ok(terminology)
 }
 

@@ -11,8 +11,7 @@ use smallvec::SmallVec;
 
 use super::automaton::{Automaton, State, TermSet};
 use super::machine::{ByteMachine, StateSet};
-use super::registry::{CodeFormat, ConstraintError, MatchKind, SubsetText, Terminologies};
-use super::subset::Subset;
+use super::registry::{CodeFormat, Compiled, ConstraintError, MatchKind, Provenance, SubsetText, Terminologies};
 
 /// Longest free string when a schema gives no `maxLength`.
 const DEFAULT_MAX_LENGTH: usize = 64;
@@ -70,6 +69,8 @@ pub type JsonStates = StateSet<JsonState>;
 /// The automaton of the documents a schema allows.
 pub struct JsonMachine {
     segments: Vec<Segment>,
+    /// The releases (and subsets) its terminology fields were compiled from.
+    provenance: Vec<Provenance>,
 }
 
 fn push(out: &mut JsonStates, s: JsonState) {
@@ -249,7 +250,10 @@ impl JsonMachine {
                 properties.len()
             )));
         }
-        let mut machine = Self { segments: Vec::new() };
+        let mut machine = Self {
+            segments: Vec::new(),
+            provenance: Vec::new(),
+        };
         for (i, (name, property)) in properties.iter().enumerate() {
             let key = serde_json::to_string(name).map_err(|e| invalid(e.to_string()))?;
             machine.literal(format!("{}{key}: ", if i == 0 { "{" } else { ", " }).as_bytes());
@@ -257,6 +261,17 @@ impl JsonMachine {
         }
         machine.literal(b"}");
         Ok(machine)
+    }
+
+    /// The releases (and subsets) its terminology fields were compiled from.
+    pub fn provenance(&self) -> &[Provenance] {
+        &self.provenance
+    }
+
+    fn note(&mut self, provenance: Provenance) {
+        if !self.provenance.contains(&provenance) {
+            self.provenance.push(provenance);
+        }
     }
 
     fn literal(&mut self, bytes: &[u8]) {
@@ -272,8 +287,9 @@ impl JsonMachine {
         let kind = property.get("type").and_then(Value::as_str).unwrap_or_default();
         match kind {
             "string" => {
-                if let Some(set) = quoted_terms(name, property, terminologies)? {
+                if let Some((set, provenance)) = quoted_terms(name, property, terminologies)? {
                     self.segments.push(Segment::Terms(Automaton::new(set, 1, b"")));
+                    self.note(provenance);
                 } else if let Some(options) = property.get("enum").and_then(Value::as_array) {
                     if options.len() > MAX_SCHEMA_ENUM_VALUES {
                         return Err(unsupported(&format!(
@@ -307,8 +323,9 @@ impl JsonMachine {
                 let items = property
                     .get("items")
                     .ok_or_else(|| unsupported("an array without \"items\""))?;
-                let set = quoted_terms(name, items, terminologies)?
+                let (set, provenance) = quoted_terms(name, items, terminologies)?
                     .ok_or_else(|| unsupported("an array whose items carry no \"x-terminology\""))?;
+                self.note(provenance);
                 let max_items = property
                     .get("maxItems")
                     .and_then(Value::as_u64)
@@ -365,7 +382,7 @@ fn quoted_terms(
     name: &str,
     schema: &Value,
     terminologies: &Terminologies,
-) -> Result<Option<Arc<TermSet>>, ConstraintError> {
+) -> Result<Option<Compiled>, ConstraintError> {
     let Some(terminology) = schema.get("x-terminology") else {
         return Ok(None);
     };
@@ -387,11 +404,13 @@ fn quoted_terms(
             "property `{name}`: x-subset must be a string or a list of strings"
         ))
     })?;
-    let subset = Subset::parse(&subset.joined())
-        .map_err(|e| ConstraintError::Invalid(format!("property `{name}`: x-subset: {e}")))?;
     terminologies
         .subset_term_set(terminology, (kind, CodeFormat::Dotted, true, true), &subset)
         .map(Some)
+        .map_err(|e| match e {
+            ConstraintError::Invalid(m) => ConstraintError::Invalid(format!("property `{name}`: x-subset: {m}")),
+            other => other,
+        })
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 
 mod automaton;
 mod coverage;
+mod ecl;
 mod guide;
+mod hierarchy;
 mod icd10cm;
 mod json;
 mod machine;
@@ -18,17 +20,19 @@ mod vocab;
 
 pub use automaton::{Automaton, State, States, TermSet, TokenMask};
 pub use coverage::{CodeShape, Coverage, Mention, coverage};
+pub use ecl::{Ecl, HierarchyOp, MAX_ECL_BYTES};
 pub use guide::Guide;
+pub use hierarchy::Hierarchy;
 pub use icd10cm::{load_icd10cm_order, load_icd10cm_xml};
 pub use json::{JsonMachine, JsonState, JsonStates, MAX_SCHEMA_ENUM_VALUES, MAX_SCHEMA_PROPERTIES};
 pub use machine::{ByteMachine, StateSet};
 pub use registry::{
-    CodeFormat, ConstraintError, ConstraintRequest, MatchKind, SubsetText, Terminologies, TerminologySpec,
-    TerminologySummary,
+    CodeFormat, Compiled, ConstraintError, ConstraintRequest, MatchKind, Provenance, Selected, SubsetText,
+    Terminologies, TerminologySpec, TerminologySummary,
 };
 pub use snomed::{DescriptionTypes, SnomedOptions, load_snomed_rf2};
 pub use subset::{MAX_SUBSET_PARTS, Subset};
-pub use terminology::{Entry, LoadError, Terminology, TerminologyStats};
+pub use terminology::{Entry, LoadError, Release, Terminology, TerminologyStats};
 pub use tsv::load_list;
 pub use vocab::{TokenTrie, token_bytes};
 
@@ -48,14 +52,24 @@ pub enum SourceKind {
     Tsv,
 }
 
-/// Loads `path` as a terminology of `kind` (`snomed` applies to RF2 files only).
+/// Loads `path` as a terminology of `kind` (`snomed` applies to RF2 files only). A release
+/// that does not state its version is named by the year in its file name
+/// (`icd10cm_order_2026.txt`), else by the file name.
 pub fn load(kind: SourceKind, path: &Path, snomed: &SnomedOptions) -> Result<Terminology, LoadError> {
-    match kind {
+    let mut terminology = match kind {
         SourceKind::Icd10cmXml => load_icd10cm_xml(path),
         SourceKind::Icd10cmOrder => load_icd10cm_order(path),
         SourceKind::SnomedRf2 => load_snomed_rf2(path, snomed),
         SourceKind::Tsv => load_list(path),
+    }?;
+    if terminology.release.version.is_empty() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let year = name
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|digits| digits.len() == 4 && digits.starts_with("20"));
+        terminology.release.version = year.unwrap_or(name).to_string();
     }
+    Ok(terminology)
 }
 
 /// The ICD-10-CM release `scripts/setup.sh` installs: the CMS tabular XML and the code list.

@@ -88,6 +88,21 @@ impl Subset {
     }
 }
 
+impl std::fmt::Display for Subset {
+    /// The normalised subset: sorted ranges of dotless codes (`E116,I20-I25`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = self.ranges.iter().map(|(low, high)| {
+            if low == high {
+                low.clone()
+            } else {
+                format!("{low}-{high}")
+            }
+        });
+        let chapters = self.chapters.iter().map(|c| format!("chapter:{c}"));
+        write!(f, "{}", parts.chain(chapters).collect::<Vec<_>>().join(","))
+    }
+}
+
 fn dotless(code: &str) -> String {
     code.chars()
         .filter(|&c| c != '.')
@@ -110,7 +125,7 @@ fn bound(part: &str, text: &str) -> Result<String, ConstraintError> {
     } else {
         Err(ConstraintError::Invalid(format!(
             "subset part `{part}` is not an ICD-10-CM code or range of codes (like `I20-I25` or \
-             `E11.6`); chapters and SNOMED CT expressions are not supported"
+             `E11.6`) or a chapter (`chapter:9`)"
         )))
     }
 }

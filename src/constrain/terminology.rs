@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::hierarchy::Hierarchy;
+
 /// One code of a terminology.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -27,6 +29,24 @@ pub struct Terminology {
     /// Chapters of a classification that has them (ICD-10-CM's tabular XML): name and range
     /// of codes (`("9", "I00-I99")`), in release order.
     pub chapters: Vec<(String, String)>,
+    /// Which release of the terminology this is.
+    pub release: Release,
+    /// The is-a hierarchy and refsets (SNOMED CT RF2 releases that ship relationships).
+    pub hierarchy: Option<Hierarchy>,
+}
+
+/// Which release a terminology was loaded from, as answers and FHIR operations name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Release {
+    /// The version: the CMS fiscal year for ICD-10-CM (`2026`), SNOMED CT's version URI
+    /// (`http://snomed.info/sct/900000000000207008/version/20250101`), a list's file name.
+    pub version: String,
+    /// SNOMED CT: the module most of the release's rows come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// SNOMED CT: the newest effectiveTime in the release (`20250101`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
 }
 
 /// What a terminology holds, as `terminology inspect` and the admin API report it.
@@ -50,6 +70,8 @@ impl Terminology {
             kind,
             entries,
             chapters: Vec::new(),
+            release: Release::default(),
+            hierarchy: None,
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::auth::Caller;
-use crate::constrain::Terminologies;
+use crate::constrain::{Provenance, Terminologies};
 use crate::distill::service::Distiller;
 use crate::generate::{Event, FinishReason, Timings, TokenLogprob};
 use crate::lifecycle::{InFlight, Lifecycle};
@@ -91,6 +91,7 @@ impl Infer {
             outcome = tracing::field::Empty,
             prompt_tokens = tracing::field::Empty,
             completion_tokens = tracing::field::Empty,
+            terminology = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
         let mut record = Record::new(&self.metrics, request.endpoint, span.clone());
@@ -125,7 +126,13 @@ impl Infer {
             })
             .await
             .map_err(|e| record.fail(InferError::internal(format!("validation stopped: {e}"))))?;
-            let generation = checked.map_err(|e| record.fail(e))?;
+            let (generation, terminologies) = checked.map_err(|e| record.fail(e))?;
+            if !terminologies.is_empty() {
+                // Which release answered, in the request's log lines (never the text).
+                record
+                    .span
+                    .record("terminology", provenance_label(&terminologies).as_str());
+            }
             // The key's concurrency and tokens-per-minute limits, charged what it may use.
             let tenant_permit = match &record.caller {
                 Some(caller) => caller
@@ -144,6 +151,7 @@ impl Infer {
             let answer = self.log_prompts.then(|| (Arc::clone(&model.redaction), String::new()));
             Ok(Generation {
                 answer,
+                terminologies,
                 id,
                 model,
                 logprobs,
@@ -171,6 +179,15 @@ impl Infer {
         };
         self.distiller.capture(&model.name, policy, &messages);
     }
+}
+
+/// `icd10cm@2026 [I20-I25]; snomed@http://snomed.info/sct/...`: releases for a log field.
+fn provenance_label(terminologies: &[Provenance]) -> String {
+    let label = |p: &Provenance| match &p.subset {
+        Some(subset) => format!("{}@{} [{subset}]", p.terminology, p.release),
+        None => format!("{}@{}", p.terminology, p.release),
+    };
+    terminologies.iter().map(label).collect::<Vec<_>>().join("; ")
 }
 
 /// Logs `prompt` redacted by the model's `capture_redact` patterns (`--log-prompts` only).
@@ -256,6 +273,8 @@ pub struct Generation {
     pub model: Arc<ModelVersion>,
     /// Whether the client asked for log-probabilities.
     pub logprobs: bool,
+    /// The terminology releases (and subsets) its constraint was compiled from.
+    pub terminologies: Vec<Provenance>,
     events: Events,
     record: Record,
     /// Counts it among the generations a shutdown waits for, and tells it when it is cut.

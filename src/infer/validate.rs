@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::InferError;
 use super::request::{GuideSpec, InferRequest, Params, Prompt};
-use crate::constrain::{ConstraintError, ConstraintRequest, Guide, JsonMachine, Subset, Terminologies};
+use crate::constrain::{ConstraintError, ConstraintRequest, Guide, JsonMachine, Provenance, Terminologies};
 use crate::generate::{GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams};
 use crate::repository::ModelVersion;
 use crate::tokenize::ChatMessage;
@@ -55,29 +55,37 @@ pub fn prompt_size(model: &ModelVersion, prompt: &Prompt) -> Result<(), InferErr
     Ok(())
 }
 
-/// The checked request for `request` on `model`, to be dropped at `deadline`.
+/// The checked request for `request` on `model`, to be dropped at `deadline`, and the
+/// terminology releases its constraint was compiled from.
 pub fn generation_request(
     terminologies: &Terminologies,
     model: &ModelVersion,
     request: &InferRequest,
     deadline: Option<Instant>,
-) -> Result<GenerationRequest, InferError> {
+) -> Result<(GenerationRequest, Vec<Provenance>), InferError> {
     let prompt = prompt_ids(model, &request.prompt)?;
     let mut generation = sampling(model, prompt, &request.params)?;
+    let mut provenance = Vec::new();
     generation.constraint = match &request.guide {
         None => None,
-        Some(GuideSpec::Terms(spec)) => Some(constraint(terminologies, model, spec)?),
+        Some(GuideSpec::Terms(spec)) => {
+            let (guide, from) = constraint(terminologies, model, spec)?;
+            provenance.push(from);
+            Some(guide)
+        }
         Some(GuideSpec::JsonSchema(schema)) => {
             let machine = JsonMachine::compile(schema, terminologies)
                 .map_err(|e| InferError::invalid("response_format", e.to_string()))?;
+            provenance = machine.provenance().to_vec();
             Some(Guide::json(Arc::new(machine), Arc::clone(&model.token_trie)))
         }
     };
-    Ok(GenerationRequest {
+    let generation = GenerationRequest {
         stream: request.stream,
         deadline,
         ..generation
-    })
+    };
+    Ok((generation, provenance))
 }
 
 /// Token ids of `prompt` on `model`.
@@ -253,7 +261,7 @@ fn constraint(
     terminologies: &Terminologies,
     model: &ModelVersion,
     spec: &ConstraintRequest,
-) -> Result<Guide, InferError> {
+) -> Result<(Guide, Provenance), InferError> {
     if !(1..=MAX_CONSTRAINT_ITEMS).contains(&spec.max_items) {
         return Err(InferError::invalid(
             "constraint.max_items",
@@ -275,16 +283,14 @@ fn constraint(
             "several items need a non-empty separator",
         ));
     }
-    let terms = match &spec.subset {
+    let (terms, provenance) = match &spec.subset {
         None => terminologies
             .term_set(&spec.terminology, spec.match_kind, spec.code_format, spec.billable_only)
             .map_err(|e| InferError::invalid("constraint.terminology", e.to_string()))?,
-        Some(text) => {
-            let subset =
-                Subset::parse(&text.joined()).map_err(|e| InferError::invalid("constraint.subset", e.to_string()))?;
+        Some(subset) => {
             let what = (spec.match_kind, spec.code_format, spec.billable_only, false);
             terminologies
-                .subset_term_set(&spec.terminology, what, &subset)
+                .subset_term_set(&spec.terminology, what, subset)
                 .map_err(|e| match e {
                     ConstraintError::UnknownTerminology { .. } => {
                         InferError::invalid("constraint.terminology", e.to_string())
@@ -299,5 +305,8 @@ fn constraint(
         spec.max_items,
         spec.separator.as_bytes(),
     );
-    Ok(guide.after(spec.after.as_deref().unwrap_or_default().as_bytes()))
+    Ok((
+        guide.after(spec.after.as_deref().unwrap_or_default().as_bytes()),
+        provenance,
+    ))
 }

@@ -10,10 +10,11 @@ use serde::de::value::{Error as ValueError, StrDeserializer};
 use tonic::{Request, Response, Status};
 
 use super::proto::generate::{
-    Constraint, GenerateRequest, GenerateResponse, GenerateStreamResponse, Usage, generate_server::Generate,
+    Constraint, GenerateRequest, GenerateResponse, GenerateStreamResponse, TerminologyRelease, Usage,
+    generate_server::Generate,
 };
 use crate::api::AppState;
-use crate::constrain::{ConstraintRequest, SubsetText};
+use crate::constrain::{ConstraintRequest, Provenance, SubsetText};
 use crate::generate::Event;
 use crate::infer::{Endpoint, Generation, GuideSpec, InferError, InferRequest, Params, Prompt};
 use crate::tokenize::ChatMessage;
@@ -107,16 +108,31 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Option<Usage> {
     })
 }
 
+/// The wire form of the releases an answer came from.
+fn releases(terminologies: &[Provenance]) -> Vec<TerminologyRelease> {
+    terminologies
+        .iter()
+        .map(|p| TerminologyRelease {
+            terminology: p.terminology.clone(),
+            release: p.release.clone(),
+            subset: p.subset.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Generate for GenerateService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let done = self.start(req, Endpoint::Generate).await?.collect().await?;
+        let generation = self.start(req, Endpoint::Generate).await?;
+        let terminologies = releases(&generation.terminologies);
+        let done = generation.collect().await?;
         Ok(Response::new(GenerateResponse {
             text: done.text,
             finish_reason: done.reason.as_str().into(),
             usage: usage(done.prompt_tokens, done.completion_tokens),
+            terminologies,
         }))
     }
 
@@ -124,6 +140,7 @@ impl Generate for GenerateService {
 
     async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
         let mut generation = self.start(req, Endpoint::GenerateStream).await?;
+        let terminologies = releases(&generation.terminologies);
         // Dropping this stream (the client cancelled) drops the generation, which stops its work.
         let stream = async_stream::stream! {
             while let Some(event) = generation.next().await {
@@ -135,6 +152,7 @@ impl Generate for GenerateService {
                             text,
                             finish_reason: reason.as_str().into(),
                             usage: usage(prompt_tokens, completion_tokens),
+                            terminologies: terminologies.clone(),
                         });
                     }
                     Err(e) => yield Err(Status::from(e)),

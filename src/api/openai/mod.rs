@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::{ErrorBody, InferError};
+use crate::constrain::Provenance;
 use crate::generate::{Event, Timings, TokenLogprob};
 use crate::infer::{Endpoint, Generation, InferRequest};
 use crate::repository::ModelState;
@@ -139,6 +140,7 @@ fn answer_id(endpoint: Endpoint, generation: &Generation) -> String {
 async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, Timings), InferError> {
     let id = answer_id(endpoint, &generation);
     let (model, logprobs) = (generation.model.clone(), generation.logprobs);
+    let terminologies = generation.terminologies.clone();
     let c = generation.collect().await?;
     let usage = Usage::new(c.prompt_tokens, c.completion_tokens);
     let reason = c.reason.as_str();
@@ -158,6 +160,7 @@ async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, 
                 finish_reason: reason,
             }],
             usage: Some(usage),
+            terminologies: &terminologies,
         })
         .into_response(),
         _ => Json(Completion {
@@ -172,6 +175,7 @@ async fn whole(endpoint: Endpoint, generation: Generation) -> Result<(Response, 
                 finish_reason: Some(reason),
             }],
             usage: Some(usage),
+            terminologies: &terminologies,
         })
         .into_response(),
     };
@@ -184,6 +188,7 @@ struct Chunks {
     id: String,
     created: u64,
     model: String,
+    terminologies: Vec<Provenance>,
 }
 
 impl Chunks {
@@ -191,8 +196,8 @@ impl Chunks {
         SseEvent::default().data(serde_json::to_string(body).unwrap_or_default())
     }
 
-    /// A chunk with these choices (and usage).
-    fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Usage>) -> SseEvent {
+    /// A chunk with these choices (and usage); a `last` one names the terminology releases.
+    fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Usage>, last: bool) -> SseEvent {
         let object = match self.endpoint {
             Endpoint::ChatCompletions => "chat.completion.chunk",
             _ => "text_completion",
@@ -204,6 +209,7 @@ impl Chunks {
             model: &self.model,
             choices,
             usage,
+            terminologies: if last { &self.terminologies } else { &[] },
         })
     }
 
@@ -226,6 +232,7 @@ impl Chunks {
                     finish_reason: reason,
                 }],
                 None,
+                reason.is_some(),
             ),
         }
     }
@@ -237,12 +244,12 @@ impl Chunks {
             logprobs,
             finish_reason: reason,
         };
-        self.chunk(vec![choice], None)
+        self.chunk(vec![choice], None, reason.is_some())
     }
 
     /// The last chunk of a stream that asked for usage: no choices.
     fn usage(&self, usage: Usage) -> SseEvent {
-        self.chunk(Vec::<ChatChunkChoice>::new(), Some(usage))
+        self.chunk(Vec::<ChatChunkChoice>::new(), Some(usage), true)
     }
 }
 
@@ -256,6 +263,7 @@ fn sse_stream(
         id: answer_id(endpoint, &generation),
         created: unix_now(),
         model: generation.model.name.clone(),
+        terminologies: generation.terminologies.clone(),
     };
     // Dropping the stream (the client went away) drops the generation, which stops its work
     // and records it as cancelled.

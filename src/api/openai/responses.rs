@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::constrain::Provenance;
 use crate::generate::TokenLogprob;
 
 /// `GET /v1/models`.
@@ -100,8 +101,9 @@ impl ChatLogprobs {
     }
 }
 
-/// The envelope of every answer and chunk: `choices` of the route's kind, and `usage` where
-/// the answer reports it.
+/// The envelope of every answer and chunk: `choices` of the route's kind, `usage` where the
+/// answer reports it, and (an extension) the terminology releases a constrained answer came
+/// from, on the whole answer and a stream's last chunks.
 #[derive(Debug, Serialize)]
 pub struct Answer<'a, C> {
     pub id: &'a str,
@@ -111,6 +113,8 @@ pub struct Answer<'a, C> {
     pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "<[Provenance]>::is_empty")]
+    pub terminologies: &'a [Provenance],
 }
 
 /// A body of `/v1/completions`: the whole answer (`text_completion`), or one chunk of a stream
