@@ -35,10 +35,11 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
     let limit = body_limit(request.uri().path());
     let response = next.run(request).await;
     let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        // FHIR routes answer errors as `OperationOutcome` resources.
+        v.starts_with(b"application/json") || v.starts_with(b"application/fhir+json")
+    });
     if !status.is_client_error() || is_json {
         return response;
     }

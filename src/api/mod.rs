@@ -1,10 +1,11 @@
 //! The HTTP API: OpenAI-compatible routes, KServe v2 health and metadata, Prometheus metrics
-//! and the admin routes, on one axum router.
+//! the FHIR terminology operations (`/fhir/`) and the admin routes, on one axum router.
 
 mod admin;
 pub mod auth;
 mod distill;
 pub mod error;
+mod fhir;
 pub mod grpc;
 mod kserve;
 pub mod limits;
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 use crate::auth::Authenticator;
 use crate::constrain::Terminologies;
@@ -59,6 +60,7 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/v1/models", get(admin::list))
         .route("/admin/v1/terminologies", get(admin::terminologies))
+        .route("/admin/v1/terminologies/{name}", put(admin::install_terminology))
         .route("/admin/v1/models/{name}/load", post(admin::load))
         .route("/admin/v1/models/{name}/reload", post(admin::load))
         .route("/admin/v1/models/{name}/unload", post(admin::unload))
@@ -83,6 +85,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
+        .route("/fhir/CodeSystem/$validate-code", get(fhir::validate_code))
+        .route("/fhir/CodeSystem/$lookup", get(fhir::lookup))
+        .route("/fhir/ValueSet/$expand", get(fhir::expand))
         .layer(DefaultBodyLimit::max(limits::MAX_REQUEST_BODY_BYTES));
     Router::new()
         .merge(v1)

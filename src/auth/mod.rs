@@ -74,7 +74,7 @@ pub const ADMIN: &str = "admin";
 pub enum Access {
     /// Health, readiness, server and model metadata, gRPC reflection: probes need them open.
     Open,
-    /// Runs a model: an API key, when keys are configured.
+    /// Runs a model or reads a terminology (`/fhir/`): an API key, when keys are configured.
     Model,
     /// Changes what is served: the admin token.
     Admin,
@@ -90,6 +90,7 @@ pub fn access(path: &str) -> Access {
     if path.starts_with("/admin/") || path == "/admin" {
         Access::Admin
     } else if path.starts_with("/v1/")
+        || path.starts_with("/fhir/")
         || kserve_infer
         || path.starts_with("/distill_serve.v1.Generate/")
         || path == "/inference.GRPCInferenceService/ModelInfer"
