@@ -24,7 +24,8 @@ pub struct Entry {
     /// The client's address, when the transport knows it.
     pub client: Option<SocketAddr>,
     /// What: `load`, `unload`, `reload`, `refresh`, `refresh_finish`, `rollback`,
-    /// `dataset_upload`, `dataset_read`, `dataset_delete`, `job_cancel`, `authenticate`.
+    /// `dataset_upload`, `dataset_read`, `dataset_delete`, `job_cancel`, `terminology_install`,
+    /// `authenticate`.
     pub action: String,
     /// On what: a model, job or dataset name, or the path a failed authentication asked for.
     pub target: String,

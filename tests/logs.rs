@@ -167,3 +167,38 @@ async fn log_prompts_logs_them_redacted_when_asked() {
     assert!(!log.contains("123-45-6789"), "an unredacted number reached the log");
     assert!(log.contains("answer (--log-prompts)"), "{log}");
 }
+
+#[tokio::test]
+async fn constrained_requests_name_their_terminology_release_in_the_log() {
+    let fixture = common::repo_file("tests/fixtures/terminology/icd10cm_tabular_small.xml");
+    let terminology = format!("icd=icd10cm-xml:{}", fixture.display());
+    let args = ["--log-format", "json", "--terminology", &terminology];
+    let (server, lines, _dir) = start(&args, &[("RUST_LOG", "debug")]);
+    let body = json!({"model": "tiny", "prompt": "Code:", "max_tokens": 20,
+                      "constraint": {"terminology": "icd", "subset": ["E11", "I10"]}});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", server.http))
+        .header("x-request-id", "coded-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines = lines.lock().unwrap().clone();
+    let named = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["id"] == "coded-1"))
+        })
+        .filter_map(|l| l["span"]["terminology"].as_str().map(String::from))
+        .collect::<Vec<_>>();
+    assert!(
+        named.iter().any(|t| t == "icd@2026 [E11,I10]"),
+        "no line of the request names its release: {named:?}\n{}",
+        lines.join("\n")
+    );
+}

@@ -115,6 +115,28 @@ fn icd10cm_subsets_take_the_codes_of_their_categories_in_the_full_release() {
     assert_eq!(t.chapters.len(), 22, "{:?}", t.chapters);
     assert_eq!(count("chapter:9"), cms.iter().filter(|c| c.starts_with('I')).count());
     assert_eq!(count("chapter:19"), injuries);
+
+    // And against the tabular XML itself, walked as text: chapter 9's block, the names of its
+    // `<diag>`s, the leaves among them (chapter 9 has no 7th characters).
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let start = text.find("<name>9</name>").unwrap();
+    let block = &text[start..start + text[start..].find("</chapter>").unwrap()];
+    let names: BTreeSet<&str> = block
+        .split("<diag>")
+        .skip(1)
+        .filter_map(|d| d.trim_start().strip_prefix("<name>")?.split_once("</name>"))
+        .map(|(name, _)| name)
+        .collect();
+    let sorted: Vec<&str> = names.iter().copied().collect();
+    let leaves: Vec<&str> = sorted
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| sorted.get(i + 1).is_none_or(|next| !next.starts_with(**c)))
+        .map(|(_, c)| *c)
+        .collect();
+    assert_eq!(count("chapter:9"), leaves.len());
+    let ischaemic_leaves = leaves.iter().filter(|c| ("I20"..="I25~").contains(*c)).count();
+    assert_eq!(count("I20-I25"), ischaemic_leaves);
 }
 
 #[test]

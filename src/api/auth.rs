@@ -57,6 +57,7 @@ fn admin_action(method: &Method, path: &str) -> Option<(&'static str, String)> {
             (action, (*name).to_string())
         }
         (&Method::POST, ["jobs", id, "cancel"]) => ("job_cancel", (*id).to_string()),
+        (&Method::PUT, ["terminologies", name]) => ("terminology_install", (*name).to_string()),
         (&Method::POST, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_upload", name.join("/")),
         (&Method::GET, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_read", name.join("/")),
         (&Method::DELETE, ["datasets", name @ ..]) if !name.is_empty() => ("dataset_delete", name.join("/")),
@@ -163,7 +164,12 @@ mod tests {
             admin_action(&Method::GET, "/admin/v1/datasets/d"),
             Some(("dataset_read", "d".into()))
         );
+        assert_eq!(
+            admin_action(&Method::PUT, "/admin/v1/terminologies/icd"),
+            Some(("terminology_install", "icd".into()))
+        );
         assert_eq!(admin_action(&Method::GET, "/admin/v1/models"), None);
+        assert_eq!(admin_action(&Method::GET, "/admin/v1/terminologies"), None);
         assert_eq!(admin_action(&Method::GET, "/admin/v1/jobs/j"), None);
         assert_eq!(outcome(StatusCode::ACCEPTED), "success");
         assert_eq!(outcome(StatusCode::CONFLICT), "failed: 409");

@@ -13,7 +13,12 @@ pub struct Hierarchy {
     children: Vec<Vec<u32>>,
     /// Refset id -> its members.
     refsets: HashMap<u32, Vec<u32>>,
+    /// Concept number -> index of its terminology entry ([`NO_ENTRY`] for none).
+    entries: Vec<u32>,
 }
+
+/// A concept without an entry (no active description).
+const NO_ENTRY: u32 = u32::MAX;
 
 impl Hierarchy {
     /// The number of a concept, adding it when new.
@@ -26,7 +31,20 @@ impl Hierarchy {
         self.index.insert(id.to_string(), n);
         self.parents.push(Vec::new());
         self.children.push(Vec::new());
+        self.entries.push(NO_ENTRY);
         n
+    }
+
+    /// Records that concept `id` is entry `index` of its terminology.
+    pub fn set_entry(&mut self, id: &str, index: usize) {
+        let n = self.intern(id);
+        self.entries[n as usize] = index as u32;
+    }
+
+    /// The terminology entry of concept number `n`, if it has one.
+    pub fn entry(&self, n: u32) -> Option<usize> {
+        let i = self.entries[n as usize];
+        (i != NO_ENTRY).then_some(i as usize)
     }
 
     /// Records `child` is-a `parent`.

@@ -309,11 +309,12 @@ impl Selection {
                     .as_ref()
                     .ok_or_else(|| ConstraintError::Invalid("this release has no hierarchy".into()))?;
                 let concepts = ecl.evaluate(hierarchy)?;
-                Ok(terminology
-                    .entries
-                    .iter()
-                    .map(|e| hierarchy.get(&e.code).is_some_and(|n| concepts[n as usize]))
-                    .collect())
+                let mut flags = vec![false; terminology.entries.len()];
+                let selected = concepts.iter().enumerate().filter(|&(_, &c)| c);
+                for i in selected.filter_map(|(n, _)| hierarchy.entry(n as u32)) {
+                    flags[i] = true;
+                }
+                Ok(flags)
             }
         }
     }

@@ -269,10 +269,10 @@ pub fn load_snomed_rf2(path: &Path, options: &SnomedOptions) -> Result<Terminolo
     if entries.is_empty() {
         return Err(LoadError::file(path, "no active descriptions matched"));
     }
-    for e in &entries {
-        hierarchy.intern(&e.code);
-    }
     let mut terminology = Terminology::new("snomed-rf2", entries);
+    for (i, e) in terminology.entries.iter().enumerate() {
+        hierarchy.set_entry(&e.code, i);
+    }
     terminology.release = seen.release();
     terminology.hierarchy = Some(hierarchy);
     Ok(terminology)
