@@ -88,6 +88,20 @@ fn the_full_icd10cm_release_yields_exactly_its_billable_codes() {
     assert_eq!(ours.len(), 74_719, "FY2026 April update");
     assert!(t.get("S72.001A").is_some_and(|e| e.billable));
     assert!(t.get("E11.9").is_some_and(|e| e.billable));
+    // The tabular tree: a code with a 7th character up to its chapter, one parent each.
+    let tree = t.hierarchy.as_ref().unwrap();
+    let mut chain = vec!["S72.001A".to_string()];
+    while let [parent] = tree.parents_of(chain.last().unwrap())[..] {
+        chain.push(parent.to_string());
+    }
+    assert_eq!(
+        chain,
+        ["S72.001A", "S72.001", "S72.00", "S72.0", "S72", "S70-S79", "S00-T88"]
+    );
+    // Every code has exactly one parent: a code, or the block it opens.
+    for e in &t.entries {
+        assert_eq!(tree.parents_of(&e.code).len(), 1, "{}", e.code);
+    }
 }
 
 /// Subsets of the real release against an independent reading of CMS's code list: a range

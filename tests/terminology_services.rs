@@ -289,6 +289,21 @@ async fn fhir_validate_code_and_lookup() {
         .find(|p| p["part"][0]["valueCode"] == "billable")
         .unwrap();
     assert_eq!(billable["part"][1]["valueBoolean"], false, "{v}");
+    // The tabular tree: a category sits in its block, and holds its codes.
+    let related = |v: &Value, kind: &str| -> BTreeSet<String> {
+        v["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == "property" && p["part"][0]["valueCode"] == kind)
+            .map(|p| p["part"][1]["valueCode"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(related(&v, "parent"), BTreeSet::from(["E08-E13".to_string()]));
+    assert_eq!(
+        related(&v, "child"),
+        BTreeSet::from(["E11.6".to_string(), "E11.9".to_string()])
+    );
 }
 
 #[tokio::test]

@@ -47,8 +47,12 @@ impl Hierarchy {
         (i != NO_ENTRY).then_some(i as usize)
     }
 
-    /// Records `child` is-a `parent`.
+    /// Records `child` is-a `parent` (nothing for a concept and itself: an ICD-10-CM block of
+    /// one category, like `B10`, has the category's code).
     pub fn add_is_a(&mut self, child: &str, parent: &str) {
+        if child == parent {
+            return;
+        }
         let (c, p) = (self.intern(child), self.intern(parent));
         if !self.parents[c as usize].contains(&p) {
             self.parents[c as usize].push(p);

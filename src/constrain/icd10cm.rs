@@ -5,12 +5,17 @@
 //! carry a `<sevenChrDef>` (fractures, injuries, ...) require a 7th character on each billable
 //! code below them: the code is padded to six characters with the placeholder `X` and each
 //! extension character appended (`S72.001` -> `S72.001A`, `S00.00` -> `S00.00XA`).
+//!
+//! The XML's nesting is kept as the terminology's hierarchy: each code under the code it
+//! extends, each category under its block (`E08-E13`), each block under its chapter's range
+//! (`E00-E89`).
 
 use std::path::Path;
 
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
+use super::hierarchy::Hierarchy;
 use super::terminology::{Entry, LoadError, Terminology, read_text};
 
 /// A `<diag>` being read.
@@ -71,6 +76,10 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     let (mut chapter, mut chapters) = ((String::new(), String::new()), Vec::new());
     // The CMS fiscal year, `<version>2026</version>`.
     let mut version = String::new();
+    // The tabular tree: chapters (by range) hold blocks (`<section id="E08-E13">`), blocks hold
+    // categories, codes hold the codes that extend them.
+    let mut tree = Hierarchy::default();
+    let mut section = String::new();
     loop {
         let event = reader
             .read_event()
@@ -91,6 +100,17 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                     saw_root = true;
                 }
                 match name.as_str() {
+                    "section" => {
+                        section = e
+                            .try_get_attribute("id")
+                            .ok()
+                            .flatten()
+                            .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+                            .unwrap_or_default();
+                        if !section.is_empty() && !chapter.1.is_empty() {
+                            tree.add_is_a(&section, &chapter.1);
+                        }
+                    }
                     "diag" => {
                         if let Some(parent) = diags.last_mut() {
                             parent.has_children = true;
@@ -170,6 +190,11 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                         .name
                         .ok_or_else(|| LoadError::at(path, line_of(pos), "<diag> without a <name>"))?;
                     let leaf = !diag.has_children;
+                    match diags.last().and_then(|parent| parent.name.as_deref()) {
+                        Some(parent) => tree.add_is_a(&code, parent),
+                        None if !section.is_empty() => tree.add_is_a(&code, &section),
+                        None => {}
+                    }
                     match (&diag.seventh, leaf) {
                         (Some(extensions), true) if !extensions.is_empty() => {
                             entries.push(Entry {
@@ -179,8 +204,10 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
                                 billable: false,
                             });
                             for (ch, meaning) in extensions.iter().filter(|(c, _)| allowed_seventh(&code, *c)) {
+                                let extended = with_seventh(&code, *ch);
+                                tree.add_is_a(&extended, &code);
                                 entries.push(Entry {
-                                    code: with_seventh(&code, *ch),
+                                    code: extended,
                                     description: format!("{}, {meaning}", diag.desc),
                                     synonyms: diag.inclusion.iter().map(|s| format!("{s}, {meaning}")).collect(),
                                     billable: true,
@@ -209,6 +236,10 @@ pub fn load_icd10cm_xml(path: &Path) -> Result<Terminology, LoadError> {
     let mut terminology = Terminology::new("icd10cm-xml", entries);
     terminology.chapters = chapters;
     terminology.release.version = version;
+    for (i, e) in terminology.entries.iter().enumerate() {
+        tree.set_entry(&e.code, i);
+    }
+    terminology.hierarchy = Some(tree);
     Ok(terminology)
 }
 

@@ -31,7 +31,8 @@ pub struct Terminology {
     pub chapters: Vec<(String, String)>,
     /// Which release of the terminology this is.
     pub release: Release,
-    /// The is-a hierarchy and refsets (SNOMED CT RF2 releases that ship relationships).
+    /// The hierarchy: SNOMED CT's is-a relationships and refsets, ICD-10-CM's tabular tree
+    /// (codes, categories, blocks, chapters by their ranges).
     pub hierarchy: Option<Hierarchy>,
 }
 
