@@ -25,10 +25,8 @@ use anyhow::{Context, Result};
 use distill_serve::constrain::{
     CodeFormat, Guide, MatchKind, SourceKind, TermSet, Terminologies, TerminologySpec, TokenTrie, icd10cm_release,
 };
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-use masking::{llguidance_side_by_side, percentile, synthetic_descriptions, tiktoken, walk};
+use masking::{llguidance_side_by_side, mask_times, percentile, sample, synthetic_descriptions, tiktoken, walk};
 
 fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -38,28 +36,11 @@ fn resident_bytes() -> u64 {
 }
 
 fn report(name: &str, set: &Arc<TermSet>, vocab: &str, trie: &Arc<TokenTrie>, answers: &[Vec<u8>]) {
-    let (mut least, mut single) = (Vec::new(), Vec::new());
-    for a in answers {
-        walk(set, trie, a, &mut least, &mut single);
-    }
-    least.sort();
-    single.sort();
+    let (steps, [median, p99, single_median, single_p99]) = mask_times(set, trie, answers);
     println!(
-        "| {name} | {vocab} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        "| {name} | {vocab} | {} | {steps} | {median:.1} | {p99:.1} | {single_median:.1} | {single_p99:.1} |",
         answers.len(),
-        least.len(),
-        percentile(&least, 0.5),
-        percentile(&least, 0.99),
-        percentile(&single, 0.5),
-        percentile(&single, 0.99),
     );
-}
-
-fn sample(set_strings: &[String], n: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| set_strings[rng.random_range(0..set_strings.len())].as_bytes().to_vec())
-        .collect()
 }
 
 /// Mean time one constrained row adds to a decode step with a `vocab`-sized logits row: copying

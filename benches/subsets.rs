@@ -25,7 +25,7 @@ use distill_serve::constrain::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use masking::{llguidance_side_by_side, percentile, synthetic_descriptions, tiktoken, walk};
+use masking::{llguidance_side_by_side, mask_times, sample, synthetic_descriptions, tiktoken};
 
 /// The synthetic release's concepts: the root, then three nested bands whose `<<` closures
 /// hold exactly 300,000, 10,000 and 100 concepts, then 50,000 more under the root.
@@ -132,13 +132,6 @@ fn strings(terminologies: &Terminologies, case: &Case) -> Result<Vec<String>> {
     })
 }
 
-fn sample(strings: &[String], n: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| strings[rng.random_range(0..strings.len())].as_bytes().to_vec())
-        .collect()
-}
-
 /// Compiles `case` as a request would (first time, then from the cache).
 fn compile(terminologies: &Terminologies, case: &Case) -> Result<(Arc<TermSet>, Duration, Duration)> {
     let run = || -> Result<Arc<TermSet>> {
@@ -165,21 +158,10 @@ fn compile(terminologies: &Terminologies, case: &Case) -> Result<(Arc<TermSet>, 
 }
 
 fn mask_row(case: &Case, members: usize, set: &Arc<TermSet>, trie: &Arc<TokenTrie>, answers: &[Vec<u8>]) -> String {
-    let (mut least, mut single) = (Vec::new(), Vec::new());
-    for a in answers {
-        walk(set, trie, a, &mut least, &mut single);
-    }
-    least.sort();
-    single.sort();
+    let (steps, [median, p99, single_median, single_p99]) = mask_times(set, trie, answers);
     format!(
-        "| {} | {members} | {:?} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-        case.label,
-        case.kind,
-        least.len(),
-        percentile(&least, 0.5),
-        percentile(&least, 0.99),
-        percentile(&single, 0.5),
-        percentile(&single, 0.99)
+        "| {} | {members} | {:?} | {steps} | {median:.1} | {p99:.1} | {single_median:.1} | {single_p99:.1} |",
+        case.label, case.kind,
     )
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use common::Lcg;
 use distill_serve::constrain::{SubsetText, Terminologies, TerminologySpec};
 
 const MODULE: &str = "9990000001";
@@ -180,19 +181,6 @@ impl Fixture {
             })
             .cloned()
             .collect()
-    }
-}
-
-/// A small deterministic generator, so a failure names an expression that reproduces.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
     }
 }
 

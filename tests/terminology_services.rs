@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::Lcg;
 use common::server::{TestServer, add_version};
 use distill_serve::constrain::{SubsetText, Terminologies, TerminologySpec};
 use serde_json::{Value, json};
@@ -54,23 +55,6 @@ fn members(terminologies: &Terminologies, name: &str, subset: &str) -> BTreeSet<
         .filter(|e| e.billable)
         .map(|e| e.code.clone())
         .collect()
-}
-
-/// A small deterministic generator, so a failure names a case that reproduces.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
 }
 
 /// A random subset of one of the fixtures: (terminology, subset).

@@ -71,6 +71,32 @@ pub fn walk(
     }
 }
 
+/// `n` strings drawn from `strings` (with repeats), as answers to walk.
+pub fn sample(strings: &[String], n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| strings[rng.random_range(0..strings.len())].as_bytes().to_vec())
+        .collect()
+}
+
+/// Mask times along `answers`, microseconds: steps, then median and p99 of the least of three
+/// runs, then of single runs.
+pub fn mask_times(set: &Arc<TermSet>, trie: &Arc<TokenTrie>, answers: &[Vec<u8>]) -> (usize, [f64; 4]) {
+    let (mut least, mut single) = (Vec::new(), Vec::new());
+    for a in answers {
+        walk(set, trie, a, &mut least, &mut single);
+    }
+    least.sort();
+    single.sort();
+    let figures = [
+        percentile(&least, 0.5),
+        percentile(&least, 0.99),
+        percentile(&single, 0.5),
+        percentile(&single, 0.99),
+    ];
+    (least.len(), figures)
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e6

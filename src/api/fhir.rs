@@ -10,6 +10,7 @@
 //! `?fhir_vs`) and, for any terminology, `system` with a `subset` (an ICD-10-CM range or ECL).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -18,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::constrain::{ConstraintError, Entry, SourceKind, SubsetText, TerminologySummary};
+use crate::constrain::{ConstraintError, Entry, SourceKind, SubsetText, Terminology, TerminologySummary};
 
 /// Codes an `$expand` page holds unless `count` says otherwise.
 pub const DEFAULT_EXPAND_COUNT: usize = 100;
@@ -138,21 +139,13 @@ fn entry<'a>(entries: &'a [Entry], code: &str) -> Option<&'a Entry> {
 /// that is none of its terms).
 pub async fn validate_code(State(state): State<AppState>, Query(params): Params) -> Response {
     let answer = || -> Result<Value, Outcome> {
-        let system = params
-            .get("url")
-            .or_else(|| params.get("system"))
-            .ok_or_else(|| Outcome::required("url"))?;
-        let code = params.get("code").ok_or_else(|| Outcome::required("code"))?;
-        let t = resolve(&state, system, params.get("version").map(String::as_str))?;
-        let terminology = state
-            .terminologies
-            .get(&t.name)
-            .ok_or_else(|| Outcome::from(unknown(&t.name)))?;
+        let (t, terminology, code) = named_code(&state, &params, "url")?;
+        let (system, version) = (system_of(&t), &terminology.release.version);
         let mut out = vec![];
         match entry(&terminology.entries, code) {
             None => {
                 out.push(json!({"name": "result", "valueBoolean": false}));
-                out.push(json!({"name": "message", "valueString": format!("Unknown code `{code}` in {} release {}", system_of(&t), t.release.version)}));
+                out.push(json!({"name": "message", "valueString": format!("Unknown code `{code}` in {system} release {version}")}));
             }
             Some(e) => {
                 let display_ok = params
@@ -165,18 +158,34 @@ pub async fn validate_code(State(state): State<AppState>, Query(params): Params)
                 out.push(json!({"name": "display", "valueString": e.description}));
             }
         }
-        out.push(json!({"name": "system", "valueUri": system_of(&t)}));
-        out.push(json!({"name": "version", "valueString": t.release.version}));
+        out.push(json!({"name": "system", "valueUri": system}));
+        out.push(json!({"name": "version", "valueString": version}));
         Ok(json!({"resourceType": "Parameters", "parameter": out}))
     };
     respond(answer())
 }
 
-fn unknown(name: &str) -> ConstraintError {
-    ConstraintError::UnknownTerminology {
-        name: name.into(),
-        loaded: "changed while answering".into(),
-    }
+/// The terminology (its summary and the release it serves now) and the code a request names:
+/// the system in parameter `system_param` (`$validate-code` also takes `system`), the code in
+/// `code`, the release in an optional `version`.
+fn named_code<'a>(
+    state: &AppState,
+    params: &'a HashMap<String, String>,
+    system_param: &str,
+) -> Result<(TerminologySummary, Arc<Terminology>, &'a str), Outcome> {
+    let system = params
+        .get(system_param)
+        .or_else(|| params.get("system"))
+        .ok_or_else(|| Outcome::required(system_param))?;
+    let code = params.get("code").ok_or_else(|| Outcome::required("code"))?;
+    let t = resolve(state, system, params.get("version").map(String::as_str))?;
+    let terminology = state.terminologies.get(&t.name).ok_or_else(|| {
+        Outcome::from(ConstraintError::UnknownTerminology {
+            name: t.name.clone(),
+            loaded: "changed while answering".into(),
+        })
+    })?;
+    Ok((t, terminology, code))
 }
 
 fn respond(answer: Result<Value, Outcome>) -> Response {
@@ -191,13 +200,7 @@ fn respond(answer: Result<Value, Outcome>) -> Response {
 /// for ICD-10-CM); 404 with an `OperationOutcome` for a code the release lacks.
 pub async fn lookup(State(state): State<AppState>, Query(params): Params) -> Response {
     let answer = || -> Result<Value, Outcome> {
-        let system = params.get("system").ok_or_else(|| Outcome::required("system"))?;
-        let code = params.get("code").ok_or_else(|| Outcome::required("code"))?;
-        let t = resolve(&state, system, params.get("version").map(String::as_str))?;
-        let terminology = state
-            .terminologies
-            .get(&t.name)
-            .ok_or_else(|| Outcome::from(unknown(&t.name)))?;
+        let (t, terminology, code) = named_code(&state, &params, "system")?;
         let e = entry(&terminology.entries, code).ok_or_else(|| {
             Outcome::new(
                 StatusCode::NOT_FOUND,
@@ -205,13 +208,13 @@ pub async fn lookup(State(state): State<AppState>, Query(params): Params) -> Res
                 format!(
                     "Unknown code `{code}` in {} release {}",
                     system_of(&t),
-                    t.release.version
+                    terminology.release.version
                 ),
             )
         })?;
         let mut out = vec![
             json!({"name": "name", "valueString": t.name}),
-            json!({"name": "version", "valueString": t.release.version}),
+            json!({"name": "version", "valueString": terminology.release.version}),
             json!({"name": "display", "valueString": e.description}),
         ];
         for synonym in &e.synonyms {

@@ -129,3 +129,23 @@ pub fn repo_file(path: &str) -> PathBuf {
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_distill-serve"))
 }
+
+/// A small deterministic generator for property tests, so a failure names a case that
+/// reproduces.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+
+    /// One of `items`.
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
