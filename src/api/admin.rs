@@ -29,7 +29,7 @@ pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Re
         .map_err(|e| InferError::internal(e.to_string()))?;
     match loaded {
         Ok(model) => Ok(Json(
-            json!({"name": model.name, "version": model.version, "state": ModelState::Ready}),
+            json!({"name": model.name(), "version": model.version(), "state": ModelState::Ready}),
         )),
         Err(crate::repository::RepositoryError::Invalid(message)) => {
             Err(InferError::new(ErrorKind::Unprocessable, message))

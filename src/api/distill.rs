@@ -131,7 +131,7 @@ pub async fn rollback(State(state): State<AppState>, Path(name): Path<String>) -
         .await
         .map_err(store_error)??;
     Ok(Json(
-        json!({"name": model.name, "version": model.version, "rolled_back_from": from}),
+        json!({"name": model.name(), "version": model.version(), "rolled_back_from": from}),
     ))
 }
 

@@ -50,9 +50,9 @@ pub async fn model_metadata(
     })))
 }
 
-/// `GET /v2/models/{name}/ready`.
+/// `GET /v2/models/{name}/ready` (decoders and encoders).
 pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    match state.repository.get(&name) {
+    match state.repository.served(&name) {
         Ok(_) => (StatusCode::OK, Json(json!({"name": name, "ready": true}))).into_response(),
         Err(e) => InferError::from(e).into_response(),
     }

@@ -1,9 +1,11 @@
-//! The HTTP API: OpenAI-compatible routes, KServe v2 health and metadata, Prometheus metrics
-//! the FHIR terminology operations (`/fhir/`) and the admin routes, on one axum router.
+//! The HTTP API: OpenAI-compatible routes, encoder routes (TEI's `/predict`, `/v1/classify`),
+//! KServe v2 health and metadata, Prometheus metrics, the FHIR terminology operations
+//! (`/fhir/`) and the admin routes, on one axum router.
 
 mod admin;
 pub mod auth;
 mod distill;
+mod encode;
 pub mod error;
 mod fhir;
 pub mod grpc;
@@ -85,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
+        .route("/v1/classify", post(encode::classify))
+        .route("/predict", post(encode::predict))
         .route("/fhir/CodeSystem/$validate-code", get(fhir::validate_code))
         .route("/fhir/CodeSystem/$lookup", get(fhir::lookup))
         .route("/fhir/ValueSet/$expand", get(fhir::expand))

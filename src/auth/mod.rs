@@ -91,6 +91,7 @@ pub fn access(path: &str) -> Access {
         Access::Admin
     } else if path.starts_with("/v1/")
         || path.starts_with("/fhir/")
+        || path == "/predict"
         || kserve_infer
         || path.starts_with("/distill_serve.v1.Generate/")
         || path == "/inference.GRPCInferenceService/ModelInfer"

@@ -419,7 +419,7 @@ impl Distiller {
         let (repository, model, dir) = (Arc::clone(&self.repository), name.to_string(), staging.to_path_buf());
         let promoted = tokio::task::spawn_blocking(move || repository.promote(&model, &dir)).await??;
         p.set("previous_version", json!(current.version));
-        p.set("version", json!(promoted.version));
+        p.set("version", json!(promoted.version()));
         Ok(Outcome::Promoted)
     }
 

@@ -127,7 +127,7 @@ impl From<RepositoryError> for InferError {
             RepositoryError::NotReady { .. } => Self::new(ErrorKind::Unavailable, e.to_string()).retry_after(5),
             RepositoryError::Invalid(_) => Self::internal(e.to_string()),
             RepositoryError::Conflict(_) => Self::new(ErrorKind::Conflict, e.to_string()),
-            RepositoryError::BadName(_) => Self::invalid("model", e.to_string()),
+            RepositoryError::BadName(_) | RepositoryError::WrongKind(_) => Self::invalid("model", e.to_string()),
         }
     }
 }

@@ -3,7 +3,9 @@
 //! [`Generation`]. Request metrics, prompt capture and the request's tracing span are recorded
 //! here, so HTTP and gRPC cannot drift apart; handlers only translate wire formats.
 
+mod encode;
 mod error;
+mod labels;
 mod request;
 mod validate;
 
@@ -22,7 +24,9 @@ use crate::repository::capture::CapturePolicy;
 use crate::repository::{ModelVersion, Repository};
 use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
+pub use encode::{EncodeRequest, Encoded, MAX_ENCODER_INPUTS};
 pub use error::{ErrorKind, InferError};
+pub use labels::{Aggregation, Entity, LabelScore, entities, label_scores};
 pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
 pub use validate::{
     MAX_CONSTRAINT_ITEMS, MAX_PROMPT_BYTES_PER_TOKEN, MAX_SEPARATOR_BYTES, MAX_STOP_BYTES, MAX_STOP_STRINGS,

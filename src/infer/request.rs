@@ -19,6 +19,10 @@ pub enum Endpoint {
     GenerateStream,
     /// gRPC KServe v2 `ModelInfer`.
     ModelInfer,
+    /// `POST /predict` (sequence classification).
+    Predict,
+    /// `POST /v1/classify` (token classification).
+    Classify,
 }
 
 impl Endpoint {
@@ -30,6 +34,8 @@ impl Endpoint {
             Endpoint::Generate => "generate",
             Endpoint::GenerateStream => "generate_stream",
             Endpoint::ModelInfer => "model_infer",
+            Endpoint::Predict => "predict",
+            Endpoint::Classify => "classify",
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod capture;
 mod durable;
+mod encoder;
 mod limits;
 mod settings;
 
@@ -26,6 +27,7 @@ use crate::export::{Activations, Attention, Form, MODEL_FILE};
 use crate::metrics::Metrics;
 use crate::scheduler::{self, FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
+pub use encoder::{EncoderTask, EncoderVersion};
 pub use limits::{Limits, ModelLimits};
 pub use settings::ModelSettings;
 
@@ -47,6 +49,10 @@ pub enum RepositoryError {
     /// A name that cannot be a model's (it would leave the repository folder).
     #[error("{0}")]
     BadName(String),
+    /// The model serves another kind of request (an encoder asked to generate, a decoder to
+    /// classify).
+    #[error("{0}")]
+    WrongKind(String),
 }
 
 /// Longest model name.
@@ -107,9 +113,42 @@ impl ModelVersion {
 /// Folder of a version that holds its Hugging Face checkpoint.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 
+/// A serving version: a decoder (generation) or an encoder (classification).
+#[derive(Clone)]
+pub enum Served {
+    Decoder(Arc<ModelVersion>),
+    Encoder(Arc<EncoderVersion>),
+}
+
+impl Served {
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Served::Decoder(m) => &m.name,
+            Served::Encoder(m) => &m.name,
+        }
+    }
+
+    /// Its version number.
+    pub fn version(&self) -> u32 {
+        match self {
+            Served::Decoder(m) => m.version,
+            Served::Encoder(m) => m.version,
+        }
+    }
+
+    /// Whether its worker can serve.
+    pub fn health(&self) -> Health {
+        match self {
+            Served::Decoder(m) => m.scheduler.health(),
+            Served::Encoder(m) => m.scheduler.health(),
+        }
+    }
+}
+
 /// State of one model name.
 enum Slot {
-    Ready(Arc<ModelVersion>),
+    Ready(Served),
     Failed(String),
     Unloaded,
 }
@@ -189,11 +228,42 @@ impl Repository {
         }
     }
 
-    /// The serving version of `name`.
+    /// The serving version of decoder `name`.
     pub fn get(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+        match self.served(name)? {
+            Served::Decoder(m) => Ok(m),
+            Served::Encoder(m) => Err(RepositoryError::WrongKind(format!(
+                "model `{name}` is an encoder ({:?}): it does not generate text; use POST /predict or /v1/classify",
+                m.task
+            ))),
+        }
+    }
+
+    /// The serving version of encoder `name`.
+    pub fn get_encoder(&self, name: &str) -> Result<Arc<EncoderVersion>, RepositoryError> {
+        match self.served(name)? {
+            Served::Encoder(m) => Ok(m),
+            Served::Decoder(_) => Err(RepositoryError::WrongKind(format!(
+                "model `{name}` is a decoder: it generates text (use /v1/completions); it does not classify"
+            ))),
+        }
+    }
+
+    /// The names of the encoders serving now.
+    pub fn encoder_names(&self) -> Vec<String> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Ready(Served::Encoder(_))))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The serving version of `name`, of either kind.
+    pub fn served(&self, name: &str) -> Result<Served, RepositoryError> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         match models.get(name) {
-            Some(Slot::Ready(m)) => Ok(Arc::clone(m)),
+            Some(Slot::Ready(m)) => Ok(m.clone()),
             Some(Slot::Failed(reason)) => Err(RepositoryError::NotReady {
                 name: name.into(),
                 reason: reason.clone(),
@@ -213,9 +283,9 @@ impl Repository {
             .iter()
             .map(|(name, slot)| {
                 let (state, version, reason) = match slot {
-                    Slot::Ready(m) => match m.scheduler.health() {
-                        Health::Serving => (ModelState::Ready, Some(m.version), None),
-                        health => (ModelState::Unavailable, Some(m.version), Some(health_reason(health))),
+                    Slot::Ready(m) => match m.health() {
+                        Health::Serving => (ModelState::Ready, Some(m.version()), None),
+                        health => (ModelState::Unavailable, Some(m.version()), Some(health_reason(health))),
                     },
                     Slot::Failed(r) => (ModelState::Unavailable, None, Some(r.clone())),
                     Slot::Unloaded => (ModelState::Unloaded, None, None),
@@ -236,7 +306,7 @@ impl Repository {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         !models.is_empty()
             && models.values().all(|s| match s {
-                Slot::Ready(m) => m.scheduler.health() == Health::Serving,
+                Slot::Ready(m) => m.health() == Health::Serving,
                 Slot::Failed(_) => false,
                 Slot::Unloaded => true,
             })
@@ -245,14 +315,14 @@ impl Repository {
     /// Loads (or reloads) the model in folder `name` and swaps it in. Blocking: call it off the
     /// async runtime. It waits for a promotion or rollback of the model to finish, so it never
     /// picks a version folder that is being moved.
-    pub fn load(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
+    pub fn load(&self, name: &str) -> Result<Served, RepositoryError> {
         let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.load_version(name, None)
     }
 
     /// Loads `version` of `name` (or the version [`Repository::load`] would choose) beside the
     /// serving one and swaps it in; a failure keeps the serving version.
-    pub fn load_version(&self, name: &str, version: Option<u32>) -> Result<Arc<ModelVersion>, RepositoryError> {
+    pub fn load_version(&self, name: &str, version: Option<u32>) -> Result<Served, RepositoryError> {
         check_model_name(name)?;
         let dir = self.model_dir(name);
         if !dir.join("model.toml").is_file() || self.single.as_ref().is_some_and(|single| single != name) {
@@ -260,10 +330,9 @@ impl Repository {
         }
         match self.open_version(name, &dir, version) {
             Ok(model) => {
-                let model = Arc::new(model);
-                self.metrics.set_model_version(name, Some(model.version));
-                tracing::info!(model = %name, version = model.version, "model ready");
-                self.set(name, Slot::Ready(Arc::clone(&model)));
+                self.metrics.set_model_version(name, Some(model.version()));
+                tracing::info!(model = %name, version = model.version(), "model ready");
+                self.set(name, Slot::Ready(model.clone()));
                 Ok(model)
             }
             Err(e) => {
@@ -291,7 +360,7 @@ impl Repository {
     /// Moves the finished version folder `staged` (inside the model's folder) into place as
     /// the next version number, serves it, and records it as the serving version. The rename
     /// is atomic: a crash leaves either no new version or a whole one.
-    pub fn promote(&self, name: &str, staged: &Path) -> Result<Arc<ModelVersion>, RepositoryError> {
+    pub fn promote(&self, name: &str, staged: &Path) -> Result<Served, RepositoryError> {
         let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.model_dir(name);
         let next = settings::versions(&dir)?.last().map_or(1, |v| v + 1);
@@ -316,9 +385,9 @@ impl Repository {
     }
 
     /// Serves the version before the serving one again and records that choice.
-    pub fn rollback(&self, name: &str) -> Result<(u32, Arc<ModelVersion>), RepositoryError> {
+    pub fn rollback(&self, name: &str) -> Result<(u32, Served), RepositoryError> {
         let _guard = self.versions_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.get(name)?.version;
+        let current = self.served(name)?.version();
         let dir = self.model_dir(name);
         let previous = settings::versions(&dir)?
             .into_iter()
@@ -349,7 +418,7 @@ impl Repository {
             .insert(name.to_string(), slot);
     }
 
-    fn open_version(&self, name: &str, dir: &Path, requested: Option<u32>) -> Result<ModelVersion, RepositoryError> {
+    fn open_version(&self, name: &str, dir: &Path, requested: Option<u32>) -> Result<Served, RepositoryError> {
         let settings = ModelSettings::read(dir)?;
         if let Some(declared) = &settings.name
             && declared != name
@@ -398,7 +467,7 @@ impl Repository {
         dir: &Path,
         settings: &ModelSettings,
         version: u32,
-    ) -> Result<ModelVersion, RepositoryError> {
+    ) -> Result<Served, RepositoryError> {
         let vdir = dir.join(version.to_string());
         let invalid = |what: String| RepositoryError::Invalid(format!("{name} version {version}: {what}"));
         let files = TokenizerFiles::open(&vdir).map_err(|e| invalid(e.to_string()))?;
@@ -410,8 +479,15 @@ impl Repository {
         let (context_length, eos_ids) = match std::fs::read_to_string(vdir.join("config.json")) {
             Ok(text) => match ModelConfig::from_json(&text).map_err(|e| invalid(e.to_string()))? {
                 ModelConfig::Decoder(c) => (c.max_position_embeddings, c.eos_token_ids),
-                ModelConfig::Encoder(_) => {
-                    return Err(invalid("encoders cannot generate text; serve a decoder".into()));
+                ModelConfig::Encoder(c) => {
+                    let limits = settings
+                        .limits
+                        .clone()
+                        .or(&self.defaults)
+                        .resolve(c.max_position_embeddings);
+                    let metrics = self.metrics.for_model(name);
+                    let encoder = encoder::open(name, version, &vdir, &c, &limits, metrics)?;
+                    return Ok(Served::Encoder(Arc::new(encoder)));
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -475,7 +551,7 @@ impl Repository {
             self.metrics.for_model(name),
         )
         .map_err(|e| invalid(format!("starting the worker: {e}")))?;
-        Ok(ModelVersion {
+        Ok(Served::Decoder(Arc::new(ModelVersion {
             name: name.to_string(),
             version,
             dir: vdir,
@@ -489,7 +565,7 @@ impl Repository {
             capture,
             redaction,
             form,
-        })
+        })))
     }
 }
 

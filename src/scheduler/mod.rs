@@ -12,6 +12,7 @@
 
 pub mod admission;
 mod batch;
+mod encoder;
 mod health;
 mod queue;
 mod stages;
@@ -29,6 +30,7 @@ use crate::metrics::ModelMetrics;
 pub use admission::{Admission, AdmissionLimits, Demand, Estimate, Priority, Ticket};
 use batch::DecodeBatch;
 pub use batch::warm_up;
+pub use encoder::{EncodeRefused, EncoderOutput, EncoderScheduler};
 pub use health::{FAILING_AFTER, Health};
 use health::{HealthState, PanicWatch};
 pub use queue::{BatchPolicy, BucketQueue, Pending};

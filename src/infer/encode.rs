@@ -1,0 +1,188 @@
+//! Encoder requests, for every protocol: the model chosen, each input tokenized (with its
+//! characters' offsets) and checked against the model's length, queued on the model's batcher,
+//! and the outputs gathered; recorded in the request metrics like generation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ErrorKind, Infer, InferError, Record};
+use crate::infer::Endpoint;
+use crate::repository::EncoderVersion;
+use crate::scheduler::{EncodeRefused, EncoderOutput};
+
+/// Most inputs one request may hold (TEI's `max_client_batch_size`).
+pub const MAX_ENCODER_INPUTS: usize = 32;
+
+/// What a request asks an encoder.
+#[derive(Debug, Clone, Default)]
+pub struct EncodeRequest {
+    /// The model; none: the one encoder loaded.
+    pub model: Option<String>,
+    pub inputs: Vec<String>,
+    /// Cut inputs longer than the model takes (else they are refused).
+    pub truncate: bool,
+    /// The client's deadline.
+    pub timeout: Option<Duration>,
+}
+
+/// One input's output, with what its tokens cover.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub output: EncoderOutput,
+    /// Each token's span of the input, in characters (special tokens: `(0, 0)`).
+    pub offsets: Vec<(usize, usize)>,
+    /// Whether each token is a special token (`[CLS]`, `[SEP]`).
+    pub special: Vec<bool>,
+}
+
+impl Infer {
+    /// Runs `request` on its encoder: one output per input, in order.
+    pub async fn encode(
+        &self,
+        endpoint: Endpoint,
+        request: EncodeRequest,
+    ) -> Result<(Arc<EncoderVersion>, Vec<Encoded>), InferError> {
+        let span = tracing::info_span!("encode", endpoint = endpoint.as_str(), model = tracing::field::Empty);
+        let mut record = Record::new(&self.metrics, endpoint, span.clone());
+        if self.lifecycle.is_draining() {
+            let e = InferError::new(ErrorKind::Unavailable, "the server is shutting down").retry_after(1);
+            return Err(record.fail(e));
+        }
+        let _in_flight = self.lifecycle.track();
+        let model = self.encoder(request.model.as_deref()).map_err(|e| record.fail(e))?;
+        record.model = model.name.clone();
+        span.record("model", model.name.as_str());
+        let deadline = match (request.timeout, self.request_timeout) {
+            (Some(client), Some(server)) => Some(client.min(server)),
+            (client, server) => client.or(server),
+        }
+        .and_then(|t| record.started.checked_add(t));
+        check_inputs(&request.inputs).map_err(|e| record.fail(e))?;
+        let (tokenizing, truncate) = (Arc::clone(&model), request.truncate);
+        let inputs = request.inputs;
+        let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, &inputs, truncate))
+            .await
+            .map_err(|e| record.fail(InferError::internal(format!("tokenizing stopped: {e}"))))?
+            .map_err(|e| record.fail(e))?;
+        let mut answers = Vec::with_capacity(tokenized.len());
+        for (ids, _, _) in &tokenized {
+            let answer = model.scheduler.submit(ids.clone(), deadline).map_err(|e| {
+                record.fail(match e {
+                    EncodeRefused::Busy { retry_after, .. } => {
+                        InferError::new(ErrorKind::Overloaded, e.to_string()).retry_after(retry_after)
+                    }
+                    EncodeRefused::Stopped => InferError::new(ErrorKind::Unavailable, e.to_string()).retry_after(5),
+                })
+            })?;
+            answers.push(answer);
+        }
+        let mut encoded = Vec::with_capacity(answers.len());
+        for (answer, (_, offsets, special)) in answers.into_iter().zip(tokenized) {
+            let output = answer
+                .await
+                .map_err(|_| record.fail(InferError::internal("the encoder's worker stopped")))?
+                .map_err(|e| record.fail(e.into()))?;
+            encoded.push(Encoded {
+                output,
+                offsets,
+                special,
+            });
+        }
+        record.outcome = "success";
+        Ok((model, encoded))
+    }
+
+    /// The encoder `name`, or the only one loaded.
+    fn encoder(&self, name: Option<&str>) -> Result<Arc<EncoderVersion>, InferError> {
+        if let Some(name) = name {
+            return Ok(self.repository.get_encoder(name)?);
+        }
+        match self.repository.encoder_names().as_slice() {
+            [one] => Ok(self.repository.get_encoder(one)?),
+            [] => Err(InferError::invalid("model", "no encoder model is loaded")),
+            several => Err(InferError::invalid(
+                "model",
+                format!(
+                    "several encoders are loaded ({}): name one in `model`",
+                    several.join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
+    if inputs.is_empty() {
+        return Err(InferError::invalid("inputs", "inputs must not be empty"));
+    }
+    if inputs.len() > MAX_ENCODER_INPUTS {
+        return Err(InferError {
+            param: Some("inputs"),
+            ..InferError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "{} inputs in one request; at most {MAX_ENCODER_INPUTS} are taken",
+                    inputs.len()
+                ),
+            )
+        });
+    }
+    if let Some(i) = inputs.iter().position(|t| t.trim().is_empty()) {
+        return Err(InferError::invalid("inputs", format!("input {i} is empty")));
+    }
+    Ok(())
+}
+
+/// A tokenized input: ids, character offsets, special-token flags.
+type Tokenized = (Vec<i64>, Vec<(usize, usize)>, Vec<bool>);
+
+/// Each input's tokens, cut to the model's length when `truncate` (keeping the final special
+/// token), else refused when longer.
+fn tokenize(model: &EncoderVersion, inputs: &[String], truncate: bool) -> Result<Vec<Tokenized>, InferError> {
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(inputs.len());
+    for (i, text) in inputs.iter().enumerate() {
+        let encoding = model
+            .tokenizer
+            .encode_char_offsets(text.as_str(), true)
+            .map_err(|e| InferError::invalid("inputs", format!("input {i} cannot be tokenized: {e}")))?;
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+        let mut offsets = encoding.get_offsets().to_vec();
+        let mut special: Vec<bool> = encoding.get_special_tokens_mask().iter().map(|&m| m == 1).collect();
+        if ids.len() > model.max_length {
+            if !truncate {
+                return Err(InferError {
+                    param: Some("inputs"),
+                    ..InferError::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "input {i} is {} tokens; model `{}` takes at most {} (send `truncate: true` to cut it)",
+                            ids.len(),
+                            model.name,
+                            model.max_length
+                        ),
+                    )
+                });
+            }
+            let last = (
+                ids[ids.len() - 1],
+                offsets[offsets.len() - 1],
+                special[special.len() - 1],
+            );
+            ids.truncate(model.max_length);
+            offsets.truncate(model.max_length);
+            special.truncate(model.max_length);
+            if last.2 {
+                let end = model.max_length - 1;
+                (ids[end], offsets[end], special[end]) = last;
+            }
+        }
+        out.push((ids, offsets, special));
+    }
+    tracing::debug!(
+        inputs = inputs.len(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "tokenized"
+    );
+    Ok(out)
+}

@@ -1,0 +1,231 @@
+//! What an encoder's logits mean, for every protocol: label scores of a sequence (softmax for
+//! one label, a sigmoid per label for multi-label models), and the entities of a text from its
+//! tokens' labels, grouped as `transformers`' token-classification pipeline groups them
+//! (`none`, `simple`, `first`, `max`), with character offsets into the original text.
+
+use serde::{Deserialize, Serialize};
+
+use super::Encoded;
+use crate::repository::{EncoderTask, EncoderVersion};
+
+/// One label and its score.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelScore {
+    pub label: String,
+    pub score: f32,
+}
+
+/// The labels of a sequence output, best first: probabilities (softmax, or a sigmoid per label
+/// for multi-label models), or the logits when `raw`.
+pub fn label_scores(model: &EncoderVersion, logits: &[f32], raw: bool) -> Vec<LabelScore> {
+    let scores = match (raw, model.task) {
+        (true, _) => logits.to_vec(),
+        (false, EncoderTask::MultiLabelClassification) => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+        (false, _) => softmax(logits),
+    };
+    let mut out: Vec<LabelScore> = scores
+        .into_iter()
+        .enumerate()
+        .map(|(i, score)| LabelScore {
+            label: model.labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}")),
+            score,
+        })
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score));
+    out
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// How token labels become entities (as `transformers`' `aggregation_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// Every labelled token on its own.
+    None,
+    /// Consecutive tokens of one entity type (`B-X` then `I-X`) form an entity.
+    #[default]
+    Simple,
+    /// Words take their first token's label, then group as `simple`.
+    First,
+    /// Words take the label of their highest-scoring token, then group as `simple`.
+    Max,
+}
+
+/// An entity found in a text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entity {
+    /// The entity type (`ORG`), or the token's full label with `none` (`B-ORG`).
+    #[serde(rename = "entity_group")]
+    pub group: String,
+    /// The mean score of its tokens (with `none`: the token's).
+    pub score: f32,
+    /// The text it covers.
+    pub word: String,
+    /// Its span of the text, in characters.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A token (or word) with its label.
+struct Labelled {
+    label: usize,
+    score: f32,
+    start: usize,
+    end: usize,
+}
+
+/// `B-ORG` -> (true, `ORG`); `I-ORG` -> (false, `ORG`); `ORG` -> (false, `ORG`).
+fn split_tag(label: &str) -> (bool, &str) {
+    match label.split_once('-') {
+        Some(("B", kind)) => (true, kind),
+        Some(("I", kind)) => (false, kind),
+        _ => (false, label),
+    }
+}
+
+/// The entities of `text` from its encoded tokens.
+pub fn entities(model: &EncoderVersion, encoded: &Encoded, text: &str, aggregation: Aggregation) -> Vec<Entity> {
+    let chars: Vec<char> = text.chars().collect();
+    let labels = model.labels.len().max(1);
+    let mut tokens = Vec::new();
+    for ((&(start, end), &special), logits) in encoded
+        .offsets
+        .iter()
+        .zip(&encoded.special)
+        .zip(encoded.output.values.chunks(labels))
+    {
+        let end = end.min(chars.len());
+        // Special tokens and tokens of spaces only cover no text of an entity.
+        if special || start >= end || chars[start..end].iter().all(|c| c.is_whitespace()) {
+            continue;
+        }
+        let probs = softmax(logits);
+        let (label, score) = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or((0, 0.0), |(i, &p)| (i, p));
+        tokens.push(Labelled {
+            label,
+            score,
+            start,
+            end,
+        });
+    }
+    let name = |label: usize| model.labels.get(label).map_or("O", String::as_str);
+    let span = |start: usize, end: usize| -> (usize, usize) {
+        // Byte-level tokens carry their leading space: an entity starts at its first letter.
+        let mut start = start;
+        while start < end && chars[start].is_whitespace() {
+            start += 1;
+        }
+        (start, end)
+    };
+    let word = |start: usize, end: usize| chars[start..end].iter().collect::<String>();
+    if aggregation == Aggregation::None {
+        return tokens
+            .iter()
+            .filter(|t| name(t.label) != "O")
+            .map(|t| {
+                let (start, end) = span(t.start, t.end);
+                Entity {
+                    group: name(t.label).to_string(),
+                    score: t.score,
+                    word: word(start, end),
+                    start,
+                    end,
+                }
+            })
+            .collect();
+    }
+    // Byte-level pieces of one character (CJK, emoji) share its span: one unit, labelled by
+    // its first piece, since part of a character cannot start an entity.
+    let mut pieces_joined: Vec<Labelled> = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        match pieces_joined.last_mut() {
+            Some(last) if token.start < last.end => last.end = last.end.max(token.end),
+            _ => pieces_joined.push(token),
+        }
+    }
+    let units: Vec<Labelled> = match aggregation {
+        Aggregation::First | Aggregation::Max => words(&chars, pieces_joined, aggregation),
+        _ => pieces_joined,
+    };
+    // Group consecutive units of one type: a `B-` tag or another type starts a new entity.
+    let mut out: Vec<Entity> = Vec::new();
+    let mut current: Option<(String, Vec<f32>, usize, usize)> = None;
+    let close = |current: &mut Option<(String, Vec<f32>, usize, usize)>, out: &mut Vec<Entity>| {
+        if let Some((group, scores, start, end)) = current.take() {
+            let (start, end) = span(start, end);
+            out.push(Entity {
+                group,
+                score: scores.iter().sum::<f32>() / scores.len() as f32,
+                word: word(start, end),
+                start,
+                end,
+            });
+        }
+    };
+    for unit in units {
+        let label = name(unit.label);
+        if label == "O" {
+            close(&mut current, &mut out);
+            continue;
+        }
+        let (begins, kind) = split_tag(label);
+        match &mut current {
+            Some((group, scores, _, end)) if !begins && group == kind => {
+                scores.push(unit.score);
+                *end = unit.end;
+            }
+            _ => {
+                close(&mut current, &mut out);
+                current = Some((kind.to_string(), vec![unit.score], unit.start, unit.end));
+            }
+        }
+    }
+    close(&mut current, &mut out);
+    out
+}
+
+/// Tokens joined into words (a token continues a word when it starts where the previous one
+/// ended and not with a space), labelled by their first token or their best one.
+fn words(chars: &[char], tokens: Vec<Labelled>, aggregation: Aggregation) -> Vec<Labelled> {
+    let mut out: Vec<Labelled> = Vec::new();
+    let mut previous_end = None;
+    for token in tokens {
+        let continues = previous_end == Some(token.start) && !chars[token.start].is_whitespace();
+        previous_end = Some(token.end);
+        match out.last_mut() {
+            Some(word) if continues => {
+                word.end = token.end;
+                if aggregation == Aggregation::Max && token.score > word.score {
+                    word.label = token.label;
+                    word.score = token.score;
+                }
+            }
+            _ => out.push(token),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_split_into_position_and_type() {
+        assert_eq!(split_tag("B-ORG"), (true, "ORG"));
+        assert_eq!(split_tag("I-MONEY"), (false, "MONEY"));
+        assert_eq!(split_tag("O"), (false, "O"));
+        let p = softmax(&[1.0, 2.0, 3.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[2] > p[1]);
+    }
+}

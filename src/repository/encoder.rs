@@ -1,0 +1,107 @@
+//! A served encoder version: a BERT-family classifier exported with its head, its tokenizer,
+//! its labels and its batcher.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::RepositoryError;
+use super::limits::Limits;
+use crate::checkpoint::{EncoderConfig, EncoderHead, TokenizerFiles};
+use crate::engine::{EncoderSession, SessionOptions};
+use crate::export::MODEL_FILE;
+use crate::metrics::ModelMetrics;
+use crate::scheduler::EncoderScheduler;
+
+/// What an encoder answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderTask {
+    /// One label (softmax over the labels).
+    SingleLabelClassification,
+    /// Any number of labels (a sigmoid per label): `problem_type` `multi_label_classification`.
+    MultiLabelClassification,
+    /// A label per token (named entities, BIO/IOB2 tags).
+    TokenClassification,
+}
+
+/// A loaded encoder version.
+pub struct EncoderVersion {
+    pub name: String,
+    pub version: u32,
+    pub dir: PathBuf,
+    pub tokenizer: Arc<Tokenizer>,
+    pub task: EncoderTask,
+    /// Label names by index (`id2label`).
+    pub labels: Vec<String>,
+    /// Longest input in tokens, special tokens included (`max_position_embeddings`).
+    pub max_length: usize,
+    pub scheduler: EncoderScheduler,
+}
+
+/// Most requests an encoder lets wait when the limits allow more than this.
+const MAX_WAITING: usize = 4096;
+
+/// Opens the encoder in `vdir` (its `config.json` already read as `config`).
+pub fn open(
+    name: &str,
+    version: u32,
+    vdir: &Path,
+    config: &EncoderConfig,
+    limits: &Limits,
+    metrics: ModelMetrics,
+) -> Result<EncoderVersion, RepositoryError> {
+    let invalid = |what: String| RepositoryError::Invalid(format!("{name} version {version}: {what}"));
+    let files = TokenizerFiles::open(vdir).map_err(|e| invalid(e.to_string()))?;
+    let tokenizer = Tokenizer::from_file(&files.tokenizer_json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+    let pad_id = files
+        .pad_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t))
+        .unwrap_or(0);
+    let raw: Value = std::fs::read_to_string(vdir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let task = match (config.head, raw.get("problem_type").and_then(Value::as_str)) {
+        (EncoderHead::TokenClassification, _) => EncoderTask::TokenClassification,
+        (_, Some("multi_label_classification")) => EncoderTask::MultiLabelClassification,
+        _ => EncoderTask::SingleLabelClassification,
+    };
+    let options = SessionOptions {
+        intra_threads: limits.intra_threads,
+        execution_provider: limits.execution_provider,
+        device_id: limits.device_id,
+    };
+    let session = EncoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
+    let max_length = config
+        .max_position_embeddings
+        .min(files.model_max_length.unwrap_or(usize::MAX));
+    let mut batch = limits.batch.clone();
+    batch.buckets.retain(|&b| b < max_length);
+    batch.buckets.push(max_length);
+    let max_waiting = limits.admission.max_queue.min(MAX_WAITING);
+    let scheduler = EncoderScheduler::spawn(name, session, i64::from(pad_id), batch, max_waiting, metrics)
+        .map_err(|e| invalid(format!("starting the worker: {e}")))?;
+    tracing::info!(
+        model = %name,
+        version,
+        file = %vdir.join(MODEL_FILE).display(),
+        task = ?task,
+        labels = config.labels.len(),
+        max_length,
+        "encoder loaded"
+    );
+    Ok(EncoderVersion {
+        name: name.to_string(),
+        version,
+        dir: vdir.to_path_buf(),
+        tokenizer: Arc::new(tokenizer),
+        task,
+        labels: config.labels.clone(),
+        max_length,
+        scheduler,
+    })
+}

@@ -1,0 +1,292 @@
+//! Encoder students served over HTTP: TEI's `/predict` (single- and multi-label sequence
+//! classification) and `/v1/classify` (entities with character offsets on mixed zh/en text),
+//! batched by length; each answer equals its input run alone; bad input is a clear 4xx and
+//! leaves the server serving.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::server::{TestServer, add_version};
+use distill_serve::checkpoint::Family;
+use distill_serve::engine::{EncoderSession, SessionOptions};
+use distill_serve::export::{self, ExternalData, MODEL_FILE, Precision};
+use distill_serve::tiny::{BertHeadArg, TinySpec, write_tiny};
+use ndarray::Array2;
+use serde_json::{Value, json};
+
+const NER_LABELS: [&str; 5] = ["O", "B-ORG", "I-ORG", "B-MONEY", "I-MONEY"];
+const ICD_LABELS: [&str; 3] = ["I10", "E11.9", "J45.909"];
+
+/// Writes version 1 of encoder `name`: a tiny BERT with `head` and `labels` (written into its
+/// `config.json` as `id2label`), multi-label when `multi_label`.
+fn add_encoder(repo: &Path, name: &str, head: BertHeadArg, labels: &[&str], multi_label: bool) {
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = TinySpec::new(Family::Bert, 7);
+    spec.bert_head = head;
+    spec.num_labels = labels.len();
+    spec.init_std = Some(0.2);
+    write_tiny(&spec, work.path()).unwrap();
+    let config_path = work.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let id2label: BTreeMap<String, &str> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), *l)).collect();
+    config["id2label"] = json!(id2label);
+    if multi_label {
+        config["problem_type"] = json!("multi_label_classification");
+    }
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = repo.join(name).join("1");
+    export::export(work.path(), &out, Precision::Fp32, ExternalData::Never).unwrap();
+    std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
+}
+
+fn server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_encoder(&repo, "icd", BertHeadArg::Sequence, &ICD_LABELS, true);
+    add_encoder(&repo, "ner", BertHeadArg::Token, &NER_LABELS, false);
+    add_encoder(&repo, "triage", BertHeadArg::Sequence, &["low", "high"], false);
+    add_version(&repo, "tiny", 1, 1);
+    // A wide delay so concurrent requests share batches.
+    TestServer::start_with_repo(dir, repo, &["--max-queue-delay-ms", "50"])
+}
+
+/// The logits of `text` run alone through the version's ONNX file.
+fn alone(server: &TestServer, model: &str, text: &str) -> Vec<f32> {
+    let dir = server.repo.join(model).join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let ids: Vec<i64> = tokenizer
+        .encode(text, true)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| i64::from(i))
+        .collect();
+    let mut session = EncoderSession::open(&dir.join(MODEL_FILE), SessionOptions::default()).unwrap();
+    let n = ids.len();
+    let ids = Array2::from_shape_vec((1, n), ids).unwrap();
+    let logits = session.forward(&ids, &Array2::ones((1, n))).unwrap();
+    logits.iter().copied().collect()
+}
+
+const TEXTS: [&str; 4] = [
+    "Hypertension.",
+    "Type 2 diabetes mellitus without complications, follow up in three months.",
+    "阿里巴巴集团 reported revenue of 2,345 million yuan; 腾讯控股 paid $1.2 billion.",
+    "Asthma",
+];
+
+#[tokio::test]
+async fn predict_answers_each_input_as_if_alone_whatever_its_batch_mates() {
+    let server = server();
+    // Concurrent requests of different lengths: they share padded batches.
+    let calls = TEXTS.iter().map(|text| {
+        let body = json!({"model": "icd", "inputs": text, "raw_scores": true});
+        let server = &server;
+        async move { server.post("/predict", &body).await.json::<Value>().await.unwrap() }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (text, answer) in TEXTS.iter().zip(&answers) {
+        let expected = alone(&server, "icd", text);
+        let got: BTreeMap<String, f32> = answer
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["label"].as_str().unwrap().to_string(),
+                    s["score"].as_f64().unwrap() as f32,
+                )
+            })
+            .collect();
+        for (i, label) in ICD_LABELS.iter().enumerate() {
+            assert!(
+                (got[*label] - expected[i]).abs() < 1e-4,
+                "{text}: {label} {} vs {}",
+                got[*label],
+                expected[i]
+            );
+        }
+    }
+    let batches = server.metric("distill_serve_batch_size_sum{model=\"icd\"}").await;
+    let count = server.metric("distill_serve_batch_size_count{model=\"icd\"}").await;
+    // The two short inputs share a length bucket, so at least one batch held two rows.
+    assert!(batches >= 4.0 && count < batches, "{batches} rows in {count} batches");
+
+    // Multi-label: a sigmoid per label (independent), best first; a list answers a list.
+    let body = json!({"inputs": ["Hypertension.", "Asthma"], "model": "icd"});
+    let v: Value = server.post("/predict", &body).await.json().await.unwrap();
+    let first = v[0].as_array().unwrap();
+    assert_eq!(first.len(), 3);
+    let scores: Vec<f64> = first.iter().map(|s| s["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let expected = alone(&server, "icd", "Hypertension.");
+    let label = first[0]["label"].as_str().unwrap();
+    let i = ICD_LABELS.iter().position(|l| *l == label).unwrap();
+    assert!((scores[0] as f32 - sigmoid(expected[i])).abs() < 1e-4);
+    // Single-label: a softmax, and `top_k`.
+    let body = json!({"inputs": "Asthma", "model": "triage", "top_k": 1});
+    let v: Value = server.post("/predict", &body).await.json().await.unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    let logits = alone(&server, "triage", "Asthma");
+    let best = logits.iter().copied().fold(f32::MIN, f32::max);
+    let softmax = 1.0 / logits.iter().map(|l| (l - best).exp()).sum::<f32>();
+    assert!((v[0]["score"].as_f64().unwrap() as f32 - softmax).abs() < 1e-4, "{v}");
+}
+
+/// Groups `none` entities (one per labelled token) as `simple` does, independently.
+fn group(tokens: &[Value], text: &[char]) -> Vec<(String, usize, usize)> {
+    let mut out: Vec<(String, usize, usize)> = Vec::new();
+    let mut last_end = None;
+    for t in tokens {
+        let label = t["entity_group"].as_str().unwrap();
+        let (begins, kind) = match label.split_once('-') {
+            Some(("B", k)) => (true, k),
+            Some((_, k)) => (false, k),
+            None => (false, label),
+        };
+        let (start, end) = (
+            t["start"].as_u64().unwrap() as usize,
+            t["end"].as_u64().unwrap() as usize,
+        );
+        // Tokens are adjacent when only spaces lie between them.
+        let adjacent = last_end.is_some_and(|e: usize| text[e..start].iter().all(|c| c.is_whitespace()));
+        match out.last_mut() {
+            Some((k, _, e)) if !begins && k == kind && adjacent => *e = end,
+            _ => out.push((kind.to_string(), start, end)),
+        }
+        last_end = Some(end);
+    }
+    out
+}
+
+#[tokio::test]
+async fn classify_finds_entities_with_character_offsets_in_mixed_text() {
+    let server = server();
+    let text = TEXTS[2];
+    let chars: Vec<char> = text.chars().collect();
+    let mut found = BTreeMap::new();
+    for strategy in ["none", "simple", "first", "max"] {
+        let body = json!({"model": "ner", "input": text, "aggregation_strategy": strategy});
+        let r = server.post("/v1/classify", &body).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let entities = v["data"][0]["entities"].as_array().unwrap().clone();
+        let mut previous_end = 0;
+        for e in &entities {
+            let (start, end) = (
+                e["start"].as_u64().unwrap() as usize,
+                e["end"].as_u64().unwrap() as usize,
+            );
+            assert!(start < end && end <= chars.len(), "{strategy}: {e}");
+            let word: String = chars[start..end].iter().collect();
+            assert_eq!(e["word"], word, "{strategy}: offsets are characters of the text");
+            assert!(!word.starts_with(' '), "{strategy}: {e}");
+            if strategy == "none" {
+                // Byte-level pieces of one Chinese character share its span.
+                assert!(start + 1 >= previous_end, "{strategy}: tokens in order");
+            } else {
+                assert!(start >= previous_end, "{strategy}: entities in order, not overlapping");
+            }
+            previous_end = end;
+            let score = e["score"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&score));
+        }
+        found.insert(strategy, entities);
+    }
+    assert!(!found["none"].is_empty(), "the random student labels some tokens");
+
+    // On English text (no character split into pieces), `simple` is `none` grouped.
+    let text = "Acme Holdings paid 1.2 billion dollars to Globex Corporation on Tuesday.";
+    let chars: Vec<char> = text.chars().collect();
+    let mut by_strategy = BTreeMap::new();
+    for strategy in ["none", "simple"] {
+        let body = json!({"model": "ner", "input": [text], "aggregation_strategy": strategy});
+        let v: Value = server.post("/v1/classify", &body).await.json().await.unwrap();
+        by_strategy.insert(strategy, v["data"][0]["entities"].as_array().unwrap().clone());
+    }
+    let simple: Vec<(String, usize, usize)> = by_strategy["simple"]
+        .iter()
+        .map(|e| {
+            let kind = e["entity_group"].as_str().unwrap().to_string();
+            (
+                kind,
+                e["start"].as_u64().unwrap() as usize,
+                e["end"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    assert!(!simple.is_empty(), "the random student finds some entity");
+    assert_eq!(simple, group(&by_strategy["none"], &chars));
+}
+
+#[tokio::test]
+async fn bad_encoder_input_is_a_clear_4xx_and_the_server_keeps_serving() {
+    let server = server();
+    let cases = [
+        (json!({"model": "icd", "inputs": []}), 400, "must not be empty"),
+        (json!({"model": "icd", "inputs": ""}), 400, "input 0 is empty"),
+        (json!({"model": "icd", "inputs": vec!["x"; 33]}), 413, "at most 32"),
+        (json!({"model": "icd", "inputs": "word ".repeat(2000)}), 413, "truncate"),
+        (json!({"model": "tiny", "inputs": "x"}), 400, "is a decoder"),
+        (json!({"model": "nope", "inputs": "x"}), 404, "not found"),
+        (json!({"inputs": "x"}), 400, "several encoders are loaded"),
+        (json!({"model": "ner", "inputs": "x"}), 400, "/v1/classify"),
+        (json!({"model": "icd", "inputs": "x", "bogus": 1}), 400, "unknown field"),
+    ];
+    for (body, status, needle) in cases {
+        let r = server.post("/predict", &body).await;
+        assert_eq!(r.status(), status, "{body}");
+        let v: Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{body}: {v}");
+    }
+    let r = reqwest::Client::new()
+        .post(server.url("/predict"))
+        .header("content-type", "application/json")
+        .body(b"{\"inputs\": \"\xff\xfe\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // A 10 MB text: refused by its size before it is read. The server may answer while the
+    // client still writes and then close the connection; either way it never reads it.
+    let mut huge = b"{\"model\": \"icd\", \"inputs\": \"".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 10 << 20));
+    huge.extend(b"\"}");
+    let sent = reqwest::Client::new()
+        .post(server.url("/predict"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await;
+    match sent {
+        Ok(r) => assert_eq!(r.status(), 413),
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+    let completion = json!({"model": "icd", "prompt": "x", "max_tokens": 2});
+    let r = server.post("/v1/completions", &completion).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("is an encoder"), "{v}");
+    // A long input is cut to the model's length when asked.
+    let body = json!({"model": "icd", "inputs": "word ".repeat(2000), "truncate": true});
+    assert_eq!(server.post("/predict", &body).await.status(), 200);
+    // Nothing else was affected.
+    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 2});
+    assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
+    let body = json!({"model": "ner", "input": "Acme paid 5 dollars"});
+    assert_eq!(server.post("/v1/classify", &body).await.status(), 200);
+    let models = server.admin_get("/admin/v1/models").await;
+    let ready = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "READY")
+        .count();
+    assert_eq!(ready, 4, "{models}");
+    let r = reqwest::get(server.url("/v2/models/ner/ready")).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
