@@ -184,11 +184,12 @@ fn llama_config(c: &DecoderConfig) -> llama::Config {
     }
 }
 
-/// A BERT encoder from `candle-transformers` with the classification head on top.
+/// A BERT encoder from `candle-transformers` with the classification head on top (none for
+/// a bare `BertModel`).
 pub struct ReferenceEncoder {
     model: bert::BertModel,
     pooler: Option<Linear>,
-    classifier: Linear,
+    classifier: Option<Linear>,
 }
 
 impl ReferenceEncoder {
@@ -206,9 +207,12 @@ impl ReferenceEncoder {
                 c.hidden_size,
                 vb.pp("bert.pooler.dense"),
             )?),
-            EncoderHead::TokenClassification => None,
+            EncoderHead::TokenClassification | EncoderHead::Embeddings => None,
         };
-        let classifier = candle_nn::linear(c.hidden_size, c.labels.len(), vb.pp("classifier"))?;
+        let classifier = match c.head {
+            EncoderHead::Embeddings => None,
+            _ => Some(candle_nn::linear(c.hidden_size, c.labels.len(), vb.pp("classifier"))?),
+        };
         Ok(Self {
             model,
             pooler,
@@ -217,15 +221,17 @@ impl ReferenceEncoder {
     }
 
     /// Logits of one unpadded sequence: `[labels]` (one row) for sequence classification,
-    /// `[position][labels]` per token.
+    /// `[position][labels]` per token, `[position][hidden]` (the last hidden states) without
+    /// a head.
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let dev = Device::Cpu;
         let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
         let types = ids.zeros_like()?;
         let hidden = self.model.forward(&ids, &types, None)?.squeeze(0)?;
-        let logits = match &self.pooler {
-            Some(pooler) => hidden.i(0..1)?.apply(pooler)?.tanh()?.apply(&self.classifier)?,
-            None => hidden.apply(&self.classifier)?,
+        let logits = match (&self.pooler, &self.classifier) {
+            (Some(pooler), Some(classifier)) => hidden.i(0..1)?.apply(pooler)?.tanh()?.apply(classifier)?,
+            (_, Some(classifier)) => hidden.apply(classifier)?,
+            (_, None) => hidden,
         };
         Ok(logits.to_vec2::<f32>()?)
     }

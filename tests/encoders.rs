@@ -20,8 +20,19 @@ const NER_LABELS: [&str; 5] = ["O", "B-ORG", "I-ORG", "B-MONEY", "I-MONEY"];
 const ICD_LABELS: [&str; 3] = ["I10", "E11.9", "J45.909"];
 
 /// Writes version 1 of encoder `name`: a tiny BERT with `head` and `labels` (written into its
-/// `config.json` as `id2label`), multi-label when `multi_label`.
+/// `config.json` as `id2label`), multi-label when `multi_label`, exported in FP32.
 fn add_encoder(repo: &Path, name: &str, head: BertHeadArg, labels: &[&str], multi_label: bool) {
+    add_encoder_at(repo, name, head, labels, multi_label, Precision::Fp32);
+}
+
+fn add_encoder_at(
+    repo: &Path,
+    name: &str,
+    head: BertHeadArg,
+    labels: &[&str],
+    multi_label: bool,
+    precision: Precision,
+) {
     let work = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(Family::Bert, 7);
     spec.bert_head = head;
@@ -31,13 +42,15 @@ fn add_encoder(repo: &Path, name: &str, head: BertHeadArg, labels: &[&str], mult
     let config_path = work.path().join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     let id2label: BTreeMap<String, &str> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), *l)).collect();
-    config["id2label"] = json!(id2label);
+    if head != BertHeadArg::Embedding {
+        config["id2label"] = json!(id2label);
+    }
     if multi_label {
         config["problem_type"] = json!("multi_label_classification");
     }
     std::fs::write(&config_path, config.to_string()).unwrap();
     let out = repo.join(name).join("1");
-    export::export(work.path(), &out, Precision::Fp32, ExternalData::Never).unwrap();
+    export::export(work.path(), &out, precision, ExternalData::Never).unwrap();
     std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
 }
 
@@ -47,6 +60,9 @@ fn server() -> TestServer {
     add_encoder(&repo, "icd", BertHeadArg::Sequence, &ICD_LABELS, true);
     add_encoder(&repo, "ner", BertHeadArg::Token, &NER_LABELS, false);
     add_encoder(&repo, "triage", BertHeadArg::Sequence, &["low", "high"], false);
+    add_encoder(&repo, "embedder", BertHeadArg::Embedding, &[], false);
+    let int8 = Precision::DEFAULT_INT8;
+    add_encoder_at(&repo, "embedder-int8", BertHeadArg::Embedding, &[], false, int8);
     add_version(&repo, "tiny", 1, 1);
     // A wide delay so concurrent requests share batches.
     TestServer::start_with_repo(dir, repo, &["--max-queue-delay-ms", "50"])
@@ -234,6 +250,7 @@ async fn bad_encoder_input_is_a_clear_4xx_and_the_server_keeps_serving() {
         (json!({"model": "nope", "inputs": "x"}), 404, "not found"),
         (json!({"inputs": "x"}), 400, "several encoders are loaded"),
         (json!({"model": "ner", "inputs": "x"}), 400, "/v1/classify"),
+        (json!({"model": "embedder", "inputs": "x"}), 400, "/embed"),
         (json!({"model": "icd", "inputs": "x", "bogus": 1}), 400, "unknown field"),
     ];
     for (body, status, needle) in cases {
@@ -286,7 +303,104 @@ async fn bad_encoder_input_is_a_clear_4xx_and_the_server_keeps_serving() {
         .iter()
         .filter(|m| m["state"] == "READY")
         .count();
-    assert_eq!(ready, 4, "{models}");
+    assert_eq!(ready, 6, "{models}");
     let r = reqwest::get(server.url("/v2/models/ner/ready")).await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The embedding of `text` run alone: the mean of its token states, normalised.
+fn embedded_alone(server: &TestServer, text: &str) -> Vec<f32> {
+    let states = alone(server, "embedder", text);
+    let hidden = states.len() / tokens(server, text);
+    let rows: Vec<&[f32]> = states.chunks(hidden).collect();
+    let mean: Vec<f32> = (0..hidden)
+        .map(|i| rows.iter().map(|r| r[i]).sum::<f32>() / rows.len() as f32)
+        .collect();
+    let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
+    mean.iter().map(|x| x / norm).collect()
+}
+
+fn tokens(server: &TestServer, text: &str) -> usize {
+    let dir = server.repo.join("embedder").join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    tokenizer.encode(text, true).unwrap().len()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[tokio::test]
+async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
+    let server = server();
+    let calls = TEXTS.iter().map(|text| {
+        let body = json!({"model": "embedder", "inputs": text});
+        let server = &server;
+        async move { server.post("/embed", &body).await.json::<Value>().await.unwrap() }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (text, answer) in TEXTS.iter().zip(&answers) {
+        let got = floats(&answer[0]);
+        let want = embedded_alone(&server, text);
+        assert_eq!(got.len(), want.len());
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{text}: {diff}");
+        let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalised as modules.json says: {norm}");
+    }
+    // OpenAI's route, as floats and as base64 (what the SDKs ask for by default).
+    let body = json!({"model": "embedder", "input": TEXTS});
+    let v: Value = server.post("/v1/embeddings", &body).await.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"].as_array().unwrap().len(), TEXTS.len());
+    let tokens: usize = TEXTS.iter().map(|t| tokens(&server, t)).sum();
+    assert_eq!(v["usage"]["prompt_tokens"], tokens);
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(v["data"][i]["index"], i);
+        let diff = floats(&v["data"][i]["embedding"])
+            .iter()
+            .zip(floats(&answer[0]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "{diff}");
+    }
+    let body = json!({"model": "embedder", "input": TEXTS[1], "encoding_format": "base64"});
+    let v: Value = server.post("/v1/embeddings", &body).await.json().await.unwrap();
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded, floats(&answers[1][0]));
+    // INT8 weights stay close to FP32.
+    for text in TEXTS {
+        let body = json!({"model": "embedder-int8", "inputs": text});
+        let v: Value = server.post("/embed", &body).await.json().await.unwrap();
+        let (q, f) = (floats(&v[0]), embedded_alone(&server, text));
+        let cosine: f32 = q.iter().zip(&f).map(|(a, b)| a * b).sum();
+        assert!(cosine >= 0.99, "{text}: cosine {cosine}");
+    }
+    for (body, needle) in [
+        (
+            json!({"model": "embedder", "input": "x", "dimensions": 3}),
+            "dimensions",
+        ),
+        (
+            json!({"model": "embedder", "input": "x", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"model": "icd", "input": "x"}), "/predict"),
+    ] {
+        let r = server.post("/v1/embeddings", &body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+    }
 }

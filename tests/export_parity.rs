@@ -68,7 +68,9 @@ fn assert_encoder_matches_reference(head: BertHeadArg) {
         let want = reference.logits(seq).unwrap();
         let got: Vec<Vec<f32>> = match head {
             BertHeadArg::Sequence => vec![logits.slice(s![b, ..]).to_vec()],
-            BertHeadArg::Token => (0..seq.len()).map(|i| logits.slice(s![b, i, ..]).to_vec()).collect(),
+            BertHeadArg::Token | BertHeadArg::Embedding => {
+                (0..seq.len()).map(|i| logits.slice(s![b, i, ..]).to_vec()).collect()
+            }
         };
         assert_eq!(got.len(), want.len());
         for (got, want) in got.iter().zip(&want) {
@@ -86,6 +88,13 @@ fn bert_sequence_classifier_matches_candle_on_padded_batch() {
 #[test]
 fn bert_token_classifier_matches_candle_on_padded_batch() {
     assert_encoder_matches_reference(BertHeadArg::Token);
+}
+
+/// A bare `BertModel` (tensors without the `bert.` prefix, as sentence-transformers saves
+/// them): the last hidden states of every real position.
+#[test]
+fn bert_embedding_model_matches_candle_on_padded_batch() {
+    assert_encoder_matches_reference(BertHeadArg::Embedding);
 }
 
 /// 16 decode steps with the KV cache give the logits of recomputing the whole sequence, on a

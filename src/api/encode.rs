@@ -1,6 +1,7 @@
 //! Encoder routes: TEI's `POST /predict` (sequence classification: labels and scores of each
-//! input) and `POST /v1/classify` (token classification: the entities of each input with
-//! character offsets). The handlers translate wire formats; [`crate::infer`] does the rest.
+//! input) and `POST /embed`, OpenAI's `POST /v1/embeddings`, and `POST /v1/classify` (token
+//! classification: the entities of each input with character offsets). The handlers translate
+//! wire formats; [`crate::infer`] does the rest.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -13,8 +14,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::InferError;
 use super::openai::{parse_json, timeout};
-use crate::infer::{Aggregation, EncodeRequest, Endpoint, entities, label_scores};
-use crate::repository::EncoderTask;
+use crate::infer::{Aggregation, EncodeRequest, Encoded, Endpoint, embedding, entities, label_scores};
+use crate::repository::{EncoderTask, EncoderVersion};
 
 /// One text or several, as TEI and OpenAI take `inputs` / `input`.
 #[derive(Deserialize)]
@@ -63,12 +64,13 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
-        if model.task == EncoderTask::TokenClassification {
-            return Err(InferError::invalid(
-                "model",
-                format!("model `{}` labels tokens: use POST /v1/classify", model.name),
-            ));
-        }
+        wrong_route(
+            &model,
+            &[
+                EncoderTask::SingleLabelClassification,
+                EncoderTask::MultiLabelClassification,
+            ],
+        )?;
         let answers: Vec<Value> = encoded
             .iter()
             .map(|e| {
@@ -112,12 +114,7 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
-        if model.task != EncoderTask::TokenClassification {
-            return Err(InferError::invalid(
-                "model",
-                format!("model `{}` labels whole texts: use POST /predict", model.name),
-            ));
-        }
+        wrong_route(&model, &[EncoderTask::TokenClassification])?;
         let data: Vec<Value> = encoded
             .iter()
             .zip(&texts)
@@ -127,6 +124,136 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
             })
             .collect();
         Ok::<_, InferError>(json!({"object": "list", "model": model.name, "data": data}))
+    };
+    match run.await {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Refuses a model whose task is none of `tasks`, naming the route that serves it.
+fn wrong_route(model: &EncoderVersion, tasks: &[EncoderTask]) -> Result<(), InferError> {
+    if tasks.contains(&model.task) {
+        return Ok(());
+    }
+    let route = match model.task {
+        EncoderTask::TokenClassification => "it labels tokens: use POST /v1/classify",
+        EncoderTask::Embedding => "it embeds texts: use POST /embed or /v1/embeddings",
+        _ => "it labels whole texts: use POST /predict",
+    };
+    Err(InferError::invalid("model", format!("model `{}`: {route}", model.name)))
+}
+
+/// `POST /embed` body (TEI).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbedRequest {
+    #[serde(default)]
+    model: Option<String>,
+    inputs: Texts,
+    /// Default: as the model's sentence-transformers modules say.
+    #[serde(default)]
+    normalize: Option<bool>,
+    #[serde(default)]
+    truncate: bool,
+}
+
+/// `POST /embed`: one vector per input (`[[f32]]`, for one input too, as TEI).
+pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        let req: EmbedRequest = parse_json(&body)?;
+        let (inputs, _) = req.inputs.into_vec();
+        let request = EncodeRequest {
+            model: req.model,
+            inputs,
+            truncate: req.truncate,
+            timeout: timeout(&headers)?,
+        };
+        let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
+        wrong_route(&model, &[EncoderTask::Embedding])?;
+        let normalize = req.normalize.unwrap_or(model.normalize);
+        let vectors: Vec<Vec<f32>> = encoded.iter().map(|e| embedding(&model, e, normalize)).collect();
+        Ok::<_, InferError>(json!(vectors))
+    };
+    match run.await {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/embeddings` body (OpenAI).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Texts,
+    /// `float` (default) or `base64` (little-endian f32s, as the OpenAI SDKs ask by default).
+    #[serde(default)]
+    encoding_format: Option<String>,
+    /// Fewer dimensions than the model's are not supported (the model is not Matryoshka-trained).
+    #[serde(default)]
+    dimensions: Option<usize>,
+    /// OpenAI's end-user id: taken and not used.
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+}
+
+/// `POST /v1/embeddings`: `{"object": "list", "data": [{"object": "embedding", "index",
+/// "embedding"}], "model", "usage"}`.
+pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        let req: EmbeddingsRequest = parse_json(&body)?;
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(InferError::invalid(
+                    "encoding_format",
+                    format!("encoding_format `{other}`: `float` or `base64`"),
+                ));
+            }
+        };
+        let (inputs, _) = req.input.into_vec();
+        let request = EncodeRequest {
+            model: Some(req.model),
+            inputs,
+            truncate: false,
+            timeout: timeout(&headers)?,
+        };
+        let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
+        wrong_route(&model, &[EncoderTask::Embedding])?;
+        let width = encoded
+            .first()
+            .and_then(|e| e.output.shape.last().copied())
+            .unwrap_or(0);
+        if let Some(d) = req.dimensions.filter(|&d| d != width) {
+            return Err(InferError::invalid(
+                "dimensions",
+                format!("model `{}` gives {width} dimensions, not {d}", model.name),
+            ));
+        }
+        let tokens: usize = encoded.iter().map(|e: &Encoded| e.offsets.len()).sum();
+        let data: Vec<Value> = encoded
+            .iter()
+            .enumerate()
+            .map(|(index, e)| {
+                let vector = embedding(&model, e, model.normalize);
+                let embedding = if base64 {
+                    use base64::Engine;
+                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(vector)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Ok::<_, InferError>(json!({
+            "object": "list",
+            "data": data,
+            "model": model.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
     };
     match run.await {
         Ok(body) => Json(body).into_response(),

@@ -89,6 +89,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/terminologies/{name}/coverage", post(terminology::coverage))
         .route("/v1/classify", post(encode::classify))
         .route("/predict", post(encode::predict))
+        .route("/embed", post(encode::embed))
+        .route("/v1/embeddings", post(encode::embeddings))
         .route("/fhir/CodeSystem/$validate-code", get(fhir::validate_code))
         .route("/fhir/CodeSystem/$lookup", get(fhir::lookup))
         .route("/fhir/ValueSet/$expand", get(fhir::expand))

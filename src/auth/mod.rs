@@ -92,6 +92,7 @@ pub fn access(path: &str) -> Access {
     } else if path.starts_with("/v1/")
         || path.starts_with("/fhir/")
         || path == "/predict"
+        || path == "/embed"
         || kserve_infer
         || path.starts_with("/distill_serve.v1.Generate/")
         || path == "/inference.GRPCInferenceService/ModelInfer"

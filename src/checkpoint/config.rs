@@ -143,6 +143,9 @@ pub enum EncoderHead {
     SequenceClassification,
     /// A classifier on every token: `[batch, seq, num_labels]`.
     TokenClassification,
+    /// No head (`BertModel`, as sentence-transformers saves it): the last hidden states
+    /// `[batch, seq, hidden]`, pooled into an embedding by the server.
+    Embeddings,
 }
 
 /// A BERT-style encoder with a classification head.
@@ -159,6 +162,17 @@ pub struct EncoderConfig {
     pub head: EncoderHead,
     /// Label names by index (`id2label`), `LABEL_i` when the checkpoint has none.
     pub labels: Vec<String>,
+}
+
+impl EncoderConfig {
+    /// The prefix of its encoder's tensor names: `bert.` under a task head, none in a bare
+    /// `BertModel`.
+    pub fn prefix(&self) -> &'static str {
+        match self.head {
+            EncoderHead::Embeddings => "",
+            _ => "bert.",
+        }
+    }
 }
 
 /// A checkpoint's architecture, normalised.
@@ -368,9 +382,10 @@ fn parse_encoder(f: &Fields) -> Result<EncoderConfig, CheckpointError> {
     let head = match architecture.as_str() {
         "BertForSequenceClassification" => EncoderHead::SequenceClassification,
         "BertForTokenClassification" => EncoderHead::TokenClassification,
+        "BertModel" => EncoderHead::Embeddings,
         other => {
             return Err(CheckpointError::Config(format!(
-                "field `architectures` is {other:?}; supported: BertForSequenceClassification, BertForTokenClassification"
+                "field `architectures` is {other:?}; supported: BertForSequenceClassification, BertForTokenClassification, BertModel"
             )));
         }
     };
@@ -382,6 +397,7 @@ fn parse_encoder(f: &Fields) -> Result<EncoderConfig, CheckpointError> {
         )));
     }
     let labels = match f.opt_object("id2label")? {
+        _ if head == EncoderHead::Embeddings => Vec::new(),
         Some(map) => {
             let mut by_index = BTreeMap::new();
             for (k, v) in map.0 {

@@ -96,7 +96,7 @@ fn decoder_specs(c: &DecoderConfig, s: &mut Specs) {
 
 fn encoder_specs(c: &EncoderConfig, s: &mut Specs) {
     let h = c.hidden_size;
-    let e = "bert.embeddings";
+    let e = &format!("{}embeddings", c.prefix());
     s.push(
         format!("{e}.word_embeddings.weight"),
         &[c.vocab_size, h],
@@ -114,7 +114,7 @@ fn encoder_specs(c: &EncoderConfig, s: &mut Specs) {
     );
     s.layer_norm(&format!("{e}.LayerNorm"), h);
     for i in 0..c.num_layers {
-        let p = format!("bert.encoder.layer.{i}");
+        let p = format!("{}encoder.layer.{i}", c.prefix());
         s.linear(&format!("{p}.attention.self.query"), h, h, true);
         s.linear(&format!("{p}.attention.self.key"), h, h, true);
         s.linear(&format!("{p}.attention.self.value"), h, h, true);
@@ -124,8 +124,12 @@ fn encoder_specs(c: &EncoderConfig, s: &mut Specs) {
         s.linear(&format!("{p}.output.dense"), h, c.intermediate_size, true);
         s.layer_norm(&format!("{p}.output.LayerNorm"), h);
     }
-    if c.head == EncoderHead::SequenceClassification {
-        s.linear("bert.pooler.dense", h, h, true);
+    match c.head {
+        EncoderHead::SequenceClassification => {
+            s.linear("bert.pooler.dense", h, h, true);
+            s.linear("classifier", c.labels.len(), h, true);
+        }
+        EncoderHead::TokenClassification => s.linear("classifier", c.labels.len(), h, true),
+        EncoderHead::Embeddings => {}
     }
-    s.linear("classifier", c.labels.len(), h, true);
 }

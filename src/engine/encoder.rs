@@ -1,5 +1,5 @@
 //! Running an encoder: `input_ids`, `attention_mask` and, where the graph has it,
-//! `token_type_ids` -> `logits`.
+//! `token_type_ids` -> `logits` (or `last_hidden_state` for a model without a head).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -33,7 +33,7 @@ impl EncoderSession {
         })
     }
 
-    /// Runs a padded batch and returns `logits`.
+    /// Runs a padded batch and returns `logits` (or `last_hidden_state`).
     pub fn forward(
         &mut self,
         input_ids: &Array2<i64>,
@@ -66,7 +66,8 @@ impl EncoderSession {
         let outputs = self.session.run(inputs)?;
         let logits = outputs
             .get("logits")
-            .ok_or_else(|| EngineError::Layout("no `logits` output".into()))?;
+            .or_else(|| outputs.get("last_hidden_state"))
+            .ok_or_else(|| EngineError::Layout("no `logits` or `last_hidden_state` output".into()))?;
         Ok(logits.try_extract_array::<f32>()?.to_owned())
     }
 }

@@ -1,5 +1,6 @@
 //! The encoder graph (BERT): `input_ids`, `attention_mask`, `token_type_ids` -> `logits`
-//! (`[batch, labels]` for sequence classification, `[batch, seq, labels]` per token).
+//! (`[batch, labels]` for sequence classification, `[batch, seq, labels]` per token), or
+//! `last_hidden_state` (`[batch, seq, hidden]`) for a bare `BertModel`.
 
 use anyhow::Result;
 
@@ -17,9 +18,13 @@ pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
     match c.head {
         EncoderHead::SequenceClassification => e.b.output("logits", Elem::F32, &[batch, labels]),
         EncoderHead::TokenClassification => e.b.output("logits", Elem::F32, &[batch, seq, labels]),
+        EncoderHead::Embeddings => {
+            let hidden = Dim::Fixed(c.hidden_size);
+            e.b.output("last_hidden_state", Elem::F32, &[batch, seq, hidden])
+        }
     }
 
-    let emb = "bert.embeddings";
+    let emb = &format!("{}embeddings", c.prefix());
     let words = e.embedding("input_ids", &format!("{emb}.word_embeddings.weight"), true)?;
     let types = e.embedding("token_type_ids", &format!("{emb}.token_type_embeddings.weight"), false)?;
     let shape = e.b.op("Shape", &["input_ids"], vec![]);
@@ -42,22 +47,23 @@ pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
     for layer in 0..c.num_layers {
         x = encoder_layer(e, c, &bias, layer, &x)?;
     }
-    let logits = match c.head {
+    let (output, logits) = match c.head {
         EncoderHead::SequenceClassification => {
             let first = e.b.scalar_i64(0);
             let cls = e.b.op("Gather", &[&x, &first], vec![("axis", Attr::Int(1))]);
             let pooled = e.linear(&cls, "bert.pooler.dense", true)?;
             let pooled = e.b.op("Tanh", &[&pooled], vec![]);
-            e.linear(&pooled, "classifier", true)?
+            ("logits", e.linear(&pooled, "classifier", true)?)
         }
-        EncoderHead::TokenClassification => e.linear(&x, "classifier", true)?,
+        EncoderHead::TokenClassification => ("logits", e.linear(&x, "classifier", true)?),
+        EncoderHead::Embeddings => ("last_hidden_state", x),
     };
-    e.b.node_in("", "Identity", &[&logits], &["logits"], vec![]);
+    e.b.node_in("", "Identity", &[&logits], &[output], vec![]);
     Ok(())
 }
 
 fn encoder_layer(e: &mut Emitter, c: &EncoderConfig, bias: &str, layer: usize, x: &str) -> Result<String> {
-    let p = format!("bert.encoder.layer.{layer}");
+    let p = format!("{}encoder.layer.{layer}", c.prefix());
     let (heads, d) = (c.num_heads as i64, (c.hidden_size / c.num_heads) as i64);
     let split = e.b.i64s(&[0, 0, heads, d]);
     let project = |e: &mut Emitter, name: &str| -> Result<String> {

@@ -163,6 +163,10 @@ pub fn preferred_attention(checkpoint_dir: &Path) -> Result<Attention> {
     })
 }
 
+/// sentence-transformers files an embedding checkpoint carries: its modules (a `Normalize`
+/// module means normalised embeddings) and its pooling.
+pub const SENTENCE_TRANSFORMERS_FILES: [&str; 2] = ["modules.json", "1_Pooling/config.json"];
+
 /// Exports the checkpoint in `checkpoint_dir` to `out_dir/model.onnx`, copying `config.json`
 /// and the tokenizer files beside it; attention in the with-past layout.
 pub fn export(
@@ -251,6 +255,18 @@ pub fn export_form(
         let dst = out_dir.join(name);
         std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
         files.push(dst);
+    }
+    // sentence-transformers' pooling and normalisation, which the server applies.
+    for name in SENTENCE_TRANSFORMERS_FILES {
+        let src = ckpt.dir.join(name);
+        if src.is_file() {
+            let dst = out_dir.join(name);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+            files.push(dst);
+        }
     }
     Ok(ExportReport {
         files,

@@ -1,12 +1,13 @@
-//! What an encoder's logits mean, for every protocol: label scores of a sequence (softmax for
-//! one label, a sigmoid per label for multi-label models), and the entities of a text from its
+//! What an encoder's outputs mean, for every protocol: label scores of a sequence (softmax for
+//! one label, a sigmoid per label for multi-label models), the entities of a text from its
 //! tokens' labels, grouped as `transformers`' token-classification pipeline groups them
-//! (`none`, `simple`, `first`, `max`), with character offsets into the original text.
+//! (`none`, `simple`, `first`, `max`) with character offsets into the original text, and the
+//! embedding of a text pooled from its token states.
 
 use serde::{Deserialize, Serialize};
 
 use super::Encoded;
-use crate::repository::{EncoderTask, EncoderVersion};
+use crate::repository::{EncoderTask, EncoderVersion, Pooling};
 
 /// One label and its score.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,6 +41,33 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// The embedding of an encoded text: its token states pooled as the model says (mean, or the
+/// first token), L2-normalised when `normalize`.
+pub fn embedding(model: &EncoderVersion, encoded: &Encoded, normalize: bool) -> Vec<f32> {
+    let hidden = encoded.output.shape.last().copied().unwrap_or(0).max(1);
+    let rows = encoded.output.values.chunks(hidden);
+    let count = rows.len().max(1) as f32;
+    let mut pooled = match model.pooling {
+        Pooling::Cls => rows.take(1).flatten().copied().collect::<Vec<f32>>(),
+        Pooling::Mean => {
+            let mut sum = vec![0f32; hidden];
+            for row in rows {
+                for (s, x) in sum.iter_mut().zip(row) {
+                    *s += x;
+                }
+            }
+            sum.into_iter().map(|s| s / count).collect()
+        }
+    };
+    if normalize {
+        let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        for x in &mut pooled {
+            *x /= norm;
+        }
+    }
+    pooled
 }
 
 /// How token labels become entities (as `transformers`' `aggregation_strategy`).

@@ -23,6 +23,8 @@ pub enum Endpoint {
     Predict,
     /// `POST /v1/classify` (token classification).
     Classify,
+    /// `POST /embed` and `POST /v1/embeddings`.
+    Embed,
 }
 
 impl Endpoint {
@@ -36,6 +38,7 @@ impl Endpoint {
             Endpoint::ModelInfer => "model_infer",
             Endpoint::Predict => "predict",
             Endpoint::Classify => "classify",
+            Endpoint::Embed => "embed",
         }
     }
 }

@@ -25,6 +25,18 @@ pub enum EncoderTask {
     MultiLabelClassification,
     /// A label per token (named entities, BIO/IOB2 tags).
     TokenClassification,
+    /// An embedding per text (a bare `BertModel`, pooled as sentence-transformers says).
+    Embedding,
+}
+
+/// How token states become one embedding (sentence-transformers' `1_Pooling/config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The mean over the input's tokens (special tokens included, as the attention mask).
+    Mean,
+    /// The first token's state (`[CLS]`).
+    Cls,
 }
 
 /// A loaded encoder version.
@@ -38,6 +50,10 @@ pub struct EncoderVersion {
     pub labels: Vec<String>,
     /// Longest input in tokens, special tokens included (`max_position_embeddings`).
     pub max_length: usize,
+    /// Embedding models: how states are pooled, and whether the result is normalised
+    /// (a `Normalize` module in `modules.json`).
+    pub pooling: Pooling,
+    pub normalize: bool,
     pub scheduler: EncoderScheduler,
 }
 
@@ -67,9 +83,11 @@ pub fn open(
         .unwrap_or_default();
     let task = match (config.head, raw.get("problem_type").and_then(Value::as_str)) {
         (EncoderHead::TokenClassification, _) => EncoderTask::TokenClassification,
+        (EncoderHead::Embeddings, _) => EncoderTask::Embedding,
         (_, Some("multi_label_classification")) => EncoderTask::MultiLabelClassification,
         _ => EncoderTask::SingleLabelClassification,
     };
+    let (pooling, normalize) = sentence_transformers(vdir).map_err(invalid)?;
     let options = SessionOptions {
         intra_threads: limits.intra_threads,
         execution_provider: limits.execution_provider,
@@ -91,6 +109,8 @@ pub fn open(
         file = %vdir.join(MODEL_FILE).display(),
         task = ?task,
         labels = config.labels.len(),
+        pooling = ?pooling,
+        normalize,
         max_length,
         "encoder loaded"
     );
@@ -102,6 +122,44 @@ pub fn open(
         task,
         labels: config.labels.clone(),
         max_length,
+        pooling,
+        normalize,
         scheduler,
     })
+}
+
+/// The pooling and normalisation of a sentence-transformers folder: mean pooling and no
+/// normalisation where it has no such files.
+fn sentence_transformers(vdir: &Path) -> Result<(Pooling, bool), String> {
+    let read = |name: &str| -> Result<Option<Value>, String> {
+        match std::fs::read_to_string(vdir.join(name)) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{name}: {e}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{name}: {e}")),
+        }
+    };
+    let pooling = match read("1_Pooling/config.json")? {
+        None => Pooling::Mean,
+        Some(c) => {
+            let on = |key: &str| c.get(key).and_then(Value::as_bool).unwrap_or(false);
+            match (on("pooling_mode_mean_tokens"), on("pooling_mode_cls_token")) {
+                (true, false) => Pooling::Mean,
+                (false, true) => Pooling::Cls,
+                _ => {
+                    return Err("1_Pooling/config.json: supported are mean or CLS pooling, one of them".into());
+                }
+            }
+        }
+    };
+    let normalize = read("modules.json")?
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|modules| {
+            modules
+                .iter()
+                .any(|m| m.get("type").and_then(Value::as_str) == Some("sentence_transformers.models.Normalize"))
+        });
+    Ok((pooling, normalize))
 }

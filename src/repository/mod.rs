@@ -27,7 +27,7 @@ use crate::export::{Activations, Attention, Form, MODEL_FILE};
 use crate::metrics::Metrics;
 use crate::scheduler::{self, FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
-pub use encoder::{EncoderTask, EncoderVersion};
+pub use encoder::{EncoderTask, EncoderVersion, Pooling};
 pub use limits::{Limits, ModelLimits};
 pub use settings::ModelSettings;
 

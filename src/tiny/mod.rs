@@ -116,6 +116,8 @@ pub struct TinySpec {
 pub enum BertHeadArg {
     Sequence,
     Token,
+    /// A bare `BertModel` with sentence-transformers' mean pooling and normalisation.
+    Embedding,
 }
 
 impl TinySpec {
@@ -205,8 +207,12 @@ impl TinySpec {
                 head: match self.bert_head {
                     BertHeadArg::Sequence => EncoderHead::SequenceClassification,
                     BertHeadArg::Token => EncoderHead::TokenClassification,
+                    BertHeadArg::Embedding => EncoderHead::Embeddings,
                 },
-                labels: (0..self.num_labels).map(|n| format!("LABEL_{n}")).collect(),
+                labels: match self.bert_head {
+                    BertHeadArg::Embedding => Vec::new(),
+                    _ => (0..self.num_labels).map(|n| format!("LABEL_{n}")).collect(),
+                },
             }),
         })
     }
@@ -290,6 +296,7 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
             let architecture = match c.head {
                 EncoderHead::SequenceClassification => "BertForSequenceClassification",
                 EncoderHead::TokenClassification => "BertForTokenClassification",
+                EncoderHead::Embeddings => "BertModel",
             };
             let id2label: serde_json::Map<String, serde_json::Value> = c
                 .labels
@@ -316,6 +323,24 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
     };
     value[dtype_key] = json!(dtype);
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&value)?)?;
+    if let ModelConfig::Encoder(c) = config
+        && c.head == EncoderHead::Embeddings
+    {
+        // sentence-transformers' layout: the model, mean pooling, then normalisation.
+        let modules = json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]);
+        std::fs::write(out.join("modules.json"), serde_json::to_string_pretty(&modules)?)?;
+        std::fs::create_dir_all(out.join("1_Pooling"))?;
+        let pooling = json!({"word_embedding_dimension": c.hidden_size, "pooling_mode_cls_token": false,
+                             "pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": false});
+        std::fs::write(
+            out.join("1_Pooling/config.json"),
+            serde_json::to_string_pretty(&pooling)?,
+        )?;
+    }
     Ok(())
 }
 
