@@ -93,6 +93,11 @@ pub async fn run(config: ServerConfig) -> Result<()> {
         Arc::clone(&lifecycle),
         config.log_prompts,
     );
+    for name in repository.encoder_names() {
+        if let Ok(model) = repository.get_encoder(&name) {
+            crate::infer::log_label_coverage(&model, &terminologies);
+        }
+    }
     let state = AppState {
         repository,
         terminologies,

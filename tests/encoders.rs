@@ -64,8 +64,14 @@ fn server() -> TestServer {
     let int8 = Precision::DEFAULT_INT8;
     add_encoder_at(&repo, "embedder-int8", BertHeadArg::Embedding, &[], false, int8);
     add_version(&repo, "tiny", 1, 1);
+    let icd = common::repo_file("tests/fixtures/terminology/icd10cm_tabular_small.xml");
+    let terminology = format!("icd10cm=icd10cm-xml:{}", icd.display());
     // A wide delay so concurrent requests share batches.
-    TestServer::start_with_repo(dir, repo, &["--max-queue-delay-ms", "50"])
+    TestServer::start_with_repo(
+        dir,
+        repo,
+        &["--max-queue-delay-ms", "50", "--terminology", &terminology],
+    )
 }
 
 /// The logits of `text` run alone through the version's ONNX file.
@@ -403,4 +409,46 @@ async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
         let v: Value = r.json().await.unwrap();
         assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
     }
+}
+
+#[tokio::test]
+async fn icd_classifiers_answer_codes_of_the_terminology_within_a_range() {
+    let server = server();
+    // At load, the labels are checked against the loaded release: J45.909 is not in it.
+    let r = server
+        .admin(reqwest::Method::POST, "/admin/v1/models/icd/load")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let coverage = &v["label_coverage"][0];
+    assert_eq!(coverage["terminology"], "icd10cm", "{v}");
+    assert_eq!(
+        (coverage["known"].as_u64(), coverage["unknown"].clone()),
+        (Some(2), json!(["J45.909"]))
+    );
+
+    let body = json!({"model": "icd", "inputs": "Hypertension.", "terminology": "icd10cm"});
+    let v: Value = server.post("/predict", &body).await.json().await.unwrap();
+    let labels: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 2, "only codes of the release: {v}");
+    assert!(labels.contains(&"I10") && labels.contains(&"E11.9"), "{v}");
+    let body = json!({"model": "icd", "inputs": ["Hypertension.", "Asthma"], "codes": "I00-I99"});
+    let v: Value = server.post("/predict", &body).await.json().await.unwrap();
+    for answer in v.as_array().unwrap() {
+        assert_eq!(answer.as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(answer[0]["label"], "I10");
+        assert_eq!(answer[0]["description"], "Essential (primary) hypertension");
+    }
+    let body = json!({"model": "icd", "inputs": "x", "codes": "I99-I00"});
+    let r = server.post("/predict", &body).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "codes", "{v}");
 }

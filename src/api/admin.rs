@@ -13,7 +13,8 @@ use super::AppState;
 use super::error::{ErrorKind, InferError};
 use super::openai::parse_json;
 use crate::constrain::{SourceKind, TerminologySpec};
-use crate::repository::ModelState;
+use crate::infer::{label_coverage, log_label_coverage};
+use crate::repository::{ModelState, Served};
 
 /// `GET /admin/v1/models`: every model's state, version and load error.
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
@@ -28,9 +29,15 @@ pub async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Re
         .await
         .map_err(|e| InferError::internal(e.to_string()))?;
     match loaded {
-        Ok(model) => Ok(Json(
-            json!({"name": model.name(), "version": model.version(), "state": ModelState::Ready}),
-        )),
+        Ok(model) => {
+            let mut answer = json!({"name": model.name(), "version": model.version(), "state": ModelState::Ready});
+            // A classifier's labels against the terminologies whose codes they are.
+            if let Served::Encoder(encoder) = &model {
+                log_label_coverage(encoder, &state.terminologies);
+                answer["label_coverage"] = json!(label_coverage(encoder, &state.terminologies));
+            }
+            Ok(Json(answer))
+        }
         Err(crate::repository::RepositoryError::Invalid(message)) => {
             Err(InferError::new(ErrorKind::Unprocessable, message))
         }

@@ -3,6 +3,8 @@
 //! classification: the entities of each input with character offsets). The handlers translate
 //! wire formats; [`crate::infer`] does the rest.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -14,6 +16,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::InferError;
 use super::openai::{parse_json, timeout};
+use crate::constrain::{ConstraintError, SubsetText};
 use crate::infer::{Aggregation, EncodeRequest, Encoded, Endpoint, embedding, entities, label_scores};
 use crate::repository::{EncoderTask, EncoderVersion};
 
@@ -49,6 +52,12 @@ struct PredictRequest {
     /// Only the best `top_k` labels of each input.
     #[serde(default)]
     top_k: Option<usize>,
+    /// A terminology whose codes the labels are: each label gets its description.
+    #[serde(default)]
+    terminology: Option<String>,
+    /// Only labels in this subset of the terminology (`"I00-I99"`, `"chapter:9"`, ECL).
+    #[serde(default)]
+    codes: Option<String>,
 }
 
 /// `POST /predict`: each input's labels, best first (`[{"label", "score"}]`; a list of those
@@ -71,10 +80,17 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
                 EncoderTask::MultiLabelClassification,
             ],
         )?;
+        let codes = coded_labels(&state, req.terminology.as_deref(), req.codes.as_deref())?;
         let answers: Vec<Value> = encoded
             .iter()
             .map(|e| {
                 let mut scores = label_scores(&model, &e.output.values, req.raw_scores);
+                if let Some(codes) = &codes {
+                    scores.retain_mut(|s| {
+                        s.description = codes.get(&s.label).cloned();
+                        s.description.is_some()
+                    });
+                }
                 scores.truncate(req.top_k.unwrap_or(usize::MAX));
                 json!(scores)
             })
@@ -85,6 +101,47 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
         Ok(body) => Json(body).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// The codes (and their descriptions) a classification may answer with: those of
+/// `terminology` (default: the only one loaded), within `codes` when given; none when the
+/// request names neither.
+fn coded_labels(
+    state: &AppState,
+    terminology: Option<&str>,
+    codes: Option<&str>,
+) -> Result<Option<HashMap<String, String>>, InferError> {
+    if terminology.is_none() && codes.is_none() {
+        return Ok(None);
+    }
+    let name = match terminology {
+        Some(name) => name.to_string(),
+        None => match state.terminologies.summaries().as_slice() {
+            [one] => one.name.clone(),
+            _ => {
+                return Err(InferError::invalid(
+                    "terminology",
+                    "`codes` needs `terminology` where not exactly one terminology is loaded",
+                ));
+            }
+        },
+    };
+    let subset = codes.map(|c| SubsetText::One(c.to_string()));
+    let selected = state
+        .terminologies
+        .select(&name, subset.as_ref())
+        .map_err(|e| match e {
+            ConstraintError::UnknownTerminology { .. } => InferError::invalid("terminology", e.to_string()),
+            ConstraintError::Invalid(_) => InferError::invalid("codes", e.to_string()),
+        })?;
+    let entries = &selected.terminology.entries;
+    Ok(Some(
+        selected
+            .members
+            .iter()
+            .map(|&i| (entries[i].code.clone(), entries[i].description.clone()))
+            .collect(),
+    ))
 }
 
 /// `POST /v1/classify` body.

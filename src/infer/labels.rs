@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Encoded;
+use crate::constrain::Terminologies;
 use crate::repository::{EncoderTask, EncoderVersion, Pooling};
 
 /// One label and its score.
@@ -14,6 +15,60 @@ use crate::repository::{EncoderTask, EncoderVersion, Pooling};
 pub struct LabelScore {
     pub label: String,
     pub score: f32,
+    /// The label's description in a terminology, when the request named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// How a classifier's labels meet a loaded terminology whose codes they are.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelCoverage {
+    pub terminology: String,
+    pub release: String,
+    /// Labels that are codes of it.
+    pub known: usize,
+    /// Labels that are not (at most 20 listed).
+    pub unknown: Vec<String>,
+    pub unknown_count: usize,
+}
+
+/// For each loaded terminology that has at least one of `model`'s labels as a code: how many
+/// labels it knows and which it does not (a classifier of ICD-10-CM codes checked against the
+/// release it is served beside).
+pub fn label_coverage(model: &EncoderVersion, terminologies: &Terminologies) -> Vec<LabelCoverage> {
+    let mut out = Vec::new();
+    for summary in terminologies.summaries() {
+        let Some(t) = terminologies.get(&summary.name) else {
+            continue;
+        };
+        let unknown: Vec<&String> = model.labels.iter().filter(|l| t.get(l).is_none()).collect();
+        let known = model.labels.len() - unknown.len();
+        if known == 0 {
+            continue;
+        }
+        out.push(LabelCoverage {
+            terminology: summary.name.clone(),
+            release: t.release.version.clone(),
+            known,
+            unknown_count: unknown.len(),
+            unknown: unknown.into_iter().take(20).cloned().collect(),
+        });
+    }
+    out
+}
+
+/// Logs how a classifier's labels meet the loaded terminologies (unknown codes as a warning).
+pub fn log_label_coverage(model: &EncoderVersion, terminologies: &Terminologies) {
+    for c in label_coverage(model, terminologies) {
+        if c.unknown_count > 0 {
+            tracing::warn!(
+                model = %model.name, terminology = %c.terminology, release = %c.release, known = c.known,
+                unknown = c.unknown_count, examples = ?c.unknown, "classifier labels that are not codes of the terminology"
+            );
+        } else {
+            tracing::info!(model = %model.name, terminology = %c.terminology, release = %c.release, known = c.known, "classifier labels are codes of the terminology");
+        }
+    }
 }
 
 /// The labels of a sequence output, best first: probabilities (softmax, or a sigmoid per label
@@ -30,6 +85,7 @@ pub fn label_scores(model: &EncoderVersion, logits: &[f32], raw: bool) -> Vec<La
         .map(|(i, score)| LabelScore {
             label: model.labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}")),
             score,
+            description: None,
         })
         .collect();
     out.sort_by(|a, b| b.score.total_cmp(&a.score));

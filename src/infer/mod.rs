@@ -26,7 +26,10 @@ use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
 pub use encode::{EncodeRequest, Encoded, MAX_ENCODER_INPUTS};
 pub use error::{ErrorKind, InferError};
-pub use labels::{Aggregation, Entity, LabelScore, embedding, entities, label_scores};
+pub use labels::{
+    Aggregation, Entity, LabelCoverage, LabelScore, embedding, entities, label_coverage, label_scores,
+    log_label_coverage,
+};
 pub use request::{Endpoint, GuideSpec, InferRequest, Params, Prompt};
 pub use validate::{
     MAX_CONSTRAINT_ITEMS, MAX_PROMPT_BYTES_PER_TOKEN, MAX_SEPARATOR_BYTES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
