@@ -15,6 +15,8 @@ use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
 /// Writes a model repository in `dir` with one model `bench`, version 1: a random student of
 /// `shape` (seed 0), INT8. With `trainable`, its checkpoint stays in `1/checkpoint` (refresh
 /// jobs fine-tune it). Returns the repository's folder.
+// Each bench compiles this file; the encoders bench writes an encoder repository of its own.
+#[allow(dead_code)]
 pub fn student_repository(dir: &Path, shape: ShapePreset, trainable: bool) -> Result<PathBuf> {
     let repo = dir.join("models");
     let version = repo.join("bench/1");
