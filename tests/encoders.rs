@@ -452,3 +452,84 @@ async fn icd_classifiers_answer_codes_of_the_terminology_within_a_range() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "codes", "{v}");
 }
+
+#[tokio::test]
+async fn kserve_model_infer_answers_fp32_tensors_from_encoders() {
+    use distill_serve::api::grpc::proto::inference::{
+        ModelInferRequest, ModelMetadataRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+        model_infer_request::InferInputTensor,
+    };
+    let server = server();
+    let mut client = GrpcInferenceServiceClient::connect(server.grpc.clone()).await.unwrap();
+    let request = |model: &str, texts: &[&str]| {
+        let mut raw = Vec::new();
+        for t in texts {
+            raw.extend((t.len() as u32).to_le_bytes());
+            raw.extend(t.as_bytes());
+        }
+        ModelInferRequest {
+            model_name: model.into(),
+            inputs: vec![InferInputTensor {
+                name: "text_input".into(),
+                datatype: "BYTES".into(),
+                shape: vec![texts.len() as i64, 1],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        }
+    };
+    let floats = |raw: &[u8]| -> Vec<f32> {
+        raw.chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let texts = [TEXTS[0], TEXTS[2]];
+    let reply = client.model_infer(request("icd", &texts)).await.unwrap().into_inner();
+    assert_eq!(reply.outputs[0].name, "logits");
+    assert_eq!(
+        (reply.outputs[0].datatype.as_str(), reply.outputs[0].shape.clone()),
+        ("FP32", vec![2, 3])
+    );
+    let got = floats(&reply.raw_output_contents[0]);
+    for (i, text) in texts.iter().enumerate() {
+        let want = alone(&server, "icd", text);
+        let diff = got[i * 3..i * 3 + 3]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{text}: {diff}");
+    }
+    let reply = client
+        .model_infer(request("embedder", &[TEXTS[1]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.outputs[0].name, "embeddings");
+    let got = floats(&reply.raw_output_contents[0]);
+    let want = embedded_alone(&server, TEXTS[1]);
+    assert_eq!(reply.outputs[0].shape, vec![1, want.len() as i64]);
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    let metadata = client
+        .model_metadata(ModelMetadataRequest {
+            name: "embedder".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (metadata.outputs[0].name.as_str(), metadata.outputs[0].datatype.as_str()),
+        ("embeddings", "FP32")
+    );
+    let status = client.model_infer(request("ner", &["x"])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("/v1/classify"), "{}", status.message());
+    let mut wrong = request("icd", &["a", "b"]);
+    wrong.inputs[0].shape = vec![3];
+    let status = client.model_infer(wrong).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("holds 2 elements"), "{}", status.message());
+}

@@ -1,11 +1,13 @@
 //! KServe v2 `GRPCInferenceService`: health, metadata, and `ModelInfer` with one BYTES input
 //! (`text_input`) and one BYTES output (`text_output`). Generation settings travel as request
-//! parameters: `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`.
+//! parameters: `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`. Encoders answer
+//! `ModelInfer` with FP32 tensors (see [`super::kserve_encoder`]).
 
 use std::collections::HashMap;
 
 use tonic::{Request, Response, Status};
 
+use super::kserve_encoder;
 use super::proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
@@ -16,7 +18,7 @@ use super::proto::inference::{
 use crate::api::AppState;
 use crate::api::kserve::{TEXT_INPUT, TEXT_OUTPUT};
 use crate::infer::{Endpoint, ErrorKind, InferError, InferRequest, Params, Prompt};
-use crate::repository::ModelVersion;
+use crate::repository::{ModelVersion, Served};
 
 pub struct KServe {
     pub state: AppState,
@@ -34,6 +36,18 @@ impl KServe {
             return Err(InferError::new(
                 ErrorKind::NotFound,
                 format!("model `{name}` serves version {}, not {version}", model.version),
+            ));
+        }
+        Ok(model)
+    }
+
+    /// The serving version of `name` (either kind), which must be `version` when one is given.
+    fn served(&self, name: &str, version: &str) -> Result<Served, InferError> {
+        let model = self.state.repository.served(name)?;
+        if !version.is_empty() && version != model.version().to_string() {
+            return Err(InferError::new(
+                ErrorKind::NotFound,
+                format!("model `{name}` serves version {}, not {version}", model.version()),
             ));
         }
         Ok(model)
@@ -152,7 +166,7 @@ impl GrpcInferenceService for KServe {
 
     async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let req = req.into_inner();
-        match self.model(&req.name, &req.version) {
+        match self.served(&req.name, &req.version) {
             Ok(_) => Ok(Response::new(ModelReadyResponse { ready: true })),
             Err(e) if e.kind == ErrorKind::Unavailable => Ok(Response::new(ModelReadyResponse { ready: false })),
             Err(e) => Err(e.into()),
@@ -175,24 +189,39 @@ impl GrpcInferenceService for KServe {
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let req = req.into_inner();
-        let model = self.model(&req.name, &req.version)?;
-        let tensor = |name: &str| TensorMetadata {
+        let model = self.served(&req.name, &req.version)?;
+        let tensor = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
             name: name.into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
+            datatype: datatype.into(),
+            shape,
+        };
+        let (inputs, outputs) = match &model {
+            Served::Decoder(_) => (
+                vec![tensor(TEXT_INPUT, "BYTES", vec![1])],
+                vec![tensor(TEXT_OUTPUT, "BYTES", vec![1])],
+            ),
+            Served::Encoder(e) => (
+                vec![tensor(TEXT_INPUT, "BYTES", vec![-1])],
+                vec![tensor(kserve_encoder::output_name(e.task), "FP32", vec![-1, -1])],
+            ),
         };
         Ok(Response::new(ModelMetadataResponse {
-            name: model.name.clone(),
-            versions: vec![model.version.to_string()],
+            name: model.name().to_string(),
+            versions: vec![model.version().to_string()],
             platform: "onnxruntime_onnx".into(),
-            inputs: vec![tensor(TEXT_INPUT)],
-            outputs: vec![tensor(TEXT_OUTPUT)],
+            inputs,
+            outputs,
         }))
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let timeout = super::timeout(&req);
         let req = req.into_inner();
+        if let Ok(Served::Encoder(encoder)) = self.served(&req.model_name, &req.model_version) {
+            return Ok(Response::new(
+                kserve_encoder::infer(&self.state, encoder, req, timeout).await?,
+            ));
+        }
         // A pinned version must be the one serving.
         let checked = self
             .model(&req.model_name, &req.model_version)

@@ -4,6 +4,7 @@
 
 mod generate;
 mod kserve;
+mod kserve_encoder;
 
 use std::time::Duration;
 
