@@ -21,6 +21,7 @@ use distill_serve::checkpoint::Family;
 use distill_serve::engine::{EncoderSession, SessionOptions};
 use distill_serve::export::{self, ExternalData, MODEL_FILE, Precision};
 use distill_serve::tiny::{BertHeadArg, ShapePreset, TinySpec, write_tiny};
+use loadtest::workload::WORDS;
 use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,25 +39,6 @@ struct Options {
     #[arg(long, hide = true)]
     bench: bool,
 }
-
-const WORDS: [&str; 16] = [
-    "patient",
-    "reports",
-    "chest",
-    "pain",
-    "with",
-    "shortness",
-    "of",
-    "breath",
-    "and",
-    "a",
-    "history",
-    "hypertension",
-    "revenue",
-    "rose",
-    "in",
-    "quarter",
-];
 
 /// Writes the mid-shape BERT classifier to `dir/models/enc/1` (INT8).
 fn repository(dir: &Path) -> Result<PathBuf> {

@@ -10,7 +10,7 @@ use rand_distr::{Distribution, LogNormal};
 use serde::Serialize;
 
 /// Words prompts are made of; clinical, so the default students see text like their own.
-const WORDS: &[&str] = &[
+pub const WORDS: &[&str] = &[
     "the",
     "patient",
     "reports",

@@ -37,6 +37,13 @@ impl Texts {
     }
 }
 
+fn respond(answer: Result<Value, InferError>) -> Response {
+    match answer {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// `POST /predict` body (TEI).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,10 +104,7 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
             .collect();
         Ok::<_, InferError>(if many { json!(answers) } else { answers[0].clone() })
     };
-    match run.await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(run.await)
 }
 
 /// The codes (and their descriptions) a classification may answer with: those of
@@ -182,10 +186,7 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
             .collect();
         Ok::<_, InferError>(json!({"object": "list", "model": model.name, "data": data}))
     };
-    match run.await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(run.await)
 }
 
 /// Refuses a model whose task is none of `tasks`, naming the route that serves it.
@@ -232,10 +233,7 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
         let vectors: Vec<Vec<f32>> = encoded.iter().map(|e| embedding(&model, e, normalize)).collect();
         Ok::<_, InferError>(json!(vectors))
     };
-    match run.await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(run.await)
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -312,8 +310,5 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }))
     };
-    match run.await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(run.await)
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array2, Axis};
 use tokio::sync::oneshot;
 
-use super::health::{HealthState, PanicWatch};
+use super::health::{HealthState, spawn_watched};
 use super::queue::{BatchPolicy, BucketQueue, Pending};
 use super::{Health, RequestError};
 use crate::engine::EncoderSession;
@@ -75,13 +75,7 @@ impl EncoderScheduler {
             health: Arc::clone(&health),
             waiting: Arc::clone(&waiting),
         };
-        let watch = PanicWatch(Arc::clone(&health));
-        std::thread::Builder::new()
-            .name(format!("encoder-{name}"))
-            .spawn(move || {
-                let _watch = watch;
-                worker.run(arrivals);
-            })?;
+        spawn_watched(format!("encoder-{name}"), &health, move || worker.run(arrivals))?;
         Ok(Self {
             jobs,
             waiting,

@@ -46,8 +46,23 @@ impl HealthState {
     }
 }
 
+/// Starts a model's worker thread `name` running `run`, marked stopped in `health` if it
+/// unwinds.
+pub(super) fn spawn_watched(
+    name: String,
+    health: &Arc<HealthState>,
+    run: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    let watch = PanicWatch(Arc::clone(health));
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _watch = watch;
+        run();
+    })?;
+    Ok(())
+}
+
 /// Marks the worker stopped if its thread unwinds.
-pub(super) struct PanicWatch(pub(super) Arc<HealthState>);
+struct PanicWatch(Arc<HealthState>);
 
 impl Drop for PanicWatch {
     fn drop(&mut self) {

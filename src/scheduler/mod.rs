@@ -32,7 +32,7 @@ use batch::DecodeBatch;
 pub use batch::warm_up;
 pub use encoder::{EncodeRefused, EncoderOutput, EncoderScheduler};
 pub use health::{FAILING_AFTER, Health};
-use health::{HealthState, PanicWatch};
+use health::{HealthState, spawn_watched};
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 use stages::Stages;
 
@@ -136,13 +136,7 @@ impl Scheduler {
             metrics: metrics.clone(),
             health: Arc::clone(&health),
         };
-        let watch = PanicWatch(Arc::clone(&health));
-        std::thread::Builder::new()
-            .name(format!("model-{name}"))
-            .spawn(move || {
-                let _watch = watch;
-                worker.run(arrivals);
-            })?;
+        spawn_watched(format!("model-{name}"), &health, move || worker.run(arrivals))?;
         Ok(Self {
             jobs,
             admission,
