@@ -1,6 +1,9 @@
 //! The model repository (Triton-like): `<root>/<model>/model.toml` plus numbered version folders
 //! `1/`, `2/`, ... each holding `model.onnx`, `config.json` and the tokenizer files.
 //!
+//! A version is a decoder (generation) or, where its `config.json` names a BERT encoder, a
+//! classifier or embedding model ([`EncoderVersion`]) with its own batcher.
+//!
 //! Each model serves one version at a time. A reload loads the chosen version beside the one
 //! serving and swaps the shared pointer: requests already holding the old version finish on it,
 //! and its worker thread ends when the last of them lets go. A model that fails to load is
@@ -232,10 +235,17 @@ impl Repository {
     pub fn get(&self, name: &str) -> Result<Arc<ModelVersion>, RepositoryError> {
         match self.served(name)? {
             Served::Decoder(m) => Ok(m),
-            Served::Encoder(m) => Err(RepositoryError::WrongKind(format!(
-                "model `{name}` is an encoder ({:?}): it does not generate text; use POST /predict or /v1/classify",
-                m.task
-            ))),
+            Served::Encoder(m) => {
+                let route = match m.task {
+                    EncoderTask::TokenClassification => "POST /v1/classify",
+                    EncoderTask::Embedding => "POST /embed or /v1/embeddings",
+                    _ => "POST /predict",
+                };
+                Err(RepositoryError::WrongKind(format!(
+                    "model `{name}` is an encoder ({:?}): it does not generate text; use {route}",
+                    m.task
+                )))
+            }
         }
     }
 
