@@ -533,3 +533,52 @@ async fn kserve_model_infer_answers_fp32_tensors_from_encoders() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("holds 2 elements"), "{}", status.message());
 }
+
+#[tokio::test]
+async fn tokenize_and_decode_round_trip_with_character_offsets() {
+    let server = server();
+    let text = TEXTS[2];
+    let chars: Vec<char> = text.chars().collect();
+    let body = json!({"model": "ner", "inputs": [text]});
+    let r = server.post("/tokenize", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let tokens = v[0].as_array().unwrap();
+    assert!(
+        tokens.first().unwrap()["special"].as_bool().unwrap(),
+        "[CLS] first: {}",
+        tokens[0]
+    );
+    assert_eq!(tokens.first().unwrap()["text"], "[CLS]");
+    let ids: Vec<u64> = tokens.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    let dir = server.repo.join("ner").join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let want: Vec<u64> = tokenizer
+        .encode(text, true)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| u64::from(i))
+        .collect();
+    assert_eq!(ids, want);
+    for t in tokens.iter().filter(|t| !t["special"].as_bool().unwrap()) {
+        let (start, stop) = (
+            t["start"].as_u64().unwrap() as usize,
+            t["stop"].as_u64().unwrap() as usize,
+        );
+        let piece: String = chars[start..stop].iter().collect();
+        assert_eq!(t["text"], piece, "{t}");
+    }
+    let body = json!({"model": "ner", "ids": ids});
+    let v: Value = server.post("/decode", &body).await.json().await.unwrap();
+    assert_eq!(
+        v[0], text,
+        "decoding the ids without special tokens gives the text back"
+    );
+    let r = server.post("/decode", &json!({"model": "ner", "ids": [999999]})).await;
+    assert_eq!(r.status(), 400);
+    let r = server
+        .post("/tokenize", &json!({"model": "ner", "inputs": vec!["x"; 33]}))
+        .await;
+    assert_eq!(r.status(), 413);
+}

@@ -1,7 +1,7 @@
 //! Encoder routes: TEI's `POST /predict` (sequence classification: labels and scores of each
-//! input) and `POST /embed`, OpenAI's `POST /v1/embeddings`, and `POST /v1/classify` (token
-//! classification: the entities of each input with character offsets). The handlers translate
-//! wire formats; [`crate::infer`] does the rest.
+//! input), `POST /embed`, `POST /tokenize` and `POST /decode`, OpenAI's `POST /v1/embeddings`,
+//! and `POST /v1/classify` (token classification: the entities of each input with character
+//! offsets). The handlers translate wire formats; [`crate::infer`] does the rest.
 
 use std::collections::HashMap;
 
@@ -17,7 +17,7 @@ use super::AppState;
 use super::error::InferError;
 use super::openai::{parse_json, timeout};
 use crate::constrain::{ConstraintError, SubsetText};
-use crate::infer::{Aggregation, EncodeRequest, Encoded, Endpoint, embedding, entities, label_scores};
+use crate::infer::{Aggregation, EncodeRequest, Encoded, Endpoint, check_count, embedding, entities, label_scores};
 use crate::repository::{EncoderTask, EncoderVersion};
 
 /// One text or several, as TEI and OpenAI take `inputs` / `input`.
@@ -309,6 +309,115 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             "model": model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }))
+    };
+    respond(run.await)
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /tokenize` body (TEI).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    inputs: Texts,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+/// `POST /tokenize`: each input's tokens, `[[{"id", "text", "special", "start", "stop"}]]`
+/// (`start`/`stop` in characters; a special token's text is the token itself).
+pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    let run = async {
+        let req: TokenizeRequest = parse_json(&body)?;
+        let model = state.infer.encoder(req.model.as_deref())?;
+        let (inputs, _) = req.inputs.into_vec();
+        check_count("inputs", inputs.len())?;
+        let add_special = req.add_special_tokens;
+        let tokens = tokio::task::spawn_blocking(move || {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let encoding = model
+                        .tokenizer
+                        .encode_char_offsets(text.as_str(), add_special)
+                        .map_err(|e| InferError::invalid("inputs", format!("input {i}: {e}")))?;
+                    let chars: Vec<char> = text.chars().collect();
+                    let tokens: Vec<Value> = encoding
+                        .get_ids()
+                        .iter()
+                        .zip(encoding.get_offsets())
+                        .zip(encoding.get_special_tokens_mask())
+                        .zip(encoding.get_tokens())
+                        .map(|(((&id, &(start, stop)), &special), token)| {
+                            let special = special == 1;
+                            let piece = match special {
+                                true => token.clone(),
+                                false => chars[start.min(chars.len())..stop.min(chars.len())].iter().collect(),
+                            };
+                            json!({"id": id, "text": piece, "special": special, "start": start, "stop": stop})
+                        })
+                        .collect();
+                    Ok(json!(tokens))
+                })
+                .collect::<Result<Vec<Value>, InferError>>()
+        })
+        .await
+        .map_err(|e| InferError::internal(format!("tokenizing stopped: {e}")))??;
+        Ok(json!(tokens))
+    };
+    respond(run.await)
+}
+
+/// Token ids: one list, or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Ids {
+    One(Vec<u32>),
+    Many(Vec<Vec<u32>>),
+}
+
+/// `POST /decode` body (TEI).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecodeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    ids: Ids,
+    #[serde(default = "yes")]
+    skip_special_tokens: bool,
+}
+
+/// `POST /decode`: the text of each list of ids (`["..."]`).
+pub async fn decode(State(state): State<AppState>, body: Bytes) -> Response {
+    let run = async {
+        let req: DecodeRequest = parse_json(&body)?;
+        let model = state.infer.encoder(req.model.as_deref())?;
+        let lists = match req.ids {
+            Ids::One(ids) => vec![ids],
+            Ids::Many(lists) => lists,
+        };
+        check_count("ids", lists.len())?;
+        let vocab = model.tokenizer.get_vocab_size(true) as u32;
+        let mut texts = Vec::with_capacity(lists.len());
+        for ids in &lists {
+            if let Some(id) = ids.iter().find(|&&id| id >= vocab) {
+                return Err(InferError::invalid(
+                    "ids",
+                    format!("token id {id} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            let text = model
+                .tokenizer
+                .decode(ids, req.skip_special_tokens)
+                .map_err(|e| InferError::invalid("ids", e.to_string()))?;
+            texts.push(text);
+        }
+        Ok(json!(texts))
     };
     respond(run.await)
 }

@@ -90,6 +90,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/classify", post(encode::classify))
         .route("/predict", post(encode::predict))
         .route("/embed", post(encode::embed))
+        .route("/tokenize", post(encode::tokenize))
+        .route("/decode", post(encode::decode))
         .route("/v1/embeddings", post(encode::embeddings))
         .route("/fhir/CodeSystem/$validate-code", get(fhir::validate_code))
         .route("/fhir/CodeSystem/$lookup", get(fhir::lookup))

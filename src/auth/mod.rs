@@ -93,6 +93,8 @@ pub fn access(path: &str) -> Access {
         || path.starts_with("/fhir/")
         || path == "/predict"
         || path == "/embed"
+        || path == "/tokenize"
+        || path == "/decode"
         || kserve_infer
         || path.starts_with("/distill_serve.v1.Generate/")
         || path == "/inference.GRPCInferenceService/ModelInfer"

@@ -93,7 +93,7 @@ impl Infer {
     }
 
     /// The encoder `name`, or the only one loaded.
-    fn encoder(&self, name: Option<&str>) -> Result<Arc<EncoderVersion>, InferError> {
+    pub fn encoder(&self, name: Option<&str>) -> Result<Arc<EncoderVersion>, InferError> {
         if let Some(name) = name {
             return Ok(self.repository.get_encoder(name)?);
         }
@@ -111,22 +111,25 @@ impl Infer {
     }
 }
 
+/// Refuses more than [`MAX_ENCODER_INPUTS`] items in one request (413 naming `param`).
+pub fn check_count(param: &'static str, n: usize) -> Result<(), InferError> {
+    if n > MAX_ENCODER_INPUTS {
+        return Err(InferError {
+            param: Some(param),
+            ..InferError::new(
+                ErrorKind::TooLarge,
+                format!("{n} inputs in one request; at most {MAX_ENCODER_INPUTS} are taken"),
+            )
+        });
+    }
+    Ok(())
+}
+
 fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
     if inputs.is_empty() {
         return Err(InferError::invalid("inputs", "inputs must not be empty"));
     }
-    if inputs.len() > MAX_ENCODER_INPUTS {
-        return Err(InferError {
-            param: Some("inputs"),
-            ..InferError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "{} inputs in one request; at most {MAX_ENCODER_INPUTS} are taken",
-                    inputs.len()
-                ),
-            )
-        });
-    }
+    check_count("inputs", inputs.len())?;
     if let Some(i) = inputs.iter().position(|t| t.trim().is_empty()) {
         return Err(InferError::invalid("inputs", format!("input {i} is empty")));
     }
