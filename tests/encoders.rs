@@ -582,3 +582,79 @@ async fn tokenize_and_decode_round_trip_with_character_offsets() {
         .await;
     assert_eq!(r.status(), 413);
 }
+
+#[tokio::test]
+async fn long_texts_are_classified_in_overlapping_windows() {
+    let server = server();
+    let text = [TEXTS[1], TEXTS[2]].join(" ").repeat(20);
+    let chars: Vec<char> = text.chars().collect();
+    let dir = server.repo.join("ner").join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let encoding = tokenizer.encode_char_offsets(text.as_str(), false).unwrap();
+    let offsets = encoding.get_offsets();
+    assert!(offsets.len() > 1200, "{} tokens: several windows", offsets.len());
+    let classify = |input: String| {
+        let body = json!({"model": "ner", "input": input, "aggregation_strategy": "none"});
+        let server = &server;
+        async move {
+            let r = server.post("/v1/classify", &body).await;
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["data"][0]["entities"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    let whole = classify(text.clone()).await;
+    let beyond = offsets[600].0;
+    assert!(
+        whole.iter().any(|e| e["start"].as_u64().unwrap() as usize > beyond),
+        "entities past the first window"
+    );
+    for e in &whole {
+        let (start, end) = (
+            e["start"].as_u64().unwrap() as usize,
+            e["end"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(e["word"], chars[start..end].iter().collect::<String>());
+    }
+    // The first window holds the first 510 tokens, the second starts at token 383 (a quarter
+    // overlaps). Tokens up to about 445 are nearer the first window's centre than the
+    // second's, so up to token 440 the labels are the first window's: those of the text cut
+    // after token 510 classified by itself.
+    let prefix: String = chars[..offsets[509].1].iter().collect();
+    let alone = classify(prefix).await;
+    let settled = offsets[440].1;
+    let early = |list: &[Value]| -> Vec<(String, u64, u64, f64)> {
+        list.iter()
+            .filter(|e| (e["end"].as_u64().unwrap() as usize) <= settled)
+            .map(|e| {
+                let kind = e["entity_group"].as_str().unwrap().to_string();
+                (
+                    kind,
+                    e["start"].as_u64().unwrap(),
+                    e["end"].as_u64().unwrap(),
+                    e["score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (early(&whole), early(&alone));
+    assert!(!a.is_empty());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.0, x.1, x.2), (&y.0, y.1, y.2));
+        assert!((x.3 - y.3).abs() < 1e-4, "{x:?} vs {y:?}");
+    }
+    // Asked to cut instead, nothing past the model's length is labelled.
+    let body = json!({"model": "ner", "input": text, "aggregation_strategy": "none", "truncate": true});
+    let v: Value = server.post("/v1/classify", &body).await.json().await.unwrap();
+    let cut = offsets[510].1 as u64;
+    assert!(
+        v["data"][0]["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["end"].as_u64().unwrap() <= cut)
+    );
+}

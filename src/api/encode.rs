@@ -77,6 +77,7 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
             model: req.model,
             inputs,
             truncate: req.truncate,
+            window: false,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
@@ -172,6 +173,8 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
             model: req.model,
             inputs,
             truncate: req.truncate,
+            // Long texts run in overlapping windows unless the client asked to cut them.
+            window: !req.truncate,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
@@ -225,6 +228,7 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
             model: req.model,
             inputs,
             truncate: req.truncate,
+            window: false,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
@@ -273,6 +277,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             model: Some(req.model),
             inputs,
             truncate: false,
+            window: false,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{ErrorKind, Infer, InferError, Record};
+use super::{ErrorKind, Infer, InferError, Record, window};
 use crate::infer::Endpoint;
 use crate::repository::EncoderVersion;
 use crate::scheduler::{EncodeRefused, EncoderOutput};
@@ -21,6 +21,9 @@ pub struct EncodeRequest {
     pub inputs: Vec<String>,
     /// Cut inputs longer than the model takes (else they are refused).
     pub truncate: bool,
+    /// Run inputs longer than the model takes in overlapping windows and merge their
+    /// per-token outputs (token classification), instead of refusing or cutting them.
+    pub window: bool,
     /// The client's deadline.
     pub timeout: Option<Duration>,
 }
@@ -58,30 +61,49 @@ impl Infer {
         }
         .and_then(|t| record.started.checked_add(t));
         check_inputs(&request.inputs).map_err(|e| record.fail(e))?;
-        let (tokenizing, truncate) = (Arc::clone(&model), request.truncate);
-        let inputs = request.inputs;
-        let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, &inputs, truncate))
+        let long = match (request.window, request.truncate) {
+            (true, _) => Long::Window,
+            (false, true) => Long::Truncate,
+            (false, false) => Long::Refuse,
+        };
+        let (tokenizing, inputs) = (Arc::clone(&model), request.inputs);
+        let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, &inputs, long))
             .await
             .map_err(|e| record.fail(InferError::internal(format!("tokenizing stopped: {e}"))))?
             .map_err(|e| record.fail(e))?;
+        // Every input (or window of one) is queued before any is awaited, so they can share
+        // batches.
         let mut answers = Vec::with_capacity(tokenized.len());
-        for (ids, _, _) in &tokenized {
-            let answer = model.scheduler.submit(ids.clone(), deadline).map_err(|e| {
-                record.fail(match e {
-                    EncodeRefused::Busy { retry_after, .. } => {
-                        InferError::new(ErrorKind::Overloaded, e.to_string()).retry_after(retry_after)
-                    }
-                    EncodeRefused::Stopped => InferError::new(ErrorKind::Unavailable, e.to_string()).retry_after(5),
-                })
-            })?;
-            answers.push(answer);
+        for (ids, _, special) in &tokenized {
+            let windows = window::split(ids, special, model.max_length);
+            let mut pending = Vec::with_capacity(windows.pieces.len());
+            for piece in &windows.pieces {
+                let answer = model.scheduler.submit(piece.clone(), deadline).map_err(|e| {
+                    record.fail(match e {
+                        EncodeRefused::Busy { retry_after, .. } => {
+                            InferError::new(ErrorKind::Overloaded, e.to_string()).retry_after(retry_after)
+                        }
+                        EncodeRefused::Stopped => InferError::new(ErrorKind::Unavailable, e.to_string()).retry_after(5),
+                    })
+                })?;
+                pending.push(answer);
+            }
+            answers.push((windows, pending));
         }
         let mut encoded = Vec::with_capacity(answers.len());
-        for (answer, (_, offsets, special)) in answers.into_iter().zip(tokenized) {
-            let output = answer
-                .await
-                .map_err(|_| record.fail(InferError::internal("the encoder's worker stopped")))?
-                .map_err(|e| record.fail(e.into()))?;
+        for ((windows, pending), (ids, offsets, special)) in answers.into_iter().zip(tokenized) {
+            let mut outputs = Vec::with_capacity(pending.len());
+            for answer in pending {
+                let output = answer
+                    .await
+                    .map_err(|_| record.fail(InferError::internal("the encoder's worker stopped")))?
+                    .map_err(|e| record.fail(e.into()))?;
+                outputs.push(output);
+            }
+            let output = match outputs.len() {
+                1 => outputs.remove(0),
+                _ => windows.merge(&outputs, ids.len()),
+            };
             encoded.push(Encoded {
                 output,
                 offsets,
@@ -139,9 +161,17 @@ fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
 /// A tokenized input: ids, character offsets, special-token flags.
 type Tokenized = (Vec<i64>, Vec<(usize, usize)>, Vec<bool>);
 
-/// Each input's tokens, cut to the model's length when `truncate` (keeping the final special
-/// token), else refused when longer.
-fn tokenize(model: &EncoderVersion, inputs: &[String], truncate: bool) -> Result<Vec<Tokenized>, InferError> {
+/// What to do with an input longer than the model takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Long {
+    Refuse,
+    Truncate,
+    Window,
+}
+
+/// Each input's tokens: cut to the model's length (keeping the final special token), kept
+/// whole for windows, or refused when longer, as `long` says.
+fn tokenize(model: &EncoderVersion, inputs: &[String], long: Long) -> Result<Vec<Tokenized>, InferError> {
     let started = Instant::now();
     let mut out = Vec::with_capacity(inputs.len());
     for (i, text) in inputs.iter().enumerate() {
@@ -152,8 +182,8 @@ fn tokenize(model: &EncoderVersion, inputs: &[String], truncate: bool) -> Result
         let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         let mut offsets = encoding.get_offsets().to_vec();
         let mut special: Vec<bool> = encoding.get_special_tokens_mask().iter().map(|&m| m == 1).collect();
-        if ids.len() > model.max_length {
-            if !truncate {
+        if ids.len() > model.max_length && long != Long::Window {
+            if long == Long::Refuse {
                 return Err(InferError {
                     param: Some("inputs"),
                     ..InferError::new(

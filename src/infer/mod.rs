@@ -8,6 +8,7 @@ mod error;
 mod labels;
 mod request;
 mod validate;
+mod window;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -53,6 +53,7 @@ pub async fn infer(
         model: Some(model.name.clone()),
         inputs: texts(&req)?,
         truncate,
+        window: false,
         timeout,
     };
     let (model, encoded) = state.infer.encode(Endpoint::ModelInfer, request).await?;
