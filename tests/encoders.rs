@@ -61,6 +61,7 @@ fn server() -> TestServer {
     add_encoder(&repo, "ner", BertHeadArg::Token, &NER_LABELS, false);
     add_encoder(&repo, "triage", BertHeadArg::Sequence, &["low", "high"], false);
     add_encoder(&repo, "embedder", BertHeadArg::Embedding, &[], false);
+    add_encoder(&repo, "reranker", BertHeadArg::Sequence, &["relevance"], false);
     let int8 = Precision::DEFAULT_INT8;
     add_encoder_at(&repo, "embedder-int8", BertHeadArg::Embedding, &[], false, int8);
     add_version(&repo, "tiny", 1, 1);
@@ -309,7 +310,7 @@ async fn bad_encoder_input_is_a_clear_4xx_and_the_server_keeps_serving() {
         .iter()
         .filter(|m| m["state"] == "READY")
         .count();
-    assert_eq!(ready, 6, "{models}");
+    assert_eq!(ready, 7, "{models}");
     let r = reqwest::get(server.url("/v2/models/ner/ready")).await.unwrap();
     assert_eq!(r.status(), 200);
 }
@@ -657,4 +658,64 @@ async fn long_texts_are_classified_in_overlapping_windows() {
             .iter()
             .all(|e| e["end"].as_u64().unwrap() <= cut)
     );
+}
+
+/// The reranker's logit for (query, text) run alone, with the pair's segments (or all 0).
+fn pair_alone(server: &TestServer, query: &str, text: &str, segments: bool) -> f32 {
+    let dir = server.repo.join("reranker").join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let encoding = tokenizer.encode((query, text), true).unwrap();
+    let n = encoding.len();
+    let row = |v: &[u32]| Array2::from_shape_vec((1, n), v.iter().map(|&x| i64::from(x)).collect()).unwrap();
+    let (ids, types) = (row(encoding.get_ids()), row(encoding.get_type_ids()));
+    assert!(types.iter().any(|&t| t == 1), "the text is segment 1");
+    let mut session = EncoderSession::open(&dir.join(MODEL_FILE), SessionOptions::default()).unwrap();
+    let types = segments.then_some(&types);
+    session.forward_typed(&ids, &Array2::ones((1, n)), types).unwrap()[[0, 0]]
+}
+
+#[tokio::test]
+async fn rerank_scores_each_text_against_the_query_as_a_pair() {
+    let server = server();
+    let query = "chest pain and shortness of breath";
+    let body = json!({"model": "reranker", "query": query, "texts": TEXTS, "return_text": true});
+    let r = server.post("/rerank", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let ranked = v.as_array().unwrap();
+    assert_eq!(ranked.len(), TEXTS.len());
+    let scores: Vec<f64> = ranked.iter().map(|x| x["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+    for x in ranked {
+        let index = x["index"].as_u64().unwrap() as usize;
+        assert_eq!(x["text"], TEXTS[index]);
+        let logit = pair_alone(&server, query, TEXTS[index], true);
+        let want = 1.0 / (1.0 + (-logit).exp());
+        assert!(
+            (x["score"].as_f64().unwrap() as f32 - want).abs() < 1e-4,
+            "{x} vs {want}"
+        );
+        // The segments reach the model: without them the score differs.
+        let flat = 1.0 / (1.0 + (-pair_alone(&server, query, TEXTS[index], false)).exp());
+        assert!((want - flat).abs() > 1e-6, "{index}: segment ids change nothing");
+    }
+    for (body, needle) in [
+        (
+            json!({"model": "icd", "query": "q", "texts": ["a"]}),
+            "a reranker (cross-encoder) has one",
+        ),
+        (
+            json!({"model": "reranker", "query": " ", "texts": ["a"]}),
+            "query must not be empty",
+        ),
+        (
+            json!({"model": "reranker", "query": "q", "texts": []}),
+            "must not be empty",
+        ),
+    ] {
+        let r = server.post("/rerank", &body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+    }
 }

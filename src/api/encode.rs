@@ -1,5 +1,6 @@
 //! Encoder routes: TEI's `POST /predict` (sequence classification: labels and scores of each
-//! input), `POST /embed`, `POST /tokenize` and `POST /decode`, OpenAI's `POST /v1/embeddings`,
+//! input), `POST /rerank` (a cross-encoder's score of each text against a query), `POST /embed`,
+//! `POST /tokenize` and `POST /decode`, OpenAI's `POST /v1/embeddings`,
 //! and `POST /v1/classify` (token classification: the entities of each input with character
 //! offsets). The handlers translate wire formats; [`crate::infer`] does the rest.
 
@@ -78,6 +79,7 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
             inputs,
             truncate: req.truncate,
             window: false,
+            query: None,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
@@ -149,6 +151,87 @@ fn coded_labels(
     ))
 }
 
+/// `POST /rerank` body (TEI).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RerankRequest {
+    #[serde(default)]
+    model: Option<String>,
+    query: String,
+    texts: Vec<String>,
+    /// The logit instead of its sigmoid.
+    #[serde(default)]
+    raw_scores: bool,
+    #[serde(default)]
+    return_text: bool,
+    #[serde(default)]
+    truncate: bool,
+}
+
+/// `POST /rerank`: each text's relevance to the query by a cross-encoder (a one-label sequence
+/// classifier reading `[CLS] query [SEP] text [SEP]`), best first: `[{"index", "score"}]`
+/// (with `"text"` when `return_text`).
+pub async fn rerank(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        let req: RerankRequest = parse_json(&body)?;
+        if req.query.trim().is_empty() {
+            return Err(InferError::invalid("query", "the query must not be empty"));
+        }
+        let texts = req.texts.clone();
+        let request = EncodeRequest {
+            model: req.model,
+            inputs: req.texts,
+            truncate: req.truncate,
+            window: false,
+            query: Some(req.query),
+            timeout: timeout(&headers)?,
+        };
+        let (model, encoded) = state.infer.encode(Endpoint::Rerank, request).await?;
+        wrong_route(
+            &model,
+            &[
+                EncoderTask::SingleLabelClassification,
+                EncoderTask::MultiLabelClassification,
+            ],
+        )?;
+        if model.labels.len() != 1 {
+            return Err(InferError::invalid(
+                "model",
+                format!(
+                    "model `{}` has {} labels; a reranker (cross-encoder) has one",
+                    model.name,
+                    model.labels.len()
+                ),
+            ));
+        }
+        let mut ranked: Vec<(usize, f32)> = encoded
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let logit = e.output.values.first().copied().unwrap_or(f32::NEG_INFINITY);
+                (
+                    i,
+                    if req.raw_scores {
+                        logit
+                    } else {
+                        1.0 / (1.0 + (-logit).exp())
+                    },
+                )
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let answer: Vec<Value> = ranked
+            .into_iter()
+            .map(|(index, score)| match req.return_text {
+                true => json!({"index": index, "score": score, "text": texts[index]}),
+                false => json!({"index": index, "score": score}),
+            })
+            .collect();
+        Ok(json!(answer))
+    };
+    respond(run.await)
+}
+
 /// `POST /v1/classify` body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +258,7 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
             truncate: req.truncate,
             // Long texts run in overlapping windows unless the client asked to cut them.
             window: !req.truncate,
+            query: None,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
@@ -229,6 +313,7 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
             inputs,
             truncate: req.truncate,
             window: false,
+            query: None,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
@@ -278,6 +363,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             inputs,
             truncate: false,
             window: false,
+            query: None,
             timeout: timeout(&headers)?,
         };
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;

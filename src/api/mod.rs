@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/classify", post(encode::classify))
         .route("/predict", post(encode::predict))
         .route("/embed", post(encode::embed))
+        .route("/rerank", post(encode::rerank))
         .route("/tokenize", post(encode::tokenize))
         .route("/decode", post(encode::decode))
         .route("/v1/embeddings", post(encode::embeddings))

@@ -93,6 +93,7 @@ pub fn access(path: &str) -> Access {
         || path.starts_with("/fhir/")
         || path == "/predict"
         || path == "/embed"
+        || path == "/rerank"
         || path == "/tokenize"
         || path == "/decode"
         || kserve_infer

@@ -33,11 +33,23 @@ impl EncoderSession {
         })
     }
 
-    /// Runs a padded batch and returns `logits` (or `last_hidden_state`).
+    /// Runs a padded batch and returns `logits` (or `last_hidden_state`); every token of
+    /// segment 0.
     pub fn forward(
         &mut self,
         input_ids: &Array2<i64>,
         attention_mask: &Array2<i64>,
+    ) -> Result<ArrayD<f32>, EngineError> {
+        self.forward_typed(input_ids, attention_mask, None)
+    }
+
+    /// As [`EncoderSession::forward`], with each token's segment (`token_type_ids`: 1 for the
+    /// second text of a pair) where given.
+    pub fn forward_typed(
+        &mut self,
+        input_ids: &Array2<i64>,
+        attention_mask: &Array2<i64>,
+        token_type_ids: Option<&Array2<i64>>,
     ) -> Result<ArrayD<f32>, EngineError> {
         if attention_mask.dim() != input_ids.dim() {
             return Err(EngineError::Input(format!(
@@ -46,7 +58,17 @@ impl EncoderSession {
                 input_ids.dim()
             )));
         }
-        let token_types = Array2::<i64>::zeros(input_ids.dim());
+        let token_types = match token_type_ids {
+            Some(t) if t.dim() == input_ids.dim() => t.as_standard_layout().into_owned(),
+            Some(t) => {
+                return Err(EngineError::Input(format!(
+                    "token_type_ids {:?} must match input_ids {:?}",
+                    t.dim(),
+                    input_ids.dim()
+                )));
+            }
+            None => Array2::<i64>::zeros(input_ids.dim()),
+        };
         // ONNX Runtime needs row-major buffers; views of sliced or grown arrays may not be.
         let input_ids = input_ids.as_standard_layout();
         let attention_mask = attention_mask.as_standard_layout();

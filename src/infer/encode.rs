@@ -24,6 +24,9 @@ pub struct EncodeRequest {
     /// Run inputs longer than the model takes in overlapping windows and merge their
     /// per-token outputs (token classification), instead of refusing or cutting them.
     pub window: bool,
+    /// With a query, each input is the second text of a pair (`[CLS] query [SEP] input
+    /// [SEP]`, segment 1 for the input), as a cross-encoder reads it.
+    pub query: Option<String>,
     /// The client's deadline.
     pub timeout: Option<Duration>,
 }
@@ -61,37 +64,43 @@ impl Infer {
         }
         .and_then(|t| record.started.checked_add(t));
         check_inputs(&request.inputs).map_err(|e| record.fail(e))?;
-        let long = match (request.window, request.truncate) {
+        let long = match (request.window && request.query.is_none(), request.truncate) {
             (true, _) => Long::Window,
             (false, true) => Long::Truncate,
             (false, false) => Long::Refuse,
         };
-        let (tokenizing, inputs) = (Arc::clone(&model), request.inputs);
-        let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, &inputs, long))
+        let (tokenizing, inputs, query) = (Arc::clone(&model), request.inputs, request.query);
+        let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, query.as_deref(), &inputs, long))
             .await
             .map_err(|e| record.fail(InferError::internal(format!("tokenizing stopped: {e}"))))?
             .map_err(|e| record.fail(e))?;
         // Every input (or window of one) is queued before any is awaited, so they can share
         // batches.
         let mut answers = Vec::with_capacity(tokenized.len());
-        for (ids, _, special) in &tokenized {
+        for (ids, _, special, types) in &tokenized {
             let windows = window::split(ids, special, model.max_length);
             let mut pending = Vec::with_capacity(windows.pieces.len());
             for piece in &windows.pieces {
-                let answer = model.scheduler.submit(piece.clone(), deadline).map_err(|e| {
-                    record.fail(match e {
-                        EncodeRefused::Busy { retry_after, .. } => {
-                            InferError::new(ErrorKind::Overloaded, e.to_string()).retry_after(retry_after)
-                        }
-                        EncodeRefused::Stopped => InferError::new(ErrorKind::Unavailable, e.to_string()).retry_after(5),
-                    })
-                })?;
+                // Pairs are never split (they are cut or refused when long).
+                let answer = model
+                    .scheduler
+                    .submit(piece.clone(), types.clone(), deadline)
+                    .map_err(|e| {
+                        record.fail(match e {
+                            EncodeRefused::Busy { retry_after, .. } => {
+                                InferError::new(ErrorKind::Overloaded, e.to_string()).retry_after(retry_after)
+                            }
+                            EncodeRefused::Stopped => {
+                                InferError::new(ErrorKind::Unavailable, e.to_string()).retry_after(5)
+                            }
+                        })
+                    })?;
                 pending.push(answer);
             }
             answers.push((windows, pending));
         }
         let mut encoded = Vec::with_capacity(answers.len());
-        for ((windows, pending), (ids, offsets, special)) in answers.into_iter().zip(tokenized) {
+        for ((windows, pending), (ids, offsets, special, _)) in answers.into_iter().zip(tokenized) {
             let mut outputs = Vec::with_capacity(pending.len());
             for answer in pending {
                 let output = answer
@@ -158,8 +167,8 @@ fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
     Ok(())
 }
 
-/// A tokenized input: ids, character offsets, special-token flags.
-type Tokenized = (Vec<i64>, Vec<(usize, usize)>, Vec<bool>);
+/// A tokenized input: ids, character offsets, special-token flags, and segment ids for a pair.
+type Tokenized = (Vec<i64>, Vec<(usize, usize)>, Vec<bool>, Option<Vec<i64>>);
 
 /// What to do with an input longer than the model takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -171,14 +180,23 @@ enum Long {
 
 /// Each input's tokens: cut to the model's length (keeping the final special token), kept
 /// whole for windows, or refused when longer, as `long` says.
-fn tokenize(model: &EncoderVersion, inputs: &[String], long: Long) -> Result<Vec<Tokenized>, InferError> {
+fn tokenize(
+    model: &EncoderVersion,
+    query: Option<&str>,
+    inputs: &[String],
+    long: Long,
+) -> Result<Vec<Tokenized>, InferError> {
     let started = Instant::now();
     let mut out = Vec::with_capacity(inputs.len());
     for (i, text) in inputs.iter().enumerate() {
-        let encoding = model
-            .tokenizer
-            .encode_char_offsets(text.as_str(), true)
-            .map_err(|e| InferError::invalid("inputs", format!("input {i} cannot be tokenized: {e}")))?;
+        let encoded = match query {
+            Some(query) => model.tokenizer.encode_char_offsets((query, text.as_str()), true),
+            None => model.tokenizer.encode_char_offsets(text.as_str(), true),
+        };
+        let encoding =
+            encoded.map_err(|e| InferError::invalid("inputs", format!("input {i} cannot be tokenized: {e}")))?;
+        let mut types: Option<Vec<i64>> =
+            query.map(|_| encoding.get_type_ids().iter().map(|&t| i64::from(t)).collect());
         let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         let mut offsets = encoding.get_offsets().to_vec();
         let mut special: Vec<bool> = encoding.get_special_tokens_mask().iter().map(|&m| m == 1).collect();
@@ -205,12 +223,15 @@ fn tokenize(model: &EncoderVersion, inputs: &[String], long: Long) -> Result<Vec
             ids.truncate(model.max_length);
             offsets.truncate(model.max_length);
             special.truncate(model.max_length);
+            if let Some(types) = &mut types {
+                types.truncate(model.max_length);
+            }
             if last.2 {
                 let end = model.max_length - 1;
                 (ids[end], offsets[end], special[end]) = last;
             }
         }
-        out.push((ids, offsets, special));
+        out.push((ids, offsets, special, types));
     }
     tracing::debug!(
         inputs = inputs.len(),

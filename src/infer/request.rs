@@ -25,6 +25,8 @@ pub enum Endpoint {
     Classify,
     /// `POST /embed` and `POST /v1/embeddings`.
     Embed,
+    /// `POST /rerank`.
+    Rerank,
 }
 
 impl Endpoint {
@@ -39,6 +41,7 @@ impl Endpoint {
             Endpoint::Predict => "predict",
             Endpoint::Classify => "classify",
             Endpoint::Embed => "embed",
+            Endpoint::Rerank => "rerank",
         }
     }
 }

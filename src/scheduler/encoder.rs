@@ -39,6 +39,8 @@ pub enum EncodeRefused {
 
 struct Job {
     ids: Vec<i64>,
+    /// Each token's segment (`token_type_ids`); none: all 0.
+    types: Option<Vec<i64>>,
     deadline: Option<Instant>,
     arrived: Instant,
     reply: oneshot::Sender<Result<EncoderOutput, RequestError>>,
@@ -89,11 +91,12 @@ impl EncoderScheduler {
         self.health.get()
     }
 
-    /// Queues one input (token ids) to be dropped at `deadline`; its output comes back on the
-    /// returned receiver.
+    /// Queues one input (token ids, and segment ids for a pair) to be dropped at `deadline`;
+    /// its output comes back on the returned receiver.
     pub fn submit(
         &self,
         ids: Vec<i64>,
+        types: Option<Vec<i64>>,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Result<EncoderOutput, RequestError>>, EncodeRefused> {
         let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -107,6 +110,7 @@ impl EncoderScheduler {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             ids,
+            types,
             deadline,
             arrived: Instant::now(),
             reply,
@@ -188,16 +192,20 @@ impl Worker {
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(1).max(1);
         let mut ids = Array2::from_elem((jobs.len(), longest), self.pad_id);
         let mut mask = Array2::<i64>::zeros((jobs.len(), longest));
+        let mut types = Array2::<i64>::zeros((jobs.len(), longest));
         for (row, job) in jobs.iter().enumerate() {
             for (col, &id) in job.ids.iter().enumerate() {
                 ids[[row, col]] = id;
                 mask[[row, col]] = 1;
             }
+            for (col, &t) in job.types.iter().flatten().enumerate() {
+                types[[row, col]] = t;
+            }
         }
         self.metrics.batch_size.observe(jobs.len() as f64);
         let real: usize = jobs.iter().map(|j| j.ids.len()).sum();
         self.metrics.observe_prefill(jobs.len() * longest, real);
-        let result = self.session.forward(&ids, &mask);
+        let result = self.session.forward_typed(&ids, &mask, Some(&types));
         self.health.record(result.is_ok());
         match result {
             Ok(logits) => {

@@ -54,6 +54,7 @@ pub async fn infer(
         inputs: texts(&req)?,
         truncate,
         window: false,
+        query: None,
         timeout,
     };
     let (model, encoded) = state.infer.encode(Endpoint::ModelInfer, request).await?;
