@@ -719,3 +719,57 @@ async fn rerank_scores_each_text_against_the_query_as_a_pair() {
         assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
     }
 }
+
+#[tokio::test]
+async fn kserve_http_json_infer_answers_encoders() {
+    let server = server();
+    let texts = [TEXTS[0], TEXTS[3]];
+    let body =
+        json!({"id": "r1", "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "data": texts}]});
+    let r = server.post("/v2/models/icd/infer", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], "r1");
+    let output = &v["outputs"][0];
+    assert_eq!(
+        (output["name"].as_str(), output["datatype"].as_str()),
+        (Some("logits"), Some("FP32"))
+    );
+    assert_eq!(output["shape"], json!([2, 3]));
+    let got = floats(&output["data"]);
+    for (i, text) in texts.iter().enumerate() {
+        let want = alone(&server, "icd", text);
+        let diff = got[i * 3..i * 3 + 3]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{text}: {diff}");
+    }
+    let metadata: Value = reqwest::get(server.url("/v2/models/embedder"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["outputs"][0]["name"], "embeddings", "{metadata}");
+    for (model, body, needle) in [
+        ("tiny", body.clone(), "is a decoder"),
+        (
+            "icd",
+            json!({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [3], "data": ["a"]}]}),
+            "holds 3 elements",
+        ),
+        (
+            "icd",
+            json!({"inputs": [{"name": "text_input", "datatype": "FP32", "shape": [1], "data": [1.0]}]}),
+            "BYTES",
+        ),
+        ("ner", body.clone(), "/v1/classify"),
+    ] {
+        let r = server.post(&format!("/v2/models/{model}/infer"), &body).await;
+        assert_eq!(r.status(), 400, "{model} {body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+}

@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(kserve::ready))
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
+        .route("/v2/models/{name}/infer", post(kserve::infer))
         .route("/metrics", get(metrics))
         .merge(admin)
         // Every route, the fallback included, is authenticated by its path (`auth::access`).

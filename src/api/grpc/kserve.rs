@@ -202,7 +202,7 @@ impl GrpcInferenceService for KServe {
             ),
             Served::Encoder(e) => (
                 vec![tensor(TEXT_INPUT, "BYTES", vec![-1])],
-                vec![tensor(kserve_encoder::output_name(e.task), "FP32", vec![-1, -1])],
+                vec![tensor(crate::api::kserve::output_name(e.task), "FP32", vec![-1, -1])],
             ),
         };
         Ok(Response::new(ModelMetadataResponse {

@@ -14,17 +14,9 @@ use super::proto::inference::{
     model_infer_response::InferOutputTensor,
 };
 use crate::api::AppState;
-use crate::api::kserve::TEXT_INPUT;
-use crate::infer::{EncodeRequest, Endpoint, InferError, embedding};
-use crate::repository::{EncoderTask, EncoderVersion};
-
-/// The name of the output tensor an encoder of `task` answers in.
-pub fn output_name(task: EncoderTask) -> &'static str {
-    match task {
-        EncoderTask::Embedding => "embeddings",
-        _ => "logits",
-    }
-}
+use crate::api::kserve::{TEXT_INPUT, encoder_rows, output_name};
+use crate::infer::InferError;
+use crate::repository::EncoderVersion;
 
 /// Runs `req` on `model`.
 pub async fn infer(
@@ -33,12 +25,6 @@ pub async fn infer(
     req: ModelInferRequest,
     timeout: Option<Duration>,
 ) -> Result<ModelInferResponse, InferError> {
-    if model.task == EncoderTask::TokenClassification {
-        return Err(InferError::invalid(
-            "model",
-            format!("model `{}` labels tokens: use POST /v1/classify", model.name),
-        ));
-    }
     let truncate = match req.parameters.get("truncate").and_then(|p| p.parameter_choice.as_ref()) {
         None => false,
         Some(ParameterChoice::BoolParam(b)) => *b,
@@ -49,22 +35,7 @@ pub async fn infer(
             ));
         }
     };
-    let request = EncodeRequest {
-        model: Some(model.name.clone()),
-        inputs: texts(&req)?,
-        truncate,
-        window: false,
-        query: None,
-        timeout,
-    };
-    let (model, encoded) = state.infer.encode(Endpoint::ModelInfer, request).await?;
-    let rows: Vec<Vec<f32>> = encoded
-        .iter()
-        .map(|e| match model.task {
-            EncoderTask::Embedding => embedding(&model, e, model.normalize),
-            _ => e.output.values.clone(),
-        })
-        .collect();
+    let (model, rows) = encoder_rows(state, &model, texts(&req)?, truncate, timeout).await?;
     let width = rows.first().map_or(0, Vec::len);
     let raw: Vec<u8> = rows.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
     let task = InferParameter {
