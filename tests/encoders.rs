@@ -93,6 +93,16 @@ fn alone(server: &TestServer, model: &str, text: &str) -> Vec<f32> {
     logits.iter().copied().collect()
 }
 
+/// Posts each body to `path` and checks it is a 400 whose message contains its needle.
+async fn refused(server: &TestServer, path: &str, cases: Vec<(Value, &str)>) {
+    for (body, needle) in cases {
+        let r = server.post(path, &body).await;
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+}
+
 const TEXTS: [&str; 4] = [
     "Hypertension.",
     "Type 2 diabetes mellitus without complications, follow up in three months.",
@@ -394,7 +404,7 @@ async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
         let cosine: f32 = q.iter().zip(&f).map(|(a, b)| a * b).sum();
         assert!(cosine >= 0.99, "{text}: cosine {cosine}");
     }
-    for (body, needle) in [
+    let cases = vec![
         (
             json!({"model": "embedder", "input": "x", "dimensions": 3}),
             "dimensions",
@@ -404,12 +414,8 @@ async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
             "encoding_format",
         ),
         (json!({"model": "icd", "input": "x"}), "/predict"),
-    ] {
-        let r = server.post("/v1/embeddings", &body).await;
-        assert_eq!(r.status(), 400, "{body}");
-        let v: Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
-    }
+    ];
+    refused(&server, "/v1/embeddings", cases).await;
 }
 
 #[tokio::test]
@@ -699,7 +705,7 @@ async fn rerank_scores_each_text_against_the_query_as_a_pair() {
         let flat = 1.0 / (1.0 + (-pair_alone(&server, query, TEXTS[index], false)).exp());
         assert!((want - flat).abs() > 1e-6, "{index}: segment ids change nothing");
     }
-    for (body, needle) in [
+    let cases = vec![
         (
             json!({"model": "icd", "query": "q", "texts": ["a"]}),
             "a reranker (cross-encoder) has one",
@@ -712,12 +718,8 @@ async fn rerank_scores_each_text_against_the_query_as_a_pair() {
             json!({"model": "reranker", "query": "q", "texts": []}),
             "must not be empty",
         ),
-    ] {
-        let r = server.post("/rerank", &body).await;
-        assert_eq!(r.status(), 400, "{body}");
-        let v: Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
-    }
+    ];
+    refused(&server, "/rerank", cases).await;
 }
 
 #[tokio::test]

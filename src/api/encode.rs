@@ -74,14 +74,7 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
     let run = async {
         let req: PredictRequest = parse_json(&body)?;
         let (inputs, many) = req.inputs.into_vec();
-        let request = EncodeRequest {
-            model: req.model,
-            inputs,
-            truncate: req.truncate,
-            window: false,
-            query: None,
-            timeout: timeout(&headers)?,
-        };
+        let request = EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
         wrong_route(
             &model,
@@ -179,12 +172,8 @@ pub async fn rerank(State(state): State<AppState>, headers: HeaderMap, body: Byt
         }
         let texts = req.texts.clone();
         let request = EncodeRequest {
-            model: req.model,
-            inputs: req.texts,
-            truncate: req.truncate,
-            window: false,
             query: Some(req.query),
-            timeout: timeout(&headers)?,
+            ..EncodeRequest::new(req.model, req.texts, req.truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Rerank, request).await?;
         wrong_route(
@@ -253,13 +242,9 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
         let (inputs, _) = req.input.into_vec();
         let texts = inputs.clone();
         let request = EncodeRequest {
-            model: req.model,
-            inputs,
-            truncate: req.truncate,
             // Long texts run in overlapping windows unless the client asked to cut them.
             window: !req.truncate,
-            query: None,
-            timeout: timeout(&headers)?,
+            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
         wrong_route(&model, &[EncoderTask::TokenClassification])?;
@@ -308,14 +293,7 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
     let run = async {
         let req: EmbedRequest = parse_json(&body)?;
         let (inputs, _) = req.inputs.into_vec();
-        let request = EncodeRequest {
-            model: req.model,
-            inputs,
-            truncate: req.truncate,
-            window: false,
-            query: None,
-            timeout: timeout(&headers)?,
-        };
+        let request = EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
         wrong_route(&model, &[EncoderTask::Embedding])?;
         let normalize = req.normalize.unwrap_or(model.normalize);
@@ -358,14 +336,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             }
         };
         let (inputs, _) = req.input.into_vec();
-        let request = EncodeRequest {
-            model: Some(req.model),
-            inputs,
-            truncate: false,
-            window: false,
-            query: None,
-            timeout: timeout(&headers)?,
-        };
+        let request = EncodeRequest::new(Some(req.model), inputs, false, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
         wrong_route(&model, &[EncoderTask::Embedding])?;
         let width = encoded

@@ -100,14 +100,7 @@ pub async fn encoder_rows(
             format!("model `{}` labels tokens: use POST /v1/classify", model.name),
         ));
     }
-    let request = EncodeRequest {
-        model: Some(model.name.clone()),
-        inputs: texts,
-        truncate,
-        window: false,
-        query: None,
-        timeout,
-    };
+    let request = EncodeRequest::new(Some(model.name.clone()), texts, truncate, timeout);
     let (model, encoded) = state.infer.encode(Endpoint::ModelInfer, request).await?;
     let rows = encoded
         .iter()

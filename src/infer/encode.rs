@@ -31,6 +31,21 @@ pub struct EncodeRequest {
     pub timeout: Option<Duration>,
 }
 
+impl EncodeRequest {
+    /// A request for `inputs` on `model`: long inputs refused (or cut when `truncate`), no
+    /// windows, no query.
+    pub fn new(model: Option<String>, inputs: Vec<String>, truncate: bool, timeout: Option<Duration>) -> Self {
+        Self {
+            model,
+            inputs,
+            truncate,
+            window: false,
+            query: None,
+            timeout,
+        }
+    }
+}
+
 /// One input's output, with what its tokens cover.
 #[derive(Debug, Clone)]
 pub struct Encoded {
