@@ -12,6 +12,7 @@ use common::server::{TestServer, add_version};
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::{EncoderSession, SessionOptions};
 use distill_serve::export::{self, ExternalData, MODEL_FILE, Precision};
+use distill_serve::reference::max_abs_diff;
 use distill_serve::tiny::{BertHeadArg, TinySpec, write_tiny};
 use ndarray::Array2;
 use serde_json::{Value, json};
@@ -364,7 +365,7 @@ async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
         let got = floats(&answer[0]);
         let want = embedded_alone(&server, text);
         assert_eq!(got.len(), want.len());
-        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{text}: {diff}");
         let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "normalised as modules.json says: {norm}");
@@ -378,11 +379,7 @@ async fn embeddings_equal_each_text_alone_over_tei_and_openai_routes() {
     assert_eq!(v["usage"]["prompt_tokens"], tokens);
     for (i, answer) in answers.iter().enumerate() {
         assert_eq!(v["data"][i]["index"], i);
-        let diff = floats(&v["data"][i]["embedding"])
-            .iter()
-            .zip(floats(&answer[0]))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff(&floats(&v["data"][i]["embedding"]), &floats(&answer[0]));
         assert!(diff < 1e-5, "{diff}");
     }
     let body = json!({"model": "embedder", "input": TEXTS[1], "encoding_format": "base64"});
@@ -501,11 +498,7 @@ async fn kserve_model_infer_answers_fp32_tensors_from_encoders() {
     let got = floats(&reply.raw_output_contents[0]);
     for (i, text) in texts.iter().enumerate() {
         let want = alone(&server, "icd", text);
-        let diff = got[i * 3..i * 3 + 3]
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff(&got[i * 3..i * 3 + 3], &want);
         assert!(diff < 1e-4, "{text}: {diff}");
     }
     let reply = client
@@ -517,7 +510,7 @@ async fn kserve_model_infer_answers_fp32_tensors_from_encoders() {
     let got = floats(&reply.raw_output_contents[0]);
     let want = embedded_alone(&server, TEXTS[1]);
     assert_eq!(reply.outputs[0].shape, vec![1, want.len() as i64]);
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = max_abs_diff(&got, &want);
     assert!(diff < 1e-4, "{diff}");
     let metadata = client
         .model_metadata(ModelMetadataRequest {
@@ -741,11 +734,7 @@ async fn kserve_http_json_infer_answers_encoders() {
     let got = floats(&output["data"]);
     for (i, text) in texts.iter().enumerate() {
         let want = alone(&server, "icd", text);
-        let diff = got[i * 3..i * 3 + 3]
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff(&got[i * 3..i * 3 + 3], &want);
         assert!(diff < 1e-4, "{text}: {diff}");
     }
     let metadata: Value = reqwest::get(server.url("/v2/models/embedder"))

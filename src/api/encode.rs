@@ -83,7 +83,7 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
                 EncoderTask::MultiLabelClassification,
             ],
         )?;
-        let codes = coded_labels(&state, req.terminology.as_deref(), req.codes.as_deref())?;
+        let codes = coded_labels(&state, &model.labels, req.terminology.as_deref(), req.codes.as_deref())?;
         let answers: Vec<Value> = encoded
             .iter()
             .map(|e| {
@@ -103,11 +103,12 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
     respond(run.await)
 }
 
-/// The codes (and their descriptions) a classification may answer with: those of
-/// `terminology` (default: the only one loaded), within `codes` when given; none when the
-/// request names neither.
+/// The description of each of `labels` that is a code of `terminology` (default: the only
+/// one loaded), within `codes` when given (`None` for the others); nothing when the request
+/// names neither.
 fn coded_labels(
     state: &AppState,
+    labels: &[String],
     terminology: Option<&str>,
     codes: Option<&str>,
 ) -> Result<Option<HashMap<String, String>>, InferError> {
@@ -135,13 +136,18 @@ fn coded_labels(
             ConstraintError::Invalid(_) => InferError::invalid("codes", e.to_string()),
         })?;
     let entries = &selected.terminology.entries;
-    Ok(Some(
-        selected
-            .members
-            .iter()
-            .map(|&i| (entries[i].code.clone(), entries[i].description.clone()))
-            .collect(),
-    ))
+    // Only the model's labels are looked up, not the whole release.
+    let mut described = HashMap::new();
+    for label in labels {
+        let Ok(i) = entries.binary_search_by(|e| e.code.as_str().cmp(label)) else {
+            continue;
+        };
+        // Members are entry indices in order.
+        if selected.members.binary_search(&i).is_ok() {
+            described.insert(label.clone(), entries[i].description.clone());
+        }
+    }
+    Ok(Some(described))
 }
 
 /// `POST /rerank` body (TEI).

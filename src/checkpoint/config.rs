@@ -162,6 +162,8 @@ pub struct EncoderConfig {
     pub head: EncoderHead,
     /// Label names by index (`id2label`), `LABEL_i` when the checkpoint has none.
     pub labels: Vec<String>,
+    /// Any number of labels may hold (`problem_type` `multi_label_classification`).
+    pub multi_label: bool,
 }
 
 impl EncoderConfig {
@@ -426,6 +428,7 @@ fn parse_encoder(f: &Fields) -> Result<EncoderConfig, CheckpointError> {
         layer_norm_eps: f.opt_f64("layer_norm_eps")?.unwrap_or(1e-12),
         head,
         labels,
+        multi_label: f.get("problem_type").and_then(Value::as_str) == Some("multi_label_classification"),
     })
 }
 

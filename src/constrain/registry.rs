@@ -179,6 +179,8 @@ const MAX_CACHED_SUBSETS: usize = 256;
 struct Loaded {
     spec: TerminologySpec,
     terminology: Arc<Terminology>,
+    /// Counted once at load: summaries are read on request paths (FHIR, classification).
+    stats: TerminologyStats,
     shape: CodeShape,
     sets: Mutex<HashMap<SetKey, Arc<TermSet>>>,
 }
@@ -188,6 +190,7 @@ impl Loaded {
         let terminology = load(spec.kind, &spec.path, &SnomedOptions::default())?;
         let loaded = Self {
             spec,
+            stats: terminology.stats(),
             shape: CodeShape::of(&terminology),
             terminology: Arc::new(terminology),
             sets: Mutex::default(),
@@ -497,7 +500,7 @@ fn summary(name: &str, loaded: &Loaded) -> TerminologySummary {
         kind: loaded.spec.kind,
         path: loaded.spec.path.clone(),
         release: loaded.terminology.release.clone(),
-        stats: loaded.terminology.stats(),
+        stats: loaded.stats,
     }
 }
 

@@ -77,15 +77,11 @@ pub fn open(
         .as_deref()
         .and_then(|t| tokenizer.token_to_id(t))
         .unwrap_or(0);
-    let raw: Value = std::fs::read_to_string(vdir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    let task = match (config.head, raw.get("problem_type").and_then(Value::as_str)) {
+    let task = match (config.head, config.multi_label) {
         (EncoderHead::TokenClassification, _) => EncoderTask::TokenClassification,
         (EncoderHead::Embeddings, _) => EncoderTask::Embedding,
-        (_, Some("multi_label_classification")) => EncoderTask::MultiLabelClassification,
-        _ => EncoderTask::SingleLabelClassification,
+        (EncoderHead::SequenceClassification, true) => EncoderTask::MultiLabelClassification,
+        (EncoderHead::SequenceClassification, false) => EncoderTask::SingleLabelClassification,
     };
     let (pooling, normalize) = sentence_transformers(vdir).map_err(invalid)?;
     let options = SessionOptions {

@@ -213,6 +213,7 @@ impl TinySpec {
                     BertHeadArg::Embedding => Vec::new(),
                     _ => (0..self.num_labels).map(|n| format!("LABEL_{n}")).collect(),
                 },
+                multi_label: false,
             }),
         })
     }
@@ -304,7 +305,7 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
                 .enumerate()
                 .map(|(i, l)| (i.to_string(), json!(l)))
                 .collect();
-            json!({
+            let mut v = json!({
                 "architectures": [architecture],
                 "model_type": "bert",
                 "vocab_size": c.vocab_size,
@@ -318,7 +319,11 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
                 "layer_norm_eps": c.layer_norm_eps,
                 "pad_token_id": tokenizer::BERT_PAD_ID,
                 "id2label": id2label,
-            })
+            });
+            if c.multi_label {
+                v["problem_type"] = json!("multi_label_classification");
+            }
+            v
         }
     };
     value[dtype_key] = json!(dtype);
