@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what distill-serve needs beyond cargo: the ONNX Runtime shared library, taken out of
 # the pinned PyPI `onnxruntime` wheel (the only prebuilt ORT this environment can download),
-# checked against its sha256 and unpacked into the cache folder the binary looks in; and the
-# OpenAI Python SDK the tests use as a client; and the public-domain ICD-10-CM release (CMS
-# tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. With --gpu, also
+# checked against its sha256 and unpacked into the cache folder the binary looks in; the OpenAI
+# Python SDK and Triton's Python clients the tests use; and the public-domain ICD-10-CM release
+# (CMS tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. With --gpu, also
 # ONNX Runtime's GPU build and the CUDA libraries it needs (below). Idempotent: a second run
 # changes nothing.
 set -euo pipefail
@@ -30,6 +30,14 @@ OPENAI_VERSION=3.57.0
 if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
   echo "setup: installing openai==$OPENAI_VERSION (Python SDK) from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+fi
+
+# NVIDIA's Triton Python clients: the tests drive encoders over KServe v2 HTTP (binary tensor
+# data) and gRPC with them, as Triton users do.
+TRITONCLIENT_VERSION=2.73.0
+if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! python3 -c "import tritonclient.http, tritonclient.grpc, importlib.metadata as m, sys; sys.exit(m.version('tritonclient') != '$TRITONCLIENT_VERSION')" 2>/dev/null; then
+  echo "setup: installing tritonclient[http,grpc]==$TRITONCLIENT_VERSION from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "tritonclient[http,grpc]==$TRITONCLIENT_VERSION"
 fi
 
 # Linters of the deployment files (docker/): hadolint for the Dockerfiles, kubernetes-validate

@@ -760,7 +760,109 @@ async fn kserve_http_json_infer_answers_encoders() {
     ] {
         let r = server.post(&format!("/v2/models/{model}/infer"), &body).await;
         assert_eq!(r.status(), 400, "{model} {body}");
+        // KServe's error shape: the message is the string under `error`.
         let v: Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
     }
+}
+
+/// Posts a binary-extension body: `header` as JSON, then `binary`.
+async fn post_binary(server: &TestServer, path: &str, header: &Value, length: usize, binary: &[u8]) -> Value {
+    let mut body = header.to_string().into_bytes();
+    body.extend_from_slice(binary);
+    let r = reqwest::Client::new()
+        .post(server.url(path))
+        .header("Inference-Header-Content-Length", length.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "{header}");
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn kserve_binary_tensor_data_that_disagrees_with_itself_is_a_400() {
+    let server = server();
+    let input = |size: usize| {
+        json!({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+            "parameters": {"binary_data_size": size}}]})
+    };
+    let element = |bytes: &[u8]| [&(bytes.len() as u32).to_le_bytes()[..], bytes].concat();
+    let good = element(b"Asthma");
+    let cases: Vec<(Value, Option<usize>, Vec<u8>, &str)> = vec![
+        (
+            input(good.len()),
+            Some(100_000),
+            good.clone(),
+            "no larger than the body",
+        ),
+        (input(good.len() + 8), None, good.clone(), "binary bytes"),
+        (input(7), None, element(&[0xff, 0xfe, b'a']), "not valid UTF-8"),
+        (
+            input(7),
+            None,
+            [&100u32.to_le_bytes()[..], b"abc"].concat(),
+            "4-byte little-endian length",
+        ),
+    ];
+    for (header, length, binary, needle) in cases {
+        let length = length.unwrap_or(header.to_string().len());
+        let v = post_binary(&server, "/v2/models/icd/infer", &header, length, &binary).await;
+        assert!(v["error"].as_str().unwrap().contains(needle), "{needle}: {v}");
+    }
+}
+
+/// Rows of a JSON report's `key`: a list of lists of floats.
+fn report_rows(report: &Value, key: &str) -> Vec<Vec<f32>> {
+    report[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} missing: {report}"))
+        .iter()
+        .map(floats)
+        .collect()
+}
+
+#[test]
+fn tritonclient_drives_encoders_over_http_and_grpc() {
+    let server = server();
+    let script = common::repo_file("tests/clients/triton_check.py");
+    let texts = [TEXTS[0], TEXTS[2], TEXTS[3]];
+    let host = |url: &str| url.trim_start_matches("http://").to_string();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args([host(&server.base), host(&server.grpc), "icd".into(), "tiny".into()])
+        .args(texts)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tritonclient failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["live"], true);
+    assert_eq!(report["metadata"]["outputs"][0]["name"], "logits", "{report}");
+    let want: Vec<Vec<f32>> = texts.iter().map(|t| alone(&server, "icd", t)).collect();
+    for transport in ["http_binary", "http_json", "http_default", "grpc"] {
+        let got = report_rows(&report, transport);
+        assert_eq!(got.len(), texts.len(), "{transport}: {report}");
+        for (row, want) in got.iter().zip(&want) {
+            let diff = max_abs_diff(row, want);
+            assert!(diff < 1e-4, "{transport}: {diff}");
+        }
+    }
+    assert_eq!(report["http_decoder"]["status"], "400", "{report}");
+    assert!(
+        report["http_decoder"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is a decoder"),
+        "{report}"
+    );
+    assert_eq!(
+        report["grpc_wrong_type"]["status"], "StatusCode.INVALID_ARGUMENT",
+        "{report}"
+    );
 }

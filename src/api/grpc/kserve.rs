@@ -16,7 +16,7 @@ use super::proto::inference::{
     model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
 };
 use crate::api::AppState;
-use crate::api::kserve::{TEXT_INPUT, TEXT_OUTPUT};
+use crate::api::kserve::{TEXT_INPUT, TEXT_OUTPUT, bytes_elements, utf8_texts};
 use crate::infer::{Endpoint, ErrorKind, InferError, InferRequest, Params, Prompt};
 use crate::repository::{ModelVersion, Served};
 
@@ -54,9 +54,9 @@ impl KServe {
     }
 }
 
-/// Reads one BYTES element: from `contents.bytes_contents`, or from `raw_input_contents` where
-/// each element is a 4-byte little-endian length followed by the bytes.
-fn text_input(req: &ModelInferRequest) -> Result<String, InferError> {
+/// The BYTES input of `req` (`text_input`, or the only input) and its elements, from
+/// `raw_input_contents` or `contents.bytes_contents`; their count must match its shape.
+pub(super) fn bytes_input(req: &ModelInferRequest) -> Result<(&str, Vec<Vec<u8>>), InferError> {
     let (index, input) = match req.inputs.iter().enumerate().find(|(_, i)| i.name == TEXT_INPUT) {
         Some(found) => found,
         None if req.inputs.len() == 1 => (0, &req.inputs[0]),
@@ -68,31 +68,33 @@ fn text_input(req: &ModelInferRequest) -> Result<String, InferError> {
             input.name, input.datatype
         )));
     }
+    let items = match (&input.contents, req.raw_input_contents.get(index)) {
+        (_, Some(raw)) => bytes_elements(raw)?,
+        (Some(contents), None) => contents.bytes_contents.clone(),
+        (None, None) => return Err(invalid(format!("input `{}` has no contents", input.name))),
+    };
     let elements: i64 = input.shape.iter().product();
-    if elements != 1 {
+    if elements != items.len() as i64 {
         return Err(invalid(format!(
-            "input `{}` must hold one prompt (shape [1]), got shape {:?}",
-            input.name, input.shape
+            "input `{}` has shape {:?} but holds {} elements",
+            input.name,
+            input.shape,
+            items.len()
         )));
     }
-    let bytes = match (&input.contents, req.raw_input_contents.get(index)) {
-        (_, Some(raw)) => {
-            let len = raw
-                .get(..4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
-            match len {
-                Some(len) if raw.len() == 4 + len => raw[4..].to_vec(),
-                _ => {
-                    return Err(invalid(
-                        "raw_input_contents: a BYTES element is a 4-byte length and that many bytes",
-                    ));
-                }
-            }
-        }
-        (Some(contents), None) if contents.bytes_contents.len() == 1 => contents.bytes_contents[0].clone(),
-        _ => return Err(invalid(format!("input `{}` has no contents", input.name))),
-    };
-    String::from_utf8(bytes).map_err(|_| invalid(format!("input `{}` is not valid UTF-8", input.name)))
+    Ok((&input.name, items))
+}
+
+/// The one prompt of a decoder's `ModelInfer`.
+fn text_input(req: &ModelInferRequest) -> Result<String, InferError> {
+    let (name, items) = bytes_input(req)?;
+    if items.len() != 1 {
+        return Err(invalid(format!(
+            "input `{name}` must hold one prompt (shape [1]), got {}",
+            items.len()
+        )));
+    }
+    Ok(utf8_texts(name, items)?.remove(0))
 }
 
 fn int_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<Option<i64>, InferError> {
@@ -116,7 +118,7 @@ fn float_param(params: &HashMap<String, InferParameter>, key: &'static str) -> R
     }
 }
 
-fn bool_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<bool, InferError> {
+pub(super) fn bool_param(params: &HashMap<String, InferParameter>, key: &'static str) -> Result<bool, InferError> {
     match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
         None => Ok(false),
         Some(ParameterChoice::BoolParam(v)) => Ok(*v),
