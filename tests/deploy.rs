@@ -215,7 +215,7 @@ async fn the_cuda_images_environment_puts_models_on_the_gpu_provider() {
     let r = reqwest::get(server.url("/v2/models/gpu/ready")).await.unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
-    let message = body["error"]["message"].as_str().unwrap().to_lowercase();
+    let message = body["error"].as_str().unwrap().to_lowercase();
     assert!(message.contains("cuda"), "{body}");
 }
 
