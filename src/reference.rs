@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use candle_transformers::models::{bert, llama, qwen2};
+use candle_transformers::models::{bert, llama, qwen2, xlm_roberta};
 
 use crate::checkpoint::{Checkpoint, DecoderConfig, EncoderConfig, EncoderHead, Family, ModelConfig, RopeScaling};
 
@@ -58,7 +58,7 @@ impl ReferenceDecoder {
                 let model = llama::Llama::load(vb, &config)?;
                 DecoderImpl::Llama { model, config }
             }
-            Family::Bert => bail!("BERT is not a decoder"),
+            Family::Bert | Family::XlmRoberta => bail!("{} is an encoder, not a decoder", dir.display()),
         };
         Ok(Self { inner })
     }
@@ -184,12 +184,24 @@ fn llama_config(c: &DecoderConfig) -> llama::Config {
     }
 }
 
-/// A BERT encoder from `candle-transformers` with the classification head on top (none for
-/// a bare `BertModel`).
+/// An encoder from `candle-transformers` (its BERT or XLM-RoBERTa) with the task head on top
+/// (none for a bare model).
 pub struct ReferenceEncoder {
-    model: bert::BertModel,
-    pooler: Option<Linear>,
-    classifier: Option<Linear>,
+    inner: EncoderImpl,
+}
+
+enum EncoderImpl {
+    Bert {
+        model: bert::BertModel,
+        pooler: Option<Linear>,
+        classifier: Option<Linear>,
+    },
+    /// candle's own XLM-RoBERTa classification head.
+    XlmRobertaSequence(xlm_roberta::XLMRobertaForSequenceClassification),
+    XlmRoberta {
+        model: xlm_roberta::XLMRobertaModel,
+        classifier: Option<Linear>,
+    },
 }
 
 impl ReferenceEncoder {
@@ -200,24 +212,49 @@ impl ReferenceEncoder {
             bail!("{} is not an encoder", dir.display())
         };
         let vb = var_builder(&ckpt)?;
-        let model = bert::BertModel::load(vb.clone(), &bert_config(c)).context("loading BERT")?;
-        let pooler = match c.head {
-            EncoderHead::SequenceClassification => Some(candle_nn::linear(
-                c.hidden_size,
-                c.hidden_size,
-                vb.pp("bert.pooler.dense"),
-            )?),
-            EncoderHead::TokenClassification | EncoderHead::Embeddings => None,
-        };
         let classifier = match c.head {
-            EncoderHead::Embeddings => None,
-            _ => Some(candle_nn::linear(c.hidden_size, c.labels.len(), vb.pp("classifier"))?),
+            EncoderHead::TokenClassification => {
+                Some(candle_nn::linear(c.hidden_size, c.labels.len(), vb.pp("classifier"))?)
+            }
+            _ => None,
         };
-        Ok(Self {
-            model,
-            pooler,
-            classifier,
-        })
+        let inner = match (c.family, c.head) {
+            (Family::XlmRoberta, EncoderHead::SequenceClassification) => EncoderImpl::XlmRobertaSequence(
+                xlm_roberta::XLMRobertaForSequenceClassification::new(c.labels.len(), &xlm_roberta_config(c), vb)
+                    .context("loading XLM-RoBERTa")?,
+            ),
+            (Family::XlmRoberta, _) => {
+                let body = match c.head {
+                    EncoderHead::Embeddings => vb,
+                    _ => vb.pp("roberta"),
+                };
+                EncoderImpl::XlmRoberta {
+                    model: xlm_roberta::XLMRobertaModel::new(&xlm_roberta_config(c), body)
+                        .context("loading XLM-RoBERTa")?,
+                    classifier,
+                }
+            }
+            _ => {
+                let model = bert::BertModel::load(vb.clone(), &bert_config(c)).context("loading BERT")?;
+                let (pooler, classifier) = match c.head {
+                    EncoderHead::SequenceClassification => (
+                        Some(candle_nn::linear(
+                            c.hidden_size,
+                            c.hidden_size,
+                            vb.pp("bert.pooler.dense"),
+                        )?),
+                        Some(candle_nn::linear(c.hidden_size, c.labels.len(), vb.pp("classifier"))?),
+                    ),
+                    _ => (None, classifier),
+                };
+                EncoderImpl::Bert {
+                    model,
+                    pooler,
+                    classifier,
+                }
+            }
+        };
+        Ok(Self { inner })
     }
 
     /// Logits of one unpadded sequence: `[labels]` (one row) for sequence classification,
@@ -227,13 +264,48 @@ impl ReferenceEncoder {
         let dev = Device::Cpu;
         let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
         let types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &types, None)?.squeeze(0)?;
-        let logits = match (&self.pooler, &self.classifier) {
-            (Some(pooler), Some(classifier)) => hidden.i(0..1)?.apply(pooler)?.tanh()?.apply(classifier)?,
-            (_, Some(classifier)) => hidden.apply(classifier)?,
-            (_, None) => hidden,
+        let mask = ids.ones_like()?;
+        let logits = match &self.inner {
+            EncoderImpl::Bert {
+                model,
+                pooler,
+                classifier,
+            } => {
+                let hidden = model.forward(&ids, &types, None)?.squeeze(0)?;
+                match (pooler, classifier) {
+                    (Some(pooler), Some(classifier)) => hidden.i(0..1)?.apply(pooler)?.tanh()?.apply(classifier)?,
+                    (_, Some(classifier)) => hidden.apply(classifier)?,
+                    (_, None) => hidden,
+                }
+            }
+            EncoderImpl::XlmRobertaSequence(model) => model.forward(&ids, &mask, &types)?,
+            EncoderImpl::XlmRoberta { model, classifier } => {
+                let hidden = model.forward(&ids, &mask, &types, None, None, None)?.squeeze(0)?;
+                match classifier {
+                    Some(classifier) => hidden.apply(classifier)?,
+                    None => hidden,
+                }
+            }
         };
         Ok(logits.to_vec2::<f32>()?)
+    }
+}
+
+fn xlm_roberta_config(c: &EncoderConfig) -> xlm_roberta::Config {
+    xlm_roberta::Config {
+        hidden_size: c.hidden_size,
+        layer_norm_eps: c.layer_norm_eps,
+        attention_probs_dropout_prob: 0.0,
+        hidden_dropout_prob: 0.0,
+        num_attention_heads: c.num_heads,
+        position_embedding_type: "absolute".into(),
+        intermediate_size: c.intermediate_size,
+        hidden_act: candle_nn::Activation::Gelu,
+        num_hidden_layers: c.num_layers,
+        vocab_size: c.vocab_size,
+        max_position_embeddings: c.max_position_embeddings,
+        type_vocab_size: c.type_vocab_size,
+        pad_token_id: c.pad_token_id,
     }
 }
 

@@ -8,20 +8,20 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::server::{TestServer, add_version};
+use common::server::{EncoderSpec, TestServer, add_version};
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::{EncoderSession, SessionOptions};
-use distill_serve::export::{self, ExternalData, MODEL_FILE, Precision};
+use distill_serve::export::{MODEL_FILE, Precision};
 use distill_serve::reference::max_abs_diff;
-use distill_serve::tiny::{BertHeadArg, TinySpec, write_tiny};
+use distill_serve::tiny::BertHeadArg;
 use ndarray::Array2;
 use serde_json::{Value, json};
 
 const NER_LABELS: [&str; 5] = ["O", "B-ORG", "I-ORG", "B-MONEY", "I-MONEY"];
 const ICD_LABELS: [&str; 3] = ["I10", "E11.9", "J45.909"];
 
-/// Writes version 1 of encoder `name`: a tiny BERT with `head` and `labels` (written into its
-/// `config.json` as `id2label`), multi-label when `multi_label`, exported in FP32.
+/// Writes version 1 of BERT encoder `name` with `head` and `labels`, multi-label when
+/// `multi_label`, exported in FP32.
 fn add_encoder(repo: &Path, name: &str, head: BertHeadArg, labels: &[&str], multi_label: bool) {
     add_encoder_at(repo, name, head, labels, multi_label, Precision::Fp32);
 }
@@ -34,25 +34,14 @@ fn add_encoder_at(
     multi_label: bool,
     precision: Precision,
 ) {
-    let work = tempfile::tempdir().unwrap();
-    let mut spec = TinySpec::new(Family::Bert, 7);
-    spec.bert_head = head;
-    spec.num_labels = labels.len();
-    spec.init_std = Some(0.2);
-    write_tiny(&spec, work.path()).unwrap();
-    let config_path = work.path().join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    let id2label: BTreeMap<String, &str> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), *l)).collect();
-    if head != BertHeadArg::Embedding {
-        config["id2label"] = json!(id2label);
-    }
-    if multi_label {
-        config["problem_type"] = json!("multi_label_classification");
-    }
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let out = repo.join(name).join("1");
-    export::export(work.path(), &out, precision, ExternalData::Never).unwrap();
-    std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
+    let spec = EncoderSpec {
+        family: Family::Bert,
+        head,
+        labels,
+        multi_label,
+        precision,
+    };
+    common::server::add_encoder(repo, name, &spec);
 }
 
 fn server() -> TestServer {

@@ -57,44 +57,65 @@ fn transformers_5x_layout_sharded_untied_qwen2_matches_candle() {
     });
 }
 
-fn assert_encoder_matches_reference(head: BertHeadArg) {
-    let st = student(Family::Bert, 3, |s| s.bert_head = head);
+fn assert_encoder_matches_reference(family: Family, head: BertHeadArg, padding: Padding, pad_id: u32) {
+    let st = student(family, 3, |s| s.bert_head = head);
     let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
     let reference = ReferenceEncoder::load(&st.checkpoint).unwrap();
     let mut session = st.encoder("fp32", Precision::Fp32);
-    let (ids, mask, _) = pad(&seqs, Padding::Right, 0);
+    let (ids, mask, _) = pad(&seqs, padding, pad_id);
     let logits = session.forward(&ids, &mask).unwrap();
+    let longest = ids.ncols();
     for (b, seq) in seqs.iter().enumerate() {
         let want = reference.logits(seq).unwrap();
+        let start = match padding {
+            Padding::Left => longest - seq.len(),
+            Padding::Right => 0,
+        };
         let got: Vec<Vec<f32>> = match head {
             BertHeadArg::Sequence => vec![logits.slice(s![b, ..]).to_vec()],
-            BertHeadArg::Token | BertHeadArg::Embedding => {
-                (0..seq.len()).map(|i| logits.slice(s![b, i, ..]).to_vec()).collect()
-            }
+            BertHeadArg::Token | BertHeadArg::Embedding => (start..start + seq.len())
+                .map(|i| logits.slice(s![b, i, ..]).to_vec())
+                .collect(),
         };
         assert_eq!(got.len(), want.len());
         for (got, want) in got.iter().zip(&want) {
             let diff = max_abs_diff(got, want);
-            assert!(diff < TOLERANCE, "{head:?} seq {b}: max abs diff {diff}");
+            assert!(
+                diff < TOLERANCE,
+                "{family:?} {head:?} {padding:?} seq {b}: max abs diff {diff}"
+            );
         }
     }
 }
 
 #[test]
 fn bert_sequence_classifier_matches_candle_on_padded_batch() {
-    assert_encoder_matches_reference(BertHeadArg::Sequence);
+    assert_encoder_matches_reference(Family::Bert, BertHeadArg::Sequence, Padding::Right, 0);
 }
 
 #[test]
 fn bert_token_classifier_matches_candle_on_padded_batch() {
-    assert_encoder_matches_reference(BertHeadArg::Token);
+    assert_encoder_matches_reference(Family::Bert, BertHeadArg::Token, Padding::Right, 0);
 }
 
 /// A bare `BertModel` (tensors without the `bert.` prefix, as sentence-transformers saves
 /// them): the last hidden states of every real position.
 #[test]
 fn bert_embedding_model_matches_candle_on_padded_batch() {
-    assert_encoder_matches_reference(BertHeadArg::Embedding);
+    assert_encoder_matches_reference(Family::Bert, BertHeadArg::Embedding, Padding::Right, 0);
+}
+
+/// XLM-RoBERTa against candle's own implementation (its classification head, positions
+/// counted from the padding id): each head, padded with `<pad>` (id 1); per-token heads also
+/// padded on the left (a sequence head reads the first token, which must be real).
+#[test]
+fn xlm_roberta_heads_match_candle_on_padded_batches() {
+    assert_encoder_matches_reference(Family::XlmRoberta, BertHeadArg::Sequence, Padding::Right, 1);
+    for head in [BertHeadArg::Token, BertHeadArg::Embedding] {
+        for padding in [Padding::Right, Padding::Left] {
+            assert_encoder_matches_reference(Family::XlmRoberta, head, padding, 1);
+        }
+    }
 }
 
 /// 16 decode steps with the KV cache give the logits of recomputing the whole sequence, on a

@@ -16,7 +16,7 @@ const MAX_MEAN_KL: f32 = 0.01;
 fn compare(st: &Student, family: Family, int8: Precision) -> (f32, f32) {
     let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
     let rows = |precision: Precision, label: &str| -> Vec<Vec<f32>> {
-        if family == Family::Bert {
+        if family.is_encoder() {
             let mut s = st.encoder(label, precision);
             let (ids, mask, _) = pad(&seqs, Padding::Right, 0);
             let logits = s.forward(&ids, &mask).unwrap();
@@ -70,6 +70,11 @@ fn llama_int8_stays_close_to_fp32() {
 #[test]
 fn bert_int8_stays_close_to_fp32() {
     assert_close(Family::Bert, ShapePreset::Tiny, Int8Format::MatMulInteger);
+}
+
+#[test]
+fn xlm_roberta_int8_stays_close_to_fp32() {
+    assert_close(Family::XlmRoberta, ShapePreset::Tiny, Int8Format::MatMulInteger);
 }
 
 #[test]

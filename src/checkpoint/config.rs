@@ -19,8 +19,11 @@ pub enum Family {
     Qwen2,
     /// Llama decoders (no bias): the R1-Distill-Llama students.
     Llama,
-    /// BERT-style encoders with a classification head.
+    /// BERT encoders (a task head, or none as sentence-transformers saves them).
     Bert,
+    /// XLM-RoBERTa (and RoBERTa) encoders: BERT's layers, positions counted after the padding
+    /// id, a classification head of its own; the multilingual (zh/en) students.
+    XlmRoberta,
 }
 
 impl Family {
@@ -30,7 +33,13 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Llama => "llama",
             Family::Bert => "bert",
+            Family::XlmRoberta => "xlm-roberta",
         }
+    }
+
+    /// Whether this family is an encoder (BERT, XLM-RoBERTa).
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Family::Bert | Family::XlmRoberta)
     }
 
     fn from_model_type(model_type: &str) -> Option<Self> {
@@ -38,6 +47,7 @@ impl Family {
             "qwen2" => Some(Family::Qwen2),
             "llama" => Some(Family::Llama),
             "bert" => Some(Family::Bert),
+            "xlm-roberta" | "roberta" => Some(Family::XlmRoberta),
             _ => None,
         }
     }
@@ -46,7 +56,7 @@ impl Family {
 impl std::str::FromStr for Family {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Family::from_model_type(s).ok_or_else(|| format!("unknown family {s:?} (qwen2, llama, bert)"))
+        Family::from_model_type(s).ok_or_else(|| format!("unknown family {s:?} (qwen2, llama, bert, xlm-roberta)"))
     }
 }
 
@@ -148,9 +158,13 @@ pub enum EncoderHead {
     Embeddings,
 }
 
-/// A BERT-style encoder with a classification head.
+/// A BERT-style encoder (BERT or XLM-RoBERTa) with its head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
+    /// [`Family::Bert`] or [`Family::XlmRoberta`].
+    pub family: Family,
+    /// The padding token (`pad_token_id`); XLM-RoBERTa counts positions from the one after it.
+    pub pad_token_id: u32,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -167,13 +181,27 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
-    /// The prefix of its encoder's tensor names: `bert.` under a task head, none in a bare
-    /// `BertModel`.
+    /// The prefix of its encoder's tensor names: `bert.` or `roberta.` under a task head, none
+    /// in a bare model (`BertModel`, `XLMRobertaModel`).
     pub fn prefix(&self) -> &'static str {
-        match self.head {
-            EncoderHead::Embeddings => "",
+        match (self.head, self.family) {
+            (EncoderHead::Embeddings, _) => "",
+            (_, Family::XlmRoberta) => "roberta.",
             _ => "bert.",
         }
+    }
+
+    /// The first position id: XLM-RoBERTa numbers positions from `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.family {
+            Family::XlmRoberta => self.pad_token_id as usize + 1,
+            _ => 0,
+        }
+    }
+
+    /// The longest input its position table holds.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.position_offset())
     }
 }
 
@@ -189,7 +217,7 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Decoder(d) => d.family,
-            ModelConfig::Encoder(_) => Family::Bert,
+            ModelConfig::Encoder(c) => c.family,
         }
     }
 
@@ -204,12 +232,12 @@ impl ModelConfig {
         let model_type = fields.str("model_type")?;
         let family = Family::from_model_type(model_type).ok_or_else(|| {
             CheckpointError::Config(format!(
-                "field `model_type` is {model_type:?}; supported: qwen2, llama, bert"
+                "field `model_type` is {model_type:?}; supported: qwen2, llama, bert, xlm-roberta"
             ))
         })?;
         match family {
             Family::Qwen2 | Family::Llama => parse_decoder(family, &fields).map(ModelConfig::Decoder),
-            Family::Bert => parse_encoder(&fields).map(ModelConfig::Encoder),
+            Family::Bert | Family::XlmRoberta => parse_encoder(family, &fields).map(ModelConfig::Encoder),
         }
     }
 }
@@ -376,18 +404,23 @@ fn parse_decoder(family: Family, f: &Fields) -> Result<DecoderConfig, Checkpoint
     })
 }
 
-fn parse_encoder(f: &Fields) -> Result<EncoderConfig, CheckpointError> {
+fn parse_encoder(family: Family, f: &Fields) -> Result<EncoderConfig, CheckpointError> {
     let architecture = match f.get("architectures").and_then(Value::as_array) {
         Some(list) => list.first().and_then(Value::as_str).unwrap_or_default().to_string(),
         None => String::new(),
     };
-    let head = match architecture.as_str() {
-        "BertForSequenceClassification" => EncoderHead::SequenceClassification,
-        "BertForTokenClassification" => EncoderHead::TokenClassification,
-        "BertModel" => EncoderHead::Embeddings,
-        other => {
+    let stem = match family {
+        Family::XlmRoberta if architecture.starts_with("Roberta") => "Roberta",
+        Family::XlmRoberta => "XLMRoberta",
+        _ => "Bert",
+    };
+    let head = match architecture.strip_prefix(stem) {
+        Some("ForSequenceClassification") => EncoderHead::SequenceClassification,
+        Some("ForTokenClassification") => EncoderHead::TokenClassification,
+        Some("Model") => EncoderHead::Embeddings,
+        _ => {
             return Err(CheckpointError::Config(format!(
-                "field `architectures` is {other:?}; supported: BertForSequenceClassification, BertForTokenClassification, BertModel"
+                "field `architectures` is {architecture:?}; supported: {stem}ForSequenceClassification, {stem}ForTokenClassification, {stem}Model"
             )));
         }
     };
@@ -417,7 +450,13 @@ fn parse_encoder(f: &Fields) -> Result<EncoderConfig, CheckpointError> {
             (0..n).map(|i| format!("LABEL_{i}")).collect()
         }
     };
+    let default_pad = match family {
+        Family::XlmRoberta => 1,
+        _ => 0,
+    };
     Ok(EncoderConfig {
+        family,
+        pad_token_id: f.opt_usize("pad_token_id")?.map_or(default_pad, |n| n as u32),
         vocab_size: f.usize("vocab_size")?,
         hidden_size: f.usize("hidden_size")?,
         intermediate_size: f.usize("intermediate_size")?,

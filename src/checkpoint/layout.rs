@@ -3,7 +3,7 @@
 //! One list serves three users: [`super::Checkpoint::open`] validates against it, the `tiny`
 //! generator fills it with random values, and the exporter reads it.
 
-use super::{DecoderConfig, EncoderConfig, EncoderHead, ModelConfig};
+use super::{DecoderConfig, EncoderConfig, EncoderHead, Family, ModelConfig};
 
 /// What a tensor does, which decides how it is initialised and quantised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,12 +124,16 @@ fn encoder_specs(c: &EncoderConfig, s: &mut Specs) {
         s.linear(&format!("{p}.output.dense"), h, c.intermediate_size, true);
         s.layer_norm(&format!("{p}.output.LayerNorm"), h);
     }
-    match c.head {
-        EncoderHead::SequenceClassification => {
+    match (c.head, c.family) {
+        (EncoderHead::SequenceClassification, Family::XlmRoberta) => {
+            s.linear("classifier.dense", h, h, true);
+            s.linear("classifier.out_proj", c.labels.len(), h, true);
+        }
+        (EncoderHead::SequenceClassification, _) => {
             s.linear("bert.pooler.dense", h, h, true);
             s.linear("classifier", c.labels.len(), h, true);
         }
-        EncoderHead::TokenClassification => s.linear("classifier", c.labels.len(), h, true),
-        EncoderHead::Embeddings => {}
+        (EncoderHead::TokenClassification, _) => s.linear("classifier", c.labels.len(), h, true),
+        (EncoderHead::Embeddings, _) => {}
     }
 }

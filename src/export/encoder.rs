@@ -1,12 +1,12 @@
-//! The encoder graph (BERT): `input_ids`, `attention_mask`, `token_type_ids` -> `logits`
-//! (`[batch, labels]` for sequence classification, `[batch, seq, labels]` per token), or
-//! `last_hidden_state` (`[batch, seq, hidden]`) for a bare `BertModel`.
+//! The encoder graph (BERT, XLM-RoBERTa): `input_ids`, `attention_mask`, `token_type_ids` ->
+//! `logits` (`[batch, labels]` for sequence classification, `[batch, seq, labels]` per token),
+//! or `last_hidden_state` (`[batch, seq, hidden]`) for a bare model.
 
 use anyhow::Result;
 
 use super::emit::Emitter;
 use super::graph::{Attr, Dim, Elem};
-use crate::checkpoint::{EncoderConfig, EncoderHead};
+use crate::checkpoint::{EncoderConfig, EncoderHead, Family};
 
 /// Emits the whole encoder graph and declares its inputs and outputs.
 pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
@@ -26,12 +26,33 @@ pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
 
     let emb = &format!("{}embeddings", c.prefix());
     let words = e.embedding("input_ids", &format!("{emb}.word_embeddings.weight"), true)?;
-    let types = e.embedding("token_type_ids", &format!("{emb}.token_type_embeddings.weight"), false)?;
-    let shape = e.b.op("Shape", &["input_ids"], vec![]);
-    let idx1 = e.b.scalar_i64(1);
-    let seq_len = e.b.op("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
-    let (zero, one) = (e.b.scalar_i64(0), e.b.scalar_i64(1));
-    let positions = e.b.op("Range", &[&zero, &seq_len, &one], vec![]);
+    // A one-row type table (XLM-RoBERTa) is added to every token whatever ids arrive.
+    let type_ids = match c.type_vocab_size {
+        1 => {
+            let zero = e.b.scalar_i64(0);
+            e.b.op("Mul", &["token_type_ids", &zero], vec![])
+        }
+        _ => "token_type_ids".to_string(),
+    };
+    let types = e.embedding(&type_ids, &format!("{emb}.token_type_embeddings.weight"), false)?;
+    let positions = match c.family {
+        // As transformers numbers them: real tokens count on from `pad_token_id + 1`,
+        // padding sits at `pad_token_id`, whichever side it is on.
+        Family::XlmRoberta => {
+            let axis = e.b.scalar_i64(1);
+            let counted = e.b.op("CumSum", &["attention_mask", &axis], vec![]);
+            let counted = e.b.op("Mul", &[&counted, "attention_mask"], vec![]);
+            let pad = e.b.scalar_i64(i64::from(c.pad_token_id));
+            e.b.op("Add", &[&counted, &pad], vec![])
+        }
+        _ => {
+            let shape = e.b.op("Shape", &["input_ids"], vec![]);
+            let idx1 = e.b.scalar_i64(1);
+            let seq_len = e.b.op("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
+            let (zero, one) = (e.b.scalar_i64(0), e.b.scalar_i64(1));
+            e.b.op("Range", &[&zero, &seq_len, &one], vec![])
+        }
+    };
     let pos = e.embedding(&positions, &format!("{emb}.position_embeddings.weight"), false)?;
     let x = e.b.op("Add", &[&words, &types], vec![]);
     let x = e.b.op("Add", &[&x, &pos], vec![]);
@@ -49,11 +70,17 @@ pub fn build(e: &mut Emitter, c: &EncoderConfig) -> Result<()> {
     }
     let (output, logits) = match c.head {
         EncoderHead::SequenceClassification => {
+            // Dense + tanh on the first token, then the classifier: BERT's pooler, or
+            // XLM-RoBERTa's classification head.
+            let (dense, out) = match c.family {
+                Family::XlmRoberta => ("classifier.dense", "classifier.out_proj"),
+                _ => ("bert.pooler.dense", "classifier"),
+            };
             let first = e.b.scalar_i64(0);
             let cls = e.b.op("Gather", &[&x, &first], vec![("axis", Attr::Int(1))]);
-            let pooled = e.linear(&cls, "bert.pooler.dense", true)?;
+            let pooled = e.linear(&cls, dense, true)?;
             let pooled = e.b.op("Tanh", &[&pooled], vec![]);
-            ("logits", e.linear(&pooled, "classifier", true)?)
+            ("logits", e.linear(&pooled, out, true)?)
         }
         EncoderHead::TokenClassification => ("logits", e.linear(&x, "classifier", true)?),
         EncoderHead::Embeddings => ("last_hidden_state", x),

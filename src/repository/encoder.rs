@@ -48,7 +48,8 @@ pub struct EncoderVersion {
     pub task: EncoderTask,
     /// Label names by index (`id2label`).
     pub labels: Vec<String>,
-    /// Longest input in tokens, special tokens included (`max_position_embeddings`).
+    /// Longest input in tokens, special tokens included (the position table's length, less
+    /// XLM-RoBERTa's offset).
     pub max_length: usize,
     /// Embedding models: how states are pooled, and whether the result is normalised
     /// (a `Normalize` module in `modules.json`).
@@ -90,9 +91,7 @@ pub fn open(
         device_id: limits.device_id,
     };
     let session = EncoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
-    let max_length = config
-        .max_position_embeddings
-        .min(files.model_max_length.unwrap_or(usize::MAX));
+    let max_length = config.max_tokens().min(files.model_max_length.unwrap_or(usize::MAX));
     let mut batch = limits.batch.clone();
     batch.buckets.retain(|&b| b < max_length);
     batch.buckets.push(max_length);

@@ -91,10 +91,10 @@ pub struct TinySpec {
     /// RoPE base frequency (decoders).
     #[arg(long, default_value_t = 10_000.0)]
     pub rope_theta: f64,
-    /// Head of a BERT student.
+    /// Head of an encoder student (BERT or XLM-RoBERTa).
     #[arg(long, value_enum, default_value = "sequence")]
     pub bert_head: BertHeadArg,
-    /// Number of labels of a BERT student.
+    /// Number of labels of an encoder student.
     #[arg(long, default_value_t = 3)]
     pub num_labels: usize,
     /// Number of safetensors shards (1 writes `model.safetensors`).
@@ -195,15 +195,21 @@ impl TinySpec {
                 bos_token_id: None,
                 eos_token_ids: vec![tokenizer::IM_END_ID, tokenizer::ENDOFTEXT_ID],
             }),
-            Family::Bert => ModelConfig::Encoder(EncoderConfig {
+            Family::Bert | Family::XlmRoberta => ModelConfig::Encoder(EncoderConfig {
+                family: self.family,
+                pad_token_id: match self.family {
+                    Family::XlmRoberta => tokenizer::XLM_ROBERTA_PAD_ID,
+                    _ => tokenizer::BERT_PAD_ID,
+                },
                 vocab_size,
                 hidden_size,
                 intermediate_size: self.intermediate_size.unwrap_or(i),
                 num_layers: self.num_layers.unwrap_or(l),
                 num_heads,
-                max_position_embeddings: 512,
-                type_vocab_size: 2,
-                layer_norm_eps: 1e-12,
+                // XLM-RoBERTa's table starts after the padding id: 514 rows hold 512 tokens.
+                max_position_embeddings: if self.family == Family::XlmRoberta { 514 } else { 512 },
+                type_vocab_size: if self.family == Family::XlmRoberta { 1 } else { 2 },
+                layer_norm_eps: if self.family == Family::XlmRoberta { 1e-5 } else { 1e-12 },
                 head: match self.bert_head {
                     BertHeadArg::Sequence => EncoderHead::SequenceClassification,
                     BertHeadArg::Token => EncoderHead::TokenClassification,
@@ -294,10 +300,14 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
             v
         }
         ModelConfig::Encoder(c) => {
+            let stem = match c.family {
+                Family::XlmRoberta => "XLMRoberta",
+                _ => "Bert",
+            };
             let architecture = match c.head {
-                EncoderHead::SequenceClassification => "BertForSequenceClassification",
-                EncoderHead::TokenClassification => "BertForTokenClassification",
-                EncoderHead::Embeddings => "BertModel",
+                EncoderHead::SequenceClassification => format!("{stem}ForSequenceClassification"),
+                EncoderHead::TokenClassification => format!("{stem}ForTokenClassification"),
+                EncoderHead::Embeddings => format!("{stem}Model"),
             };
             let id2label: serde_json::Map<String, serde_json::Value> = c
                 .labels
@@ -307,7 +317,7 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
                 .collect();
             let mut v = json!({
                 "architectures": [architecture],
-                "model_type": "bert",
+                "model_type": c.family.model_type(),
                 "vocab_size": c.vocab_size,
                 "hidden_size": c.hidden_size,
                 "intermediate_size": c.intermediate_size,
@@ -317,7 +327,7 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
                 "max_position_embeddings": c.max_position_embeddings,
                 "type_vocab_size": c.type_vocab_size,
                 "layer_norm_eps": c.layer_norm_eps,
-                "pad_token_id": tokenizer::BERT_PAD_ID,
+                "pad_token_id": c.pad_token_id,
                 "id2label": id2label,
             });
             if c.multi_label {

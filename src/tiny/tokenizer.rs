@@ -1,5 +1,6 @@
-//! A byte-level BPE tokenizer trained with the `tokenizers` crate on the corpus the repository
-//! ships, with the special tokens and chat template of a ChatML (Qwen-style) student.
+//! Tokenizers trained with the `tokenizers` crate on the corpus the repository ships: byte-level
+//! BPE with the special tokens and chat template of a ChatML (Qwen-style) student or with BERT's
+//! specials, and a SentencePiece-style unigram model with XLM-RoBERTa's specials.
 
 use std::path::Path;
 
@@ -7,7 +8,9 @@ use anyhow::{Result, anyhow};
 use serde_json::json;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -28,6 +31,10 @@ pub const ENDOFTEXT_ID: u32 = 0;
 pub const IM_END_ID: u32 = 2;
 /// Id of `[PAD]` in encoder tokenizers.
 pub const BERT_PAD_ID: u32 = 0;
+/// Special tokens of XLM-RoBERTa students, in id order (as `xlm-roberta-base` numbers them).
+const XLM_ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
+/// Id of `<pad>` in XLM-RoBERTa tokenizers.
+pub const XLM_ROBERTA_PAD_ID: u32 = 1;
 
 /// The ChatML template, as Qwen2 students carry it.
 pub const CHAT_TEMPLATE: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
@@ -46,6 +53,9 @@ pub struct TinyTokenizer {
 /// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on `corpus` (the shipped
 /// corpus when `None`).
 pub fn train_tokenizer(family: Family, vocab_size: usize, corpus: Option<&str>) -> Result<TinyTokenizer> {
+    if family == Family::XlmRoberta {
+        return train_unigram(vocab_size, corpus);
+    }
     let specials: &[&str] = if family == Family::Bert {
         &ENCODER_SPECIALS
     } else {
@@ -86,6 +96,46 @@ pub fn train_tokenizer(family: Family, vocab_size: usize, corpus: Option<&str>) 
     })
 }
 
+/// A unigram model over metaspace-split words (`▁` marks a word start), as XLM-RoBERTa's
+/// SentencePiece tokenizer: pieces of Chinese and English, `<unk>` for characters the corpus
+/// lacks, `<s> A </s>` and `<s> A </s></s> B </s>` around inputs, every type id 0.
+fn train_unigram(vocab_size: usize, corpus: Option<&str>) -> Result<TinyTokenizer> {
+    let mut trainer: TrainerWrapper = UnigramTrainerBuilder::default()
+        .vocab_size(vocab_size as u32)
+        .show_progress(false)
+        .special_tokens(
+            XLM_ROBERTA_SPECIALS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
+        .unk_token(Some("<unk>".into()))
+        .build()
+        .map_err(|e| anyhow!("unigram trainer: {e}"))?
+        .into();
+    let mut tokenizer = Tokenizer::new(Unigram::default());
+    let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
+    tokenizer.with_pre_tokenizer(Some(metaspace.clone()));
+    tokenizer.with_decoder(Some(metaspace));
+    tokenizer
+        .train(&mut trainer, corpus.unwrap_or(CORPUS).lines())
+        .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    let post = TemplateProcessing::builder()
+        .try_single("<s> $A </s>")
+        .and_then(|b| b.try_pair("<s> $A </s> </s> $B </s>"))
+        .map_err(|e| anyhow!("tokenizer template: {e}"))?
+        .special_tokens(vec![("<s>", 0), ("</s>", 2)])
+        .build()
+        .map_err(|e| anyhow!("tokenizer template: {e}"))?;
+    tokenizer.with_post_processor(Some(post));
+    let vocab_size = tokenizer.get_vocab_size(true);
+    Ok(TinyTokenizer {
+        tokenizer,
+        vocab_size,
+        family: Family::XlmRoberta,
+    })
+}
+
 impl TinyTokenizer {
     /// Writes `tokenizer.json`, `tokenizer_config.json` and, in the 5.x layout,
     /// `chat_template.jinja`.
@@ -93,23 +143,28 @@ impl TinyTokenizer {
         self.tokenizer
             .save(out.join("tokenizer.json"), true)
             .map_err(|e| anyhow!("writing tokenizer.json: {e}"))?;
-        let mut config = if self.family == Family::Bert {
-            json!({
+        let mut config = match self.family {
+            Family::XlmRoberta => json!({
+                "tokenizer_class": "XLMRobertaTokenizer",
+                "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>",
+                "model_max_length": 512,
+            }),
+            Family::Bert => json!({
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                 "sep_token": "[SEP]", "mask_token": "[MASK]",
                 "model_max_length": 512,
-            })
-        } else {
-            json!({
+            }),
+            _ => json!({
                 "tokenizer_class": "Qwen2Tokenizer",
                 "bos_token": null,
                 "eos_token": "<|im_end|>",
                 "pad_token": "<|endoftext|>",
                 "model_max_length": 2048,
-            })
+            }),
         };
-        if self.family != Family::Bert {
+        if !self.family.is_encoder() {
             match format {
                 TransformersFormat::V4 => config["chat_template"] = json!(CHAT_TEMPLATE),
                 TransformersFormat::V5 => std::fs::write(out.join("chat_template.jinja"), CHAT_TEMPLATE)?,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use distill_serve::checkpoint::Family;
 use distill_serve::export::{self, ExternalData, Form, Precision};
-use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use distill_serve::tiny::{BertHeadArg, ShapePreset, TinySpec, write_tiny};
 use tempfile::TempDir;
 
 /// Admin token the test servers use.
@@ -67,6 +67,45 @@ pub fn add_trainable_form(repo: &Path, name: &str, version: u32, seed: u64, form
     spec.init_std = Some(0.3);
     write_tiny(&spec, &checkpoint).unwrap();
     export::export_form(&checkpoint, &out, Precision::DEFAULT_INT8, ExternalData::Never, form).unwrap();
+    std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
+}
+
+/// An encoder version to write with [`add_encoder`].
+pub struct EncoderSpec<'a> {
+    pub family: Family,
+    pub head: BertHeadArg,
+    /// Written into `config.json` as `id2label` (not for an embedding model).
+    pub labels: &'a [&'a str],
+    pub multi_label: bool,
+    pub precision: Precision,
+}
+
+/// Writes version 1 of encoder `name`: a tiny student of `spec` (seed 7, wide initial weights
+/// so that outputs differ between inputs), exported.
+pub fn add_encoder(repo: &Path, name: &str, spec: &EncoderSpec) {
+    let work = tempfile::tempdir().unwrap();
+    let mut tiny = TinySpec::new(spec.family, 7);
+    tiny.bert_head = spec.head;
+    tiny.num_labels = spec.labels.len();
+    tiny.init_std = Some(0.2);
+    write_tiny(&tiny, work.path()).unwrap();
+    let config_path = work.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    if spec.head != BertHeadArg::Embedding {
+        let id2label: serde_json::Map<String, serde_json::Value> = spec
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), (*l).into()))
+            .collect();
+        config["id2label"] = id2label.into();
+    }
+    if spec.multi_label {
+        config["problem_type"] = "multi_label_classification".into();
+    }
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = repo.join(name).join("1");
+    export::export(work.path(), &out, spec.precision, ExternalData::Never).unwrap();
     std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
 }
 
