@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use distill_serve::checkpoint::ModelConfig;
 use distill_serve::config::ServeArgs;
 use distill_serve::constrain::{self, DescriptionTypes, SnomedOptions, SourceKind};
 use distill_serve::distill::client::{DistillCommand, ServerArgs};
-use distill_serve::distill::finetune;
 use distill_serve::distill::trainer::TrainConfig;
+use distill_serve::distill::{encoder_train, finetune};
 use distill_serve::doctor::DoctorArgs;
 use distill_serve::export::{self, Activations, Attention, ExternalData, Int8Format, Precision};
+use distill_serve::recipe;
 use distill_serve::telemetry::{TraceLayer, Tracing};
 use distill_serve::tiny::{self, TinySpec};
 use tracing_subscriber::Layer;
@@ -156,6 +158,35 @@ enum RecipeCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// ICD-10-CM chapter classification texts (an encoder student's dataset) from the CMS
+    /// tabular XML: every billable code's description and inclusion terms, labelled with its
+    /// chapter's range; one category in `--held-out-every` held out whole.
+    IcdChapters {
+        #[arg(long)]
+        xml: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        held_out_every: usize,
+        #[arg(long, default_value_t = 50_000)]
+        max_train: usize,
+        #[arg(long, default_value_t = 2_000)]
+        max_held_out: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Chinese/English financial entity texts (companies, amounts, dates) from templates; the
+    /// held-out texts use company names and one template per language never trained on.
+    ZhEnEntities {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5_000)]
+        train: usize,
+        #[arg(long, default_value_t = 500)]
+        held_out: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Args)]
@@ -163,9 +194,13 @@ struct TrainArgs {
     /// Checkpoint folder to start from.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// JSONL prompts with labels.
+    /// JSONL training data: prompts with labels (decoders), or texts with `label`, `labels` or
+    /// `entities` (encoders).
     #[arg(long)]
     data: PathBuf,
+    /// Encoders: held-out JSONL texts, scored before and after training.
+    #[arg(long)]
+    held_out: Option<PathBuf>,
     /// Output checkpoint folder.
     #[arg(long)]
     out: PathBuf,
@@ -245,6 +280,33 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Train(args) => train(args)?,
+        Command::Recipe(RecipeCommand::IcdChapters {
+            xml,
+            out,
+            held_out_every,
+            max_train,
+            max_held_out,
+            seed,
+        }) => {
+            let terminology = constrain::load_icd10cm_xml(&xml)?;
+            let d = recipe::encoders::icd10cm_chapters(&terminology, held_out_every, max_train, max_held_out, seed);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&recipe::write_encoder_dataset(&d, &out)?)?
+            );
+        }
+        Command::Recipe(RecipeCommand::ZhEnEntities {
+            out,
+            train,
+            held_out,
+            seed,
+        }) => {
+            let d = recipe::encoders::zh_en_entities(train, held_out, seed);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&recipe::write_encoder_dataset(&d, &out)?)?
+            );
+        }
         Command::Recipe(RecipeCommand::Icd10cmData {
             xml,
             out,
@@ -323,9 +385,36 @@ fn train(args: TrainArgs) -> Result<()> {
     config.steps = args.steps.unwrap_or(config.steps);
     config.threads = args.threads.unwrap_or(config.threads);
     config.seed = args.seed.unwrap_or(config.seed);
-    let prompts = finetune::read_jsonl(&args.data)?;
     let every = (config.steps / 20).max(1);
     let started = std::time::Instant::now();
+    let config_text = std::fs::read_to_string(args.checkpoint.join("config.json"))?;
+    if let ModelConfig::Encoder(_) = ModelConfig::from_json(&config_text)? {
+        let train = encoder_train::read_labelled(&args.data)?;
+        let held_out = match &args.held_out {
+            Some(path) => encoder_train::read_labelled(path)?,
+            None => Vec::new(),
+        };
+        let report =
+            encoder_train::train_encoder_checkpoint(&args.checkpoint, &train, &held_out, &config, &args.out, |s| {
+                if s.step % every == 0 || s.step == s.steps {
+                    eprintln!(
+                        "step {}/{} loss {:.4} lr {:.2e} ({:.0} s)",
+                        s.step,
+                        s.steps,
+                        s.loss,
+                        s.learning_rate,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            })?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        eprintln!("wrote {}", args.out.display());
+        return Ok(());
+    }
+    if args.held_out.is_some() {
+        anyhow::bail!("--held-out is for encoders; decoders are evaluated by `distill evaluate`");
+    }
+    let prompts = finetune::read_jsonl(&args.data)?;
     finetune::finetune(&args.checkpoint, prompts, &config, &args.out, |r| {
         if r.step % every == 0 || r.step == r.steps {
             eprintln!(

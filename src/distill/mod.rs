@@ -2,6 +2,8 @@
 //! distillation, export and quantise it, check that it is better, and swap it in.
 
 pub mod client;
+pub mod encoder_model;
+pub mod encoder_train;
 pub mod eval;
 pub mod finetune;
 pub mod heldout;

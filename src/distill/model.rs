@@ -38,20 +38,7 @@ impl TrainableDecoder {
         let ModelConfig::Decoder(config) = ckpt.config.clone() else {
             bail!("{}: only decoders (Qwen2, Llama) can be distilled", dir.display())
         };
-        let mut vars = BTreeMap::new();
-        let mut roles = BTreeMap::new();
-        let specs = tensor_specs(&ckpt.config);
-        let stored = match specs.first().map(|s| ckpt.weights.meta(&s.name)).transpose()? {
-            Some(meta) if meta.dtype == safetensors::Dtype::BF16 => DType::BF16,
-            Some(meta) if meta.dtype == safetensors::Dtype::F16 => DType::F16,
-            _ => DType::F32,
-        };
-        for spec in specs {
-            let data = ckpt.weights.f32(&spec.name)?;
-            let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?;
-            vars.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
-            roles.insert(spec.name, spec.role);
-        }
+        let LoadedVars { vars, roles, stored } = load_vars(&ckpt)?;
         let inv_freq = Tensor::new(config.rope.inv_freq(config.head_dim), &Device::Cpu)?;
         Ok(Self {
             config,
@@ -76,13 +63,7 @@ impl TrainableDecoder {
     /// Writes the weights as `model.safetensors` in `dir` (the checkpoint layout it came from),
     /// in the element type the checkpoint had (a bf16 student stays bf16).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tensors = self
-            .vars
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(self.stored)?)))
-            .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
-        let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
+        save_vars(&self.vars, self.stored, dir)
     }
 
     fn weight(&self, name: &str) -> Result<Tensor> {
@@ -215,9 +196,48 @@ impl TrainableDecoder {
     }
 }
 
+/// A checkpoint's tensors as trainable variables.
+pub(super) struct LoadedVars {
+    /// Every tensor as an FP32 variable, by name.
+    pub vars: BTreeMap<String, Var>,
+    /// Each tensor's role.
+    pub roles: BTreeMap<String, TensorRole>,
+    /// The element type the checkpoint stored them in.
+    pub stored: DType,
+}
+
+/// Loads every tensor of `ckpt` as a variable on the CPU.
+pub(super) fn load_vars(ckpt: &Checkpoint) -> Result<LoadedVars> {
+    let mut vars = BTreeMap::new();
+    let mut roles = BTreeMap::new();
+    let specs = tensor_specs(&ckpt.config);
+    let stored = match specs.first().map(|s| ckpt.weights.meta(&s.name)).transpose()? {
+        Some(meta) if meta.dtype == safetensors::Dtype::BF16 => DType::BF16,
+        Some(meta) if meta.dtype == safetensors::Dtype::F16 => DType::F16,
+        _ => DType::F32,
+    };
+    for spec in specs {
+        let data = ckpt.weights.f32(&spec.name)?;
+        let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?;
+        vars.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
+        roles.insert(spec.name, spec.role);
+    }
+    Ok(LoadedVars { vars, roles, stored })
+}
+
+/// Writes `vars` as `model.safetensors` in `dir`, in element type `stored`.
+pub(super) fn save_vars(vars: &BTreeMap<String, Var>, stored: DType, dir: &Path) -> Result<()> {
+    let tensors = vars
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(stored)?)))
+        .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
+}
+
 /// `x @ w^T` for `x` of any rank (`[..., in]`) and `w` `[out, in]`: one 2-D matmul over the
 /// flattened rows, since a broadcast batched matmul copies the weight once per batch row.
-fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(super) fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let inner = dims.pop().context("matmul of a scalar")?;
     let rows = x.reshape(((), inner))?.matmul(&w.t()?)?;

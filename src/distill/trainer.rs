@@ -137,7 +137,7 @@ fn make_batch(examples: &[&Example], device: &Device) -> Result<Batch> {
 }
 
 /// Scales the gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f32> {
+pub(super) fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f32> {
     let mut sum = 0f32;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
@@ -179,6 +179,33 @@ fn lower_priority(nice: i32) {
     }
 }
 
+/// The bounded, lower-priority thread pool training runs on.
+pub(super) fn training_pool(config: &TrainConfig) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(config.threads.max(1))
+        .thread_name(|i| format!("distill-train-{i}"))
+        .start_handler({
+            let nice = config.nice.clamp(0, 19);
+            move |_| lower_priority(nice)
+        })
+        .build()
+        .context("starting the training threads")
+}
+
+/// The indices of the next batch of `size` out of `count` examples: epochs in a seeded
+/// shuffled order, refilled as `order` runs out.
+pub(super) fn next_batch(order: &mut Vec<usize>, rng: &mut ChaCha8Rng, count: usize, size: usize) -> Vec<usize> {
+    let mut batch = Vec::with_capacity(size);
+    while batch.len() < size.min(count) {
+        if order.is_empty() {
+            *order = (0..count).collect();
+            order.shuffle(rng);
+        }
+        batch.extend(order.pop());
+    }
+    batch
+}
+
 /// Trains `model` on `examples` for `config.steps` steps, calling `progress` after each; stops
 /// early with an error when `cancel` is set.
 pub fn train(
@@ -192,16 +219,7 @@ pub fn train(
         bail!("no training examples");
     }
     model.fake_quant = config.fake_quant;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(config.threads.max(1))
-        .thread_name(|i| format!("distill-train-{i}"))
-        .start_handler({
-            let nice = config.nice.clamp(0, 19);
-            move |_| lower_priority(nice)
-        })
-        .build()
-        .context("starting the training threads")?;
-    pool.install(|| {
+    training_pool(config)?.install(|| {
         let vars: Vec<Var> = model.vars().map(|(_, v)| v.clone()).collect();
         let params = ParamsAdamW {
             lr: config.learning_rate,
@@ -219,14 +237,10 @@ pub fn train(
             if cancel.load(Ordering::Relaxed) {
                 bail!("cancelled");
             }
-            let mut batch = Vec::with_capacity(config.batch_size);
-            while batch.len() < config.batch_size.min(examples.len()) {
-                if order.is_empty() {
-                    order = (0..examples.len()).collect();
-                    order.shuffle(&mut rng);
-                }
-                batch.extend(order.pop().map(|i| &examples[i]));
-            }
+            let batch: Vec<&Example> = next_batch(&mut order, &mut rng, examples.len(), config.batch_size)
+                .into_iter()
+                .map(|i| &examples[i])
+                .collect();
             let tau = temperature(step, config.steps, config.tau_start, config.tau_end);
             let lr = learning_rate(step, config.steps, config.warmup_steps, config.learning_rate);
             let (loss, mut grads) = loss_and_gradients(model, &batch, tau, weights)?;

@@ -97,6 +97,10 @@ pub struct TinySpec {
     /// Number of labels of an encoder student.
     #[arg(long, default_value_t = 3)]
     pub num_labels: usize,
+    /// Label names of an encoder student (its `id2label`, in order), instead of `--num-labels`
+    /// names `LABEL_i`.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Number of safetensors shards (1 writes `model.safetensors`).
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
@@ -139,6 +143,7 @@ impl TinySpec {
             rope_theta: 10_000.0,
             bert_head: BertHeadArg::Sequence,
             num_labels: 3,
+            labels: Vec::new(),
             shards: 1,
             format: TransformersFormat::V4,
             dtype: None,
@@ -217,6 +222,7 @@ impl TinySpec {
                 },
                 labels: match self.bert_head {
                     BertHeadArg::Embedding => Vec::new(),
+                    _ if !self.labels.is_empty() => self.labels.clone(),
                     _ => (0..self.num_labels).map(|n| format!("LABEL_{n}")).collect(),
                 },
                 multi_label: false,

@@ -110,6 +110,9 @@ fn train_unigram(vocab_size: usize, corpus: Option<&str>) -> Result<TinyTokenize
                 .collect(),
         )
         .unk_token(Some("<unk>".into()))
+        // Short pieces, as a large SentencePiece vocabulary has for Chinese: long ones learnt
+        // from a small corpus would run across word (and entity) boundaries in unspaced text.
+        .max_piece_length(4)
         .build()
         .map_err(|e| anyhow!("unigram trainer: {e}"))?
         .into();
