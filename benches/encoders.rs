@@ -2,8 +2,11 @@
 //! 4 layers, INT8) served over HTTP `/predict` on a lognormal length mix (median 40 tokens,
 //! tail to 510), with the default length buckets against one bucket (every batch padded to its
 //! longest input, as TEI pads), same binary; the padding share of each from the server's
-//! metrics; and a bare ONNX Runtime loop over the same inputs in batches of 32, in arrival
-//! order (the baseline) and sorted by length (the least padding possible).
+//! metrics; a bare ONNX Runtime loop over the same inputs in batches of 32, in arrival order
+//! (the baseline) and sorted by length (the least padding possible); and the Python pipeline
+//! users write around ONNX Runtime (`benches/peers/ort_pipeline.py`: HF tokenizers + an
+//! InferenceSession, batches of 32 padded to the longest, as optimum's ORTModel pipeline runs;
+//! `onnxruntime` and `tokenizers` are installed by scripts/setup.sh).
 //!
 //! ```sh
 //! cargo bench --bench encoders                  # 600 inputs, 32 clients
@@ -165,6 +168,34 @@ fn bare(
     Ok((texts.len() as f64 / elapsed, 1.0 - real as f64 / computed as f64))
 }
 
+/// The Python peer on the same model and texts: (sequences/s, padding share), or why it did
+/// not run.
+fn python_pipeline(model: &Path, texts: &[(String, usize)], dir: &Path) -> Result<(f64, f64), String> {
+    let file = dir.join("texts.json");
+    let list: Vec<&str> = texts.iter().map(|(t, _)| t.as_str()).collect();
+    std::fs::write(&file, serde_json::to_string(&list).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/ort_pipeline.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(model)
+        .arg(&file)
+        .arg("0")
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok((
+        v["sequences_per_s"].as_f64().unwrap_or(0.0),
+        v["padding_share"].as_f64().unwrap_or(0.0),
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let options = Options::parse();
@@ -210,5 +241,13 @@ async fn main() -> Result<()> {
         sorted_padding * 100.0,
         sorted_rate / bare_rate
     );
+    match python_pipeline(&model, &texts, dir.path()) {
+        Ok((rate, padding)) => println!(
+            "| Python: tokenizers + onnxruntime, batches of 32 (optimum's pipeline; ORT's default threads; no HTTP) | {rate:.1} | {:.0}% | {:.2} |",
+            padding * 100.0,
+            rate / bare_rate
+        ),
+        Err(why) => println!("| Python pipeline: not run ({why}) | | | |"),
+    }
     Ok(())
 }

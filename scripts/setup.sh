@@ -40,6 +40,14 @@ if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! python3 -c "import tritonclient.http, trit
   python3 -m pip install --quiet --disable-pip-version-check "tritonclient[http,grpc]==$TRITONCLIENT_VERSION"
 fi
 
+# The Python ONNX Runtime pipeline the encoder benchmark compares with (benches/peers/): the
+# same pinned onnxruntime wheel as the library below, and Hugging Face's tokenizers.
+TOKENIZERS_VERSION=0.23.3
+if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! python3 -c "import onnxruntime, tokenizers, sys; sys.exit(onnxruntime.__version__ != '$ORT_VERSION' or tokenizers.__version__ != '$TOKENIZERS_VERSION')" 2>/dev/null; then
+  echo "setup: installing onnxruntime==$ORT_VERSION and tokenizers==$TOKENIZERS_VERSION (Python) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "onnxruntime==$ORT_VERSION" "tokenizers==$TOKENIZERS_VERSION"
+fi
+
 # Linters of the deployment files (docker/): hadolint for the Dockerfiles, kubernetes-validate
 # for the manifests (its Kubernetes schemas ship in the wheel: it works offline).
 if [ "${SETUP_CLIENTS:-1}" = 1 ]; then

@@ -389,9 +389,9 @@ fn train(args: TrainArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let config_text = std::fs::read_to_string(args.checkpoint.join("config.json"))?;
     if let ModelConfig::Encoder(_) = ModelConfig::from_json(&config_text)? {
-        let train = encoder_train::read_labelled(&args.data)?;
+        let train = finetune::read_jsonl(&args.data)?;
         let held_out = match &args.held_out {
-            Some(path) => encoder_train::read_labelled(path)?,
+            Some(path) => finetune::read_jsonl(path)?,
             None => Vec::new(),
         };
         let report =

@@ -11,6 +11,7 @@ use std::path::Path;
 use common::server::TestServer;
 use distill_serve::constrain::load_icd10cm_xml;
 use distill_serve::distill::finetune::read_jsonl;
+use distill_serve::distill::job::PromptInput;
 use serde_json::{Value, json};
 
 /// Exact-match accuracy of the constrained default student on `models/default/heldout-sample.jsonl`,
@@ -42,7 +43,7 @@ async fn the_default_student_answers_with_billable_codes_as_accurately_as_the_re
     let flag = format!("icd10cm=icd10cm-xml:{}", xml.display());
     let server = TestServer::start_with_repo(dir, repo, &["--terminology", &flag]);
 
-    let sample = read_jsonl(&root.join("models/default/heldout-sample.jsonl")).unwrap();
+    let sample: Vec<PromptInput> = read_jsonl(&root.join("models/default/heldout-sample.jsonl")).unwrap();
     assert!(sample.len() >= 20);
     let mut correct = 0;
     for p in sample.iter().cloned() {

@@ -10,14 +10,15 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{D, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::encoder_model::TrainableEncoder;
-use super::trainer::{TrainConfig, clip_gradients, learning_rate, next_batch, training_pool};
+use super::finetune::copy_beside_weights;
+use super::trainer::{TrainConfig, adamw, clip_gradients, learning_rate, next_batch, training_pool};
 use crate::checkpoint::{EncoderConfig, EncoderHead, TokenizerFiles};
 
 /// One labelled text (a JSONL line).
@@ -42,16 +43,6 @@ pub struct EntitySpan {
     pub start: usize,
     pub end: usize,
     pub label: String,
-}
-
-/// Reads JSONL labelled texts.
-pub fn read_labelled(path: &Path) -> Result<Vec<LabelledText>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), n + 1)))
-        .collect()
 }
 
 /// What one text teaches.
@@ -265,12 +256,7 @@ pub fn train_encoder(
     }
     training_pool(config)?.install(|| {
         let vars: Vec<Var> = model.vars().map(|(_, v)| v.clone()).collect();
-        let params = ParamsAdamW {
-            lr: config.learning_rate,
-            weight_decay: config.weight_decay,
-            ..ParamsAdamW::default()
-        };
-        let mut optimizer = AdamW::new(vars.clone(), params)?;
+        let mut optimizer = adamw(&vars, config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let mut order = Vec::new();
         for step in 0..config.steps {
@@ -472,11 +458,7 @@ pub fn train_encoder_checkpoint(
         last_loss = s.loss;
         progress(s);
     })?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for f in std::iter::once(checkpoint.join("config.json").as_path()).chain(files.files()) {
-        let name = f.file_name().context("file without a name")?;
-        std::fs::copy(f, out.join(name)).with_context(|| format!("copying {}", f.display()))?;
-    }
+    copy_beside_weights(checkpoint, &files, out)?;
     model.save(out)?;
     Ok(EncoderTrainReport {
         train_texts: examples.len(),

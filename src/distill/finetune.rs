@@ -15,8 +15,9 @@ use super::trainer::{StepReport, TrainConfig, train};
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::tokenize::ChatTemplate;
 
-/// Reads JSONL prompts (one [`PromptInput`] per line).
-pub fn read_jsonl(path: &Path) -> Result<Vec<PromptInput>> {
+/// Reads a JSONL file: prompts ([`PromptInput`]) or labelled texts, one a line (blank lines
+/// skipped); an error names the line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
@@ -68,10 +69,17 @@ pub fn finetune(
     }
     let mut model = TrainableDecoder::load(checkpoint)?;
     train(&mut model, &examples, config, &AtomicBool::new(false), progress)?;
+    copy_beside_weights(checkpoint, &files, out)?;
+    model.save(out)
+}
+
+/// Creates `out` and copies the checkpoint's `config.json` and tokenizer `files` into it: a
+/// trained checkpoint is those and its new weights.
+pub(super) fn copy_beside_weights(checkpoint: &Path, files: &TokenizerFiles, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for f in std::iter::once(checkpoint.join("config.json").as_path()).chain(files.files()) {
         let name = f.file_name().context("file without a name")?;
         std::fs::copy(f, out.join(name)).with_context(|| format!("copying {}", f.display()))?;
     }
-    model.save(out)
+    Ok(())
 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::finetune::read_jsonl;
+use super::job::PromptInput;
 
 /// What to evaluate.
 #[derive(Debug, Clone, clap::Args)]
@@ -88,7 +89,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Asks every prompt once without and once with the constraint; returns both sets of axes.
 pub async fn evaluate(base: &str, args: &HeldOutArgs) -> Result<Value> {
-    let mut prompts = read_jsonl(&args.data)?;
+    let mut prompts: Vec<PromptInput> = read_jsonl(&args.data)?;
     if let Some(limit) = args.limit {
         prompts.truncate(limit);
     }

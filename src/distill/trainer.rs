@@ -179,6 +179,16 @@ fn lower_priority(nice: i32) {
     }
 }
 
+/// AdamW over `vars` with the configured peak learning rate and weight decay.
+pub(super) fn adamw(vars: &[Var], config: &TrainConfig) -> Result<AdamW> {
+    let params = ParamsAdamW {
+        lr: config.learning_rate,
+        weight_decay: config.weight_decay,
+        ..ParamsAdamW::default()
+    };
+    Ok(AdamW::new(vars.to_vec(), params)?)
+}
+
 /// The bounded, lower-priority thread pool training runs on.
 pub(super) fn training_pool(config: &TrainConfig) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
@@ -221,12 +231,7 @@ pub fn train(
     model.fake_quant = config.fake_quant;
     training_pool(config)?.install(|| {
         let vars: Vec<Var> = model.vars().map(|(_, v)| v.clone()).collect();
-        let params = ParamsAdamW {
-            lr: config.learning_rate,
-            weight_decay: config.weight_decay,
-            ..ParamsAdamW::default()
-        };
-        let mut optimizer = AdamW::new(vars.clone(), params)?;
+        let mut optimizer = adamw(&vars, config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let mut order: Vec<usize> = Vec::new();
         let weights = LossWeights {

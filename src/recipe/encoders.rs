@@ -342,11 +342,18 @@ mod tests {
 
     #[test]
     fn chapter_texts_carry_their_chapter_and_held_out_categories_never_train() {
-        let xml = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/terminology/icd10cm_tabular_small.xml");
+        let xml = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/terminology/icd10cm_tabular_small.xml"
+        );
         let t = crate::constrain::load_icd10cm_xml(std::path::Path::new(xml)).unwrap();
         let d = icd10cm_chapters(&t, 3, 10_000, 10_000, 1);
         assert!(!d.train.is_empty() && !d.held_out.is_empty());
-        let entry_of = |text: &str| t.entries.iter().find(|e| e.description == text || e.synonyms.iter().any(|s| s == text));
+        let entry_of = |text: &str| {
+            t.entries
+                .iter()
+                .find(|e| e.description == text || e.synonyms.iter().any(|s| s == text))
+        };
         let category = |text: &LabelledText| entry_of(&text.text).map(|e| e.code[..3].to_string());
         let trained: BTreeSet<_> = d.train.iter().filter_map(category).collect();
         for text in &d.held_out {
@@ -356,7 +363,10 @@ mod tests {
             let label = text.label.as_deref().unwrap();
             let (first, last) = label.split_once('-').unwrap();
             let code = &entry_of(&text.text).unwrap().code[..3];
-            assert!(first <= code && code <= last && d.labels.iter().any(|l| l == label), "{code} in {label}");
+            assert!(
+                first <= code && code <= last && d.labels.iter().any(|l| l == label),
+                "{code} in {label}"
+            );
         }
     }
 
