@@ -290,6 +290,10 @@ async fn bad_encoder_input_is_a_clear_4xx_and_the_server_keeps_serving() {
         Ok(r) => assert_eq!(r.status(), 413),
         Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
     }
+    let r = server.post("/embed", &json!({"model": "tiny", "inputs": "x"})).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("is a decoder"), "{v}");
     let completion = json!({"model": "icd", "prompt": "x", "max_tokens": 2});
     let r = server.post("/v1/completions", &completion).await;
     assert_eq!(r.status(), 400);

@@ -11,6 +11,8 @@ use distill_serve::tiny::{BertHeadArg, TransformersFormat};
 use ndarray::{Array2, s};
 
 const TOLERANCE: f32 = 1e-3;
+/// Encoders run one forward without a cache: FP32 agrees to 1e-4.
+const ENCODER_TOLERANCE: f32 = 1e-4;
 
 fn assert_decoder_matches_reference(family: Family, tweak: impl FnOnce(&mut distill_serve::tiny::TinySpec)) {
     let st = student(family, 7, tweak);
