@@ -807,3 +807,68 @@ async fn a_refresh_on_one_replica_is_served_by_another_after_a_reload() {
     client.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed on B");
 }
+
+/// Uploads `lines` (one prompt each) as `dataset`.
+async fn upload_texts(server: &TestServer, dataset: &str, lines: impl Iterator<Item = String>) {
+    let body: String = lines.map(|l| format!("{}\n", json!({"prompt": l}))).collect();
+    let r = server
+        .admin(Method::POST, &format!("/admin/v1/datasets/{dataset}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// The drift check runs before any teacher is asked: prompts unlike the reference traffic are
+/// refused by a gate with `max_drift_kl`; prompts like it pass and the job goes on.
+#[tokio::test]
+async fn a_job_whose_prompts_drift_from_the_traffic_is_gated_before_the_teacher() {
+    let student = student_server("coder");
+    let teacher = teacher_server();
+    upload(&student, "notes", 40).await;
+    let quotes = (0..40).map(|i| format!("TICKER{} {}.{} +{}%", i % 7, 1000 + i * 37, i % 10, i % 5));
+    upload_texts(&student, "quotes", quotes).await;
+    // The same generator as "notes", other numbers: what the model serves.
+    let lines = prompts(80);
+    let traffic: Vec<String> = lines
+        .lines()
+        .skip(40)
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["prompt"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    upload_texts(&student, "traffic", traffic.into_iter()).await;
+
+    let mut job = token_job(&teacher, 2);
+    job["gate"] = json!({"max_drift_kl": 1.0, "min_agreement_gain": -1.0, "max_kl_ratio": 1000.0});
+    job["drift_reference"] = json!("quotes");
+    let id = start_job(&student, "coder", &job).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["stage"].as_str()),
+        (Some("rejected"), Some("prepare")),
+        "{j}"
+    );
+    assert!(j["error"].as_str().unwrap().contains("drift: unigram KL"), "{j}");
+    let far = j["result"]["drift"]["unigram_kl"].as_f64().unwrap();
+    assert!(far > 1.0, "{j}");
+    assert!(j["result"]["teacher"].is_null(), "the teacher was asked: {j}");
+
+    job["drift_reference"] = json!("traffic");
+    let id = start_job(&student, "coder", &job).await;
+    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let near = j["result"]["drift"]["unigram_kl"].as_f64().unwrap();
+    assert!(near < 0.2 && near * 10.0 < far, "{near} vs {far}: {j}");
+    assert_eq!(j["state"], "succeeded", "{j}");
+
+    // A gate that asks for the check needs reference prompts.
+    job["drift_reference"] = json!("nothing-here");
+    let id = start_job(&student, "coder", &job).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("holds no prompts"), "{j}");
+}

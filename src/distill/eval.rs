@@ -173,6 +173,9 @@ pub struct GateSpec {
     pub min_coverage: Option<f64>,
     /// Candidate p50 latency at most the current one times this.
     pub max_latency_ratio: Option<f64>,
+    /// Checked before any teacher is asked: the job's prompts may drift from the reference
+    /// traffic (`drift_reference`) by at most this unigram KL divergence, in nats.
+    pub max_drift_kl: Option<f64>,
 }
 
 impl Default for GateSpec {
@@ -183,6 +186,7 @@ impl Default for GateSpec {
             min_exact_match_gain: None,
             min_coverage: None,
             max_latency_ratio: None,
+            max_drift_kl: None,
         }
     }
 }

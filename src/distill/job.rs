@@ -75,6 +75,10 @@ pub struct RefreshSpec {
     /// Use at most this many prompts (oldest first).
     #[serde(default)]
     pub max_prompts: Option<usize>,
+    /// Dataset the job's prompts are compared with for drift (`capture/<model>`, the served
+    /// traffic, when not given; skipped when that holds nothing).
+    #[serde(default)]
+    pub drift_reference: Option<String>,
     /// Terminology whose mentions the coverage axis counts.
     #[serde(default)]
     pub terminology: Option<String>,

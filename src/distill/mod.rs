@@ -2,6 +2,7 @@
 //! distillation, export and quantise it, check that it is better, and swap it in.
 
 pub mod client;
+pub mod drift;
 pub mod encoder_model;
 pub mod encoder_train;
 pub mod eval;

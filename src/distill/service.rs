@@ -18,7 +18,9 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use super::drift::drift;
 use super::eval::{EvalContext, evaluate};
+use super::finetune::copy_beside_weights;
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
 use super::outbound::OutboundPolicy;
@@ -345,6 +347,10 @@ impl Distiller {
             "dataset",
             json!({"prompts": prompts.len(), "train": prompts.len() - held_out, "held_out": held_out}),
         );
+        if let Some(failure) = self.check_drift(p, name, &current.tokenizer, spec, &prompts)? {
+            p.set("gate", json!({"passed": false, "failures": [&failure]}));
+            return Ok(Outcome::Rejected(vec![failure]));
+        }
 
         p.stage(Stage::Teacher);
         let vocab = Arc::new(StudentVocab::new(
@@ -375,11 +381,7 @@ impl Distiller {
 
         p.stage(Stage::Training);
         let checkpoint_out = staging.join(CHECKPOINT_DIR);
-        std::fs::create_dir_all(&checkpoint_out).with_context(|| format!("creating {}", checkpoint_out.display()))?;
-        for f in std::iter::once(source.join("config.json").as_path()).chain(files.files()) {
-            let name = f.file_name().context("tokenizer file without a name")?;
-            std::fs::copy(f, checkpoint_out.join(name)).with_context(|| format!("copying {}", f.display()))?;
-        }
+        copy_beside_weights(&source, &files, &checkpoint_out)?;
         self.train(p, &source, &checkpoint_out, train_set, spec).await?;
         self.check_cancel(p)?;
 
@@ -421,6 +423,39 @@ impl Distiller {
         p.set("previous_version", json!(current.version));
         p.set("version", json!(promoted.version()));
         Ok(Outcome::Promoted)
+    }
+
+    /// Measures how far the job's prompts drift from the reference traffic and reports it;
+    /// the failure when the gate's `max_drift_kl` is exceeded. Without reference prompts there
+    /// is nothing to compare, which only a gate that asks for the check makes an error.
+    fn check_drift(
+        &self,
+        p: &mut Progress,
+        model: &str,
+        tokenizer: &tokenizers::Tokenizer,
+        spec: &RefreshSpec,
+        prompts: &[Prompt],
+    ) -> Result<Option<String>> {
+        let reference_name = spec
+            .drift_reference
+            .clone()
+            .unwrap_or_else(|| format!("capture/{model}"));
+        let reference = self.store.prompts(&reference_name)?;
+        if reference.is_empty() {
+            if spec.gate.max_drift_kl.is_some() {
+                bail!("gate.max_drift_kl compares with dataset `{reference_name}`, which holds no prompts");
+            }
+            return Ok(None);
+        }
+        let d = drift(tokenizer, prompts, &reference);
+        let mut report = json!(d);
+        report["reference"] = json!(reference_name);
+        p.set("drift", report);
+        Ok(spec
+            .gate
+            .max_drift_kl
+            .filter(|&max| d.unigram_kl > max)
+            .map(|max| format!("drift: unigram KL {:.3} from `{reference_name}` > {max}", d.unigram_kl)))
     }
 
     fn check_cancel(&self, p: &Progress) -> Result<()> {
