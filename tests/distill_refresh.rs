@@ -872,3 +872,63 @@ async fn a_job_whose_prompts_drift_from_the_traffic_is_gated_before_the_teacher(
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("holds no prompts"), "{j}");
 }
+
+/// The teacher is scored on the labelled held-out prompts before any training: a teacher that
+/// answers "I10" to everything is right on half of prompts labelled I10 / E11.9 alternately; a
+/// gate asking for 85% rejects the job at the teacher stage, one asking for 30% lets it train.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teacher_below_the_accuracy_bar_on_labelled_prompts_stops_the_job_before_training() {
+    let student = student_server("coder");
+    let lines = (0..40).map(|i| {
+        let label = if i % 2 == 0 { "I10" } else { "E11.9" };
+        json!({"prompt": format!("Patient {i}: which code?"), "label": label}).to_string() + "\n"
+    });
+    let r = student
+        .admin(Method::POST, "/admin/v1/datasets/coded")
+        .body(lines.collect::<String>())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let answer = json!({"id": "x", "object": "chat.completion", "created": 0, "model": "t",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "I10"}}]})
+    .to_string();
+    let response: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        )
+        .into_boxed_str(),
+    );
+    let (url, asked) = scripted_teacher(response).await;
+    let job = |min: f64| {
+        json!({"dataset": "coded", "eval_fraction": 0.25, "eval_max_new_tokens": 4,
+               "teacher": {"url": url, "model": "t", "concurrency": 2},
+               "train": {"steps": 2, "batch_size": 4, "nice": 0},
+               "gate": {"min_teacher_accuracy": min, "min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}})
+    };
+    let id = start_job(&student, "coder", &job(0.85)).await;
+    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["stage"].as_str()),
+        (Some("rejected"), Some("teacher")),
+        "{j}"
+    );
+    assert!(j["error"].as_str().unwrap().contains("teacher accuracy"), "{j}");
+    let scored = &j["result"]["teacher_accuracy"];
+    let (labelled, correct) = (
+        scored["labelled"].as_u64().unwrap(),
+        scored["correct"].as_u64().unwrap(),
+    );
+    assert!(labelled >= 4 && correct > 0 && correct < labelled, "{j}");
+    assert!(j["result"]["training"].is_null(), "no training step ran: {j}");
+    assert_eq!(asked.load(Ordering::SeqCst), 40, "one answer per prompt");
+
+    // Answers are cached: the next job asks nobody and trains.
+    let id = start_job(&student, "coder", &job(0.3)).await;
+    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["result"]["training"]["step"], 2, "{j}");
+    assert_eq!(j["result"]["teacher_accuracy"], *scored, "{j}");
+    assert_eq!(asked.load(Ordering::SeqCst), 40);
+}

@@ -176,6 +176,9 @@ pub struct GateSpec {
     /// Checked before any teacher is asked: the job's prompts may drift from the reference
     /// traffic (`drift_reference`) by at most this unigram KL divergence, in nats.
     pub max_drift_kl: Option<f64>,
+    /// Checked before training: the teacher's answers to the labelled held-out prompts must
+    /// equal their labels (trimmed) at least this often.
+    pub min_teacher_accuracy: Option<f64>,
 }
 
 impl Default for GateSpec {
@@ -187,6 +190,7 @@ impl Default for GateSpec {
             min_coverage: None,
             max_latency_ratio: None,
             max_drift_kl: None,
+            min_teacher_accuracy: None,
         }
     }
 }

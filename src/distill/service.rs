@@ -359,6 +359,10 @@ impl Distiller {
         ));
         let teacher = Teacher::new(spec.teacher.clone(), vocab)?;
         let outputs = self.ask_teacher(p, &teacher, &prompts).await?;
+        if let Some(failure) = check_teacher(p, spec, &prompts, &outputs)? {
+            p.set("gate", json!({"passed": false, "failures": [&failure]}));
+            return Ok(Outcome::Rejected(vec![failure]));
+        }
 
         let files = TokenizerFiles::open(&source)?;
         let text = StudentText {
@@ -550,6 +554,43 @@ impl Distiller {
         })
         .await?
     }
+}
+
+/// The teacher's accuracy on the labelled held-out prompts (its answer equal to the label,
+/// trimmed), reported; the failure when it is below the gate's `min_teacher_accuracy`, which
+/// needs labelled held-out prompts to judge by.
+fn check_teacher(
+    p: &mut Progress,
+    spec: &RefreshSpec,
+    prompts: &[Prompt],
+    outputs: &[TeacherOutput],
+) -> Result<Option<String>> {
+    let (mut labelled, mut correct) = (0usize, 0usize);
+    for (prompt, out) in prompts.iter().zip(outputs) {
+        if let (Some(label), true) = (&prompt.label, is_held_out(prompt.id, spec.eval_fraction)) {
+            labelled += 1;
+            correct += usize::from(out.content.trim() == label.trim());
+        }
+    }
+    if labelled == 0 {
+        if spec.gate.min_teacher_accuracy.is_some() {
+            bail!(
+                "gate.min_teacher_accuracy needs labelled held-out prompts; dataset `{}` has none",
+                spec.dataset
+            );
+        }
+        return Ok(None);
+    }
+    let accuracy = correct as f64 / labelled as f64;
+    p.set(
+        "teacher_accuracy",
+        json!({"labelled": labelled, "correct": correct, "accuracy": accuracy}),
+    );
+    Ok(spec
+        .gate
+        .min_teacher_accuracy
+        .filter(|&min| accuracy < min)
+        .map(|min| format!("teacher accuracy {accuracy:.3} on {labelled} labelled held-out prompts < {min}")))
 }
 
 /// A job's stage and result, written to the store and sent to subscribers.
