@@ -890,17 +890,7 @@ async fn a_teacher_below_the_accuracy_bar_on_labelled_prompts_stops_the_job_befo
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let answer = json!({"id": "x", "object": "chat.completion", "created": 0, "model": "t",
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "I10"}}]})
-    .to_string();
-    let response: &'static str = Box::leak(
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-            answer.len()
-        )
-        .into_boxed_str(),
-    );
-    let (url, asked) = scripted_teacher(response).await;
+    let (url, asked) = constant_teacher("I10").await;
     let job = |min: f64| {
         json!({"dataset": "coded", "eval_fraction": 0.25, "eval_max_new_tokens": 4,
                "teacher": {"url": url, "model": "t", "concurrency": 2},
@@ -931,4 +921,85 @@ async fn a_teacher_below_the_accuracy_bar_on_labelled_prompts_stops_the_job_befo
     assert_eq!(j["result"]["training"]["step"], 2, "{j}");
     assert_eq!(j["result"]["teacher_accuracy"], *scored, "{j}");
     assert_eq!(asked.load(Ordering::SeqCst), 40);
+}
+
+/// A scripted OpenAI-compatible teacher that answers `content` to every chat request.
+async fn constant_teacher(content: &str) -> (String, Arc<AtomicUsize>) {
+    let answer = json!({"id": "x", "object": "chat.completion", "created": 0, "model": "t",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+    scripted_teacher(Box::leak(response.into_boxed_str())).await
+}
+
+/// The forgetting guard. Version 2 learns to code 48 clinical prompts as I10 (from a teacher
+/// that always answers so); a job on unrelated prompts with that set as its regression set is
+/// rejected when its candidate forgets the answer, and accepted when half of each batch replays
+/// the set's training prompts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_with_replay() {
+    let student = student_server("coder");
+    let old: String = (0..48)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"prompt": format!("Code finding {i}: hypertension."), "label": "I10"})
+            )
+        })
+        .collect();
+    let r = student
+        .admin(Method::POST, "/admin/v1/datasets/old")
+        .body(old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (coder, _) = constant_teacher("I10").await;
+    let learn = json!({"dataset": "old", "eval_fraction": 0.25, "eval_max_new_tokens": 4,
+        "teacher": {"url": coder, "model": "t", "concurrency": 2},
+        "train": {"steps": 40, "batch_size": 8, "learning_rate": 0.005, "warmup_steps": 2, "nice": 0},
+        "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}});
+    let id = start_job(&student, "coder", &learn).await;
+    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let learnt = j["result"]["evaluation"]["candidate"]["exact_match"].as_f64().unwrap();
+    assert!(learnt >= 0.75, "version 2 codes the set: {learnt}");
+
+    let teacher = teacher_server();
+    let unrelated = (0..48).map(|i| format!("TICKER{} closes at {}.{}", i % 7, 1000 + i * 37, i % 10));
+    upload_texts(&student, "quotes", unrelated).await;
+    let job = |replay: f64| {
+        json!({"dataset": "quotes", "eval_fraction": 0.25, "eval_max_new_tokens": 4,
+               "teacher": {"url": teacher.url("/v1"), "model": "teacher", "mode": "token", "top_logprobs": 5,
+                           "max_tokens": 12, "temperature": 0.0, "concurrency": 4},
+               "train": {"steps": 40, "batch_size": 8, "learning_rate": 0.005, "warmup_steps": 2, "nice": 0},
+               "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0},
+               "regression": {"dataset": "old", "max_exact_match_drop": 0.25, "replay": replay}})
+    };
+    let scores = |j: &Value| {
+        let e = &j["result"]["regression_evaluation"];
+        (
+            e["current"]["exact_match"].as_f64().unwrap(),
+            e["candidate"]["exact_match"].as_f64().unwrap(),
+        )
+    };
+    let id = start_job(&student, "coder", &job(0.0)).await;
+    let forgot = finished(&student, &id, Duration::from_secs(180)).await;
+    println!(
+        "regression exact match (current, candidate) without replay: {:?}",
+        scores(&forgot)
+    );
+    assert_eq!(forgot["state"], "rejected", "{forgot}");
+    assert!(forgot["error"].as_str().unwrap().contains("forgetting"), "{forgot}");
+    assert_eq!(forgot["result"]["regression"]["replayed"], 0);
+
+    let id = start_job(&student, "coder", &job(0.5)).await;
+    let kept = finished(&student, &id, Duration::from_secs(180)).await;
+    println!("with replay: {:?}", scores(&kept));
+    assert!(kept["result"]["regression"]["replayed"].as_u64().unwrap() > 0, "{kept}");
+    assert_eq!(kept["state"], "succeeded", "{kept}");
+    assert_eq!(serving_version(&student, "coder").await, 3);
 }

@@ -75,6 +75,9 @@ pub struct RefreshSpec {
     /// Use at most this many prompts (oldest first).
     #[serde(default)]
     pub max_prompts: Option<usize>,
+    /// The forgetting guard: a labelled dataset the candidate must keep answering.
+    #[serde(default)]
+    pub regression: Option<RegressionSpec>,
     /// Dataset the job's prompts are compared with for drift (`capture/<model>`, the served
     /// traffic, when not given; skipped when that holds nothing).
     #[serde(default)]
@@ -88,6 +91,26 @@ pub struct RefreshSpec {
     /// INT8 form of the exported candidate.
     #[serde(default)]
     pub int8_format: Int8Format,
+}
+
+/// What a candidate must not forget: the labelled prompts of `dataset`. Its held-out split
+/// (the same hash as every split) is scored by exact match for both versions; the rest may be
+/// replayed into training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegressionSpec {
+    pub dataset: String,
+    /// The candidate's exact match there may be at most this much below the current one's.
+    #[serde(default = "default_max_drop")]
+    pub max_exact_match_drop: f64,
+    /// Share of the training examples drawn from the dataset's other prompts (with their
+    /// labels as answers); 0 replays nothing.
+    #[serde(default)]
+    pub replay: f64,
+}
+
+fn default_max_drop() -> f64 {
+    0.02
 }
 
 fn default_eval_fraction() -> f64 {
@@ -112,6 +135,11 @@ impl RefreshSpec {
         }
         if !(0.0..=1.0).contains(&t.alpha) || t.tau_start <= 0.0 || t.tau_end <= 0.0 || t.learning_rate <= 0.0 {
             return Err("train.alpha must be in 0..=1; tau_start, tau_end and learning_rate positive".into());
+        }
+        if let Some(r) = &self.regression
+            && (r.dataset.trim().is_empty() || !(0.0..1.0).contains(&r.replay) || r.max_exact_match_drop < 0.0)
+        {
+            return Err("regression needs a dataset, replay in 0..1 and max_exact_match_drop >= 0".into());
         }
         self.teacher.validate().map_err(|e| e.to_string())
     }

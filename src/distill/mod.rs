@@ -7,6 +7,7 @@ pub mod encoder_model;
 pub mod encoder_train;
 pub mod eval;
 pub mod finetune;
+mod guards;
 pub mod heldout;
 pub mod job;
 pub mod loss;

@@ -18,9 +18,9 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use super::drift::drift;
 use super::eval::{EvalContext, evaluate};
 use super::finetune::copy_beside_weights;
+use super::guards;
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::model::TrainableDecoder;
 use super::outbound::OutboundPolicy;
@@ -347,7 +347,7 @@ impl Distiller {
             "dataset",
             json!({"prompts": prompts.len(), "train": prompts.len() - held_out, "held_out": held_out}),
         );
-        if let Some(failure) = self.check_drift(p, name, &current.tokenizer, spec, &prompts)? {
+        if let Some(failure) = guards::check_drift(&self.store, p, name, &current.tokenizer, spec, &prompts)? {
             p.set("gate", json!({"passed": false, "failures": [&failure]}));
             return Ok(Outcome::Rejected(vec![failure]));
         }
@@ -359,7 +359,7 @@ impl Distiller {
         ));
         let teacher = Teacher::new(spec.teacher.clone(), vocab)?;
         let outputs = self.ask_teacher(p, &teacher, &prompts).await?;
-        if let Some(failure) = check_teacher(p, spec, &prompts, &outputs)? {
+        if let Some(failure) = guards::check_teacher(p, spec, &prompts, &outputs)? {
             p.set("gate", json!({"passed": false, "failures": [&failure]}));
             return Ok(Outcome::Rejected(vec![failure]));
         }
@@ -381,6 +381,14 @@ impl Distiller {
         }
         if train_set.is_empty() || eval_set.is_empty() {
             bail!("the teacher's answers left no usable training or held-out example (empty completions?)");
+        }
+        let regression = guards::regression_examples(&self.store, spec, &text, train_set.len())?;
+        if let (Some(r), Some((replay, scored))) = (&spec.regression, &regression) {
+            p.set(
+                "regression",
+                json!({"dataset": r.dataset, "replayed": replay.len(), "held_out": scored.len()}),
+            );
+            train_set.extend(replay.iter().cloned());
         }
 
         p.stage(Stage::Training);
@@ -410,11 +418,24 @@ impl Distiller {
             serde_json::from_value(evaluation.0.clone())?,
             serde_json::from_value(evaluation.1.clone())?,
         );
-        let failures = spec.gate.failures(&cur, &cand);
+        let mut failures = spec.gate.failures(&cur, &cand);
         p.set(
             "evaluation",
             json!({"current": evaluation.0, "candidate": evaluation.1}),
         );
+        if let (Some(r), Some((_, scored))) = (&spec.regression, regression) {
+            let (cur, cand) = self.evaluate(&current, staging, scored, spec).await?;
+            let (before, after) = (cur["exact_match"].as_f64(), cand["exact_match"].as_f64());
+            p.set("regression_evaluation", json!({"current": cur, "candidate": cand}));
+            if let (Some(before), Some(after)) = (before, after)
+                && after < before - r.max_exact_match_drop
+            {
+                failures.push(format!(
+                    "forgetting: exact match on `{}` {after:.4} < current {before:.4} - {}",
+                    r.dataset, r.max_exact_match_drop
+                ));
+            }
+        }
         p.set("gate", json!({"passed": failures.is_empty(), "failures": failures}));
         if !failures.is_empty() {
             return Ok(Outcome::Rejected(failures));
@@ -427,39 +448,6 @@ impl Distiller {
         p.set("previous_version", json!(current.version));
         p.set("version", json!(promoted.version()));
         Ok(Outcome::Promoted)
-    }
-
-    /// Measures how far the job's prompts drift from the reference traffic and reports it;
-    /// the failure when the gate's `max_drift_kl` is exceeded. Without reference prompts there
-    /// is nothing to compare, which only a gate that asks for the check makes an error.
-    fn check_drift(
-        &self,
-        p: &mut Progress,
-        model: &str,
-        tokenizer: &tokenizers::Tokenizer,
-        spec: &RefreshSpec,
-        prompts: &[Prompt],
-    ) -> Result<Option<String>> {
-        let reference_name = spec
-            .drift_reference
-            .clone()
-            .unwrap_or_else(|| format!("capture/{model}"));
-        let reference = self.store.prompts(&reference_name)?;
-        if reference.is_empty() {
-            if spec.gate.max_drift_kl.is_some() {
-                bail!("gate.max_drift_kl compares with dataset `{reference_name}`, which holds no prompts");
-            }
-            return Ok(None);
-        }
-        let d = drift(tokenizer, prompts, &reference);
-        let mut report = json!(d);
-        report["reference"] = json!(reference_name);
-        p.set("drift", report);
-        Ok(spec
-            .gate
-            .max_drift_kl
-            .filter(|&max| d.unigram_kl > max)
-            .map(|max| format!("drift: unigram KL {:.3} from `{reference_name}` > {max}", d.unigram_kl)))
     }
 
     fn check_cancel(&self, p: &Progress) -> Result<()> {
@@ -556,45 +544,8 @@ impl Distiller {
     }
 }
 
-/// The teacher's accuracy on the labelled held-out prompts (its answer equal to the label,
-/// trimmed), reported; the failure when it is below the gate's `min_teacher_accuracy`, which
-/// needs labelled held-out prompts to judge by.
-fn check_teacher(
-    p: &mut Progress,
-    spec: &RefreshSpec,
-    prompts: &[Prompt],
-    outputs: &[TeacherOutput],
-) -> Result<Option<String>> {
-    let (mut labelled, mut correct) = (0usize, 0usize);
-    for (prompt, out) in prompts.iter().zip(outputs) {
-        if let (Some(label), true) = (&prompt.label, is_held_out(prompt.id, spec.eval_fraction)) {
-            labelled += 1;
-            correct += usize::from(out.content.trim() == label.trim());
-        }
-    }
-    if labelled == 0 {
-        if spec.gate.min_teacher_accuracy.is_some() {
-            bail!(
-                "gate.min_teacher_accuracy needs labelled held-out prompts; dataset `{}` has none",
-                spec.dataset
-            );
-        }
-        return Ok(None);
-    }
-    let accuracy = correct as f64 / labelled as f64;
-    p.set(
-        "teacher_accuracy",
-        json!({"labelled": labelled, "correct": correct, "accuracy": accuracy}),
-    );
-    Ok(spec
-        .gate
-        .min_teacher_accuracy
-        .filter(|&min| accuracy < min)
-        .map(|min| format!("teacher accuracy {accuracy:.3} on {labelled} labelled held-out prompts < {min}")))
-}
-
 /// A job's stage and result, written to the store and sent to subscribers.
-struct Progress {
+pub(super) struct Progress {
     id: String,
     store: Arc<Store>,
     live: Arc<LiveJob>,
@@ -620,7 +571,7 @@ impl Progress {
         let _ = self.live.events.send(json!({"type": "stage", "stage": stage}));
     }
 
-    fn set(&mut self, key: &str, value: Value) {
+    pub(super) fn set(&mut self, key: &str, value: Value) {
         self.result[key] = value.clone();
         if self.last_write.elapsed() > Duration::from_millis(500) || key != "teacher" {
             self.save();
