@@ -798,6 +798,15 @@ async fn kserve_binary_tensor_data_that_disagrees_with_itself_is_a_400() {
             [&100u32.to_le_bytes()[..], b"abc"].concat(),
             "4-byte little-endian length",
         ),
+        // Sizes that would overflow an offset are refused, not a panic.
+        (
+            json!({"inputs": [
+                {"name": "other", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 1}},
+                {"name": "text_input", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": usize::MAX}}]}),
+            None,
+            good.clone(),
+            "binary bytes",
+        ),
     ];
     for (header, length, binary, needle) in cases {
         let length = length.unwrap_or(header.to_string().len());

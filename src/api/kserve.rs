@@ -213,16 +213,23 @@ fn input_texts(req: &Value, binary: &[u8]) -> Result<Vec<String>, InferError> {
     }
     let texts = match binary_size(input) {
         Some(size) => {
-            let offset: usize = inputs[..index].iter().filter_map(binary_size).sum();
-            let raw = binary.get(offset..offset + size).ok_or_else(|| {
-                InferError::invalid(
-                    "inputs",
-                    format!(
-                        "input `{name}` says {size} binary bytes at {offset}; the body has {}",
-                        binary.len()
-                    ),
-                )
-            })?;
+            // Saturating: sizes are the client's numbers, and must not overflow into a panic.
+            let offset = inputs[..index]
+                .iter()
+                .filter_map(binary_size)
+                .fold(0, usize::saturating_add);
+            let raw = offset
+                .checked_add(size)
+                .and_then(|end| binary.get(offset..end))
+                .ok_or_else(|| {
+                    InferError::invalid(
+                        "inputs",
+                        format!(
+                            "input `{name}` says {size} binary bytes at {offset}; the body has {}",
+                            binary.len()
+                        ),
+                    )
+                })?;
             utf8_texts(name, bytes_elements(raw)?)?
         }
         None => {
