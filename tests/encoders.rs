@@ -868,3 +868,45 @@ fn tritonclient_drives_encoders_over_http_and_grpc() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn truncation_cuts_the_end_or_the_start_as_asked() {
+    let server = server();
+    let text: String = (0..900).map(|i| format!("w{i} ")).collect();
+    let dir = server.repo.join("icd").join("1");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let ids: Vec<i64> = tokenizer
+        .encode(text.as_str(), true)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| i64::from(i))
+        .collect();
+    let keep = 512;
+    assert!(ids.len() > keep + 100, "{} tokens", ids.len());
+    let mut session = EncoderSession::open(&dir.join(MODEL_FILE), SessionOptions::default()).unwrap();
+    let mut run = |kept: Vec<i64>| -> Vec<f32> {
+        let n = kept.len();
+        let ids = Array2::from_shape_vec((1, n), kept).unwrap();
+        session.forward(&ids, &Array2::ones((1, n))).unwrap().iter().copied().collect()
+    };
+    // [CLS] and [SEP] stay; the start or the end of the text goes.
+    let right = run([&ids[..keep - 1], &ids[ids.len() - 1..]].concat());
+    let left = run([&ids[..1], &ids[ids.len() - keep + 1..]].concat());
+    assert!(max_abs_diff(&right, &left) > 1e-4, "the two cuts must differ for this test to mean anything");
+    for (direction, want) in [(None, &right), (Some("Right"), &right), (Some("Left"), &left)] {
+        let mut body = json!({"model": "icd", "inputs": text, "truncate": true, "raw_scores": true});
+        if let Some(d) = direction {
+            body["truncation_direction"] = json!(d);
+        }
+        let v: Value = server.post("/predict", &body).await.json().await.unwrap();
+        let mut got = [0f32; 3];
+        for s in v.as_array().unwrap() {
+            let i = ICD_LABELS.iter().position(|l| s["label"] == *l).unwrap();
+            got[i] = s["score"].as_f64().unwrap() as f32;
+        }
+        assert!(max_abs_diff(&got, want) < 1e-4, "{direction:?}: {got:?} vs {want:?}");
+    }
+    let body = json!({"model": "icd", "inputs": "x", "truncation_direction": "middle"});
+    assert_eq!(server.post("/predict", &body).await.status(), 400);
+}

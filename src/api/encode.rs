@@ -18,7 +18,9 @@ use super::AppState;
 use super::error::InferError;
 use super::openai::{parse_json, timeout};
 use crate::constrain::{ConstraintError, SubsetText};
-use crate::infer::{Aggregation, EncodeRequest, Encoded, Endpoint, check_count, embedding, entities, label_scores};
+use crate::infer::{
+    Aggregation, EncodeRequest, Encoded, Endpoint, TruncationDirection, check_count, embedding, entities, label_scores,
+};
 use crate::repository::{EncoderTask, EncoderVersion};
 
 /// One text or several, as TEI and OpenAI take `inputs` / `input`.
@@ -57,6 +59,9 @@ struct PredictRequest {
     raw_scores: bool,
     #[serde(default)]
     truncate: bool,
+    /// Which end `truncate` cuts (`Right`, the default, or `Left`).
+    #[serde(default)]
+    truncation_direction: TruncationDirection,
     /// Only the best `top_k` labels of each input.
     #[serde(default)]
     top_k: Option<usize>,
@@ -74,7 +79,10 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
     let run = async {
         let req: PredictRequest = parse_json(&body)?;
         let (inputs, many) = req.inputs.into_vec();
-        let request = EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?);
+        let request = EncodeRequest {
+            truncation_direction: req.truncation_direction,
+            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
+        };
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
         wrong_route(
             &model,
@@ -165,6 +173,9 @@ struct RerankRequest {
     return_text: bool,
     #[serde(default)]
     truncate: bool,
+    /// Which end `truncate` cuts (`Right`, the default, or `Left`).
+    #[serde(default)]
+    truncation_direction: TruncationDirection,
 }
 
 /// `POST /rerank`: each text's relevance to the query by a cross-encoder (a one-label sequence
@@ -179,6 +190,7 @@ pub async fn rerank(State(state): State<AppState>, headers: HeaderMap, body: Byt
         let texts = req.texts.clone();
         let request = EncodeRequest {
             query: Some(req.query),
+            truncation_direction: req.truncation_direction,
             ..EncodeRequest::new(req.model, req.texts, req.truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Rerank, request).await?;
@@ -238,6 +250,9 @@ struct ClassifyRequest {
     aggregation_strategy: Aggregation,
     #[serde(default)]
     truncate: bool,
+    /// Which end `truncate` cuts (`Right`, the default, or `Left`).
+    #[serde(default)]
+    truncation_direction: TruncationDirection,
 }
 
 /// `POST /v1/classify`: the entities of each input (`{"object": "list", "data": [{"index",
@@ -250,6 +265,7 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
         let request = EncodeRequest {
             // Long texts run in overlapping windows unless the client asked to cut them.
             window: !req.truncate,
+            truncation_direction: req.truncation_direction,
             ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
@@ -292,6 +308,9 @@ struct EmbedRequest {
     normalize: Option<bool>,
     #[serde(default)]
     truncate: bool,
+    /// Which end `truncate` cuts (`Right`, the default, or `Left`).
+    #[serde(default)]
+    truncation_direction: TruncationDirection,
 }
 
 /// `POST /embed`: one vector per input (`[[f32]]`, for one input too, as TEI).
@@ -299,7 +318,10 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
     let run = async {
         let req: EmbedRequest = parse_json(&body)?;
         let (inputs, _) = req.inputs.into_vec();
-        let request = EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?);
+        let request = EncodeRequest {
+            truncation_direction: req.truncation_direction,
+            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
+        };
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
         wrong_route(&model, &[EncoderTask::Embedding])?;
         let normalize = req.normalize.unwrap_or(model.normalize);

@@ -21,6 +21,8 @@ pub struct EncodeRequest {
     pub inputs: Vec<String>,
     /// Cut inputs longer than the model takes (else they are refused).
     pub truncate: bool,
+    /// Which end `truncate` cuts.
+    pub truncation_direction: TruncationDirection,
     /// Run inputs longer than the model takes in overlapping windows and merge their
     /// per-token outputs (token classification), instead of refusing or cutting them.
     pub window: bool,
@@ -39,11 +41,23 @@ impl EncodeRequest {
             model,
             inputs,
             truncate,
+            truncation_direction: TruncationDirection::Right,
             window: false,
             query: None,
             timeout,
         }
     }
+}
+
+/// Which end of a long input `truncate` cuts, as TEI's `truncation_direction`: `Right` keeps
+/// the beginning, `Left` the end; the first and last special tokens stay either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum TruncationDirection {
+    #[default]
+    #[serde(alias = "right")]
+    Right,
+    #[serde(alias = "left")]
+    Left,
 }
 
 /// One input's output, with what its tokens cover.
@@ -81,7 +95,7 @@ impl Infer {
         check_inputs(&request.inputs).map_err(|e| record.fail(e))?;
         let long = match (request.window && request.query.is_none(), request.truncate) {
             (true, _) => Long::Window,
-            (false, true) => Long::Truncate,
+            (false, true) => Long::Truncate(request.truncation_direction),
             (false, false) => Long::Refuse,
         };
         let (tokenizing, inputs, query) = (Arc::clone(&model), request.inputs, request.query);
@@ -189,11 +203,21 @@ type Tokenized = (Vec<i64>, Vec<(usize, usize)>, Vec<bool>, Option<Vec<i64>>);
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Long {
     Refuse,
-    Truncate,
+    Truncate(TruncationDirection),
     Window,
 }
 
-/// Each input's tokens: cut to the model's length (keeping the final special token), kept
+/// Keeps `keep` items of `v`: its last ones when `left`, else its first.
+fn cut<T>(v: &mut Vec<T>, keep: usize, left: bool) {
+    if left {
+        v.drain(..v.len().saturating_sub(keep));
+    } else {
+        v.truncate(keep);
+    }
+}
+
+/// Each input's tokens: cut to the model's length (at the end, or at the start with
+/// `TruncationDirection::Left`; the first and final special tokens kept), kept
 /// whole for windows, or refused when longer, as `long` says.
 fn tokenize(
     model: &EncoderVersion,
@@ -230,20 +254,24 @@ fn tokenize(
                     )
                 });
             }
+            let first = (ids[0], offsets[0], special[0]);
             let last = (
                 ids[ids.len() - 1],
                 offsets[offsets.len() - 1],
                 special[special.len() - 1],
             );
-            ids.truncate(model.max_length);
-            offsets.truncate(model.max_length);
-            special.truncate(model.max_length);
+            let (keep, left) = (model.max_length, long == Long::Truncate(TruncationDirection::Left));
+            cut(&mut ids, keep, left);
+            cut(&mut offsets, keep, left);
+            cut(&mut special, keep, left);
             if let Some(types) = &mut types {
-                types.truncate(model.max_length);
+                cut(types, keep, left);
+            }
+            if first.2 {
+                (ids[0], offsets[0], special[0]) = first;
             }
             if last.2 {
-                let end = model.max_length - 1;
-                (ids[end], offsets[end], special[end]) = last;
+                (ids[keep - 1], offsets[keep - 1], special[keep - 1]) = last;
             }
         }
         out.push((ids, offsets, special, types));

@@ -25,7 +25,7 @@ use crate::repository::capture::CapturePolicy;
 use crate::repository::{ModelVersion, Repository};
 use crate::scheduler::{Events, Priority};
 use crate::tokenize::ChatMessage;
-pub use encode::{EncodeRequest, Encoded, MAX_ENCODER_INPUTS, check_count};
+pub use encode::{EncodeRequest, Encoded, MAX_ENCODER_INPUTS, TruncationDirection, check_count};
 pub use error::{ErrorKind, InferError};
 pub use labels::{
     Aggregation, Entity, LabelCoverage, LabelScore, embedding, entities, label_coverage, label_scores,
