@@ -888,12 +888,20 @@ async fn truncation_cuts_the_end_or_the_start_as_asked() {
     let mut run = |kept: Vec<i64>| -> Vec<f32> {
         let n = kept.len();
         let ids = Array2::from_shape_vec((1, n), kept).unwrap();
-        session.forward(&ids, &Array2::ones((1, n))).unwrap().iter().copied().collect()
+        session
+            .forward(&ids, &Array2::ones((1, n)))
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
     };
     // [CLS] and [SEP] stay; the start or the end of the text goes.
     let right = run([&ids[..keep - 1], &ids[ids.len() - 1..]].concat());
     let left = run([&ids[..1], &ids[ids.len() - keep + 1..]].concat());
-    assert!(max_abs_diff(&right, &left) > 1e-4, "the two cuts must differ for this test to mean anything");
+    assert!(
+        max_abs_diff(&right, &left) > 1e-4,
+        "the two cuts must differ for this test to mean anything"
+    );
     for (direction, want) in [(None, &right), (Some("Right"), &right), (Some("Left"), &left)] {
         let mut body = json!({"model": "icd", "inputs": text, "truncate": true, "raw_scores": true});
         if let Some(d) = direction {
