@@ -107,7 +107,7 @@ fn training_lowers_the_loss_and_saves_a_loadable_checkpoint() {
         ..TrainConfig::default()
     };
     let mut losses = Vec::new();
-    train(&mut model, &examples, &config, &AtomicBool::new(false), |r| {
+    train(&mut model, &examples, &config, &AtomicBool::new(false), None, |r| {
         losses.push(r.loss.total)
     })
     .unwrap();
@@ -134,6 +134,6 @@ fn training_lowers_the_loss_and_saves_a_loadable_checkpoint() {
     let (a, b) = (logits(&model), logits(&reloaded));
     assert_eq!(a, b);
 
-    let cancelled = train(&mut model, &examples, &config, &AtomicBool::new(true), |_| {});
+    let cancelled = train(&mut model, &examples, &config, &AtomicBool::new(true), None, |_| {});
     assert_eq!(cancelled.unwrap_err().to_string(), "cancelled");
 }

@@ -68,7 +68,7 @@ pub fn finetune(
         examples.extend(student.example(&prompt, &answer).map_err(|e| anyhow!(e))?);
     }
     let mut model = TrainableDecoder::load(checkpoint)?;
-    train(&mut model, &examples, config, &AtomicBool::new(false), progress)?;
+    train(&mut model, &examples, config, &AtomicBool::new(false), None, progress)?;
     copy_beside_weights(checkpoint, &files, out)?;
     model.save(out)
 }

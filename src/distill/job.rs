@@ -7,6 +7,7 @@ use super::eval::{EvalExample, GateSpec};
 use super::store::{Prompt, TeacherOutput};
 use super::teacher::TeacherSpec;
 use super::trainer::{Example, TrainConfig};
+use super::whitebox::WhiteBoxSpec;
 use crate::export::Int8Format;
 use crate::tokenize::{ChatMessage, ChatTemplate};
 
@@ -75,6 +76,9 @@ pub struct RefreshSpec {
     /// Use at most this many prompts (oldest first).
     #[serde(default)]
     pub max_prompts: Option<usize>,
+    /// White-box distillation from a local teacher checkpoint, beside `teacher`'s outputs.
+    #[serde(default)]
+    pub white_box: Option<WhiteBoxSpec>,
     /// The forgetting guard: a labelled dataset the candidate must keep answering.
     #[serde(default)]
     pub regression: Option<RegressionSpec>,

@@ -123,6 +123,9 @@ pub struct LossParts {
     pub ce: f32,
     /// `tau^2 * KL`; absent in sequence-level KD.
     pub kl: Option<f32>,
+    /// White-box terms (unweighted), where a local teacher teaches.
+    pub hidden: Option<f32>,
+    pub attention: Option<f32>,
 }
 
 /// `alpha * tau^2 * KL + (1 - alpha) * CE (+ entropy * gap)`; plain CE when the teacher gave no
@@ -143,6 +146,8 @@ pub fn distillation_loss(
                 total: ce_value,
                 ce: ce_value,
                 kl: None,
+                hidden: None,
+                attention: None,
             },
         ));
     };
@@ -159,6 +164,8 @@ pub fn distillation_loss(
             total: total_value,
             ce: ce_value,
             kl: Some(kl_value),
+            hidden: None,
+            attention: None,
         },
     ))
 }

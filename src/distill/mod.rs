@@ -17,3 +17,4 @@ pub mod service;
 pub mod store;
 pub mod teacher;
 pub mod trainer;
+pub mod whitebox;

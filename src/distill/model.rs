@@ -105,9 +105,22 @@ impl TrainableDecoder {
     /// training needs only the positions it learns from, and the vocabulary projection is the
     /// widest matrix.
     pub fn forward_at(&self, input_ids: &Tensor, lengths: &[usize], positions: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden(input_ids, lengths)?;
+        Ok(self.traced_at(input_ids, lengths, positions, 0)?.0)
+    }
+
+    /// As [`Self::forward_at`], with the internals white-box distillation compares: the
+    /// output of each of the last `layers` layers (`[batch, seq, hidden]`) and its attention
+    /// probabilities averaged over heads (`[batch, seq, seq]`), first layer first.
+    pub fn traced_at(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        positions: &Tensor,
+        layers: usize,
+    ) -> Result<(Tensor, Trace)> {
+        let (hidden, trace) = self.hidden_traced(input_ids, lengths, layers)?;
         let flat = hidden.reshape(((), self.config.hidden_size))?;
-        self.project(&flat.index_select(positions, 0)?)
+        Ok((self.project(&flat.index_select(positions, 0)?)?, trace))
     }
 
     fn project(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -121,7 +134,18 @@ impl TrainableDecoder {
 
     /// Final hidden states `[batch, seq, hidden]`, after the last norm.
     fn hidden(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        Ok(self.hidden_traced(input_ids, lengths, 0)?.0)
+    }
+
+    /// Final hidden states, and the trace of the last `layers` layers.
+    pub(super) fn hidden_traced(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        layers: usize,
+    ) -> Result<(Tensor, Trace)> {
         let c = &self.config;
+        let mut trace = Trace::default();
         let (batch, seq) = input_ids.dims2()?;
         let dev = input_ids.device();
         let embed = self.weight("model.embed_tokens.weight")?;
@@ -133,15 +157,22 @@ impl TrainableDecoder {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let h = self.rms_norm(&x, &format!("{p}.input_layernorm.weight"))?;
-            let attn = self.attention(&h, &p, &cos, &sin, &mask)?;
+            let (attn, probs) = self.attention(&h, &p, &cos, &sin, &mask)?;
+            let traced = i + layers >= c.num_layers;
+            if traced {
+                trace.attentions.push(probs.mean(1)?);
+            }
             x = (x + attn)?;
             let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), c.mlp_bias)?;
             let up = self.linear(&h, &format!("{p}.mlp.up_proj"), c.mlp_bias)?;
             let act = silu(&gate)?.mul(&up)?;
             x = (x + self.linear(&act, &format!("{p}.mlp.down_proj"), c.mlp_bias)?)?;
+            if traced {
+                trace.hidden.push(x.clone());
+            }
         }
-        self.rms_norm(&x, "model.norm.weight")
+        Ok((self.rms_norm(&x, "model.norm.weight")?, trace))
     }
 
     /// `cos` and `sin` tables `[seq, head_dim]` in the rotate-half layout `transformers` uses.
@@ -152,7 +183,8 @@ impl TrainableDecoder {
         Ok((freqs.cos()?, freqs.sin()?))
     }
 
-    fn attention(&self, h: &Tensor, p: &str, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// The attention block's output and its attention probabilities `[batch, heads, seq, seq]`.
+    fn attention(&self, h: &Tensor, p: &str, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (batch, seq, _) = h.dims3()?;
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
@@ -178,7 +210,7 @@ impl TrainableDecoder {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
-        self.linear(&out, &format!("{p}.self_attn.o_proj"), c.o_bias)
+        Ok((self.linear(&out, &format!("{p}.self_attn.o_proj"), c.o_bias)?, probs))
     }
 
     /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads`
@@ -233,6 +265,15 @@ pub(super) fn save_vars(vars: &BTreeMap<String, Var>, stored: DType, dir: &Path)
         .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// What a traced forward keeps of its last layers, first layer first.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// Each layer's output (the residual stream), `[batch, seq, hidden]`.
+    pub hidden: Vec<Tensor>,
+    /// Each layer's attention probabilities averaged over heads, `[batch, seq, seq]`.
+    pub attentions: Vec<Tensor>,
 }
 
 /// `x @ w^T` for `x` of any rank (`[..., in]`) and `w` `[out, in]`: one 2-D matmul over the

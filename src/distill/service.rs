@@ -27,6 +27,7 @@ use super::outbound::OutboundPolicy;
 use super::store::{JobRecord, JobState, Prompt, Stage, Store, StoreError, TeacherOutput};
 use super::teacher::{StudentVocab, Teacher};
 use super::trainer::{StepReport, train};
+use super::whitebox::{self, WhiteBox, WhiteBoxSpec};
 use crate::audit::{Audit, Entry};
 use crate::checkpoint::TokenizerFiles;
 use crate::constrain::{Terminologies, token_bytes};
@@ -347,6 +348,14 @@ impl Distiller {
             "dataset",
             json!({"prompts": prompts.len(), "train": prompts.len() - held_out, "held_out": held_out}),
         );
+        let white_box = match &spec.white_box {
+            Some(w) => {
+                let teacher = self.repository.get(&w.teacher_model)?.checkpoint_dir();
+                whitebox::check_pair(&source, &teacher, w.layers)?;
+                Some((teacher, w.clone()))
+            }
+            None => None,
+        };
         if let Some(failure) = guards::check_drift(&self.store, p, name, &current.tokenizer, spec, &prompts)? {
             p.set("gate", json!({"passed": false, "failures": [&failure]}));
             return Ok(Outcome::Rejected(vec![failure]));
@@ -394,7 +403,8 @@ impl Distiller {
         p.stage(Stage::Training);
         let checkpoint_out = staging.join(CHECKPOINT_DIR);
         copy_beside_weights(&source, &files, &checkpoint_out)?;
-        self.train(p, &source, &checkpoint_out, train_set, spec).await?;
+        self.train(p, &source, &checkpoint_out, train_set, spec, white_box)
+            .await?;
         self.check_cancel(p)?;
 
         p.stage(Stage::Export);
@@ -491,6 +501,7 @@ impl Distiller {
         out: &Path,
         examples: Vec<super::trainer::Example>,
         spec: &RefreshSpec,
+        white_box: Option<(PathBuf, WhiteBoxSpec)>,
     ) -> Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
         let (source, out, config, live) = (
@@ -501,7 +512,10 @@ impl Distiller {
         );
         let mut task = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut model = TrainableDecoder::load(&source)?;
-            train(&mut model, &examples, &config, &live.cancel, |r| {
+            let white_box = white_box
+                .map(|(dir, spec)| WhiteBox::load(&dir, model.config(), spec))
+                .transpose()?;
+            train(&mut model, &examples, &config, &live.cancel, white_box.as_ref(), |r| {
                 let _ = tx.send(*r);
             })?;
             model.save(&out)
@@ -582,8 +596,11 @@ impl Progress {
     /// Records a training step: progress, and its losses appended to the job's history.
     fn step(&mut self, r: &StepReport) {
         self.result["training"] = json!({"step": r.step, "steps": r.steps});
-        let row = json!({"step": r.step, "loss": r.loss.total, "ce": r.loss.ce, "kl": r.loss.kl,
+        let mut row = json!({"step": r.step, "loss": r.loss.total, "ce": r.loss.ce, "kl": r.loss.kl,
             "tau": r.tau, "lr": r.learning_rate, "grad_norm": r.grad_norm});
+        if let (Some(hidden), Some(attention)) = (r.loss.hidden, r.loss.attention) {
+            (row["hidden"], row["attention"]) = (json!(hidden), json!(attention));
+        }
         match self.result["losses"].as_array_mut() {
             Some(rows) => rows.push(row),
             None => self.result["losses"] = json!([row]),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::loss::{LossParts, LossWeights, TeacherTopK, distillation_loss, temperature};
 use super::model::TrainableDecoder;
+use super::whitebox::WhiteBox;
 
 /// Training hyper-parameters (every field has a default, so a job may name only some).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,9 +164,28 @@ pub fn loss_and_gradients(
     tau: f64,
     weights: LossWeights,
 ) -> Result<(LossParts, GradStore)> {
+    step_gradients(model, examples, tau, weights, None)
+}
+
+/// As [`loss_and_gradients`], with the white-box terms of a local teacher where there is one.
+fn step_gradients(
+    model: &TrainableDecoder,
+    examples: &[&Example],
+    tau: f64,
+    weights: LossWeights,
+    white_box: Option<&WhiteBox>,
+) -> Result<(LossParts, GradStore)> {
     let batch = make_batch(examples, &Device::Cpu)?;
-    let picked = model.forward_at(&batch.input_ids, &batch.lengths, &batch.positions)?;
-    let (loss, parts) = distillation_loss(&picked, &batch.targets, batch.top.as_ref(), tau, weights)?;
+    let layers = white_box.map_or(0, |w| w.spec.layers);
+    let (picked, trace) = model.traced_at(&batch.input_ids, &batch.lengths, &batch.positions, layers)?;
+    let (mut loss, mut parts) = distillation_loss(&picked, &batch.targets, batch.top.as_ref(), tau, weights)?;
+    if let Some(w) = white_box {
+        let (hidden, attention) = w.losses(&trace, &batch.input_ids, &batch.lengths)?;
+        parts.hidden = Some(hidden.to_scalar::<f32>()?);
+        parts.attention = Some(attention.to_scalar::<f32>()?);
+        loss = ((loss + (hidden * w.spec.hidden_weight)?)? + (attention * w.spec.attention_weight)?)?;
+        parts.total = loss.to_scalar::<f32>()?;
+    }
     Ok((parts, loss.backward()?))
 }
 
@@ -216,13 +236,15 @@ pub(super) fn next_batch(order: &mut Vec<usize>, rng: &mut ChaCha8Rng, count: us
     batch
 }
 
-/// Trains `model` on `examples` for `config.steps` steps, calling `progress` after each; stops
-/// early with an error when `cancel` is set.
+/// Trains `model` on `examples` for `config.steps` steps (with the white-box terms of a local
+/// teacher where `white_box` has one, its projection trained alongside), calling `progress`
+/// after each; stops early with an error when `cancel` is set.
 pub fn train(
     model: &mut TrainableDecoder,
     examples: &[Example],
     config: &TrainConfig,
     cancel: &AtomicBool,
+    white_box: Option<&WhiteBox>,
     mut progress: impl FnMut(&StepReport) + Send,
 ) -> Result<()> {
     if examples.is_empty() {
@@ -230,7 +252,8 @@ pub fn train(
     }
     model.fake_quant = config.fake_quant;
     training_pool(config)?.install(|| {
-        let vars: Vec<Var> = model.vars().map(|(_, v)| v.clone()).collect();
+        let mut vars: Vec<Var> = model.vars().map(|(_, v)| v.clone()).collect();
+        vars.extend(white_box.map(WhiteBox::vars).unwrap_or_default());
         let mut optimizer = adamw(&vars, config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let mut order: Vec<usize> = Vec::new();
@@ -248,7 +271,7 @@ pub fn train(
                 .collect();
             let tau = temperature(step, config.steps, config.tau_start, config.tau_end);
             let lr = learning_rate(step, config.steps, config.warmup_steps, config.learning_rate);
-            let (loss, mut grads) = loss_and_gradients(model, &batch, tau, weights)?;
+            let (loss, mut grads) = step_gradients(model, &batch, tau, weights, white_box)?;
             if !loss.total.is_finite() {
                 bail!("the loss diverged at step {step} ({})", loss.total);
             }

@@ -1,0 +1,222 @@
+//! White-box distillation from a local teacher: when a refresh job names a model of the
+//! repository whose training checkpoint it can read (same family and vocabulary, any size),
+//! the student's last layers learn the teacher's last layers — their outputs (through a learned
+//! linear projection when the widths differ) and their attention maps (averaged over heads) —
+//! beside the usual KL / cross-entropy terms. The teacher runs on the same trainer, no gradient.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::model::{Trace, TrainableDecoder, matmul_rows};
+use crate::checkpoint::{DecoderConfig, ModelConfig};
+
+/// The `white_box` object of a refresh job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhiteBoxSpec {
+    /// A model of the repository whose serving version's training checkpoint teaches.
+    pub teacher_model: String,
+    /// Weight of the hidden-state term (mean squared error).
+    #[serde(default = "one")]
+    pub hidden_weight: f64,
+    /// Weight of the attention-map term (mean squared error of probabilities).
+    #[serde(default = "one")]
+    pub attention_weight: f64,
+    /// How many last layers are matched, the student's last with the teacher's last.
+    #[serde(default = "three")]
+    pub layers: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn three() -> usize {
+    3
+}
+
+fn decoder_config(dir: &Path) -> Result<DecoderConfig> {
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .with_context(|| format!("{} holds no training checkpoint (config.json)", dir.display()))?;
+    match ModelConfig::from_json(&text)? {
+        ModelConfig::Decoder(c) => Ok(c),
+        ModelConfig::Encoder(_) => bail!("{} is an encoder", dir.display()),
+    }
+}
+
+/// Checks that the checkpoint in `teacher` can teach the one in `student` white-box: one
+/// family, one vocabulary, at least `layers` layers each.
+pub fn check_pair(student: &Path, teacher: &Path, layers: usize) -> Result<()> {
+    let (s, t) = (decoder_config(student)?, decoder_config(teacher)?);
+    if s.family != t.family {
+        bail!(
+            "the white-box teacher is a {} model and the student a {} one: white-box distillation needs one family",
+            t.family.model_type(),
+            s.family.model_type()
+        );
+    }
+    if s.vocab_size != t.vocab_size {
+        bail!(
+            "the white-box teacher's vocabulary has {} tokens, the student's {}: they must share one",
+            t.vocab_size,
+            s.vocab_size
+        );
+    }
+    if layers == 0 || layers > s.num_layers.min(t.num_layers) {
+        bail!(
+            "white_box.layers is {layers}; it must be 1..={} (the fewer layers of the two)",
+            s.num_layers.min(t.num_layers)
+        );
+    }
+    Ok(())
+}
+
+/// A loaded local teacher and the projection of the student's hidden states onto its width.
+pub struct WhiteBox {
+    teacher: TrainableDecoder,
+    /// `[teacher hidden, student hidden]`, where the widths differ.
+    projection: Option<Var>,
+    pub spec: WhiteBoxSpec,
+}
+
+impl WhiteBox {
+    /// The teacher in `teacher_dir` for a student of `student` config.
+    pub fn load(teacher_dir: &Path, student: &DecoderConfig, spec: WhiteBoxSpec) -> Result<Self> {
+        let teacher = TrainableDecoder::load(teacher_dir)?;
+        let (t, s) = (teacher.config().hidden_size, student.hidden_size);
+        // Starts as the identity on the shared dimensions: deterministic, and exact where one
+        // width holds the other.
+        let projection = (t != s)
+            .then(|| {
+                let eye: Vec<f32> = (0..t * s).map(|i| if i / s == i % s { 1.0 } else { 0.0 }).collect();
+                Var::from_tensor(&Tensor::from_vec(eye, (t, s), &Device::Cpu)?)
+            })
+            .transpose()?;
+        Ok(Self {
+            teacher,
+            projection,
+            spec,
+        })
+    }
+
+    /// The trainable projection, if any.
+    pub fn vars(&self) -> Vec<Var> {
+        self.projection.iter().cloned().collect()
+    }
+
+    /// (hidden-state, attention-map) losses of the student's `trace` against the teacher on
+    /// the same right-padded batch, over real positions only.
+    pub fn losses(&self, student: &Trace, input_ids: &Tensor, lengths: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (_, teacher) = self.teacher.hidden_traced(input_ids, lengths, self.spec.layers)?;
+        let (batch, seq) = input_ids.dims2()?;
+        let real: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&len| (0..seq).map(move |i| if i < len { 1.0 } else { 0.0 }))
+            .collect();
+        let real = Tensor::from_vec(real, (batch, seq), input_ids.device())?;
+        let tokens = real.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let pairs = real.unsqueeze(2)?.broadcast_mul(&real.unsqueeze(1)?)?;
+        let n_pairs = pairs.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let (mut hidden, mut attention) = (
+            Tensor::zeros((), DType::F32, &Device::Cpu)?,
+            Tensor::zeros((), DType::F32, &Device::Cpu)?,
+        );
+        for (s, t) in student.hidden.iter().zip(&teacher.hidden) {
+            let s = match &self.projection {
+                Some(p) => matmul_rows(s, p.as_tensor())?,
+                None => s.clone(),
+            };
+            let width = t.dim(D::Minus1)? as f64;
+            let err = (s - t.detach())?.sqr()?.sum(D::Minus1)?;
+            hidden = (hidden + ((err * &real)?.sum_all()? / (tokens * width))?)?;
+        }
+        for (s, t) in student.attentions.iter().zip(&teacher.attentions) {
+            let err = (s - t.detach())?.sqr()?;
+            attention = (attention + ((err * &pairs)?.sum_all()? / n_pairs)?)?;
+        }
+        let layers = self.spec.layers as f64;
+        Ok(((hidden / layers)?, (attention / layers)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Family;
+    use crate::tiny::{TinySpec, write_tiny};
+
+    fn checkpoint(dir: &Path, seed: u64, hidden: usize) -> DecoderConfig {
+        let mut spec = TinySpec::new(Family::Qwen2, seed);
+        spec.hidden_size = Some(hidden);
+        spec.init_std = Some(0.3);
+        match write_tiny(&spec, dir).unwrap() {
+            ModelConfig::Decoder(c) => c,
+            ModelConfig::Encoder(_) => unreachable!(),
+        }
+    }
+
+    fn spec(layers: usize) -> WhiteBoxSpec {
+        WhiteBoxSpec {
+            teacher_model: "t".into(),
+            hidden_weight: 1.0,
+            attention_weight: 1.0,
+            layers,
+        }
+    }
+
+    fn batch() -> (Tensor, Vec<usize>) {
+        let ids = Tensor::new(&[[5u32, 9, 17, 3, 0], [7, 11, 2, 0, 0]], &Device::Cpu).unwrap();
+        (ids, vec![4, 3])
+    }
+
+    #[test]
+    fn a_teacher_identical_to_the_student_costs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = checkpoint(dir.path(), 4, 64);
+        let student = TrainableDecoder::load(dir.path()).unwrap();
+        let white_box = WhiteBox::load(dir.path(), &config, spec(2)).unwrap();
+        assert!(white_box.vars().is_empty(), "equal widths need no projection");
+        let (ids, lengths) = batch();
+        let (_, trace) = student.hidden_traced(&ids, &lengths, 2).unwrap();
+        let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
+        assert_eq!(h.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(a.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_wider_teacher_trains_the_projection_and_the_student() {
+        let (s_dir, t_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let config = checkpoint(s_dir.path(), 4, 64);
+        checkpoint(t_dir.path(), 9, 96);
+        check_pair(s_dir.path(), t_dir.path(), 2).unwrap();
+        let student = TrainableDecoder::load(s_dir.path()).unwrap();
+        let white_box = WhiteBox::load(t_dir.path(), &config, spec(2)).unwrap();
+        let (ids, lengths) = batch();
+        let (_, trace) = student.hidden_traced(&ids, &lengths, 2).unwrap();
+        let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
+        assert!(h.to_scalar::<f32>().unwrap() > 0.0 && a.to_scalar::<f32>().unwrap() > 0.0);
+        let grads = (h + a).unwrap().backward().unwrap();
+        let norm = |v: &Var| {
+            grads
+                .get(v.as_tensor())
+                .map_or(0.0, |g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        for v in white_box.vars() {
+            assert!(norm(&v) > 0.0, "the projection gets no gradient");
+        }
+        let q = student
+            .vars()
+            .find(|(n, _)| n.ends_with("layers.1.self_attn.q_proj.weight"))
+            .unwrap()
+            .1;
+        assert!(norm(q) > 0.0, "the attention term reaches the student's queries");
+        assert!(
+            check_pair(s_dir.path(), t_dir.path(), 3)
+                .unwrap_err()
+                .to_string()
+                .contains("white_box.layers")
+        );
+    }
+}
