@@ -22,7 +22,14 @@ fn add_trainable(repo: &Path, name: &str, family: Family, seed: u64, hidden: usi
     spec.init_std = Some(0.3);
     spec.hidden_size = Some(hidden);
     write_tiny(&spec, &checkpoint).unwrap();
-    export::export_form(&checkpoint, &out, Precision::DEFAULT_INT8, ExternalData::Never, Form::default()).unwrap();
+    export::export_form(
+        &checkpoint,
+        &out,
+        Precision::DEFAULT_INT8,
+        ExternalData::Never,
+        Form::default(),
+    )
+    .unwrap();
     std::fs::write(repo.join(name).join("model.toml"), format!("name = \"{name}\"\n")).unwrap();
 }
 
@@ -55,7 +62,12 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
     add_trainable(&repo, "other-family", Family::Llama, 3, 64);
     let server = TestServer::start_with_repo(dir, repo, &[]);
     let prompts: String = (0..24)
-        .map(|i| format!("{}\n", json!({"prompt": format!("Patient {i} has chest pain; code it.")})))
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"prompt": format!("Patient {i} has chest pain; code it.")})
+            )
+        })
         .collect();
     let r = server
         .admin(Method::POST, "/admin/v1/datasets/notes")
@@ -73,7 +85,11 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
                "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0},
                "white_box": white_box})
     };
-    let j = run_job(&server, &job(json!({"teacher_model": "wide", "layers": 2, "attention_weight": 2.0}))).await;
+    let j = run_job(
+        &server,
+        &job(json!({"teacher_model": "wide", "layers": 2, "attention_weight": 2.0})),
+    )
+    .await;
     assert_eq!(j["state"], "succeeded", "{j}");
     let losses = j["result"]["losses"].as_array().unwrap();
     assert_eq!(losses.len(), 6);
@@ -82,7 +98,10 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
         assert!(hidden > 0.0 && attention > 0.0 && hidden.is_finite(), "{row}");
         let total = row["loss"].as_f64().unwrap();
         let base = 0.5 * row["kl"].as_f64().unwrap() + 0.5 * row["ce"].as_f64().unwrap();
-        assert!((total - (base + hidden + 2.0 * attention)).abs() < 1e-3 * total.max(1.0), "{row}");
+        assert!(
+            (total - (base + hidden + 2.0 * attention)).abs() < 1e-3 * total.max(1.0),
+            "{row}"
+        );
     }
 
     for (white_box, needle) in [
@@ -91,7 +110,11 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
         (json!({"teacher_model": "nope"}), "nope"),
     ] {
         let j = run_job(&server, &job(white_box)).await;
-        assert_eq!((j["state"].as_str(), j["stage"].as_str()), (Some("failed"), Some("prepare")), "{j}");
+        assert_eq!(
+            (j["state"].as_str(), j["stage"].as_str()),
+            (Some("failed"), Some("prepare")),
+            "{j}"
+        );
         assert!(j["error"].as_str().unwrap().contains(needle), "{needle}: {j}");
     }
 }
