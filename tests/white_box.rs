@@ -104,6 +104,15 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
         );
     }
 
+    let r = server
+        .admin(Method::POST, "/admin/v1/models/coder/refresh")
+        .json(&job(json!({"teacher_model": "wide", "hidden_weight": -1.0})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("white_box weights"));
+
     for (white_box, needle) in [
         (json!({"teacher_model": "other-family"}), "one family"),
         (json!({"teacher_model": "wide", "layers": 9}), "white_box.layers"),

@@ -140,6 +140,11 @@ impl RefreshSpec {
         if !(0.0..=1.0).contains(&t.alpha) || t.tau_start <= 0.0 || t.tau_end <= 0.0 || t.learning_rate <= 0.0 {
             return Err("train.alpha must be in 0..=1; tau_start, tau_end and learning_rate positive".into());
         }
+        if let Some(w) = &self.white_box
+            && !(w.hidden_weight >= 0.0 && w.attention_weight >= 0.0 && w.layers > 0)
+        {
+            return Err("white_box weights must be >= 0 and white_box.layers positive".into());
+        }
         if let Some(r) = &self.regression
             && (r.dataset.trim().is_empty() || !(0.0..1.0).contains(&r.replay) || r.max_exact_match_drop < 0.0)
         {
