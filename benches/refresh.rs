@@ -79,19 +79,9 @@ impl Server {
     }
 
     async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut r = reqwest::Client::new()
-            .request(method, format!("{}{path}", self.process.base))
-            .bearer_auth(TOKEN);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let response = r.send().await?;
-        let status = response.status();
-        let v: Value = response.json().await?;
-        if !status.is_success() {
-            bail!("{path}: {status}: {v}");
-        }
-        Ok(v)
+        self.process
+            .admin(TOKEN, method, path, body.map(|b| b.to_string()))
+            .await
     }
 }
 

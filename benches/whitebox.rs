@@ -57,35 +57,18 @@ fn add(repo: &Path, name: &str, seed: u64, hidden: usize, layers: usize) -> Resu
     Ok(())
 }
 
-async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<String>) -> Result<Value> {
-    let mut r = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(TOKEN);
-    if let Some(b) = body {
-        r = r.body(b);
-    }
-    let response = r.send().await?;
-    let status = response.status();
-    let v: Value = response.json().await?;
-    if !status.is_success() {
-        bail!("{path}: {status}: {v}");
-    }
-    Ok(v)
-}
-
 /// Runs a job to its end and returns it.
-async fn job(base: &str, body: &Value) -> Result<Value> {
-    let started = admin(
-        base,
-        reqwest::Method::POST,
-        "/admin/v1/models/student/refresh",
-        Some(body.to_string()),
-    )
-    .await?;
+async fn job(server: &common::Server, body: &Value) -> Result<Value> {
+    let path = "/admin/v1/models/student/refresh";
+    let started = server
+        .admin(TOKEN, reqwest::Method::POST, path, Some(body.to_string()))
+        .await?;
     let id = started["id"].as_str().context("no job id")?.to_string();
     let start = Instant::now();
     loop {
-        let j = admin(base, reqwest::Method::GET, &format!("/admin/v1/jobs/{id}"), None).await?;
+        let j = server
+            .admin(TOKEN, reqwest::Method::GET, &format!("/admin/v1/jobs/{id}"), None)
+            .await?;
         if ["succeeded", "rejected", "failed", "cancelled"].contains(&j["state"].as_str().unwrap_or_default()) {
             return Ok(j);
         }
@@ -120,7 +103,9 @@ async fn main() -> Result<()> {
             format!("{}\n", json!({"prompt": text}))
         })
         .collect();
-    admin(&base, reqwest::Method::POST, "/admin/v1/datasets/notes", Some(prompts)).await?;
+    server
+        .admin(TOKEN, reqwest::Method::POST, "/admin/v1/datasets/notes", Some(prompts))
+        .await?;
     println!(
         "student 64 wide x 4 layers, teacher 128 wide x 4 layers (random, init std 0.3); {} prompts, {} steps of 8, seed 0\n",
         o.prompts, o.steps
@@ -146,7 +131,7 @@ async fn main() -> Result<()> {
             "gate": {"min_agreement_gain": 10.0},
             "white_box": white_box});
         let started = Instant::now();
-        let j = job(&base, &body).await?;
+        let j = job(&server, &body).await?;
         if j["state"] != "rejected" {
             bail!("{name}: {j}");
         }

@@ -79,32 +79,8 @@ fn token_job(teacher: &TestServer, steps: usize) -> Value {
     })
 }
 
-async fn start_job(server: &TestServer, model: &str, job: &Value) -> String {
-    let r = server
-        .admin(Method::POST, &format!("/admin/v1/models/{model}/refresh"))
-        .json(job)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
-}
-
 async fn job(server: &TestServer, id: &str) -> Value {
     server.admin_get(&format!("/admin/v1/jobs/{id}")).await
-}
-
-/// Polls the job until it ends (at most `limit`).
-async fn finished(server: &TestServer, id: &str, limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        let j = job(server, id).await;
-        if ["succeeded", "rejected", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
-            return j;
-        }
-        assert!(start.elapsed() < limit, "job still {} after {limit:?}: {j}", j["stage"]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn serving_version(server: &TestServer, model: &str) -> u64 {
@@ -183,9 +159,9 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
         }));
     }
 
-    let id = start_job(&student, "coder", &token_job(&teacher, 80)).await;
+    let id = student.start_refresh("coder", &token_job(&teacher, 80)).await;
     let names = event_names(&student, &id).await;
-    let j = finished(&student, &id, Duration::from_secs(240)).await;
+    let j = student.finished_job(&id, Duration::from_secs(240)).await;
     let served_during = ok.load(Ordering::Relaxed);
     // Some requests after the swap too.
     let after = Instant::now();
@@ -245,8 +221,8 @@ async fn a_refresh_brings_the_student_closer_to_the_teacher_and_swaps_it_in_unde
     // A gate that cannot pass leaves version 2 serving; the teacher is not asked again.
     let mut strict = token_job(&teacher, 5);
     strict["gate"] = json!({"min_agreement_gain": 1.0});
-    let id = start_job(&student, "coder", &strict).await;
-    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let id = student.start_refresh("coder", &strict).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "rejected", "{j}");
     assert!(j["error"].as_str().unwrap().contains("agreement"), "{j}");
     let t = &j["result"]["teacher"];
@@ -306,8 +282,8 @@ async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
     // Nothing listens on port 9 of loopback.
     let mut job = json!({"dataset": "notes", "train": {"steps": 2},
         "teacher": {"url": "http://127.0.0.1:9/v1", "model": "t", "max_retries": 1, "timeout_ms": 2000}});
-    let id = start_job(&student, "coder", &job).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(
         (j["state"].as_str(), j["stage"].as_str()),
         (Some("failed"), Some("teacher")),
@@ -317,8 +293,8 @@ async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
     assert!(error.contains("http://127.0.0.1:9/v1/chat/completions"), "{error}");
 
     job["teacher"]["api_key_env"] = json!("TEACHER_DISTILL_SERVE_TEST_NO_SUCH_KEY");
-    let id = start_job(&student, "coder", &job).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "failed");
     assert!(
         j["error"]
@@ -344,15 +320,15 @@ async fn a_bad_teacher_fails_the_job_clearly_and_serving_goes_on() {
     // A wrong key: the teacher's 401, not retried.
     let mut keyed = token_job(&teacher, 2);
     keyed["teacher"]["api_key_env"] = json!("TEACHER_WRONG_KEY");
-    let id = start_job(&student, "coder", &keyed).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &keyed).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "failed");
     assert!(j["error"].as_str().unwrap().contains("(401)"), "{j}");
 
     // The right key, but token-level KD from a teacher with another tokenizer.
     keyed["teacher"]["api_key_env"] = json!("TEACHER_KEY");
-    let id = start_job(&student, "coder", &keyed).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &keyed).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(
         (j["state"].as_str(), j["stage"].as_str()),
         (Some("failed"), Some("teacher")),
@@ -408,7 +384,7 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
     upload(&student, "notes", 16).await;
     let mut long = token_job(&teacher, 1_000_000);
     long["teacher"]["mode"] = json!("sequence");
-    let id = start_job(&student, "coder", &long).await;
+    let id = student.start_refresh("coder", &long).await;
     let training = TestServer::wait_for(Duration::from_secs(60), || async {
         let j = job(&student, &id).await;
         j["stage"] == "training" && j["result"]["training"]["step"].as_u64().unwrap_or(0) > 2
@@ -447,8 +423,8 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
     short["train"]["steps"] = json!(4);
     short["gate"] = json!({"min_agreement_gain": -1.0, "max_kl_ratio": 100.0, "min_coverage": 0.0});
     short["terminology"] = json!("icd");
-    let id = start_job(&student, "coder", &short).await;
-    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let id = student.start_refresh("coder", &short).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     let candidate = &j["result"]["evaluation"]["candidate"];
     assert!(candidate["kl"].is_null(), "sequence-level KD has no KL");
@@ -456,14 +432,14 @@ async fn a_crash_mid_training_leaves_no_half_version_and_the_job_failed() {
     assert!((0.0..=1.0).contains(&coverage), "{candidate}");
     assert_eq!(serving_version(&student, "coder").await, 2);
 
-    let id = start_job(&student, "coder", &long).await;
+    let id = student.start_refresh("coder", &long).await;
     let r = student
         .admin(Method::POST, &format!("/admin/v1/jobs/{id}/cancel"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "cancelled", "{j}");
     assert_eq!(serving_version(&student, "coder").await, 2);
 }
@@ -684,8 +660,8 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
         "HTTP/1.1 429 Too Many Requests\r\nRetry-After: -1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let id = start_job(&student, "coder", &job(&url)).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job(&url)).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(
         (j["state"].as_str(), j["stage"].as_str()),
         (Some("failed"), Some("teacher")),
@@ -729,8 +705,8 @@ async fn teachers_are_called_only_where_allowed_and_their_bad_answers_end_jobs_c
         "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://10.1.2.3/v1/chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let id = start_job(&student, "coder", &job(&url)).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job(&url)).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "failed", "{j}");
     assert!(
         j["error"].as_str().unwrap().contains("(307)"),
@@ -752,7 +728,7 @@ async fn a_refresh_on_one_replica_is_served_by_another_after_a_reload() {
     let (store_a, store_b) = (store("a.sqlite3"), store("b.sqlite3"));
     let a = TestServer::start_with_repo(dir, repo.clone(), &["--store", &store_a]);
     upload(&a, "notes", 120).await;
-    let id = start_job(&a, "coder", &token_job(&teacher, 80)).await;
+    let id = a.start_refresh("coder", &token_job(&teacher, 80)).await;
     // Replica B starts while A's candidate folder is being written.
     let model_dir = repo.join("coder");
     let building = TestServer::wait_for(Duration::from_secs(120), || {
@@ -791,7 +767,7 @@ async fn a_refresh_on_one_replica_is_served_by_another_after_a_reload() {
             }
         })
     };
-    let j = finished(&a, &id, Duration::from_secs(240)).await;
+    let j = a.finished_job(&id, Duration::from_secs(240)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(serving_version(&a, "coder").await, 2);
     assert_eq!(serving_version(&b, "coder").await, 1, "B changes only when told");
@@ -846,8 +822,8 @@ async fn a_job_whose_prompts_drift_from_the_traffic_is_gated_before_the_teacher(
     let mut job = token_job(&teacher, 2);
     job["gate"] = json!({"max_drift_kl": 1.0, "min_agreement_gain": -1.0, "max_kl_ratio": 1000.0});
     job["drift_reference"] = json!("quotes");
-    let id = start_job(&student, "coder", &job).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(
         (j["state"].as_str(), j["stage"].as_str()),
         (Some("rejected"), Some("prepare")),
@@ -859,16 +835,16 @@ async fn a_job_whose_prompts_drift_from_the_traffic_is_gated_before_the_teacher(
     assert!(j["result"]["teacher"].is_null(), "the teacher was asked: {j}");
 
     job["drift_reference"] = json!("traffic");
-    let id = start_job(&student, "coder", &job).await;
-    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let id = student.start_refresh("coder", &job).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
     let near = j["result"]["drift"]["unigram_kl"].as_f64().unwrap();
     assert!(near < 0.2 && near * 10.0 < far, "{near} vs {far}: {j}");
     assert_eq!(j["state"], "succeeded", "{j}");
 
     // A gate that asks for the check needs reference prompts.
     job["drift_reference"] = json!("nothing-here");
-    let id = start_job(&student, "coder", &job).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("holds no prompts"), "{j}");
 }
@@ -897,8 +873,8 @@ async fn a_teacher_below_the_accuracy_bar_on_labelled_prompts_stops_the_job_befo
                "train": {"steps": 2, "batch_size": 4, "nice": 0},
                "gate": {"min_teacher_accuracy": min, "min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}})
     };
-    let id = start_job(&student, "coder", &job(0.85)).await;
-    let j = finished(&student, &id, Duration::from_secs(60)).await;
+    let id = student.start_refresh("coder", &job(0.85)).await;
+    let j = student.finished_job(&id, Duration::from_secs(60)).await;
     assert_eq!(
         (j["state"].as_str(), j["stage"].as_str()),
         (Some("rejected"), Some("teacher")),
@@ -915,8 +891,8 @@ async fn a_teacher_below_the_accuracy_bar_on_labelled_prompts_stops_the_job_befo
     assert_eq!(asked.load(Ordering::SeqCst), 40, "one answer per prompt");
 
     // Answers are cached: the next job asks nobody and trains.
-    let id = start_job(&student, "coder", &job(0.3)).await;
-    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let id = student.start_refresh("coder", &job(0.3)).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["result"]["training"]["step"], 2, "{j}");
     assert_eq!(j["result"]["teacher_accuracy"], *scored, "{j}");
@@ -962,8 +938,8 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
         "teacher": {"url": coder, "model": "t", "concurrency": 2},
         "train": {"steps": 40, "batch_size": 8, "learning_rate": 0.005, "warmup_steps": 2, "nice": 0},
         "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}});
-    let id = start_job(&student, "coder", &learn).await;
-    let j = finished(&student, &id, Duration::from_secs(120)).await;
+    let id = student.start_refresh("coder", &learn).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     let learnt = j["result"]["evaluation"]["candidate"]["exact_match"].as_f64().unwrap();
     assert!(learnt >= 0.75, "version 2 codes the set: {learnt}");
@@ -986,8 +962,8 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
             e["candidate"]["exact_match"].as_f64().unwrap(),
         )
     };
-    let id = start_job(&student, "coder", &job(0.0)).await;
-    let forgot = finished(&student, &id, Duration::from_secs(180)).await;
+    let id = student.start_refresh("coder", &job(0.0)).await;
+    let forgot = student.finished_job(&id, Duration::from_secs(180)).await;
     println!(
         "regression exact match (current, candidate) without replay: {:?}",
         scores(&forgot)
@@ -996,8 +972,8 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
     assert!(forgot["error"].as_str().unwrap().contains("forgetting"), "{forgot}");
     assert_eq!(forgot["result"]["regression"]["replayed"], 0);
 
-    let id = start_job(&student, "coder", &job(0.5)).await;
-    let kept = finished(&student, &id, Duration::from_secs(180)).await;
+    let id = student.start_refresh("coder", &job(0.5)).await;
+    let kept = student.finished_job(&id, Duration::from_secs(180)).await;
     println!("with replay: {:?}", scores(&kept));
     assert!(kept["result"]["regression"]["replayed"].as_u64().unwrap() > 0, "{kept}");
     assert_eq!(kept["state"], "succeeded", "{kept}");

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::server::TestServer;
 use distill_serve::checkpoint::Family;
@@ -34,23 +34,8 @@ fn add_trainable(repo: &Path, name: &str, family: Family, seed: u64, hidden: usi
 }
 
 async fn run_job(server: &TestServer, job: &Value) -> Value {
-    let r = server
-        .admin(Method::POST, "/admin/v1/models/coder/refresh")
-        .json(job)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let start = Instant::now();
-    loop {
-        let j = server.admin_get(&format!("/admin/v1/jobs/{id}")).await;
-        if ["succeeded", "rejected", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
-            return j;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "job still running: {j}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = server.start_refresh("coder", job).await;
+    server.finished_job(&id, Duration::from_secs(120)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

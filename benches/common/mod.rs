@@ -11,6 +11,7 @@ use anyhow::Result;
 use distill_serve::checkpoint::Family;
 use distill_serve::export::{self, ExternalData, Precision};
 use distill_serve::tiny::{ShapePreset, TinySpec, write_tiny};
+use serde_json::Value;
 
 /// Writes a model repository in `dir` with one model `bench`, version 1: a random student of
 /// `shape` (seed 0), INT8. With `trainable`, its checkpoint stays in `1/checkpoint` (refresh
@@ -68,6 +69,26 @@ impl Server {
             base: format!("http://{}", process.http),
             _process: process,
         })
+    }
+
+    /// An admin call with bearer `token` and `body` sent as is; the JSON answer, or an error
+    /// naming the path and status.
+    // Each bench compiles this file; only the refresh benches call admin routes.
+    #[allow(dead_code)]
+    pub async fn admin(&self, token: &str, method: reqwest::Method, path: &str, body: Option<String>) -> Result<Value> {
+        let mut r = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        let response = r.send().await?;
+        let status = response.status();
+        let v: Value = response.json().await?;
+        if !status.is_success() {
+            anyhow::bail!("{path}: {status}: {v}");
+        }
+        Ok(v)
     }
 
     /// The server's process id.

@@ -79,10 +79,8 @@ pub async fn predict(State(state): State<AppState>, headers: HeaderMap, body: By
     let run = async {
         let req: PredictRequest = parse_json(&body)?;
         let (inputs, many) = req.inputs.into_vec();
-        let request = EncodeRequest {
-            truncation_direction: req.truncation_direction,
-            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
-        };
+        let truncate = req.truncate.then_some(req.truncation_direction);
+        let request = EncodeRequest::new(req.model, inputs, truncate, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Predict, request).await?;
         wrong_route(
             &model,
@@ -188,10 +186,10 @@ pub async fn rerank(State(state): State<AppState>, headers: HeaderMap, body: Byt
             return Err(InferError::invalid("query", "the query must not be empty"));
         }
         let texts = req.texts.clone();
+        let truncate = req.truncate.then_some(req.truncation_direction);
         let request = EncodeRequest {
             query: Some(req.query),
-            truncation_direction: req.truncation_direction,
-            ..EncodeRequest::new(req.model, req.texts, req.truncate, timeout(&headers)?)
+            ..EncodeRequest::new(req.model, req.texts, truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Rerank, request).await?;
         wrong_route(
@@ -262,11 +260,11 @@ pub async fn classify(State(state): State<AppState>, headers: HeaderMap, body: B
         let req: ClassifyRequest = parse_json(&body)?;
         let (inputs, _) = req.input.into_vec();
         let texts = inputs.clone();
+        let truncate = req.truncate.then_some(req.truncation_direction);
         let request = EncodeRequest {
             // Long texts run in overlapping windows unless the client asked to cut them.
             window: !req.truncate,
-            truncation_direction: req.truncation_direction,
-            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
+            ..EncodeRequest::new(req.model, inputs, truncate, timeout(&headers)?)
         };
         let (model, encoded) = state.infer.encode(Endpoint::Classify, request).await?;
         wrong_route(&model, &[EncoderTask::TokenClassification])?;
@@ -318,10 +316,8 @@ pub async fn embed(State(state): State<AppState>, headers: HeaderMap, body: Byte
     let run = async {
         let req: EmbedRequest = parse_json(&body)?;
         let (inputs, _) = req.inputs.into_vec();
-        let request = EncodeRequest {
-            truncation_direction: req.truncation_direction,
-            ..EncodeRequest::new(req.model, inputs, req.truncate, timeout(&headers)?)
-        };
+        let truncate = req.truncate.then_some(req.truncation_direction);
+        let request = EncodeRequest::new(req.model, inputs, truncate, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
         wrong_route(&model, &[EncoderTask::Embedding])?;
         let normalize = req.normalize.unwrap_or(model.normalize);
@@ -364,7 +360,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
             }
         };
         let (inputs, _) = req.input.into_vec();
-        let request = EncodeRequest::new(Some(req.model), inputs, false, timeout(&headers)?);
+        let request = EncodeRequest::new(Some(req.model), inputs, None, timeout(&headers)?);
         let (model, encoded) = state.infer.encode(Endpoint::Embed, request).await?;
         wrong_route(&model, &[EncoderTask::Embedding])?;
         let width = encoded

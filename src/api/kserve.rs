@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::InferError;
 use super::openai::{parse_json, timeout};
-use crate::infer::{EncodeRequest, Endpoint, embedding};
+use crate::infer::{EncodeRequest, Endpoint, TruncationDirection, embedding};
 use crate::repository::{EncoderTask, EncoderVersion, Served};
 
 /// Name of the BYTES input holding the prompt text.
@@ -123,6 +123,7 @@ pub async fn encoder_rows(
             format!("model `{}` labels tokens: use POST /v1/classify", model.name),
         ));
     }
+    let truncate = truncate.then_some(TruncationDirection::Right);
     let request = EncodeRequest::new(Some(model.name.clone()), texts, truncate, timeout);
     let (model, encoded) = state.infer.encode(Endpoint::ModelInfer, request).await?;
     let rows = encoded

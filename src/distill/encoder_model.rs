@@ -3,13 +3,12 @@
 //! graph computes, so a trained checkpoint exports unchanged. Tests check it against the
 //! `candle-transformers` reference and that every tensor receives a gradient.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-use candle_core::{D, DType, Device, Tensor, Var};
+use anyhow::{Result, bail};
+use candle_core::{D, Device, Tensor, Var};
 
-use super::model::{load_vars, matmul_rows, save_vars};
+use super::model::{Weights, matmul_rows};
 use crate::checkpoint::{Checkpoint, EncoderConfig, EncoderHead, Family, ModelConfig};
 
 /// Large negative score on padding keys (finite: no NaNs).
@@ -18,10 +17,7 @@ const MASKED: f32 = -1e9;
 /// An encoder whose weights are trainable variables.
 pub struct TrainableEncoder {
     config: EncoderConfig,
-    /// Every tensor of the checkpoint by its Hugging Face name.
-    vars: BTreeMap<String, Var>,
-    /// Element type the checkpoint stored its weights in; saving keeps it.
-    stored: DType,
+    weights: Weights,
 }
 
 impl TrainableEncoder {
@@ -31,12 +27,8 @@ impl TrainableEncoder {
         let ModelConfig::Encoder(config) = ckpt.config.clone() else {
             bail!("{} is not an encoder (BERT, XLM-RoBERTa)", dir.display())
         };
-        let loaded = load_vars(&ckpt)?;
-        Ok(Self {
-            config,
-            vars: loaded.vars,
-            stored: loaded.stored,
-        })
+        let weights = Weights::load(&ckpt)?;
+        Ok(Self { config, weights })
     }
 
     /// The architecture.
@@ -46,17 +38,16 @@ impl TrainableEncoder {
 
     /// Every trainable variable with its name.
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.vars.iter().map(|(n, v)| (n.as_str(), v))
+        self.weights.iter()
     }
 
     /// Writes the weights as `model.safetensors` in `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        save_vars(&self.vars, self.stored, dir)
+        self.weights.save(dir)
     }
 
     fn weight(&self, name: &str) -> Result<Tensor> {
-        let var = self.vars.get(name).with_context(|| format!("no tensor {name}"))?;
-        Ok(var.as_tensor().clone())
+        self.weights.get(name)
     }
 
     fn linear(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {

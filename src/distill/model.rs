@@ -20,13 +20,8 @@ const MASKED: f32 = -1e9;
 /// A decoder whose weights are trainable variables.
 pub struct TrainableDecoder {
     config: DecoderConfig,
-    /// Every tensor of the checkpoint by its Hugging Face name.
-    vars: BTreeMap<String, Var>,
-    /// Roles, to know which weights fake quantisation applies to.
-    roles: BTreeMap<String, TensorRole>,
+    weights: Weights,
     inv_freq: Tensor,
-    /// Element type the checkpoint stored its weights in; saving keeps it.
-    stored: DType,
     /// Round linear weights to INT8 in the forward pass (quantisation-aware training).
     pub fake_quant: bool,
 }
@@ -38,14 +33,12 @@ impl TrainableDecoder {
         let ModelConfig::Decoder(config) = ckpt.config.clone() else {
             bail!("{}: only decoders (Qwen2, Llama) can be distilled", dir.display())
         };
-        let LoadedVars { vars, roles, stored } = load_vars(&ckpt)?;
+        let weights = Weights::load(&ckpt)?;
         let inv_freq = Tensor::new(config.rope.inv_freq(config.head_dim), &Device::Cpu)?;
         Ok(Self {
             config,
-            vars,
-            roles,
+            weights,
             inv_freq,
-            stored,
             fake_quant: false,
         })
     }
@@ -57,19 +50,18 @@ impl TrainableDecoder {
 
     /// Every trainable variable with its name.
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.vars.iter().map(|(n, v)| (n.as_str(), v))
+        self.weights.iter()
     }
 
     /// Writes the weights as `model.safetensors` in `dir` (the checkpoint layout it came from),
     /// in the element type the checkpoint had (a bf16 student stays bf16).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        save_vars(&self.vars, self.stored, dir)
+        self.weights.save(dir)
     }
 
     fn weight(&self, name: &str) -> Result<Tensor> {
-        let var = self.vars.get(name).with_context(|| format!("no tensor {name}"))?;
-        let w = var.as_tensor().clone();
-        if self.fake_quant && self.roles.get(name) == Some(&TensorRole::Linear) {
+        let w = self.weights.get(name)?;
+        if self.fake_quant && self.weights.role(name) == Some(TensorRole::Linear) {
             // Straight-through estimator: the forward sees the INT8-rounded weight, the
             // gradient flows to the FP32 one as if rounding were the identity.
             let rounded = fake_quantize_rows(&w)?;
@@ -228,45 +220,6 @@ impl TrainableDecoder {
     }
 }
 
-/// A checkpoint's tensors as trainable variables.
-pub(super) struct LoadedVars {
-    /// Every tensor as an FP32 variable, by name.
-    pub vars: BTreeMap<String, Var>,
-    /// Each tensor's role.
-    pub roles: BTreeMap<String, TensorRole>,
-    /// The element type the checkpoint stored them in.
-    pub stored: DType,
-}
-
-/// Loads every tensor of `ckpt` as a variable on the CPU.
-pub(super) fn load_vars(ckpt: &Checkpoint) -> Result<LoadedVars> {
-    let mut vars = BTreeMap::new();
-    let mut roles = BTreeMap::new();
-    let specs = tensor_specs(&ckpt.config);
-    let stored = match specs.first().map(|s| ckpt.weights.meta(&s.name)).transpose()? {
-        Some(meta) if meta.dtype == safetensors::Dtype::BF16 => DType::BF16,
-        Some(meta) if meta.dtype == safetensors::Dtype::F16 => DType::F16,
-        _ => DType::F32,
-    };
-    for spec in specs {
-        let data = ckpt.weights.f32(&spec.name)?;
-        let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?;
-        vars.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
-        roles.insert(spec.name, spec.role);
-    }
-    Ok(LoadedVars { vars, roles, stored })
-}
-
-/// Writes `vars` as `model.safetensors` in `dir`, in element type `stored`.
-pub(super) fn save_vars(vars: &BTreeMap<String, Var>, stored: DType, dir: &Path) -> Result<()> {
-    let tensors = vars
-        .iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(stored)?)))
-        .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
-    let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
-}
-
 /// What a traced forward keeps of its last layers, first layer first.
 #[derive(Debug, Default)]
 pub struct Trace {
@@ -274,6 +227,63 @@ pub struct Trace {
     pub hidden: Vec<Tensor>,
     /// Each layer's attention probabilities averaged over heads, `[batch, seq, seq]`.
     pub attentions: Vec<Tensor>,
+}
+
+/// A checkpoint's tensors as trainable FP32 variables by their Hugging Face names, with their
+/// roles and the element type the checkpoint stored them in (saving keeps it: a bf16 student
+/// stays bf16).
+pub(super) struct Weights {
+    vars: BTreeMap<String, Var>,
+    roles: BTreeMap<String, TensorRole>,
+    stored: DType,
+}
+
+impl Weights {
+    /// Every tensor of `ckpt`, on the CPU.
+    pub(super) fn load(ckpt: &Checkpoint) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        let mut roles = BTreeMap::new();
+        let specs = tensor_specs(&ckpt.config);
+        let stored = match specs.first().map(|s| ckpt.weights.meta(&s.name)).transpose()? {
+            Some(meta) if meta.dtype == safetensors::Dtype::BF16 => DType::BF16,
+            Some(meta) if meta.dtype == safetensors::Dtype::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        for spec in specs {
+            let data = ckpt.weights.f32(&spec.name)?;
+            let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?;
+            vars.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
+            roles.insert(spec.name, spec.role);
+        }
+        Ok(Self { vars, roles, stored })
+    }
+
+    /// Every variable with its name.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// The current value of tensor `name`.
+    pub(super) fn get(&self, name: &str) -> Result<Tensor> {
+        let var = self.vars.get(name).with_context(|| format!("no tensor {name}"))?;
+        Ok(var.as_tensor().clone())
+    }
+
+    /// What tensor `name` is.
+    pub(super) fn role(&self, name: &str) -> Option<TensorRole> {
+        self.roles.get(name).copied()
+    }
+
+    /// Writes the weights as `model.safetensors` in `dir`, in the stored element type.
+    pub(super) fn save(&self, dir: &Path) -> Result<()> {
+        let tensors = self
+            .vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(self.stored)?)))
+            .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))
+    }
 }
 
 /// `x @ w^T` for `x` of any rank (`[..., in]`) and `w` `[out, in]`: one 2-D matmul over the

@@ -19,10 +19,8 @@ pub struct EncodeRequest {
     /// The model; none: the one encoder loaded.
     pub model: Option<String>,
     pub inputs: Vec<String>,
-    /// Cut inputs longer than the model takes (else they are refused).
-    pub truncate: bool,
-    /// Which end `truncate` cuts.
-    pub truncation_direction: TruncationDirection,
+    /// Cut inputs longer than the model takes, at this end (else they are refused).
+    pub truncate: Option<TruncationDirection>,
     /// Run inputs longer than the model takes in overlapping windows and merge their
     /// per-token outputs (token classification), instead of refusing or cutting them.
     pub window: bool,
@@ -34,14 +32,18 @@ pub struct EncodeRequest {
 }
 
 impl EncodeRequest {
-    /// A request for `inputs` on `model`: long inputs refused (or cut when `truncate`), no
-    /// windows, no query.
-    pub fn new(model: Option<String>, inputs: Vec<String>, truncate: bool, timeout: Option<Duration>) -> Self {
+    /// A request for `inputs` on `model`: long inputs refused (or cut at the end `truncate`
+    /// names), no windows, no query.
+    pub fn new(
+        model: Option<String>,
+        inputs: Vec<String>,
+        truncate: Option<TruncationDirection>,
+        timeout: Option<Duration>,
+    ) -> Self {
         Self {
             model,
             inputs,
             truncate,
-            truncation_direction: TruncationDirection::Right,
             window: false,
             query: None,
             timeout,
@@ -95,8 +97,8 @@ impl Infer {
         check_inputs(&request.inputs).map_err(|e| record.fail(e))?;
         let long = match (request.window && request.query.is_none(), request.truncate) {
             (true, _) => Long::Window,
-            (false, true) => Long::Truncate(request.truncation_direction),
-            (false, false) => Long::Refuse,
+            (false, Some(direction)) => Long::Truncate(direction),
+            (false, None) => Long::Refuse,
         };
         let (tokenizing, inputs, query) = (Arc::clone(&model), request.inputs, request.query);
         let tokenized = tokio::task::spawn_blocking(move || tokenize(&tokenizing, query.as_deref(), &inputs, long))

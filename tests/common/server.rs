@@ -252,6 +252,32 @@ impl TestServer {
             .bearer_auth(ADMIN_TOKEN)
     }
 
+    /// Starts a refresh job of `model` with `job` (it must be accepted); its id.
+    pub async fn start_refresh(&self, model: &str, job: &serde_json::Value) -> String {
+        let r = self
+            .admin(reqwest::Method::POST, &format!("/admin/v1/models/{model}/refresh"))
+            .json(job)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls job `id` until it ends (at most `limit`); the job.
+    pub async fn finished_job(&self, id: &str, limit: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let j = self.admin_get(&format!("/admin/v1/jobs/{id}")).await;
+            if ["succeeded", "rejected", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
+                return j;
+            }
+            assert!(start.elapsed() < limit, "job still {} after {limit:?}: {j}", j["stage"]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// GETs the admin route `path` and parses its JSON answer.
     pub async fn admin_get(&self, path: &str) -> serde_json::Value {
         self.admin(reqwest::Method::GET, path)
