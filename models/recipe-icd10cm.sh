@@ -2,14 +2,20 @@
 # Builds the embedded default student: an ICD-10-CM coding student, distilled by this project.
 #
 #   1. dataset: ICD-10-CM descriptions and inclusion terms -> billable codes, in a short chat
-#      format; one inclusion term per code held out (distill-serve recipe icd10cm-data);
+#      format; one inclusion term per code held out; the training phrases augmented by the
+#      classification's conventions and sibling substitution, never into a held-out phrase
+#      (distill-serve recipe icd10cm-data --augment-per-code);
 #   2. teacher: a larger student with a BPE tokenizer trained on that text, fine-tuned on the
-#      training pairs (distill-serve train);
+#      training pairs (distill-serve train), and scored on the held-out terms;
 #   3. student: a smaller random student, served by one distill-serve while a second serves the
-#      teacher; a refresh job distils it (sequence-level KD on the teacher's answers) and swaps
-#      in the result (distill-serve distill refresh);
-#   4. the promoted version (INT8 ONNX + its checkpoint) becomes $OUT/1, and the held-out
-#      evaluation (without and with the terminology constraint) goes to $OUT/eval.json.
+#      teacher; two refresh jobs from the same random version on the same budget distil it
+#      (sequence-level KD on the teacher's answers): black-box only, then, after a rollback,
+#      with white-box terms from the teacher's checkpoint (hidden states and attention maps of
+#      its last layers);
+#   4. each candidate is scored on the held-out terms (without and with the terminology
+#      constraint); the one with the higher agreement on its job's own evaluation split (never
+#      the held-out terms) becomes $OUT/1 (INT8 ONNX + its checkpoint) with its held-out
+#      evaluation ($OUT/eval.json); $OUT/ablation.json holds the teacher's and both candidates'.
 #
 # Seedable and bounded. SCALE=toy runs in seconds (a handful of codes, a few steps, for the
 # test); SCALE=demo is what models/default holds (about an hour on 2 cores, see README).
@@ -31,14 +37,14 @@ token=recipe-$RANDOM$RANDOM
 
 case $scale in
   toy)
-    prefixes="" vocab=320
+    prefixes="" vocab=320 augment=2 white_box_layers=1
     teacher_dims=(--hidden-size 64 --intermediate-size 128 --num-layers 2 --num-heads 4 --num-kv-heads 2)
     student_dims=(--hidden-size 32 --intermediate-size 64 --num-layers 1 --num-heads 2 --num-kv-heads 1)
     teacher_steps=20 student_steps=10 batch=8 eval_limit=20
     # A few steps prove the pipeline, not a better student: any candidate passes.
     gate='{"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}' ;;
   demo)
-    prefixes="E,I,J" vocab=2048
+    prefixes="E,I,J" vocab=2048 augment=8 white_box_layers=3
     teacher_dims=(--hidden-size 256 --intermediate-size 704 --num-layers 4 --num-heads 4 --num-kv-heads 2)
     student_dims=(--hidden-size 192 --intermediate-size 512 --num-layers 3 --num-heads 4 --num-kv-heads 2)
     teacher_steps=3000 student_steps=2000 batch=32 eval_limit=671
@@ -56,7 +62,8 @@ started=$SECONDS
 log() { echo "recipe [$((SECONDS - started)) s] $*" >&2; }
 
 log "dataset from $xml"
-"$bin" recipe icd10cm-data --xml "$xml" --out "$work/data" --prefixes "$prefixes" --seed "$seed" >"$work/data.json"
+"$bin" recipe icd10cm-data --xml "$xml" --out "$work/data" --prefixes "$prefixes" --seed "$seed" \
+  --augment-per-code "$augment" >"$work/data.json"
 cat "$work/data.json" >&2
 
 tiny() { # out seed dims...
@@ -74,6 +81,10 @@ printf '{"batch_size": %d, "learning_rate": 0.002, "warmup_steps": 50, "weight_d
 mkdir -p "$work/teacher-repo/teacher"
 echo 'name = "teacher"' >"$work/teacher-repo/teacher/model.toml"
 "$bin" export --checkpoint "$work/teacher" --out "$work/teacher-repo/teacher/1" --int8 >/dev/null
+# The student's server holds the teacher too, with its checkpoint: the white-box job reads it.
+mkdir -p "$work/student-repo"
+cp -r "$work/teacher-repo/teacher" "$work/student-repo/teacher"
+cp -r "$work/teacher" "$work/student-repo/teacher/1/checkpoint"
 
 log "student: random start"
 mkdir -p "$work/student-repo/default/1"
@@ -99,10 +110,22 @@ serve() { # repo addr log
 serve "$work/teacher-repo" "$teacher_addr" "$work/teacher.log"
 serve "$work/student-repo" "$student_addr" "$work/student.log"
 
-log "distillation: $student_steps steps of sequence-level KD from the teacher"
-export DISTILL_SERVE_URL="http://$student_addr" DISTILL_SERVE_ADMIN_TOKEN=$token
+export DISTILL_SERVE_ADMIN_TOKEN=$token
+# A fixed sample across the chapters, which tests/default_student.rs scores.
+awk 'NR % 16 == 1' "$work/data/heldout.jsonl" >"$work/heldout-sample.jsonl"
+evaluate() { # addr model name
+  DISTILL_SERVE_URL="http://$1" "$bin" distill eval --model "$2" --data "$work/data/heldout.jsonl" \
+    --terminology icd10cm --max-tokens 12 --limit "$eval_limit" >"$work/eval-$3.json"
+  DISTILL_SERVE_URL="http://$1" "$bin" distill eval --model "$2" --data "$work/heldout-sample.jsonl" \
+    --terminology icd10cm --max-tokens 12 >"$work/eval-sample-$3.json"
+}
+log "teacher evaluation on the held-out inclusion terms"
+evaluate "$teacher_addr" teacher teacher
+
+export DISTILL_SERVE_URL="http://$student_addr"
 "$bin" distill upload icd10cm-train "$work/data/train.jsonl" >&2
-cat >"$work/job.json" <<EOF
+job() { # name white_box-json
+  cat >"$work/job-$1.json" <<EOF
 {
   "dataset": "icd10cm-train",
   "teacher": {"url": "http://$teacher_addr/v1", "model": "teacher", "mode": "sequence",
@@ -112,24 +135,41 @@ cat >"$work/job.json" <<EOF
   "gate": $gate,
   "eval_fraction": 0.1,
   "terminology": "icd10cm",
-  "eval_max_new_tokens": 12
+  "eval_max_new_tokens": 12,
+  "white_box": $2
 }
 EOF
-"$bin" distill refresh default "$work/job.json" >"$work/refresh.json"
+  "$bin" distill refresh default "$work/job-$1.json" >"$work/refresh-$1.json"
+  log "evaluation of the $1 student on the held-out inclusion terms"
+  evaluate "$student_addr" default "$1"
+}
+log "distillation, black-box: $student_steps steps of sequence-level KD from the teacher"
+job black-box null
+"$bin" distill rollback default >&2
+log "distillation, white-box: the same budget from the same version, + the teacher's last $white_box_layers layers"
+job white-box '{"teacher_model": "teacher", "layers": '"$white_box_layers"'}'
 
-log "evaluation on the held-out inclusion terms"
-"$bin" distill eval --model default --data "$work/data/heldout.jsonl" --terminology icd10cm \
-  --max-tokens 12 --limit "$eval_limit" >"$work/eval.json"
+# The job's own evaluation split decides, never the held-out terms.
+agreement() { jq '.result.evaluation.candidate.agreement' "$work/refresh-$1.json"; }
+chosen=black-box
+if jq -en --argjson b "$(agreement black-box)" --argjson w "$(agreement white-box)" '$w > $b' >/dev/null; then
+  chosen=white-box
+fi
+version=$(jq '.result.version' "$work/refresh-$chosen.json")
+jq -n --arg chosen "$chosen" --slurpfile d "$work/data.json" --slurpfile t "$work/eval-teacher.json" \
+  --slurpfile b "$work/eval-black-box.json" --slurpfile w "$work/eval-white-box.json" \
+  --slurpfile rb "$work/refresh-black-box.json" --slurpfile rw "$work/refresh-white-box.json" \
+  '{chosen: $chosen, dataset: $d[0], teacher: $t[0],
+    "black-box": {job_evaluation: $rb[0].result.evaluation, held_out: $b[0]},
+    "white-box": {job_evaluation: $rw[0].result.evaluation, held_out: $w[0]}}' >"$work/ablation.json"
 
-version=$(ls "$work/student-repo/default" | grep -E '^[0-9]+$' | sort -n | tail -1)
 rm -rf "$out/1"
 mkdir -p "$out"
 cp -r "$work/student-repo/default/$version" "$out/1"
 [ -f "$out/model.toml" ] || echo 'name = "default"' >"$out/model.toml"
-cp "$work/eval.json" "$out/eval.json"
-# A fixed sample across the chapters, which tests/default_student.rs scores.
-awk 'NR % 16 == 1' "$work/data/heldout.jsonl" >"$out/heldout-sample.jsonl"
-"$bin" distill eval --model default --data "$out/heldout-sample.jsonl" --terminology icd10cm \
-  --max-tokens 12 >"$out/eval-sample.json"
-log "wrote $out/1 (version $version of the refresh); evaluation:"
-cat "$work/eval.json"
+cp "$work/eval-$chosen.json" "$out/eval.json"
+cp "$work/eval-sample-$chosen.json" "$out/eval-sample.json"
+cp "$work/heldout-sample.jsonl" "$out/heldout-sample.jsonl"
+cp "$work/ablation.json" "$out/ablation.json"
+log "wrote $out/1 (version $version, the $chosen student); evaluation:"
+cat "$out/eval.json"

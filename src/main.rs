@@ -157,6 +157,10 @@ enum RecipeCommand {
         max_codes: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// At most this many augmented phrasings per code (`NOS` forms, nonessential
+        /// modifiers, abbreviations, sibling substitution) join the training pairs.
+        #[arg(long, default_value_t = 0)]
+        augment_per_code: usize,
     },
     /// ICD-10-CM chapter classification texts (an encoder student's dataset) from the CMS
     /// tabular XML: every billable code's description and inclusion terms, labelled with its
@@ -313,11 +317,13 @@ fn main() -> Result<()> {
             prefixes,
             max_codes,
             seed,
+            augment_per_code,
         }) => {
             let spec = distill_serve::recipe::dataset::DatasetSpec {
                 prefixes,
                 max_codes,
                 seed,
+                augment_per_code,
             };
             let summary = distill_serve::recipe::write_icd10cm_dataset(&xml, &spec, &out)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);

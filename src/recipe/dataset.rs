@@ -24,6 +24,10 @@ pub struct DatasetSpec {
     /// At most this many codes (chosen at random with `seed`); all when `None`.
     pub max_codes: Option<usize>,
     pub seed: u64,
+    /// At most this many augmented phrasings per code join the training pairs
+    /// ([`super::augment`]); none when 0.
+    #[serde(default)]
+    pub augment_per_code: usize,
 }
 
 /// One phrase and its code.
@@ -145,6 +149,7 @@ mod tests {
             prefixes: vec!["E".into(), "I".into(), "J".into()],
             max_codes: None,
             seed: 0,
+            augment_per_code: 0,
         };
         let d = build(&t, &spec);
         let phrases = |ps: &[Pair]| ps.iter().map(|p| p.phrase.clone()).collect::<Vec<_>>();

@@ -2,6 +2,7 @@
 //! dataset behind the embedded default student (`models/recipe-icd10cm.sh` runs the rest), and
 //! the encoder students' datasets (`models/recipe-encoders.sh`).
 
+pub mod augment;
 pub mod dataset;
 pub mod encoders;
 
@@ -18,7 +19,9 @@ use dataset::{DatasetSpec, Pair, build, corpus};
 /// (tokenizer text) for the ICD-10-CM tabular XML at `xml` into `out`; returns a summary.
 pub fn write_icd10cm_dataset(xml: &Path, spec: &DatasetSpec, out: &Path) -> Result<Value> {
     let terminology = load_icd10cm_xml(xml)?;
-    let d = build(&terminology, spec);
+    let mut d = build(&terminology, spec);
+    let (augmented, report) = augment::augment(&terminology, &d, spec.augment_per_code, spec.seed);
+    d.train.extend(augmented);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write_jsonl = |name: &str, pairs: &[Pair]| -> Result<()> {
         let path = out.join(name);
@@ -33,7 +36,10 @@ pub fn write_icd10cm_dataset(xml: &Path, spec: &DatasetSpec, out: &Path) -> Resu
     write_jsonl("train.jsonl", &d.train)?;
     write_jsonl("heldout.jsonl", &d.held_out)?;
     std::fs::write(out.join("corpus.txt"), corpus(&d))?;
-    Ok(json!({"codes": d.codes.len(), "train": d.train.len(), "held_out": d.held_out.len(), "out": out}))
+    Ok(
+        json!({"codes": d.codes.len(), "train": d.train.len(), "held_out": d.held_out.len(),
+        "augmented": report, "out": out}),
+    )
 }
 
 /// Writes an encoder dataset into `out`: `train.jsonl`, `heldout.jsonl` (and
