@@ -914,7 +914,8 @@ async fn constant_teacher(content: &str) -> (String, Arc<AtomicUsize>) {
 /// The forgetting guard. Version 2 learns to code 48 clinical prompts as I10 (from a teacher
 /// that always answers so); a job on unrelated prompts with that set as its regression set is
 /// rejected when its candidate forgets the answer, and accepted when half of each batch replays
-/// the set's training prompts.
+/// the set's training prompts. The second names no dataset: it guards the held-out split of
+/// the last succeeded job, the same set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_with_replay() {
     let student = student_server("coder");
@@ -938,6 +939,13 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
         "teacher": {"url": coder, "model": "t", "concurrency": 2},
         "train": {"steps": 40, "batch_size": 8, "learning_rate": 0.005, "warmup_steps": 2, "nice": 0},
         "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0}});
+    // Nothing succeeded yet: a guard without a dataset has no split to guard.
+    let mut unguarded = learn.clone();
+    unguarded["regression"] = json!({});
+    let id = student.start_refresh("coder", &unguarded).await;
+    let j = student.finished_job(&id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("no succeeded job"), "{j}");
     let id = student.start_refresh("coder", &learn).await;
     let j = student.finished_job(&id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
@@ -947,13 +955,13 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
     let teacher = teacher_server();
     let unrelated = (0..48).map(|i| format!("TICKER{} closes at {}.{}", i % 7, 1000 + i * 37, i % 10));
     upload_texts(&student, "quotes", unrelated).await;
-    let job = |replay: f64| {
+    let job = |regression: Value| {
         json!({"dataset": "quotes", "eval_fraction": 0.25, "eval_max_new_tokens": 4,
                "teacher": {"url": teacher.url("/v1"), "model": "teacher", "mode": "token", "top_logprobs": 5,
                            "max_tokens": 12, "temperature": 0.0, "concurrency": 4},
                "train": {"steps": 40, "batch_size": 8, "learning_rate": 0.005, "warmup_steps": 2, "nice": 0},
                "gate": {"min_agreement_gain": -1.0, "max_kl_ratio": 1000.0},
-               "regression": {"dataset": "old", "max_exact_match_drop": 0.25, "replay": replay}})
+               "regression": regression})
     };
     let scores = |j: &Value| {
         let e = &j["result"]["regression_evaluation"];
@@ -962,7 +970,12 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
             e["candidate"]["exact_match"].as_f64().unwrap(),
         )
     };
-    let id = student.start_refresh("coder", &job(0.0)).await;
+    let id = student
+        .start_refresh(
+            "coder",
+            &job(json!({"dataset": "old", "max_exact_match_drop": 0.25, "replay": 0.0})),
+        )
+        .await;
     let forgot = student.finished_job(&id, Duration::from_secs(180)).await;
     println!(
         "regression exact match (current, candidate) without replay: {:?}",
@@ -972,9 +985,16 @@ async fn the_forgetting_guard_rejects_a_candidate_that_forgets_and_accepts_one_w
     assert!(forgot["error"].as_str().unwrap().contains("forgetting"), "{forgot}");
     assert_eq!(forgot["result"]["regression"]["replayed"], 0);
 
-    let id = student.start_refresh("coder", &job(0.5)).await;
+    let id = student
+        .start_refresh("coder", &job(json!({"max_exact_match_drop": 0.25, "replay": 0.5})))
+        .await;
     let kept = student.finished_job(&id, Duration::from_secs(180)).await;
     println!("with replay: {:?}", scores(&kept));
+    assert_eq!(kept["result"]["regression"]["dataset"], "old", "{kept}");
+    assert_eq!(
+        kept["result"]["regression"]["held_out"], forgot["result"]["regression"]["held_out"],
+        "the same split: {kept}"
+    );
     assert!(kept["result"]["regression"]["replayed"].as_u64().unwrap() > 0, "{kept}");
     assert_eq!(kept["state"], "succeeded", "{kept}");
     assert_eq!(serving_version(&student, "coder").await, 3);

@@ -9,23 +9,38 @@ use super::drift::drift;
 use super::eval::EvalExample;
 use super::job::{RefreshSpec, StudentText, is_held_out};
 use super::service::Progress;
-use super::store::{Prompt, Store, TeacherOutput};
+use super::store::{JobState, Prompt, Store, TeacherOutput};
 use super::trainer::Example;
 
-/// The forgetting guard's examples, where the job has one: replay examples from the
-/// regression dataset's training side (labels as answers), as many as make up `replay` of
-/// the training set, and its labelled held-out prompts to score both versions on.
+/// The forgetting guard's examples.
+pub(super) struct Regression {
+    /// The dataset guarded.
+    pub dataset: String,
+    /// From its training side (labels as answers), as many as make up `replay` of the
+    /// training set.
+    pub replay: Vec<Example>,
+    /// Its labelled held-out prompts, to score both versions on.
+    pub scored: Vec<EvalExample>,
+}
+
+/// The forgetting guard's examples, where the job has one, from the dataset it names or else
+/// from the held-out split of `model`'s last succeeded job.
 pub(super) fn regression_examples(
     store: &Store,
+    model: &str,
     spec: &RefreshSpec,
     text: &StudentText,
     train_len: usize,
-) -> Result<Option<(Vec<Example>, Vec<EvalExample>)>> {
+) -> Result<Option<Regression>> {
     let Some(r) = &spec.regression else {
         return Ok(None);
     };
+    let (dataset, eval_fraction) = match &r.dataset {
+        Some(d) => (d.clone(), spec.eval_fraction),
+        None => last_succeeded_split(store, model)?,
+    };
     let (mut pool, mut scored) = (Vec::new(), Vec::new());
-    for prompt in store.prompts(&r.dataset)? {
+    for prompt in store.prompts(&dataset)? {
         let Some(label) = &prompt.label else {
             continue;
         };
@@ -36,17 +51,14 @@ pub(super) fn regression_examples(
             token_ids: None,
             top_logprobs: None,
         };
-        if is_held_out(prompt.id, spec.eval_fraction) {
+        if is_held_out(prompt.id, eval_fraction) {
             scored.extend(text.eval_example(&prompt, &answer).map_err(|e| anyhow!(e))?);
         } else {
             pool.extend(text.example(&prompt, &answer).map_err(|e| anyhow!(e))?);
         }
     }
     if scored.is_empty() {
-        bail!(
-            "regression dataset `{}` has no labelled held-out prompts to score",
-            r.dataset
-        );
+        bail!("regression dataset `{dataset}` has no labelled held-out prompts to score");
     }
     let wanted = (r.replay / (1.0 - r.replay) * train_len as f64).round() as usize;
     let replay = pool
@@ -55,8 +67,32 @@ pub(super) fn regression_examples(
         .take(if pool.is_empty() { 0 } else { wanted })
         .cloned()
         .collect();
-    Ok(Some((replay, scored)))
+    Ok(Some(Regression {
+        dataset,
+        replay,
+        scored,
+    }))
 }
+
+/// The dataset and held-out fraction of `model`'s newest succeeded job.
+fn last_succeeded_split(store: &Store, model: &str) -> Result<(String, f64)> {
+    let last = store
+        .jobs(LOOKED_BACK_JOBS)?
+        .into_iter()
+        .find(|j| j.model == model && j.state == JobState::Succeeded);
+    let spec = last
+        .map(|j| serde_json::from_value::<RefreshSpec>(j.spec))
+        .transpose()?;
+    match spec {
+        Some(s) => Ok((s.dataset, s.eval_fraction)),
+        None => {
+            bail!("regression names no dataset and `{model}` has no succeeded job whose held-out split it could guard")
+        }
+    }
+}
+
+/// How many of the newest jobs are searched for a model's last succeeded one.
+const LOOKED_BACK_JOBS: usize = 10_000;
 
 /// Measures how far the job's prompts drift from the reference traffic and reports it;
 /// the failure when the gate's `max_drift_kl` is exceeded. Without reference prompts there

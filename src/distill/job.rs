@@ -97,13 +97,15 @@ pub struct RefreshSpec {
     pub int8_format: Int8Format,
 }
 
-/// What a candidate must not forget: the labelled prompts of `dataset`. Its held-out split
-/// (the same hash as every split) is scored by exact match for both versions; the rest may be
-/// replayed into training.
+/// What a candidate must not forget: the labelled prompts of `dataset`, or without one the
+/// dataset of the model's last succeeded job. Its held-out split (the same hash as every
+/// split, at that job's `eval_fraction` for the last job's) is scored by exact match for both
+/// versions; the rest may be replayed into training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegressionSpec {
-    pub dataset: String,
+    #[serde(default)]
+    pub dataset: Option<String>,
     /// The candidate's exact match there may be at most this much below the current one's.
     #[serde(default = "default_max_drop")]
     pub max_exact_match_drop: f64,
@@ -146,9 +148,13 @@ impl RefreshSpec {
             return Err("white_box weights must be >= 0 and white_box.layers positive".into());
         }
         if let Some(r) = &self.regression
-            && (r.dataset.trim().is_empty() || !(0.0..1.0).contains(&r.replay) || r.max_exact_match_drop < 0.0)
+            && (r.dataset.as_deref().is_some_and(|d| d.trim().is_empty())
+                || !(0.0..1.0).contains(&r.replay)
+                || r.max_exact_match_drop < 0.0)
         {
-            return Err("regression needs a dataset, replay in 0..1 and max_exact_match_drop >= 0".into());
+            return Err(
+                "regression needs a non-empty dataset (or none), replay in 0..1 and max_exact_match_drop >= 0".into(),
+            );
         }
         self.teacher.validate().map_err(|e| e.to_string())
     }

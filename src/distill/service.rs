@@ -391,13 +391,13 @@ impl Distiller {
         if train_set.is_empty() || eval_set.is_empty() {
             bail!("the teacher's answers left no usable training or held-out example (empty completions?)");
         }
-        let regression = guards::regression_examples(&self.store, spec, &text, train_set.len())?;
-        if let (Some(r), Some((replay, scored))) = (&spec.regression, &regression) {
+        let regression = guards::regression_examples(&self.store, name, spec, &text, train_set.len())?;
+        if let Some(r) = &regression {
             p.set(
                 "regression",
-                json!({"dataset": r.dataset, "replayed": replay.len(), "held_out": scored.len()}),
+                json!({"dataset": r.dataset, "replayed": r.replay.len(), "held_out": r.scored.len()}),
             );
-            train_set.extend(replay.iter().cloned());
+            train_set.extend(r.replay.iter().cloned());
         }
 
         p.stage(Stage::Training);
@@ -433,8 +433,8 @@ impl Distiller {
             "evaluation",
             json!({"current": evaluation.0, "candidate": evaluation.1}),
         );
-        if let (Some(r), Some((_, scored))) = (&spec.regression, regression) {
-            let (cur, cand) = self.evaluate(&current, staging, scored, spec).await?;
+        if let (Some(r), Some(guarded)) = (&spec.regression, regression) {
+            let (cur, cand) = self.evaluate(&current, staging, guarded.scored, spec).await?;
             let (before, after) = (cur["exact_match"].as_f64(), cand["exact_match"].as_f64());
             p.set("regression_evaluation", json!({"current": cur, "candidate": cand}));
             if let (Some(before), Some(after)) = (before, after)
@@ -442,7 +442,7 @@ impl Distiller {
             {
                 failures.push(format!(
                     "forgetting: exact match on `{}` {after:.4} < current {before:.4} - {}",
-                    r.dataset, r.max_exact_match_drop
+                    guarded.dataset, r.max_exact_match_drop
                 ));
             }
         }
