@@ -1,13 +1,17 @@
 //! White-box distillation ablation: one student, one budget, one dataset, three refresh jobs
 //! from the same serving version — output-only token KD, + hidden-state transfer, + hidden and
 //! attention transfer — from a wider local teacher that is also the black-box teacher (its
-//! `/v1` on the same server). Every job's gate rejects on purpose, so each starts from the same
-//! version; the table is the held-out evaluation of each candidate (agreement with the
-//! teacher's tokens, KL to its top-k) beside the serving version's.
+//! `/v1` on the same server). The teacher is first fine-tuned on the labelled prompts (the
+//! finding's code), so its outputs and internals carry what the student should learn;
+//! `--teacher-steps 0` keeps it random. Every job's gate rejects on purpose, so each starts
+//! from the same version; the table is the held-out evaluation of each candidate (agreement
+//! with the teacher's tokens, KL to its top-k, exact match with the labels) beside the serving
+//! version's.
 //!
 //! ```sh
-//! cargo bench --bench whitebox                     # 120 steps, 96 prompts
-//! cargo bench --bench whitebox -- --steps 300
+//! cargo bench --bench whitebox                     # 120 steps, 96 prompts, teacher 300 steps
+//! cargo bench --bench whitebox -- --steps 300 --teacher-steps 0
+//! cargo bench --bench whitebox -- --steps 40 --hidden-weight 0.1 --attention-weight 0.1
 //! ```
 
 mod common;
@@ -18,6 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use distill_serve::checkpoint::Family;
+use distill_serve::distill::finetune::finetune;
+use distill_serve::distill::job::PromptInput;
+use distill_serve::distill::trainer::TrainConfig;
 use distill_serve::export::{self, ExternalData, Form, Precision};
 use distill_serve::tiny::{TinySpec, write_tiny};
 use serde_json::{Value, json};
@@ -32,20 +39,52 @@ struct Options {
     /// Prompts in the dataset (a quarter held out).
     #[arg(long, default_value_t = 96)]
     prompts: usize,
+    /// Weight of the hidden-state term in the white-box rows.
+    #[arg(long, default_value_t = 1.0)]
+    hidden_weight: f64,
+    /// Weight of the attention-map term in the last row.
+    #[arg(long, default_value_t = 1.0)]
+    attention_weight: f64,
+    /// Fine-tuning steps of the teacher on the labelled prompts before the jobs (0: random).
+    #[arg(long, default_value_t = 300)]
+    teacher_steps: usize,
     /// `cargo bench` passes `--bench` to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 /// Version 1 of `name`: a qwen2 student of `hidden` width and `layers` layers, with its
-/// training checkpoint.
-fn add(repo: &Path, name: &str, seed: u64, hidden: usize, layers: usize) -> Result<()> {
+/// training checkpoint; fine-tuned `steps` steps on the labelled `prompts` first.
+fn add(
+    repo: &Path,
+    name: &str,
+    seed: u64,
+    (hidden, layers): (usize, usize),
+    prompts: &[PromptInput],
+    steps: usize,
+) -> Result<()> {
     let out = repo.join(name).join("1");
     let checkpoint = out.join("checkpoint");
     let mut spec = TinySpec::new(Family::Qwen2, seed);
     (spec.hidden_size, spec.num_layers, spec.init_std) = (Some(hidden), Some(layers), Some(0.3));
     spec.intermediate_size = Some(hidden * 2);
-    write_tiny(&spec, &checkpoint)?;
+    if steps == 0 {
+        write_tiny(&spec, &checkpoint)?;
+    } else {
+        let random = repo.join(format!("{name}-random"));
+        spec.init_std = Some(0.02);
+        write_tiny(&spec, &random)?;
+        let config = TrainConfig {
+            steps,
+            batch_size: 8,
+            learning_rate: 0.003,
+            warmup_steps: 10,
+            nice: 0,
+            ..TrainConfig::default()
+        };
+        finetune(&random, prompts.to_vec(), &config, &checkpoint, |_| {})?;
+        std::fs::remove_dir_all(&random)?;
+    }
     export::export_form(
         &checkpoint,
         &out,
@@ -82,45 +121,59 @@ async fn job(server: &common::Server, body: &Value) -> Result<Value> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = Options::parse();
+    let findings = [
+        ("chest pain", "R07.9"),
+        ("type 2 diabetes", "E11.9"),
+        ("a fractured femur", "S72.90XA"),
+        ("asthma", "J45.909"),
+        ("hypertension", "I10"),
+        ("a migraine", "G43.909"),
+    ];
+    let prompts: Vec<Value> = (0..o.prompts)
+        .map(|i| {
+            let (finding, code) = findings[i % findings.len()];
+            json!({"prompt": format!("A patient {i} with {finding} needs a code."), "label": code})
+        })
+        .collect();
+    let labelled: Vec<PromptInput> = prompts
+        .iter()
+        .map(|p| serde_json::from_value(p.clone()))
+        .collect::<Result<_, _>>()?;
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("models");
-    add(&repo, "student", 1, 64, 4)?;
-    add(&repo, "teacher", 9, 128, 4)?;
+    let started = Instant::now();
+    add(&repo, "student", 1, (64, 4), &labelled, 0)?;
+    add(&repo, "teacher", 9, (128, 4), &labelled, o.teacher_steps)?;
+    let teacher_seconds = started.elapsed().as_secs_f64();
     let folder = repo.to_str().context("repository path is not UTF-8")?;
     let server = common::Server::start(&["--admin-token", TOKEN, "--model-repository", folder], "warn", |_| {})?;
     let base = server.base.clone();
-    let findings = [
-        "chest pain",
-        "type 2 diabetes",
-        "a fractured femur",
-        "asthma",
-        "hypertension",
-        "a migraine",
-    ];
-    let prompts: String = (0..o.prompts)
-        .map(|i| {
-            let text = format!("A patient {i} with {} needs a code.", findings[i % findings.len()]);
-            format!("{}\n", json!({"prompt": text}))
-        })
-        .collect();
+    let dataset: String = prompts.iter().map(|p| format!("{p}\n")).collect();
     server
-        .admin(TOKEN, reqwest::Method::POST, "/admin/v1/datasets/notes", Some(prompts))
+        .admin(TOKEN, reqwest::Method::POST, "/admin/v1/datasets/notes", Some(dataset))
         .await?;
+    let teacher = match o.teacher_steps {
+        0 => "random, init std 0.3".to_string(),
+        n => format!("fine-tuned {n} steps of 8 on the labelled prompts in {teacher_seconds:.0} s"),
+    };
     println!(
-        "student 64 wide x 4 layers, teacher 128 wide x 4 layers (random, init std 0.3); {} prompts, {} steps of 8, seed 0\n",
-        o.prompts, o.steps
+        "student 64 wide x 4 layers, teacher 128 wide x 4 layers ({teacher}); {} prompts, {} steps of 8, seed 0; white-box weights: hidden {}, attention {}\n",
+        o.prompts, o.steps, o.hidden_weight, o.attention_weight
     );
-    println!("| transfer | candidate agreement | candidate KL | serving agreement | serving KL | seconds |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| transfer | candidate agreement | candidate KL | candidate exact match | serving agreement | serving KL | seconds |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (name, white_box) in [
         ("output only (token KD)", Value::Null),
         (
             "+ hidden states (last 2 layers)",
-            json!({"teacher_model": "teacher", "layers": 2, "attention_weight": 0.0}),
+            json!({"teacher_model": "teacher", "layers": 2, "hidden_weight": o.hidden_weight, "attention_weight": 0.0}),
         ),
         (
             "+ hidden states + attention maps (last 2 layers)",
-            json!({"teacher_model": "teacher", "layers": 2}),
+            json!({"teacher_model": "teacher", "layers": 2, "hidden_weight": o.hidden_weight,
+                   "attention_weight": o.attention_weight}),
         ),
     ] {
         let body = json!({"dataset": "notes", "eval_fraction": 0.25, "eval_max_new_tokens": 8,
@@ -138,9 +191,10 @@ async fn main() -> Result<()> {
         let e = &j["result"]["evaluation"];
         let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
         println!(
-            "| {name} | {} | {} | {} | {} | {:.0} |",
+            "| {name} | {} | {} | {} | {} | {} | {:.0} |",
             f(&e["candidate"]["agreement"]),
             f(&e["candidate"]["kl"]),
+            f(&e["candidate"]["exact_match"]),
             f(&e["current"]["agreement"]),
             f(&e["current"]["kl"]),
             started.elapsed().as_secs_f64()
