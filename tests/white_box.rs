@@ -1,6 +1,7 @@
 //! White-box distillation in a refresh job: a wider local teacher's hidden states and attention
-//! maps train the student beside its token outputs; a teacher of another family or too few
-//! layers is refused before any teacher is asked.
+//! maps train the student beside its token outputs, for its last layers or an explicit layer map
+//! with heads matched one by one; a teacher of another family, too few layers or a map outside
+//! them is refused before any teacher is asked.
 
 mod common;
 
@@ -88,6 +89,19 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
             "{row}"
         );
     }
+    // An explicit layer map (one student layer taught by two of the teacher's) and heads
+    // matched one by one.
+    let j = run_job(
+        &server,
+        &job(json!({"teacher_model": "wide", "layer_map": [[1, 1], [1, 0]], "heads": "mapped"})),
+    )
+    .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let row = &j["result"]["losses"][0];
+    assert!(
+        row["hidden"].as_f64().unwrap() > 0.0 && row["attention"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
 
     let r = server
         .admin(Method::POST, "/admin/v1/models/coder/refresh")
@@ -101,6 +115,7 @@ async fn a_wider_local_teacher_teaches_white_box_and_a_foreign_one_is_refused() 
     for (white_box, needle) in [
         (json!({"teacher_model": "other-family"}), "one family"),
         (json!({"teacher_model": "wide", "layers": 9}), "white_box.layers"),
+        (json!({"teacher_model": "wide", "layer_map": [[0, 7]]}), "outside"),
         (json!({"teacher_model": "nope"}), "nope"),
     ] {
         let j = run_job(&server, &job(white_box)).await;

@@ -143,9 +143,15 @@ impl RefreshSpec {
             return Err("train.alpha must be in 0..=1; tau_start, tau_end and learning_rate positive".into());
         }
         if let Some(w) = &self.white_box
-            && !(w.hidden_weight >= 0.0 && w.attention_weight >= 0.0 && w.layers > 0)
+            && !(w.hidden_weight >= 0.0
+                && w.attention_weight >= 0.0
+                && w.layers > 0
+                && w.layer_map.as_ref().is_none_or(|m| !m.is_empty()))
         {
-            return Err("white_box weights must be >= 0 and white_box.layers positive".into());
+            return Err(
+                "white_box weights must be >= 0, white_box.layers positive and white_box.layer_map (if any) not empty"
+                    .into(),
+            );
         }
         if let Some(r) = &self.regression
             && (r.dataset.as_deref().is_some_and(|d| d.trim().is_empty())

@@ -97,18 +97,18 @@ impl TrainableDecoder {
     /// training needs only the positions it learns from, and the vocabulary projection is the
     /// widest matrix.
     pub fn forward_at(&self, input_ids: &Tensor, lengths: &[usize], positions: &Tensor) -> Result<Tensor> {
-        Ok(self.traced_at(input_ids, lengths, positions, 0)?.0)
+        Ok(self.traced_at(input_ids, lengths, positions, &[])?.0)
     }
 
     /// As [`Self::forward_at`], with the internals white-box distillation compares: the
-    /// output of each of the last `layers` layers (`[batch, seq, hidden]`) and its attention
-    /// probabilities averaged over heads (`[batch, seq, seq]`), first layer first.
+    /// output of each layer in `layers` (0-based, increasing; `[batch, seq, hidden]`) and its
+    /// attention probabilities (`[batch, heads, seq, seq]`), first layer first.
     pub fn traced_at(
         &self,
         input_ids: &Tensor,
         lengths: &[usize],
         positions: &Tensor,
-        layers: usize,
+        layers: &[usize],
     ) -> Result<(Tensor, Trace)> {
         let (hidden, trace) = self.hidden_traced(input_ids, lengths, layers)?;
         let flat = hidden.reshape(((), self.config.hidden_size))?;
@@ -126,15 +126,15 @@ impl TrainableDecoder {
 
     /// Final hidden states `[batch, seq, hidden]`, after the last norm.
     fn hidden(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
-        Ok(self.hidden_traced(input_ids, lengths, 0)?.0)
+        Ok(self.hidden_traced(input_ids, lengths, &[])?.0)
     }
 
-    /// Final hidden states, and the trace of the last `layers` layers.
+    /// Final hidden states, and the trace of the layers in `layers`.
     pub(super) fn hidden_traced(
         &self,
         input_ids: &Tensor,
         lengths: &[usize],
-        layers: usize,
+        layers: &[usize],
     ) -> Result<(Tensor, Trace)> {
         let c = &self.config;
         let mut trace = Trace::default();
@@ -150,9 +150,9 @@ impl TrainableDecoder {
             let p = format!("model.layers.{i}");
             let h = self.rms_norm(&x, &format!("{p}.input_layernorm.weight"))?;
             let (attn, probs) = self.attention(&h, &p, &cos, &sin, &mask)?;
-            let traced = i + layers >= c.num_layers;
+            let traced = layers.contains(&i);
             if traced {
-                trace.attentions.push(probs.mean(1)?);
+                trace.attentions.push(probs);
             }
             x = (x + attn)?;
             let h = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"))?;
@@ -225,7 +225,7 @@ impl TrainableDecoder {
 pub struct Trace {
     /// Each layer's output (the residual stream), `[batch, seq, hidden]`.
     pub hidden: Vec<Tensor>,
-    /// Each layer's attention probabilities averaged over heads, `[batch, seq, seq]`.
+    /// Each layer's attention probabilities, `[batch, heads, seq, seq]`.
     pub attentions: Vec<Tensor>,
 }
 

@@ -351,7 +351,7 @@ impl Distiller {
         let white_box = match &spec.white_box {
             Some(w) => {
                 let teacher = self.repository.get(&w.teacher_model)?.checkpoint_dir();
-                whitebox::check_pair(&source, &teacher, w.layers)?;
+                whitebox::check_pair(&source, &teacher, w)?;
                 Some((teacher, w.clone()))
             }
             None => None,

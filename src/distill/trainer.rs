@@ -176,8 +176,8 @@ fn step_gradients(
     white_box: Option<&WhiteBox>,
 ) -> Result<(LossParts, GradStore)> {
     let batch = make_batch(examples, &Device::Cpu)?;
-    let layers = white_box.map_or(0, |w| w.spec.layers);
-    let (picked, trace) = model.traced_at(&batch.input_ids, &batch.lengths, &batch.positions, layers)?;
+    let layers = white_box.map(WhiteBox::student_layers).unwrap_or_default();
+    let (picked, trace) = model.traced_at(&batch.input_ids, &batch.lengths, &batch.positions, &layers)?;
     let (mut loss, mut parts) = distillation_loss(&picked, &batch.targets, batch.top.as_ref(), tau, weights)?;
     if let Some(w) = white_box {
         let (hidden, attention) = w.losses(&trace, &batch.input_ids, &batch.lengths)?;

@@ -25,9 +25,58 @@ pub struct WhiteBoxSpec {
     /// Weight of the attention-map term (mean squared error of probabilities).
     #[serde(default = "one")]
     pub attention_weight: f64,
-    /// How many last layers are matched, the student's last with the teacher's last.
+    /// How many last layers are matched, the student's last with the teacher's last (where
+    /// `layer_map` is not given).
     #[serde(default = "three")]
     pub layers: usize,
+    /// Explicit `[student layer, teacher layer]` pairs, 0-based; replaces `layers`.
+    #[serde(default)]
+    pub layer_map: Option<Vec<[usize; 2]>>,
+    /// How attention maps are compared across heads.
+    #[serde(default)]
+    pub heads: HeadMatching,
+}
+
+/// How the attention term pairs heads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadMatching {
+    /// Each side's maps averaged over its heads: any head counts.
+    #[default]
+    Average,
+    /// Head by head: each student head with the mean of its group of teacher heads (the
+    /// teacher's head count a multiple of the student's).
+    Mapped,
+}
+
+impl WhiteBoxSpec {
+    /// The `(student layer, teacher layer)` pairs for a student of `student` layers and a
+    /// teacher of `teacher` layers.
+    pub fn pairs(&self, student: usize, teacher: usize) -> Result<Vec<(usize, usize)>> {
+        match &self.layer_map {
+            Some(map) => {
+                if map.is_empty() {
+                    bail!("white_box.layer_map is empty");
+                }
+                if let Some([s, t]) = map.iter().find(|[s, t]| *s >= student || *t >= teacher) {
+                    bail!(
+                        "white_box.layer_map pair [{s}, {t}] is outside the student's {student} or the teacher's {teacher} layers (0-based)"
+                    );
+                }
+                Ok(map.iter().map(|&[s, t]| (s, t)).collect())
+            }
+            None => {
+                let n = self.layers;
+                if n == 0 || n > student.min(teacher) {
+                    bail!(
+                        "white_box.layers is {n}; it must be 1..={} (the fewer layers of the two)",
+                        student.min(teacher)
+                    );
+                }
+                Ok((0..n).map(|i| (student - n + i, teacher - n + i)).collect())
+            }
+        }
+    }
 }
 
 fn one() -> f64 {
@@ -46,9 +95,9 @@ fn decoder_config(dir: &Path) -> Result<DecoderConfig> {
     }
 }
 
-/// Checks that the checkpoint in `teacher` can teach the one in `student` white-box: one
-/// family, one vocabulary, at least `layers` layers each.
-pub fn check_pair(student: &Path, teacher: &Path, layers: usize) -> Result<()> {
+/// Checks that the checkpoint in `teacher` can teach the one in `student` white-box as `spec`
+/// says: one family, one vocabulary, layers that both have, heads that map.
+pub fn check_pair(student: &Path, teacher: &Path, spec: &WhiteBoxSpec) -> Result<()> {
     let (s, t) = (decoder_config(student)?, decoder_config(teacher)?);
     if s.family != t.family {
         bail!(
@@ -64,10 +113,12 @@ pub fn check_pair(student: &Path, teacher: &Path, layers: usize) -> Result<()> {
             s.vocab_size
         );
     }
-    if layers == 0 || layers > s.num_layers.min(t.num_layers) {
+    spec.pairs(s.num_layers, t.num_layers)?;
+    if spec.heads == HeadMatching::Mapped && t.num_heads % s.num_heads != 0 {
         bail!(
-            "white_box.layers is {layers}; it must be 1..={} (the fewer layers of the two)",
-            s.num_layers.min(t.num_layers)
+            "white_box.heads is mapped, but the teacher's {} heads are not a multiple of the student's {}",
+            t.num_heads,
+            s.num_heads
         );
     }
     Ok(())
@@ -78,6 +129,8 @@ pub struct WhiteBox {
     teacher: TrainableDecoder,
     /// `[teacher hidden, student hidden]`, where the widths differ.
     projection: Option<Var>,
+    /// `(student layer, teacher layer)` pairs compared.
+    pairs: Vec<(usize, usize)>,
     pub spec: WhiteBoxSpec,
 }
 
@@ -85,6 +138,7 @@ impl WhiteBox {
     /// The teacher in `teacher_dir` for a student of `student` config.
     pub fn load(teacher_dir: &Path, student: &DecoderConfig, spec: WhiteBoxSpec) -> Result<Self> {
         let teacher = TrainableDecoder::load(teacher_dir)?;
+        let pairs = spec.pairs(student.num_layers, teacher.config().num_layers)?;
         let (t, s) = (teacher.config().hidden_size, student.hidden_size);
         // Starts as the identity on the shared dimensions: deterministic, and exact where one
         // width holds the other.
@@ -97,7 +151,29 @@ impl WhiteBox {
         Ok(Self {
             teacher,
             projection,
+            pairs,
             spec,
+        })
+    }
+
+    /// The student layers a traced forward must keep, increasing.
+    pub fn student_layers(&self) -> Vec<usize> {
+        sorted(self.pairs.iter().map(|p| p.0))
+    }
+
+    fn teacher_layers(&self) -> Vec<usize> {
+        sorted(self.pairs.iter().map(|p| p.1))
+    }
+
+    /// Attention maps as the term compares them: `[batch, seq, seq]` averaged, or
+    /// `[batch, heads, seq, seq]` with `heads` the student's, each the mean of its group.
+    fn heads(&self, probs: &Tensor, heads: usize) -> Result<Tensor> {
+        Ok(match self.spec.heads {
+            HeadMatching::Average => probs.mean(1)?,
+            HeadMatching::Mapped => {
+                let (batch, n, seq, _) = probs.dims4()?;
+                probs.reshape((batch, heads, n / heads, seq, seq))?.mean(2)?
+            }
         })
     }
 
@@ -109,7 +185,8 @@ impl WhiteBox {
     /// (hidden-state, attention-map) losses of the student's `trace` against the teacher on
     /// the same right-padded batch, over real positions only.
     pub fn losses(&self, student: &Trace, input_ids: &Tensor, lengths: &[usize]) -> Result<(Tensor, Tensor)> {
-        let (_, teacher) = self.teacher.hidden_traced(input_ids, lengths, self.spec.layers)?;
+        let (student_layers, teacher_layers) = (self.student_layers(), self.teacher_layers());
+        let (_, teacher) = self.teacher.hidden_traced(input_ids, lengths, &teacher_layers)?;
         let (batch, seq) = input_ids.dims2()?;
         let real: Vec<f32> = lengths
             .iter()
@@ -123,7 +200,10 @@ impl WhiteBox {
             Tensor::zeros((), DType::F32, &Device::Cpu)?,
             Tensor::zeros((), DType::F32, &Device::Cpu)?,
         );
-        for (s, t) in student.hidden.iter().zip(&teacher.hidden) {
+        let at = |layers: &[usize], layer: usize| layers.binary_search(&layer).unwrap_or_default();
+        for &(s_layer, t_layer) in &self.pairs {
+            let (si, ti) = (at(&student_layers, s_layer), at(&teacher_layers, t_layer));
+            let (s, t) = (&student.hidden[si], &teacher.hidden[ti]);
             let s = match &self.projection {
                 Some(p) => matmul_rows(s, p.as_tensor())?,
                 None => s.clone(),
@@ -131,14 +211,28 @@ impl WhiteBox {
             let width = t.dim(D::Minus1)? as f64;
             let err = (s - t.detach())?.sqr()?.sum(D::Minus1)?;
             hidden = (hidden + ((err * &real)?.sum_all()? / (tokens * width))?)?;
+
+            let heads = student.attentions[si].dim(1)?;
+            let s = self.heads(&student.attentions[si], heads)?;
+            let t = self.heads(&teacher.attentions[ti].detach(), heads)?;
+            let err = (s - t)?.sqr()?;
+            // Averaged maps are [batch, seq, seq]; mapped ones have a head axis to cover.
+            let (mask, maps) = match self.spec.heads {
+                HeadMatching::Average => (pairs.clone(), 1.0),
+                HeadMatching::Mapped => (pairs.unsqueeze(1)?, heads as f64),
+            };
+            attention = (attention + (err.broadcast_mul(&mask)?.sum_all()? / (n_pairs * maps))?)?;
         }
-        for (s, t) in student.attentions.iter().zip(&teacher.attentions) {
-            let err = (s - t.detach())?.sqr()?;
-            attention = (attention + ((err * &pairs)?.sum_all()? / n_pairs)?)?;
-        }
-        let layers = self.spec.layers as f64;
-        Ok(((hidden / layers)?, (attention / layers)?))
+        let n = self.pairs.len() as f64;
+        Ok(((hidden / n)?, (attention / n)?))
     }
+}
+
+fn sorted(layers: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut v: Vec<usize> = layers.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 #[cfg(test)]
@@ -163,6 +257,8 @@ mod tests {
             hidden_weight: 1.0,
             attention_weight: 1.0,
             layers,
+            layer_map: None,
+            heads: HeadMatching::Average,
         }
     }
 
@@ -179,10 +275,61 @@ mod tests {
         let white_box = WhiteBox::load(dir.path(), &config, spec(2)).unwrap();
         assert!(white_box.vars().is_empty(), "equal widths need no projection");
         let (ids, lengths) = batch();
-        let (_, trace) = student.hidden_traced(&ids, &lengths, 2).unwrap();
+        let (_, trace) = student
+            .hidden_traced(&ids, &lengths, &white_box.student_layers())
+            .unwrap();
         let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
         assert_eq!(h.to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(a.to_scalar::<f32>().unwrap(), 0.0);
+        let mapped = WhiteBoxSpec {
+            heads: HeadMatching::Mapped,
+            layer_map: Some(vec![[0, 0], [1, 1]]),
+            ..spec(2)
+        };
+        let white_box = WhiteBox::load(dir.path(), &config, mapped).unwrap();
+        let (_, trace) = student
+            .hidden_traced(&ids, &lengths, &white_box.student_layers())
+            .unwrap();
+        let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
+        assert_eq!(
+            (h.to_scalar::<f32>().unwrap(), a.to_scalar::<f32>().unwrap()),
+            (0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn a_layer_map_of_the_last_layers_is_the_default_and_bad_maps_are_refused() {
+        let (s_dir, t_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let config = checkpoint(s_dir.path(), 4, 64);
+        checkpoint(t_dir.path(), 9, 96);
+        let student = TrainableDecoder::load(s_dir.path()).unwrap();
+        let (ids, lengths) = batch();
+        let losses = |spec: WhiteBoxSpec| {
+            let white_box = WhiteBox::load(t_dir.path(), &config, spec).unwrap();
+            let (_, trace) = student
+                .hidden_traced(&ids, &lengths, &white_box.student_layers())
+                .unwrap();
+            let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
+            (h.to_scalar::<f32>().unwrap(), a.to_scalar::<f32>().unwrap())
+        };
+        let last_two = losses(spec(2));
+        // Listed out of order: the pairs, not their order, decide.
+        let map = |pairs: Vec<[usize; 2]>| WhiteBoxSpec {
+            layer_map: Some(pairs),
+            ..spec(2)
+        };
+        assert_eq!(losses(map(vec![[1, 1], [0, 0]])), last_two);
+        let crossed = losses(map(vec![[1, 0], [0, 1]]));
+        assert_ne!(crossed, last_two);
+        let mapped = losses(WhiteBoxSpec {
+            heads: HeadMatching::Mapped,
+            ..spec(2)
+        });
+        assert_eq!(mapped.0, last_two.0, "head matching leaves the hidden term alone");
+        assert_ne!(mapped.1, last_two.1);
+        let refused = |spec: WhiteBoxSpec| check_pair(s_dir.path(), t_dir.path(), &spec).unwrap_err().to_string();
+        assert!(refused(map(vec![[2, 0]])).contains("outside the student's 2"));
+        assert!(refused(map(vec![])).contains("empty"));
     }
 
     #[test]
@@ -190,11 +337,11 @@ mod tests {
         let (s_dir, t_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let config = checkpoint(s_dir.path(), 4, 64);
         checkpoint(t_dir.path(), 9, 96);
-        check_pair(s_dir.path(), t_dir.path(), 2).unwrap();
+        check_pair(s_dir.path(), t_dir.path(), &spec(2)).unwrap();
         let student = TrainableDecoder::load(s_dir.path()).unwrap();
         let white_box = WhiteBox::load(t_dir.path(), &config, spec(2)).unwrap();
         let (ids, lengths) = batch();
-        let (_, trace) = student.hidden_traced(&ids, &lengths, 2).unwrap();
+        let (_, trace) = student.hidden_traced(&ids, &lengths, &[0, 1]).unwrap();
         let (h, a) = white_box.losses(&trace, &ids, &lengths).unwrap();
         assert!(h.to_scalar::<f32>().unwrap() > 0.0 && a.to_scalar::<f32>().unwrap() > 0.0);
         let grads = (h + a).unwrap().backward().unwrap();
@@ -213,7 +360,7 @@ mod tests {
             .1;
         assert!(norm(q) > 0.0, "the attention term reaches the student's queries");
         assert!(
-            check_pair(s_dir.path(), t_dir.path(), 3)
+            check_pair(s_dir.path(), t_dir.path(), &spec(3))
                 .unwrap_err()
                 .to_string()
                 .contains("white_box.layers")
