@@ -334,17 +334,8 @@ fn differing_span(a: &[&str], b: &[&str]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::constrain::Entry;
+    use crate::recipe::dataset::tests::entry;
     use crate::recipe::dataset::{DatasetSpec, build};
-
-    fn entry(code: &str, description: &str, synonyms: &[&str]) -> Entry {
-        Entry {
-            code: code.into(),
-            description: description.into(),
-            synonyms: synonyms.iter().map(|s| s.to_string()).collect(),
-            billable: true,
-        }
-    }
 
     #[test]
     fn the_conventions_of_the_classification_make_new_phrasings() {

@@ -117,11 +117,12 @@ pub fn corpus(d: &Dataset) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::constrain::Entry;
 
-    fn entry(code: &str, description: &str, synonyms: &[&str]) -> Entry {
+    /// A billable entry, for the recipe's tests.
+    pub(in crate::recipe) fn entry(code: &str, description: &str, synonyms: &[&str]) -> Entry {
         Entry {
             code: code.into(),
             description: description.into(),
