@@ -208,9 +208,7 @@ impl WhiteBox {
                 Some(p) => matmul_rows(s, p.as_tensor())?,
                 None => s.clone(),
             };
-            let width = t.dim(D::Minus1)? as f64;
-            let err = (s - t.detach())?.sqr()?.sum(D::Minus1)?;
-            hidden = (hidden + ((err * &real)?.sum_all()? / (tokens * width))?)?;
+            hidden = (hidden + hidden_distance(&s, &t.detach(), &real, tokens)?)?;
 
             let heads = student.attentions[si].dim(1)?;
             let s = self.heads(&student.attentions[si], heads)?;
@@ -226,6 +224,19 @@ impl WhiteBox {
         let n = self.pairs.len() as f64;
         Ok(((hidden / n)?, (attention / n)?))
     }
+}
+
+/// Mean squared error of the two sides' hidden states at the `real` positions (`tokens` of
+/// them), each position's vector scaled to unit RMS first: residual streams grow large (a
+/// trained student's reach hundreds), so the raw error would swamp the KL/CE terms, while
+/// scaled it is `2 - 2 cos`, within 0..=4, whatever the models' scales.
+fn hidden_distance(student: &Tensor, teacher: &Tensor, real: &Tensor, tokens: f64) -> Result<Tensor> {
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
+        Ok(x.broadcast_div(&rms)?)
+    };
+    let err = (unit(student)? - unit(teacher)?)?.sqr()?.mean(D::Minus1)?;
+    Ok(((err * real)?.sum_all()? / tokens)?)
 }
 
 fn sorted(layers: impl Iterator<Item = usize>) -> Vec<usize> {
@@ -265,6 +276,29 @@ mod tests {
     fn batch() -> (Tensor, Vec<usize>) {
         let ids = Tensor::new(&[[5u32, 9, 17, 3, 0], [7, 11, 2, 0, 0]], &Device::Cpu).unwrap();
         (ids, vec![4, 3])
+    }
+
+    #[test]
+    fn the_hidden_term_is_a_distance_of_directions_not_of_scales() {
+        let s = Tensor::new(&[[[1f32, -2.0, 3.0, 0.5], [0.0, 1.0, 0.0, 0.0]]], &Device::Cpu).unwrap();
+        let real = Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap();
+        let d = |t: &Tensor| hidden_distance(&s, t, &real, 2.0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d(&s).abs() < 1e-5);
+        assert!(
+            d(&(&s * 300.0).unwrap()).abs() < 1e-5,
+            "a larger teacher scale costs nothing"
+        );
+        assert!((d(&s.neg().unwrap()) - 4.0).abs() < 1e-4, "opposite directions cost 4");
+        let padded = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
+        let other = Tensor::new(&[[[1f32, -2.0, 3.0, 0.5], [5.0, 0.0, 0.0, 0.0]]], &Device::Cpu).unwrap();
+        assert!(
+            hidden_distance(&s, &other, &padded, 1.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-5
+        );
     }
 
     #[test]
