@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 /// Exact-match accuracy of the constrained default student on `models/default/heldout-sample.jsonl`,
 /// as the README states it.
-const README_CONSTRAINED_ACCURACY: f64 = 0.214;
+const README_CONSTRAINED_ACCURACY: f64 = 0.119;
 /// Allowed shortfall (greedy decoding is deterministic; this covers kernel differences).
 const MARGIN: f64 = 0.05;
 
