@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::Tensor;
 use common::server::TestServer;
@@ -209,25 +207,10 @@ fn training_data_that_does_not_fit_the_model_is_refused_naming_the_text() {
 
 #[test]
 fn the_encoder_recipe_runs_end_to_end_at_toy_scale() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let (out, work) = (dir.path().join("out"), dir.path().join("work"));
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let output = Command::new("bash")
-        .arg(root.join("models/recipe-encoders.sh"))
-        .env("SCALE", "toy")
-        .env(
-            "ICD10CM_XML",
-            root.join("tests/fixtures/terminology/icd10cm_tabular_small.xml"),
-        )
-        .env("OUT", &out)
-        .env("WORK", &work)
-        .env("DISTILL_SERVE_BIN", common::binary())
-        .env("ADDR", addr)
+    let output = common::toy_recipe("recipe-encoders.sh", &out, &work)
+        .env("ADDR", common::free_loopback_addr())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);

@@ -4,35 +4,18 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
-fn free_loopback_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 #[test]
 fn the_icd10cm_recipe_runs_end_to_end_at_toy_scale() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let (out, work) = (dir.path().join("out"), dir.path().join("work"));
-    let output = Command::new("bash")
-        .arg(root.join("models/recipe-icd10cm.sh"))
-        .env("SCALE", "toy")
+    let output = common::toy_recipe("recipe-icd10cm.sh", &out, &work)
         .env("SEED", "3")
-        .env(
-            "ICD10CM_XML",
-            root.join("tests/fixtures/terminology/icd10cm_tabular_small.xml"),
-        )
-        .env("OUT", &out)
-        .env("WORK", &work)
-        .env("DISTILL_SERVE_BIN", common::binary())
-        .env("TEACHER_ADDR", free_loopback_addr())
-        .env("STUDENT_ADDR", free_loopback_addr())
+        .env("TEACHER_ADDR", common::free_loopback_addr())
+        .env("STUDENT_ADDR", common::free_loopback_addr())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);

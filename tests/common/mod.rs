@@ -130,6 +130,29 @@ pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_distill-serve"))
 }
 
+/// A free port on the loopback interface, as `127.0.0.1:PORT`, for a process the test starts.
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// `models/<script>` at toy scale on the small ICD-10-CM fixture, writing its student to `out`
+/// and its intermediate files to `work`, with the built binary; add the script's own variables.
+pub fn toy_recipe(script: &str, out: &Path, work: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(repo_file("models").join(script))
+        .env("SCALE", "toy")
+        .env(
+            "ICD10CM_XML",
+            repo_file("tests/fixtures/terminology/icd10cm_tabular_small.xml"),
+        )
+        .env("OUT", out)
+        .env("WORK", work)
+        .env("DISTILL_SERVE_BIN", binary());
+    command
+}
+
 /// A small deterministic generator for property tests, so a failure names a case that
 /// reproduces.
 pub struct Lcg(pub u64);
