@@ -266,6 +266,14 @@ impl Fields<'_> {
         }
     }
 
+    /// An optional field that, where given, must be positive (a divisor or a size).
+    fn opt_positive_usize(&self, key: &str) -> Result<Option<usize>, CheckpointError> {
+        match self.opt_usize(key)? {
+            Some(0) => Err(bad_field(key, "a positive integer")),
+            n => Ok(n),
+        }
+    }
+
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, CheckpointError> {
         match self.get(key) {
             None => Ok(None),
@@ -363,8 +371,13 @@ fn parse_rope(fields: &Fields) -> Result<RopeConfig, CheckpointError> {
 fn parse_decoder(family: Family, f: &Fields) -> Result<DecoderConfig, CheckpointError> {
     let hidden_size = f.usize("hidden_size")?;
     let num_heads = f.usize("num_attention_heads")?;
-    let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-    let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+    let num_kv_heads = f.opt_positive_usize("num_key_value_heads")?.unwrap_or(num_heads);
+    let head_dim = f.opt_positive_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+    if head_dim == 0 {
+        return Err(CheckpointError::Config(format!(
+            "field `hidden_size` ({hidden_size}) is smaller than `num_attention_heads` ({num_heads})"
+        )));
+    }
     if num_heads % num_kv_heads != 0 {
         return Err(CheckpointError::Config(format!(
             "field `num_attention_heads` ({num_heads}) is not a multiple of `num_key_value_heads` ({num_kv_heads})"
@@ -507,6 +520,27 @@ mod tests {
         let inv = c.rope.inv_freq(16);
         assert_eq!(inv.len(), 8);
         assert_eq!(inv[0], 1.0);
+    }
+
+    #[test]
+    fn zero_heads_or_head_sizes_are_errors_not_panics() {
+        // Found by the model_files fuzz target: 0 key/value heads divided by zero.
+        let base = r#""model_type":"qwen2","vocab_size":512,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4"#;
+        for (extra, field) in [
+            (r#","num_key_value_heads":0"#, "num_key_value_heads"),
+            (r#","head_dim":0"#, "head_dim"),
+        ] {
+            let err = ModelConfig::from_json(&format!("{{{base}{extra}}}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let narrow = base.replace(r#""hidden_size":64"#, r#""hidden_size":2"#);
+        let err = ModelConfig::from_json(&format!("{{{narrow}}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hidden_size"), "{err}");
     }
 
     #[test]
