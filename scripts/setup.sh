@@ -3,7 +3,8 @@
 # the pinned PyPI `onnxruntime` wheel (the only prebuilt ORT this environment can download),
 # checked against its sha256 and unpacked into the cache folder the binary looks in; the OpenAI
 # Python SDK and Triton's Python clients the tests use; and the public-domain ICD-10-CM release
-# (CMS tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel. With --gpu, also
+# (CMS tabular XML and code list) out of the pinned PyPI `simple-icd-10-cm` wheel; NVRTC, the CUDA
+# compiler our kernels are compiled with at run time (no GPU needed). With --gpu, also
 # ONNX Runtime's GPU build and the CUDA libraries it needs (below). Idempotent: a second run
 # changes nothing.
 set -euo pipefail
@@ -172,6 +173,31 @@ CUDA_WHEELS=(
 have_library() {
   [ -f "$CUDA_DEST/$1" ] || /sbin/ldconfig -p 2>/dev/null | grep -q "[[:space:]]$1 "
 }
+
+# NVRTC, for the tests (they compile every kernel of kernels/ to PTX with it; no GPU needed) and
+# for GPU set-ups (the binary compiles the kernels with it at run time); the CPU image
+# (SETUP_CLIENTS=0, no --gpu) needs none. From the CUDA line's wheel above, into the same folder;
+# only the compiler and its builtins (not the 110 MB `.alt` variants).
+NVRTC_LINE=$(printf '%s\n' "${CUDA_WHEELS[@]}" | grep '^nvidia-cuda-nvrtc==')
+read -r NVRTC_REQUIREMENT NVRTC_WHEEL NVRTC_SHA _ <<<"$NVRTC_LINE"
+if [ "${SETUP_CLIENTS:-1}" = 0 ] && [ "$GPU" = 0 ]; then
+  :
+elif [ -f "$CUDA_DEST/libnvrtc.so.13" ] && [ -f "$CUDA_DEST/libnvrtc-builtins.so.13.0" ]; then
+  echo "setup: NVRTC already at $CUDA_DEST"
+else
+  fetch_wheel "$NVRTC_WHEEL" "$NVRTC_REQUIREMENT" "$NVRTC_SHA" --only-binary=:all:
+  mkdir -p "$CUDA_DEST"
+  python3 - "$CACHE/wheels/$NVRTC_WHEEL" "$CUDA_DEST" <<'PY'
+import os, sys, zipfile
+wheel, out = sys.argv[1:3]
+with zipfile.ZipFile(wheel) as z:
+    for name in ("libnvrtc.so.13", "libnvrtc-builtins.so.13.0"):
+        with z.open(f"nvidia/cu13/lib/{name}") as src, open(os.path.join(out, name + ".partial"), "wb") as dst:
+            dst.write(src.read())
+        os.replace(os.path.join(out, name + ".partial"), os.path.join(out, name))
+PY
+  echo "setup: NVRTC installed at $CUDA_DEST"
+fi
 
 if [ "$GPU" = 1 ]; then
   if [ -f "$GPU_DEST/libonnxruntime_providers_cuda.so" ] && [ -f "$GPU_DEST/libonnxruntime.so.$ORT_GPU_VERSION" ]; then

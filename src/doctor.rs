@@ -1,6 +1,6 @@
 //! `distill-serve doctor`: what this machine and build can run — the ONNX Runtime library, the
 //! execution providers compiled in, the NVIDIA driver and its GPUs, the CUDA libraries,
-//! TensorRT — and whether each provider the configuration asks for loads and runs a graph. The
+//! TensorRT, our own kernels (NVRTC, and the sampling kernel on GPU 0) — and whether each provider the configuration asks for loads and runs a graph. The
 //! exit status says whether the configured providers can run; a machine without a GPU is a
 //! finding, not a failure, unless a GPU provider is configured.
 
@@ -120,6 +120,8 @@ pub fn check(args: &DoctorArgs) -> Report {
         Ok(version) => format!("TensorRT: {version}"),
         Err(why) => format!("TensorRT: not found ({why})"),
     });
+    #[cfg(feature = "cuda-native")]
+    report.lines.push(native_kernels());
 
     let probe = std::env::temp_dir().join(format!("distill-serve-probe-{}.onnx", std::process::id()));
     let written = crate::export::write_probe_model(&probe);
@@ -151,6 +153,30 @@ pub fn check(args: &DoctorArgs) -> Report {
     }
     let _ = std::fs::remove_file(&probe);
     report
+}
+
+/// Whether our own kernels (kernels/) compile and load: NVRTC's version, then the sampling
+/// kernel on GPU 0 where there is one.
+#[cfg(feature = "cuda-native")]
+fn native_kernels() -> String {
+    use crate::kernels::{device::CudaDevice, nvrtc_version, sampling::DeviceSampler};
+    let nvrtc = match nvrtc_version() {
+        Ok((major, minor)) => format!("NVRTC {major}.{minor}"),
+        Err(e) => return format!("native CUDA kernels: cannot compile: {e}"),
+    };
+    let gpu = CudaDevice::open(0).and_then(|device| {
+        DeviceSampler::new(&device, Some(&crate::kernels::default_ptx_cache()))?;
+        Ok(format!(
+            "sampling kernel loads on {} (compute capability {}.{})",
+            device.name(),
+            device.compute_capability().0,
+            device.compute_capability().1
+        ))
+    });
+    match gpu {
+        Ok(loaded) => format!("native CUDA kernels: {nvrtc}; {loaded}"),
+        Err(e) => format!("native CUDA kernels: {nvrtc}; not run: {e}"),
+    }
 }
 
 /// The providers the configuration asks for, each with who asks (the server default, models).

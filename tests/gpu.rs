@@ -24,7 +24,7 @@ fn text(out: &Output) -> String {
 }
 
 /// A cache folder where the CPU parts are installed (linked to the real ones, which the suite's
-/// setup installed) and the GPU parts are as `gpu` leaves them.
+/// setup installed; NVRTC as placeholder files) and the GPU parts are as `gpu` leaves them.
 fn cache_with_cpu_parts(gpu: impl FnOnce(&Path)) -> tempfile::TempDir {
     let real = distill_serve::paths::setup_cache_dir();
     let dir = tempfile::tempdir().unwrap();
@@ -35,6 +35,12 @@ fn cache_with_cpu_parts(gpu: impl FnOnce(&Path)) -> tempfile::TempDir {
         "icd10cm-2026".into(),
     ] {
         std::os::unix::fs::symlink(real.join(&part), cache.join(&part)).unwrap();
+    }
+    // NVRTC, which setup installs for the tests; only its presence counts here.
+    let cuda = cache.join("cuda-13.0");
+    std::fs::create_dir_all(&cuda).unwrap();
+    for name in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.0"] {
+        std::fs::write(cuda.join(name), b"installed").unwrap();
     }
     gpu(&cache);
     dir
@@ -135,6 +141,8 @@ fn doctor_reports_the_machine_and_passes_on_the_cpu() {
         "{said}"
     );
     assert!(said.contains("CUDA libraries:") && said.contains("TensorRT:"), "{said}");
+    // setup installs NVRTC: the kernels compile here, GPU or not.
+    assert!(said.contains("native CUDA kernels: NVRTC 13."), "{said}");
     let has_gpu = Command::new("nvidia-smi").output().is_ok_and(|o| o.status.success());
     if has_gpu {
         assert!(said.contains("GPU 0: "), "{said}");

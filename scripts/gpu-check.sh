@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks of our own CUDA kernels (kernels/, issue 15), in two halves:
+#   scripts/gpu-check.sh --build   here (cargo): release builds of the kernel tests and the
+#                                  device-sampling bench, stripped, into target/gpu-check/
+#                                  (about 2 x 15 MB: small enough to carry to a GPU machine);
+#   scripts/gpu-check.sh           on the GPU machine (no cargo needed): runs them, NVRTC and
+#                                  the driver taken from the system's CUDA, and writes the log to
+#                                  $OUT (or target/gpu-check/) with the GPU's name and the date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/gpu-check
+
+if [ "${1:-}" = --build ]; then
+  mkdir -p "$BIN"
+  executable() {  # the executable cargo built for `$@` (JSON messages on stdin)
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1" | tail -1
+  }
+  test_bin=$(cargo test --release --locked --no-run --test kernels --message-format=json 2>/dev/null | executable kernels)
+  bench_bin=$(cargo bench --locked --no-run --bench device_sampling --message-format=json 2>/dev/null | executable device_sampling)
+  cp "$test_bin" "$BIN/kernels-tests"
+  cp "$bench_bin" "$BIN/device-sampling"
+  strip "$BIN/kernels-tests" "$BIN/device-sampling"
+  ls -la "$BIN"
+  exit 0
+fi
+
+LOG=${OUT:-$BIN}/gpu-check.log
+mkdir -p "$(dirname "$LOG")"
+# The system's CUDA libraries (NVRTC): wherever the toolkit put them.
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64; do
+  [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+{
+  echo "# gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
+  "$BIN/kernels-tests" --test-threads 1 --nocapture
+  "$BIN/device-sampling" --rows 32 --steps 50
+  "$BIN/device-sampling" --rows 32 --steps 50 --top-n 5
+  "$BIN/device-sampling" --rows 64 --steps 50
+} 2>&1 | tee "$LOG"
