@@ -1,6 +1,7 @@
 //! ONNX Runtime sessions for exported students: loading the runtime, building sessions, and
 //! running decoder and encoder graphs.
 
+pub mod cuda;
 mod decoder;
 mod encoder;
 pub mod gpu;

@@ -59,6 +59,11 @@ impl CudaDevice {
         self.compute_capability
     }
 
+    /// Free device memory in bytes.
+    pub fn free_memory(&self) -> Result<usize, KernelError> {
+        Ok(self.context.mem_get_info()?.0)
+    }
+
     /// The stream kernels are launched on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

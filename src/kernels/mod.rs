@@ -26,11 +26,37 @@ pub struct KernelSource {
 }
 
 /// Every kernel source the binary carries.
-pub const SOURCES: &[KernelSource] = &[KernelSource {
-    name: "sampling",
-    source: include_str!("../../kernels/sampling.cu"),
-    entry_points: &["sample_rows"],
-}];
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        name: "sampling",
+        source: include_str!("../../kernels/sampling.cu"),
+        entry_points: &["sample_rows"],
+    },
+    KernelSource {
+        name: "decoder",
+        source: include_str!("../../kernels/decoder.cu"),
+        entry_points: &[
+            "embed",
+            "rms_norm",
+            "linear_f16",
+            "linear_i8",
+            "rope",
+            "kv_append",
+            "attention",
+            "silu_mul",
+            "add_in_place",
+            "gather_rows",
+        ],
+    },
+];
+
+/// The embedded source named `name` (the stem of its file in `kernels/`).
+pub fn source(name: &str) -> Result<&'static KernelSource, KernelError> {
+    SOURCES
+        .iter()
+        .find(|k| k.name == name)
+        .ok_or_else(|| KernelError::Invalid(format!("kernels/{name}.cu is not embedded")))
+}
 
 /// The oldest GPU architecture the kernels target (T4, compute capability 7.5).
 pub const MIN_COMPUTE_CAPABILITY: (u32, u32) = (7, 5);

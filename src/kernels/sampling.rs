@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::device::CudaDevice;
-use super::{KernelError, SOURCES};
+use super::{KernelError, source};
 
 /// Most alternatives a row may ask for (OpenAI's `top_logprobs` limit).
 pub const TOP_N_MAX: usize = 20;
@@ -56,11 +56,7 @@ pub struct DeviceSampler {
 impl DeviceSampler {
     /// Compiles (or takes from `ptx_cache`) and loads the sampling kernel on `device`.
     pub fn new(device: &CudaDevice, ptx_cache: Option<&Path>) -> Result<Self, KernelError> {
-        let source = SOURCES
-            .iter()
-            .find(|k| k.name == "sampling")
-            .ok_or_else(|| KernelError::Invalid("kernels/sampling.cu is not embedded".into()))?;
-        let module = device.load(source, ptx_cache)?;
+        let module = device.load(source("sampling")?, ptx_cache)?;
         let function = module.load_function("sample_rows")?;
         Ok(Self {
             stream: device.stream().clone(),

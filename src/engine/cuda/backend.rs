@@ -1,0 +1,171 @@
+//! The operations a decoder step is made of, as a trait: [`super::reference::CpuBackend`] runs
+//! each in plain Rust (the CPU reference of each kernel in `kernels/decoder.cu`), and the CUDA
+//! backend launches the kernel. The step itself ([`super::NativeDecoder`]) is written once
+//! against this trait, so its logic is tested where no GPU is.
+
+use half::f16;
+
+use super::NativeError;
+
+/// How linear-layer weights are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// INT8, one symmetric scale per output channel (max |w| / 127), quantised at load.
+    #[default]
+    Int8,
+    /// IEEE half precision.
+    Fp16,
+}
+
+/// A linear layer's weight `[out, in]` in its stored format, on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostWeight {
+    Fp16(Vec<f16>),
+    Int8 { values: Vec<i8>, scales: Vec<f32> },
+}
+
+impl HostWeight {
+    /// `weight` (`out` rows of `inputs`) in `format`.
+    pub fn new(weight: &[f32], out: usize, inputs: usize, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::Fp16 => Self::Fp16(weight.iter().map(|&w| f16::from_f32(w)).collect()),
+            WeightFormat::Int8 => {
+                let mut values = Vec::with_capacity(out * inputs);
+                let mut scales = Vec::with_capacity(out);
+                for row in weight.chunks(inputs.max(1)) {
+                    let max = row.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                    values.extend(row.iter().map(|&w| (w / scale).round().clamp(-127.0, 127.0) as i8));
+                    scales.push(scale);
+                }
+                Self::Int8 { values, scales }
+            }
+        }
+    }
+
+    /// Bytes the weight takes on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Fp16(values) => values.len() * 2,
+            Self::Int8 { values, scales } => values.len() + scales.len() * 4,
+        }
+    }
+}
+
+/// The rows of one step: row r is token `tokens[r]` of the sequence in slot `slots[r]`, at
+/// position `positions[r]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepRows {
+    pub tokens: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub positions: Vec<u32>,
+}
+
+impl StepRows {
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// One layer's KV cache shape: `slots x kv_heads x capacity x head_dim` for K and for V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub slots: usize,
+    pub kv_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    /// Values in K (and in V).
+    pub fn len(&self) -> usize {
+        self.slots * self.kv_heads * self.capacity * self.head_dim
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The operations of a decoder step. Tensors are f32 `[rows, width]`, row-major.
+pub trait Backend {
+    /// Activations on the backend.
+    type Tensor;
+    /// A linear layer (weight and optional bias) on the backend.
+    type Linear;
+    /// An FP16 embedding table.
+    type Table;
+    /// One layer's K and V caches (FP16).
+    type Cache;
+    /// A step's row indices (slots and positions) on the backend.
+    type Rows;
+
+    /// Free memory of the device, where it is limited (None: the host's).
+    fn free_bytes(&self) -> Option<usize> {
+        None
+    }
+    /// Uploads f32 values as a tensor of `width` columns.
+    fn tensor(&self, values: &[f32], width: usize) -> Result<Self::Tensor, NativeError>;
+    /// Uploads a linear layer `[out, in]`.
+    fn linear_weight(
+        &self,
+        weight: HostWeight,
+        bias: Option<&[f32]>,
+        out: usize,
+        inputs: usize,
+    ) -> Result<Self::Linear, NativeError>;
+    /// Uploads an embedding table `[rows, width]` (stored FP16).
+    fn table(&self, values: &[f32], width: usize) -> Result<Self::Table, NativeError>;
+    /// Allocates one layer's caches.
+    fn cache(&self, shape: CacheShape) -> Result<Self::Cache, NativeError>;
+    /// Uploads a step's slots and positions.
+    fn rows(&self, rows: &StepRows) -> Result<Self::Rows, NativeError>;
+
+    /// `table[token]` for each token.
+    fn embed(&self, table: &Self::Table, tokens: &[u32]) -> Result<Self::Tensor, NativeError>;
+    /// Each row divided by its root mean square (plus `eps`), times `weight`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor, NativeError>;
+    /// `x W^T + b`.
+    fn linear(&self, x: &Self::Tensor, layer: &Self::Linear) -> Result<Self::Tensor, NativeError>;
+    /// Rotary embedding in place of `heads` heads of `head_dim` a row, at the rows' positions.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        rows: &Self::Rows,
+        inv_freq: &Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), NativeError>;
+    /// Writes each row's K and V into its slot at its position.
+    fn kv_append(
+        &self,
+        cache: &mut Self::Cache,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        rows: &Self::Rows,
+    ) -> Result<(), NativeError>;
+    /// Causal grouped-query attention of each row over its slot's positions up to its own.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::Cache,
+        rows: &Self::Rows,
+        heads: usize,
+    ) -> Result<Self::Tensor, NativeError>;
+    /// `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, NativeError>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), NativeError>;
+    /// The rows `which` of `x`.
+    fn gather(&self, x: &Self::Tensor, which: &[u32]) -> Result<Self::Tensor, NativeError>;
+    /// The tensor's values on the host.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, NativeError>;
+}
