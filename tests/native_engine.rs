@@ -268,6 +268,53 @@ mod gpu {
         }
     }
 
+    /// Logits stay on the GPU and the sampling kernel picks from them: greedy rows pick what
+    /// the CPU reference engine's argmax picks, sampled rows what the sampler's CPU reference
+    /// picks from the same logits.
+    #[test]
+    fn the_engine_samples_on_the_device() {
+        use distill_serve::kernels::reference::sample_rows;
+        use distill_serve::kernels::sampling::{DeviceSampler, RowSampling};
+        let Some(backend) = backend() else { return };
+        let sampler = DeviceSampler::new(backend.device(), None).unwrap();
+        let st = student(Family::Qwen2, 4, |_| {});
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| st.encode(p)).collect();
+        let mut gpu = NativeDecoder::load(&st.checkpoint, backend, WeightFormat::Int8, 3, 128).unwrap();
+        let mut cpu = NativeDecoder::load(&st.checkpoint, CpuBackend, WeightFormat::Int8, 3, 128).unwrap();
+        let mut rows = StepRows::default();
+        let mut last = Vec::new();
+        for (slot, prompt) in prompts.iter().enumerate() {
+            for (i, &t) in prompt.iter().enumerate() {
+                rows.tokens.push(t);
+                rows.slots.push(slot as u32);
+                rows.positions.push(i as u32);
+            }
+            last.push(rows.len() as u32 - 1);
+        }
+        let vocab = gpu.config().vocab_size;
+        let logits = gpu.step_logits(&rows, &last).unwrap().unwrap();
+        let host = gpu.backend().to_host(&logits).unwrap();
+        let params: Vec<RowSampling> = (0..3)
+            .map(|r| RowSampling {
+                temperature: [0.0, 0.8, 1.2][r],
+                top_k: [0, 20, 0][r],
+                top_p: [1.0, 1.0, 0.9][r],
+                seed: 5,
+                step: 0,
+            })
+            .collect();
+        let got = sampler
+            .sample(logits.data(), vocab, &[None, None, None], &params, 3)
+            .unwrap();
+        let want = sample_rows(&host, vocab, &[None, None, None], &params, 3);
+        assert_eq!(
+            got.iter().map(|s| s.token).collect::<Vec<_>>(),
+            want.iter().map(|s| s.token).collect::<Vec<_>>()
+        );
+        let cpu_logits = cpu.step(&rows, &last).unwrap();
+        assert_eq!(got[0].token, Some(argmax(&cpu_logits[0])));
+    }
+
     #[test]
     fn a_model_too_big_for_the_gpu_is_an_error_at_load() {
         let Some(backend) = backend() else { return };

@@ -27,6 +27,11 @@ pub struct DeviceTensor {
 }
 
 impl DeviceTensor {
+    /// The values on the GPU (what [`crate::kernels::sampling::DeviceSampler`] samples from).
+    pub fn data(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+
     fn rows(&self) -> usize {
         self.data.len() / self.width.max(1)
     }

@@ -219,6 +219,16 @@ impl<B: Backend> NativeDecoder<B> {
     /// prompt's rows see each other causally) and returns the logits of the rows listed in
     /// `logits_of`, in that order. A slot's positions before a row's must have been run.
     pub fn step(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Vec<Vec<f32>>, NativeError> {
+        let Some(logits) = self.step_logits(rows, logits_of)? else {
+            return Ok(Vec::new());
+        };
+        let values = self.backend.to_host(&logits)?;
+        Ok(values.chunks(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
+    /// As [`Self::step`], leaving the logits `[logits_of.len(), vocab]` on the backend (for
+    /// sampling on the device); None when `logits_of` is empty.
+    pub fn step_logits(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Option<B::Tensor>, NativeError> {
         self.check(rows, logits_of)?;
         let c = &self.config;
         let b = &self.backend;
@@ -240,11 +250,10 @@ impl<B: Backend> NativeDecoder<B> {
             b.add(&mut x, &b.linear(&mixed, &layer.down)?)?;
         }
         if logits_of.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let last = b.rms_norm(&b.gather(&x, logits_of)?, &self.final_norm, eps)?;
-        let logits = b.to_host(&b.linear(&last, &self.lm_head)?)?;
-        Ok(logits.chunks(c.vocab_size).map(<[f32]>::to_vec).collect())
+        Ok(Some(b.linear(&last, &self.lm_head)?))
     }
 
     /// Rejects rows outside the slots, the capacity or the vocabulary before any kernel runs.
