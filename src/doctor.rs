@@ -69,6 +69,7 @@ pub fn check(args: &DoctorArgs) -> Report {
         Some("cpu"),
         cfg!(feature = "cuda").then_some("cuda"),
         cfg!(feature = "tensorrt").then_some("tensorrt"),
+        cfg!(feature = "cuda-native").then_some("native-cuda"),
     ]
     .into_iter()
     .flatten()
@@ -129,6 +130,8 @@ pub fn check(args: &DoctorArgs) -> Report {
         ExecutionProvider::Cpu,
         ExecutionProvider::Cuda,
         ExecutionProvider::Tensorrt,
+        ExecutionProvider::NativeCuda,
+        ExecutionProvider::NativeCpu,
     ] {
         let name = provider_name(provider);
         let wanted_by = configured.get(&name);
@@ -136,6 +139,7 @@ pub fn check(args: &DoctorArgs) -> Report {
             continue;
         }
         let outcome = match (&runtime, &written) {
+            _ if provider.is_native() => native_probe(provider),
             (Err(e), _) => Err(e.to_string()),
             (_, Err(e)) => Err(format!("writing the probe graph: {e:#}")),
             (Ok(_), Ok(())) => engine::run_probe(&probe, provider).map_err(|e| e.to_string()),
@@ -153,6 +157,23 @@ pub fn check(args: &DoctorArgs) -> Report {
     }
     let _ = std::fs::remove_file(&probe);
     report
+}
+
+/// Whether the native engine can run on `provider`: the CPU reference always; CUDA where the
+/// decoder kernels compile and load on GPU 0.
+fn native_probe(provider: ExecutionProvider) -> Result<(), String> {
+    if provider == ExecutionProvider::NativeCpu {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda-native")]
+    {
+        let device = crate::kernels::device::CudaDevice::open(0).map_err(|e| e.to_string())?;
+        crate::engine::cuda::device::CudaBackend::new(device, Some(&crate::kernels::default_ptx_cache()))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "cuda-native"))]
+    Err("this build has no native CUDA engine (feature cuda-native)".into())
 }
 
 /// Whether our own kernels (kernels/) compile and load: NVRTC's version, then the sampling
@@ -217,6 +238,8 @@ fn provider_name(provider: ExecutionProvider) -> &'static str {
         ExecutionProvider::Cpu => "cpu",
         ExecutionProvider::Cuda => "cuda",
         ExecutionProvider::Tensorrt => "tensorrt",
+        ExecutionProvider::NativeCuda => "native-cuda",
+        ExecutionProvider::NativeCpu => "native-cpu",
     }
 }
 

@@ -4,7 +4,7 @@
 //! are left to the system's loader, and one that is missing everywhere is named in the error.
 
 use std::ffi::c_void;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use ort::session::builder::SessionBuilder;
@@ -30,24 +30,9 @@ pub const CUDA_LIBRARIES: &[&str] = &[
     "libcudnn_engines_runtime_compiled.so.9",
 ];
 
-/// Where `scripts/setup.sh --gpu` unpacks the CUDA libraries.
-pub fn default_cuda_libraries() -> PathBuf {
-    crate::paths::setup_cache_dir().join("cuda-13.0")
-}
+pub use crate::paths::{cuda_libraries, default_cuda_libraries, set_cuda_libraries};
 
-static CUDA_FOLDER: OnceLock<PathBuf> = OnceLock::new();
 static PRELOADED: OnceLock<Result<Vec<&'static str>, String>> = OnceLock::new();
-
-/// Takes the CUDA libraries from `folder` instead of [`default_cuda_libraries`]; only the first
-/// call before the first GPU session counts.
-pub fn set_cuda_libraries(folder: PathBuf) {
-    let _ = CUDA_FOLDER.set(folder);
-}
-
-/// The CUDA library folder in use.
-pub fn cuda_libraries() -> PathBuf {
-    CUDA_FOLDER.get().cloned().unwrap_or_else(default_cuda_libraries)
-}
 
 /// Loads, once per process, each CUDA library the folder holds; returns those it loaded.
 pub fn preload_cuda_libraries() -> Result<&'static [&'static str], EngineError> {

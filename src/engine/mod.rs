@@ -54,6 +54,23 @@ pub enum ExecutionProvider {
     /// ONNX Runtime's TensorRT provider, CUDA for what TensorRT does not take (feature
     /// `tensorrt`).
     Tensorrt,
+    /// Not ONNX Runtime: the native decoder engine on our own CUDA kernels, from the version's
+    /// Hugging Face checkpoint (feature `cuda-native`; decoders only).
+    #[serde(rename = "native-cuda")]
+    #[value(name = "native-cuda")]
+    NativeCuda,
+    /// The native decoder engine on its kernels' CPU reference: far slower than `cpu`; for
+    /// checking the native engine where no GPU is.
+    #[serde(rename = "native-cpu")]
+    #[value(name = "native-cpu")]
+    NativeCpu,
+}
+
+impl ExecutionProvider {
+    /// Whether models on this provider run in the native engine rather than ONNX Runtime.
+    pub fn is_native(self) -> bool {
+        matches!(self, Self::NativeCuda | Self::NativeCpu)
+    }
 }
 
 /// Settings of one ONNX Runtime session.
@@ -76,6 +93,11 @@ pub fn open_session(model: &Path, options: SessionOptions) -> Result<Session, En
         ExecutionProvider::Cpu => builder,
         ExecutionProvider::Cuda => gpu::cuda(builder, options.device_id)?,
         ExecutionProvider::Tensorrt => gpu::tensorrt(builder, options.device_id)?,
+        ExecutionProvider::NativeCuda | ExecutionProvider::NativeCpu => {
+            return Err(EngineError::Unavailable(
+                "the native engine (native-cuda, native-cpu) runs decoder checkpoints, not ONNX graphs: encoders need cpu, cuda or tensorrt".into(),
+            ));
+        }
     };
     Ok(builder.commit_from_file(model)?)
 }

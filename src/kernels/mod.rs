@@ -96,7 +96,7 @@ static NVRTC: OnceLock<Result<(u32, u32), String>> = OnceLock::new();
 
 /// Makes NVRTC loadable (from the CUDA library folder, else the system) and returns its version.
 pub fn nvrtc_version() -> Result<(u32, u32), KernelError> {
-    let folder = crate::engine::gpu::cuda_libraries();
+    let folder = crate::paths::cuda_libraries();
     let loaded = NVRTC.get_or_init(|| load_nvrtc(&folder));
     loaded.clone().map_err(|_| KernelError::NvrtcMissing {
         folder: folder.display().to_string(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::engine::ExecutionProvider;
+use crate::engine::cuda::WeightFormat;
 use crate::scheduler::{AdmissionLimits, BatchPolicy};
 
 /// Limits as one layer gives them (any may be absent).
@@ -17,6 +18,15 @@ pub struct ModelLimits {
     /// tensorrt`), with an ONNX Runtime library built with them [default: cpu].
     #[arg(long, env = "DISTILL_SERVE_EXECUTION_PROVIDER", value_enum)]
     pub execution_provider: Option<ExecutionProvider>,
+    /// How the native engine (native-cuda, native-cpu) stores weights: int8 (per-channel,
+    /// quantised at load) or fp16 [default: int8].
+    #[arg(long, env = "DISTILL_SERVE_NATIVE_WEIGHTS", value_enum)]
+    pub native_weights: Option<WeightFormat>,
+    /// Tokens each sequence slot of the native engine holds (its KV cache is allocated once per
+    /// slot, `max_batch_size` slots); requests longer than this are refused [default: the
+    /// model's context, at most 4096].
+    #[arg(long, env = "DISTILL_SERVE_NATIVE_SLOT_TOKENS")]
+    pub native_slot_tokens: Option<usize>,
     /// The GPU a GPU provider runs models on (CUDA's numbering) [default: 0].
     #[arg(long, env = "DISTILL_SERVE_DEVICE_ID")]
     pub device_id: Option<u32>,
@@ -64,6 +74,9 @@ pub struct ModelLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub execution_provider: ExecutionProvider,
+    pub native_weights: WeightFormat,
+    /// Tokens a native engine slot holds.
+    pub native_slot_tokens: usize,
     pub device_id: u32,
     pub intra_threads: usize,
     pub admission: AdmissionLimits,
@@ -78,6 +91,8 @@ impl ModelLimits {
     pub fn or(self, under: &ModelLimits) -> Self {
         Self {
             execution_provider: self.execution_provider.or(under.execution_provider),
+            native_weights: self.native_weights.or(under.native_weights),
+            native_slot_tokens: self.native_slot_tokens.or(under.native_slot_tokens),
             device_id: self.device_id.or(under.device_id),
             intra_threads: self.intra_threads.or(under.intra_threads),
             max_queue_time_ms: self.max_queue_time_ms.or(under.max_queue_time_ms),
@@ -97,6 +112,11 @@ impl ModelLimits {
     pub fn resolve(self, context_length: usize) -> Limits {
         Limits {
             execution_provider: self.execution_provider.unwrap_or_default(),
+            native_weights: self.native_weights.unwrap_or_default(),
+            native_slot_tokens: self
+                .native_slot_tokens
+                .unwrap_or(context_length.min(4096))
+                .min(context_length),
             device_id: self.device_id.unwrap_or(0),
             intra_threads: self.intra_threads.unwrap_or(0),
             admission: AdmissionLimits {

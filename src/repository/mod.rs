@@ -12,6 +12,7 @@
 pub mod capture;
 mod durable;
 mod encoder;
+mod engines;
 mod limits;
 mod settings;
 
@@ -25,10 +26,9 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::{ModelConfig, TokenizerFiles};
 use crate::constrain::TokenTrie;
-use crate::engine::{DecoderSession, SessionOptions};
-use crate::export::{Activations, Attention, Form, MODEL_FILE};
+use crate::export::Form;
 use crate::metrics::Metrics;
-use crate::scheduler::{self, FAILING_AFTER, Health, Scheduler};
+use crate::scheduler::{DecoderEngine, FAILING_AFTER, Health, Scheduler};
 use crate::tokenize::{ChatTemplate, stop_token_ids};
 pub use encoder::{EncoderTask, EncoderVersion, Pooling};
 pub use limits::{Limits, ModelLimits};
@@ -506,55 +506,23 @@ impl Repository {
             Err(e) => return Err(invalid(format!("config.json: {e}"))),
         };
         let limits = settings.limits.clone().or(&self.defaults).resolve(context_length);
-        let options = SessionOptions {
-            intra_threads: limits.intra_threads,
-            execution_provider: limits.execution_provider,
-            device_id: limits.device_id,
-        };
         let redaction = Arc::new(CapturePolicy::new(&settings.capture_redact).map_err(invalid)?);
         let capture = match settings.capture {
             true => Some(Arc::clone(&redaction)),
             false => None,
         };
-        let mut session = DecoderSession::open(&vdir.join(MODEL_FILE), options).map_err(|e| invalid(e.to_string()))?;
-        if limits.warmup {
-            let started = std::time::Instant::now();
-            let (rows, tokens) = scheduler::warm_up(&mut session, &limits.batch, context_length)
-                .map_err(|e| invalid(format!("warming up at the largest prefill the limits allow: {e}")))?;
-            let ms = started.elapsed().as_millis() as u64;
-            tracing::info!(model = %name, rows, tokens, ms, "warmed up");
-        }
-        tracing::info!(
-            model = %name,
-            version,
-            file = %vdir.join(MODEL_FILE).display(),
-            precision = session.precision(),
-            attention = if session.fused_attention() { "gqa" } else { "with-past" },
-            execution_provider = ?limits.execution_provider,
-            layers = session.num_layers(),
-            vocab = session.vocab_size(),
-            context_length,
-            max_batch_size = limits.batch.max_batch_size,
-            max_queue_time_ms = limits.admission.max_queue_time.as_millis() as u64,
-            intra_threads = limits.intra_threads,
-            "model loaded"
-        );
+        let (engine, context_length, form) = if limits.execution_provider.is_native() {
+            let (engine, slot_tokens) = engines::open_native(name, version, &vdir, &limits).map_err(invalid)?;
+            (DecoderEngine::Native(engine), slot_tokens, Form::default())
+        } else {
+            let (session, form) = engines::open_onnx(name, version, &vdir, &limits, context_length).map_err(invalid)?;
+            (DecoderEngine::Onnx(session), context_length, form)
+        };
         let tokenizer = Arc::new(tokenizer);
         let stops = stop_token_ids(&tokenizer, &eos_ids, files.eos_token.as_deref());
-        let form = Form {
-            attention: if session.fused_attention() {
-                Attention::Gqa
-            } else {
-                Attention::WithPast
-            },
-            activations: match session.kv_type() {
-                ort::value::TensorElementType::Float16 => Activations::Fp16,
-                _ => Activations::Fp32,
-            },
-        };
         let scheduler = Scheduler::spawn(
             name,
-            session,
+            engine,
             Arc::clone(&tokenizer),
             limits.batch,
             limits.admission,

@@ -207,11 +207,6 @@ impl<T> DecodeBatch<T> {
         self.rows.iter().flatten().count()
     }
 
-    /// Whether no row is decoding.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The rows' bookkeeping.
     pub fn metas(&self) -> impl Iterator<Item = &T> {
         self.rows.iter().flatten().map(|r| &r.meta)

@@ -14,6 +14,7 @@ pub mod admission;
 mod batch;
 mod encoder;
 mod health;
+mod native;
 mod queue;
 mod stages;
 
@@ -25,6 +26,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::engine::DecoderSession;
+use crate::engine::cuda::NativeEngine;
 use crate::generate::{Advance, Event, GenerateError, GenerationRequest, Sequence, Timings};
 use crate::metrics::ModelMetrics;
 pub use admission::{Admission, AdmissionLimits, Demand, Estimate, Priority, Ticket};
@@ -33,8 +35,72 @@ pub use batch::warm_up;
 pub use encoder::{EncodeRefused, EncoderOutput, EncoderScheduler};
 pub use health::{FAILING_AFTER, Health};
 use health::{HealthState, spawn_watched};
+use native::NativeBatch;
 pub use queue::{BatchPolicy, BucketQueue, Pending};
 use stages::Stages;
+
+/// What a decoder model's worker runs: an ONNX Runtime session, or the native engine.
+pub enum DecoderEngine {
+    Onnx(DecoderSession),
+    Native(NativeEngine),
+}
+
+/// The engine with its decode batch (each engine keeps its cache in its own layout).
+#[expect(clippy::large_enum_variant, reason = "one per model worker, never moved after start")]
+enum Running {
+    Onnx {
+        session: DecoderSession,
+        batch: DecodeBatch<Meta>,
+    },
+    Native {
+        engine: NativeEngine,
+        batch: NativeBatch<Meta>,
+    },
+}
+
+impl Running {
+    fn new(engine: DecoderEngine) -> Self {
+        match engine {
+            DecoderEngine::Onnx(session) => Self::Onnx {
+                session,
+                batch: DecodeBatch::default(),
+            },
+            DecoderEngine::Native(engine) => {
+                let batch = NativeBatch::new(engine.slots());
+                Self::Native { engine, batch }
+            }
+        }
+    }
+
+    /// Sequences decoding.
+    fn len(&self) -> usize {
+        match self {
+            Self::Onnx { batch, .. } => batch.len(),
+            Self::Native { batch, .. } => batch.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends every sequence with `message` (after an engine failure).
+    fn fail_all(&mut self, message: &str) {
+        let fail = |meta: &Meta| {
+            let _ = meta.events.send(Err(RequestError::Failed(message.to_string())));
+        };
+        match self {
+            Self::Onnx { batch, .. } => {
+                batch.metas().for_each(fail);
+                *batch = DecodeBatch::default();
+            }
+            Self::Native { batch, .. } => {
+                batch.metas().for_each(fail);
+                batch.clear();
+            }
+        }
+    }
+}
 
 /// Why a request ended without finishing.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -114,10 +180,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the worker thread for `session`.
+    /// Starts the worker thread for `engine`.
     pub fn spawn(
         name: &str,
-        session: DecoderSession,
+        engine: DecoderEngine,
         tokenizer: Arc<Tokenizer>,
         policy: BatchPolicy,
         limits: AdmissionLimits,
@@ -127,11 +193,10 @@ impl Scheduler {
         let admission = Admission::new(limits, policy.max_batch_size);
         let health = Arc::new(HealthState::default());
         let worker = Worker {
-            session,
+            running: Running::new(engine),
             tokenizer,
             queue: BucketQueue::new(policy.clone()),
             max_batch_size: policy.max_batch_size.max(1),
-            batch: DecodeBatch::default(),
             admission: admission.clone(),
             metrics: metrics.clone(),
             health: Arc::clone(&health),
@@ -192,11 +257,10 @@ impl SubmitError {
 }
 
 struct Worker {
-    session: DecoderSession,
+    running: Running,
     tokenizer: Arc<Tokenizer>,
     queue: BucketQueue<Job>,
     max_batch_size: usize,
-    batch: DecodeBatch<Meta>,
     admission: Admission,
     metrics: ModelMetrics,
     health: Arc<HealthState>,
@@ -282,7 +346,7 @@ impl Worker {
     fn run(mut self, arrivals: std_mpsc::Receiver<Job>) {
         let mut open = true;
         loop {
-            if self.batch.is_empty() && self.queue.is_empty() {
+            if self.running.is_empty() && self.queue.is_empty() {
                 match arrivals.recv() {
                     Ok(job) => self.enqueue(job),
                     Err(_) => return,
@@ -297,7 +361,7 @@ impl Worker {
             }
             self.drop_abandoned_waiting();
             self.admit();
-            if self.batch.is_empty() {
+            if self.running.is_empty() {
                 // Nothing decoding and no bucket ready: wait for an arrival, a bucket's delay, or
                 // a waiting request's deadline (its client hears at once that it expired).
                 let expiry = self.queue.items().filter_map(|job| job.request.deadline).min();
@@ -312,12 +376,19 @@ impl Worker {
                 }
                 continue;
             }
-            self.metrics.batch_size.observe(self.batch.len() as f64);
+            self.metrics.batch_size.observe(self.running.len() as f64);
             let (tokenizer, metrics) = (&self.tokenizer, &self.metrics);
             let started = Instant::now();
-            match self.batch.step(&mut self.session, tokenizer, |meta, advance| {
-                deliver(meta, advance, metrics)
-            }) {
+            let on_advance = |meta: &mut Meta, advance| deliver(meta, advance, metrics);
+            let stepped = match &mut self.running {
+                Running::Onnx { session, batch } => {
+                    batch.step(session, tokenizer, on_advance).map_err(|e| e.to_string())
+                }
+                Running::Native { engine, batch } => {
+                    batch.step(engine, tokenizer, on_advance).map_err(|e| e.to_string())
+                }
+            };
+            match stepped {
                 Ok(()) => {
                     self.admission.observe_step(started.elapsed());
                     self.health.record(true);
@@ -325,7 +396,7 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, "decode step failed");
                     self.health.record(false);
-                    self.fail_batch(&e.to_string());
+                    self.running.fail_all(&e);
                 }
             }
         }
@@ -357,7 +428,7 @@ impl Worker {
     /// Prefills ready buckets into the free decode slots.
     fn admit(&mut self) {
         loop {
-            let free = self.max_batch_size - self.batch.len();
+            let free = self.max_batch_size.saturating_sub(self.running.len());
             let Some((bucket, pending)) = self.queue.next_batch(Instant::now(), free) else {
                 return;
             };
@@ -394,36 +465,33 @@ impl Worker {
             let senders: Vec<_> = seqs.iter().map(|(_, meta)| meta.events.clone()).collect();
             let metrics = &self.metrics;
             let started = Instant::now();
-            let result = batch::prefill(&mut self.session, &self.tokenizer, seqs, |meta, advance| {
-                deliver(meta, advance, metrics)
-            });
+            let on_advance = |meta: &mut Meta, advance| deliver(meta, advance, metrics);
+            let result = match &mut self.running {
+                Running::Onnx { session, batch } => batch::prefill(session, &self.tokenizer, seqs, on_advance)
+                    .map_err(|e| e.to_string())
+                    .map(|prefilled| prefilled.map(|p| batch.join(session, p).map_err(|e| e.to_string()))),
+                Running::Native { engine, batch } => batch
+                    .prefill(engine, &self.tokenizer, seqs, on_advance)
+                    .map_err(|e| e.to_string())
+                    .map(|()| None),
+            };
             match result {
-                Ok(prefilled) => {
+                Ok(joined) => {
                     self.admission.observe_prefill(started.elapsed(), computed);
                     self.health.record(true);
-                    if let Some(prefilled) = prefilled
-                        && let Err(e) = self.batch.join(&self.session, prefilled)
-                    {
+                    if let Some(Err(e)) = joined {
                         tracing::error!(error = %e, "joining the decode batch failed");
-                        self.fail_batch(&e.to_string());
+                        self.running.fail_all(&e);
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "prefill failed");
                     self.health.record(false);
                     for events in senders {
-                        let _ = events.send(Err(RequestError::Failed(e.to_string())));
+                        let _ = events.send(Err(RequestError::Failed(e.clone())));
                     }
                 }
             }
         }
-    }
-
-    /// Ends every running sequence with `message` (after an engine failure).
-    fn fail_batch(&mut self, message: &str) {
-        for meta in self.batch.metas() {
-            let _ = meta.events.send(Err(RequestError::Failed(message.to_string())));
-        }
-        self.batch = DecodeBatch::default();
     }
 }

@@ -10,10 +10,12 @@ pub mod backend;
 #[cfg(feature = "cuda-native")]
 pub mod device;
 pub mod reference;
+mod serving;
 
 use std::path::Path;
 
 pub use backend::{Backend, CacheShape, HostWeight, StepRows, WeightFormat};
+pub use serving::NativeEngine;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, DecoderConfig, ModelConfig};
 

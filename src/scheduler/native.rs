@@ -1,0 +1,147 @@
+//! The decode batch of the native engine: a sequence lives in one of the engine's slots from
+//! its prefill to its end, so nothing is ever re-laid. A prefill runs the new prompts' rows
+//! into free slots; a step runs one row per live slot. Rows that reach a slot's capacity end
+//! with an error instead of failing the batch.
+
+use tokenizers::Tokenizer;
+
+use crate::engine::EngineError;
+use crate::engine::cuda::{NativeEngine, NativeError, StepRows};
+use crate::generate::{Advance, GenerateError, Sequence};
+
+struct Row<T> {
+    seq: Sequence,
+    meta: T,
+    next_token: u32,
+    next_position: usize,
+}
+
+/// Sequences decoding in the native engine's slots (`rows[slot]`).
+pub struct NativeBatch<T> {
+    rows: Vec<Option<Row<T>>>,
+}
+
+impl<T> NativeBatch<T> {
+    /// An empty batch over `slots` slots.
+    pub fn new(slots: usize) -> Self {
+        Self {
+            rows: (0..slots).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of sequences decoding.
+    pub fn len(&self) -> usize {
+        self.rows.iter().flatten().count()
+    }
+
+    /// The sequences' bookkeeping.
+    pub fn metas(&self) -> impl Iterator<Item = &T> {
+        self.rows.iter().flatten().map(|r| &r.meta)
+    }
+
+    /// Ends every sequence (after an engine failure).
+    pub fn clear(&mut self) {
+        self.rows.iter_mut().for_each(|r| *r = None);
+    }
+
+    /// Prefills `seqs` into free slots in one step (at most as many as are free; the rest get
+    /// an error), chooses each one's first token, and keeps those still generating.
+    pub fn prefill(
+        &mut self,
+        engine: &mut NativeEngine,
+        tokenizer: &Tokenizer,
+        seqs: Vec<(Sequence, T)>,
+        mut on_advance: impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
+    ) -> Result<(), NativeError> {
+        let capacity = engine.capacity();
+        let mut free = (0..self.rows.len()).filter(|&s| self.rows[s].is_none());
+        let mut rows = StepRows::default();
+        let mut placed = Vec::new();
+        for (seq, mut meta) in seqs {
+            let prompt = seq.prompt();
+            let slot = match free.next() {
+                Some(slot) if !prompt.is_empty() && prompt.len() < capacity => slot,
+                slot => {
+                    let why = match slot {
+                        None => "no free slot in the native engine".to_string(),
+                        Some(_) => format!("a prompt of {} tokens for slots of {capacity}", prompt.len()),
+                    };
+                    on_advance(&mut meta, Err(EngineError::Input(why).into()));
+                    continue;
+                }
+            };
+            for (position, &token) in prompt.iter().enumerate() {
+                rows.tokens.push(token);
+                rows.slots.push(slot as u32);
+                rows.positions.push(position as u32);
+            }
+            placed.push((slot, rows.len() as u32 - 1, seq, meta));
+        }
+        if placed.is_empty() {
+            return Ok(());
+        }
+        let last: Vec<u32> = placed.iter().map(|p| p.1).collect();
+        let logits = engine.step(&rows, &last)?;
+        for ((slot, _, mut seq, mut meta), logits) in placed.into_iter().zip(logits) {
+            let advance = seq.advance(tokenizer, &logits);
+            let next = advance.as_ref().ok().and_then(|a| a.next);
+            if on_advance(&mut meta, advance)
+                && let Some(token) = next
+            {
+                let next_position = seq.prompt().len();
+                self.rows[slot] = Some(Row {
+                    seq,
+                    meta,
+                    next_token: token,
+                    next_position,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one decode step for every live slot; `on_advance` as in [`Self::prefill`].
+    pub fn step(
+        &mut self,
+        engine: &mut NativeEngine,
+        tokenizer: &Tokenizer,
+        mut on_advance: impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
+    ) -> Result<(), NativeError> {
+        let capacity = engine.capacity();
+        for slot in self.rows.iter_mut() {
+            if let Some(row) = slot
+                && row.next_position >= capacity
+            {
+                let why = format!("the sequence reached the native engine's {capacity} tokens a slot");
+                on_advance(&mut row.meta, Err(EngineError::Input(why).into()));
+                *slot = None;
+            }
+        }
+        let live: Vec<usize> = (0..self.rows.len()).filter(|&s| self.rows[s].is_some()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let mut rows = StepRows::default();
+        for row in self.rows.iter().flatten() {
+            rows.tokens.push(row.next_token);
+            rows.positions.push(row.next_position as u32);
+        }
+        rows.slots = live.iter().map(|&s| s as u32).collect();
+        let all: Vec<u32> = (0..live.len() as u32).collect();
+        let logits = engine.step(&rows, &all)?;
+        for (&slot, logits) in live.iter().zip(logits) {
+            let Some(row) = &mut self.rows[slot] else { continue };
+            let advance = row.seq.advance(tokenizer, &logits);
+            let next = advance.as_ref().ok().and_then(|a| a.next);
+            if on_advance(&mut row.meta, advance)
+                && let Some(token) = next
+            {
+                row.next_token = token;
+                row.next_position += 1;
+            } else {
+                self.rows[slot] = None;
+            }
+        }
+        Ok(())
+    }
+}

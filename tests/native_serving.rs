@@ -1,0 +1,147 @@
+//! The native engine behind the server (`execution_provider = "native-cpu"` / `"native-cuda"`
+//! in `model.toml`): requests over HTTP get what the engine gives each prompt alone, however
+//! they are batched; a request longer than a slot is refused; `native-cuda` without a GPU is a
+//! load error the admin API reports while other models serve.
+
+mod common;
+
+use common::PROMPTS;
+use common::server::{TestServer, add_trainable_version};
+use distill_serve::checkpoint::{Checkpoint, ModelConfig};
+use distill_serve::engine::cuda::reference::CpuBackend;
+use distill_serve::engine::cuda::{NativeDecoder, StepRows, WeightFormat};
+use distill_serve::generate::argmax;
+use serde_json::{Value, json};
+
+const SLOT_TOKENS: usize = 64;
+const NEW_TOKENS: usize = 8;
+
+/// A repository with model `native` (a tiny qwen2 with its checkpoint) on `provider`.
+fn repository(provider: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models");
+    add_trainable_version(&repo, "native", 1, 5);
+    let toml = format!(
+        "name = \"native\"\nexecution_provider = \"{provider}\"\nnative_weights = \"fp16\"\nmax_batch_size = 4\nnative_slot_tokens = {SLOT_TOKENS}\n"
+    );
+    std::fs::write(repo.join("native/model.toml"), toml).unwrap();
+    (dir, repo)
+}
+
+/// Greedy continuation of `prompt` by the engine alone, cut at the first stop token.
+fn greedy_alone(engine: &mut NativeDecoder<CpuBackend>, prompt: &[u32], stops: &[u32]) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    let mut rows = StepRows {
+        tokens: prompt.to_vec(),
+        slots: vec![0; prompt.len()],
+        positions: (0..prompt.len() as u32).collect(),
+    };
+    while tokens.len() < NEW_TOKENS {
+        let last = rows.len() as u32 - 1;
+        let next = argmax(&engine.step(&rows, &[last]).unwrap()[0]);
+        if stops.contains(&next) {
+            break;
+        }
+        tokens.push(next);
+        rows = StepRows {
+            tokens: vec![next],
+            slots: vec![0],
+            positions: vec![(prompt.len() + tokens.len() - 1) as u32],
+        };
+    }
+    tokens
+}
+
+async fn complete(server: &TestServer, prompt: &[u32]) -> (u16, Value) {
+    let body = json!({"model": "native", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0});
+    let r = server.post("/v1/completions", &body).await;
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_what_the_engine_gives_each_alone() {
+    let (dir, repo) = repository("native-cpu");
+    let checkpoint = repo.join("native/1/checkpoint");
+    let tokenizer = tokenizers::Tokenizer::from_file(checkpoint.join("tokenizer.json")).unwrap();
+    let ModelConfig::Decoder(config) = Checkpoint::open(&checkpoint).unwrap().config else {
+        panic!("a decoder")
+    };
+    let texts = [
+        PROMPTS[0],
+        PROMPTS[1],
+        PROMPTS[2],
+        "Code: I10",
+        "Chest pain",
+        "Acute bronchitis due to",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode(*t, false).unwrap().get_ids().to_vec())
+        .collect();
+    let mut engine = NativeDecoder::load(&checkpoint, CpuBackend, WeightFormat::Fp16, 1, SLOT_TOKENS).unwrap();
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            tokenizer
+                .decode(&greedy_alone(&mut engine, p, &config.eos_token_ids), true)
+                .unwrap()
+        })
+        .collect();
+
+    let distinct: std::collections::HashSet<&String> = expected.iter().filter(|t| !t.is_empty()).collect();
+    assert!(
+        distinct.len() >= 4,
+        "the prompts should continue differently: {expected:?}"
+    );
+
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        let (status, v) = complete(&server, prompt).await;
+        assert_eq!(status, 200, "{v}");
+        alone.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert_eq!(alone, expected, "served alone vs the engine alone");
+    // Six at once through four slots: four prefill together, two join as slots free up.
+    let together = futures::future::join_all(prompts.iter().map(|p| complete(&server, p))).await;
+    for (i, (status, v)) in together.iter().enumerate() {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"].as_str().unwrap(),
+            expected[i],
+            "prompt {i} batched"
+        );
+    }
+    let long: Vec<u32> = prompts
+        .iter()
+        .flatten()
+        .copied()
+        .cycle()
+        .take(SLOT_TOKENS + 1)
+        .collect();
+    let (status, v) = complete(&server, &long).await;
+    assert_eq!(status, 400, "{v}");
+}
+
+#[tokio::test]
+async fn native_cuda_without_a_gpu_is_a_load_error_the_admin_api_reports() {
+    if distill_serve::kernels::device::CudaDevice::open(0).is_ok() {
+        println!("skipped: this machine has a GPU, where native-cuda loads");
+        return;
+    }
+    let (dir, repo) = repository("native-cuda");
+    common::server::add_version(&repo, "tiny", 1, 1);
+    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let models = server.admin_get("/admin/v1/models").await;
+    let native = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "native")
+        .unwrap()
+        .clone();
+    assert_eq!(native["state"], "UNAVAILABLE", "{models}");
+    assert!(native["reason"].as_str().unwrap().contains("CUDA driver"), "{native}");
+    let body = json!({"model": "tiny", "prompt": "still serving", "max_tokens": 2});
+    assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
+}
