@@ -145,7 +145,6 @@ fn main() -> Result<()> {
     }
 }
 
-#[cfg(feature = "cuda-native")]
 fn cuda(o: &Options) -> Result<()> {
     use distill_serve::engine::cuda::device::CudaBackend;
     use distill_serve::kernels::device::CudaDevice;
@@ -164,9 +163,4 @@ fn cuda(o: &Options) -> Result<()> {
     );
     drop(probe);
     bench(o, || Ok(CudaBackend::new(CudaDevice::open(0)?, None)?), bandwidth)
-}
-
-#[cfg(not(feature = "cuda-native"))]
-fn cuda(_: &Options) -> Result<()> {
-    anyhow::bail!("this build has no native CUDA engine (feature cuda-native)")
 }

@@ -16,7 +16,6 @@ pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod infer;
-#[cfg(feature = "cuda-native")]
 pub mod kernels;
 pub mod lifecycle;
 pub mod metrics;

@@ -123,6 +123,7 @@ async fn concurrent_requests_get_what_the_engine_gives_each_alone() {
     assert_eq!(status, 400, "{v}");
 }
 
+#[cfg(feature = "cuda-native")]
 #[tokio::test]
 async fn native_cuda_without_a_gpu_is_a_load_error_the_admin_api_reports() {
     if distill_serve::kernels::device::CudaDevice::open(0).is_ok() {
