@@ -146,3 +146,58 @@ async fn native_cuda_without_a_gpu_is_a_load_error_the_admin_api_reports() {
     let body = json!({"model": "tiny", "prompt": "still serving", "max_tokens": 2});
     assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
 }
+
+/// Tokens chosen by the engine from each sequence's plan: terminology constraints hold, a seed
+/// repeats its answer, and log-probabilities come back.
+#[tokio::test]
+async fn constrained_seeded_sampling_with_logprobs_on_the_native_engine() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/terminology/icd10cm_tabular_small.xml");
+    let codes: std::collections::BTreeSet<String> = distill_serve::constrain::load_icd10cm_xml(&fixture)
+        .unwrap()
+        .entries
+        .into_iter()
+        .filter(|e| e.billable)
+        .map(|e| e.code)
+        .collect();
+    let (dir, repo) = repository("native-cpu");
+    let terminology = format!("icd=icd10cm-xml:{}", fixture.display());
+    let server = TestServer::start_with_repo(dir, repo, &["--terminology", &terminology]);
+    let mut answers = Vec::new();
+    for seed in 0..6 {
+        let body = json!({"model": "native", "prompt": "Code for the patient:", "max_tokens": 40,
+                          "temperature": if seed == 0 { 0.0 } else { 1.0 }, "top_p": 0.95, "seed": seed,
+                          "constraint": {"terminology": "icd"}});
+        let v = post_ok(&server, &body).await;
+        let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+        assert!(codes.contains(&text), "{text:?} is not a billable code");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            post_ok(&server, &body).await["choices"][0]["text"],
+            text.as_str(),
+            "seed {seed} repeats"
+        );
+        answers.push(text);
+    }
+    let distinct: std::collections::BTreeSet<&String> = answers.iter().collect();
+    assert!(distinct.len() > 1, "six seeds gave one answer: {answers:?}");
+    let body = json!({"model": "native", "prompt": "The patient", "max_tokens": 5, "logprobs": 3, "seed": 1});
+    let v = post_ok(&server, &body).await;
+    let logprobs = &v["choices"][0]["logprobs"];
+    let tokens = logprobs["token_logprobs"].as_array().unwrap();
+    assert!(!tokens.is_empty(), "{v}");
+    for (lp, top) in tokens.iter().zip(logprobs["top_logprobs"].as_array().unwrap()) {
+        let lp = lp.as_f64().unwrap();
+        let top: Vec<f64> = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect();
+        // Three alternatives, fewer keys when two decode to the same text (such as "\u{fffd}").
+        assert!(lp <= 0.0 && (1..=3).contains(&top.len()), "{v}");
+        // The alternatives are the most likely tokens: the best is at least the chosen one.
+        assert!(top.iter().copied().fold(f64::MIN, f64::max) >= lp - 1e-6, "{v}");
+    }
+}
+
+async fn post_ok(server: &TestServer, body: &Value) -> Value {
+    let r = server.post("/v1/completions", body).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}

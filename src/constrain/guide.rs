@@ -163,6 +163,23 @@ impl Guide {
         }
     }
 
+    /// The tokens [`Self::apply`] leaves, as a bitset of 32-bit words over `vocab` tokens (bit
+    /// `i % 32` of word `i / 32`: what the sampling kernel reads); None while waiting for the
+    /// marker, when every token is allowed.
+    pub fn allowed_words(&self, vocab: usize, stop_ids: &[u32]) -> Option<Vec<u32>> {
+        if self.waiting.is_some() {
+            return None;
+        }
+        let mut words = vec![0u32; vocab.div_ceil(32)];
+        let stops = if self.accepts() { stop_ids } else { &[] };
+        for id in self.mask.iter().chain(stops.iter().copied()) {
+            if let Some(word) = words.get_mut(id as usize / 32) {
+                *word |= 1 << (id % 32);
+            }
+        }
+        Some(words)
+    }
+
     /// Follows the chosen (allowed) token.
     pub fn commit(&mut self, token: u32) {
         if let Some((marker, tail)) = &mut self.waiting {

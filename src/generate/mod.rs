@@ -11,6 +11,7 @@ use tokenizers::Tokenizer;
 
 use crate::constrain::Guide;
 use crate::engine::EngineError;
+use crate::kernels::sampling::{RowPlan, RowSampling};
 pub use sampling::{Choice, Sampler, SamplingParams, argmax, log_softmax};
 pub use single::{decode_single, greedy};
 pub use text::{IncrementalDecoder, StopMatcher, StopStep};
@@ -145,6 +146,8 @@ fn token_text(tokenizer: &Tokenizer, id: u32) -> Result<String, GenerateError> {
 pub struct Sequence {
     request: GenerationRequest,
     sampler: Sampler,
+    /// The seed of an outside sampler's draws ([`Sequence::plan`]): the request's, else random.
+    seed: u64,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     generated: usize,
@@ -164,6 +167,7 @@ impl Sequence {
     pub fn new(request: GenerationRequest) -> Self {
         Self {
             sampler: Sampler::new(request.sampling.clone()),
+            seed: request.sampling.seed.unwrap_or_else(rand::random),
             decoder: IncrementalDecoder::new(),
             stops: StopMatcher::new(request.stop.clone()),
             generated: 0,
@@ -229,6 +233,53 @@ impl Sequence {
             logits
         };
         let choice = self.sampler.choose(logits, self.request.logprobs.unwrap_or(0));
+        self.accept(tokenizer, choice)
+    }
+
+    /// This step's choice for an outside sampler over a vocabulary of `vocab` tokens: the
+    /// tokens [`Sequence::advance`] would leave unmasked, and its sampling settings.
+    pub fn plan(&self, vocab: usize) -> RowPlan {
+        let stop_ids = &self.request.stop_token_ids;
+        let mut allowed = self
+            .request
+            .constraint
+            .as_ref()
+            .and_then(|g| g.allowed_words(vocab, stop_ids));
+        if self.generated < self.request.min_new_tokens {
+            // As `suppress`: stop tokens are ruled out, unless a guide allows nothing else.
+            let mut words = allowed.clone().unwrap_or_else(|| {
+                let mut all = vec![u32::MAX; vocab.div_ceil(32)];
+                if let Some(last) = all.last_mut().filter(|_| !vocab.is_multiple_of(32)) {
+                    *last = (1 << (vocab % 32)) - 1;
+                }
+                all
+            });
+            for &id in stop_ids {
+                if let Some(word) = words.get_mut(id as usize / 32) {
+                    *word &= !(1 << (id % 32));
+                }
+            }
+            if self.request.constraint.is_none() || words.iter().any(|&w| w != 0) {
+                allowed = Some(words);
+            }
+        }
+        let p = &self.request.sampling;
+        RowPlan {
+            allowed,
+            sampling: RowSampling {
+                temperature: p.temperature,
+                top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+                top_p: p.top_p,
+                seed: self.seed,
+                step: self.generated as u64,
+            },
+            top_n: self.request.logprobs.unwrap_or(0),
+        }
+    }
+
+    /// Takes `choice` (made from this step's logits, by this sequence's sampler or an outside
+    /// one following [`Sequence::plan`]) as the next token.
+    pub fn accept(&mut self, tokenizer: &Tokenizer, choice: Choice) -> Result<Advance, GenerateError> {
         self.generated += 1;
         if self.request.stop_token_ids.contains(&choice.token) {
             return Ok(Advance {
@@ -367,6 +418,68 @@ mod tests {
         let (text, generated) = answer(&tokenizer, vocab, &[first_byte, ENDOFTEXT_ID], vec![ENDOFTEXT_ID]);
         assert_eq!(generated, vec![first_byte]);
         assert_eq!(text, "\u{FFFD}");
+    }
+
+    /// The tokens a plan allows are exactly those `advance` leaves unmasked, constrained or not,
+    /// with stop tokens held back or not, at the start of an answer and inside one.
+    #[test]
+    fn plans_allow_exactly_what_advance_leaves_unmasked() {
+        use std::sync::Arc;
+
+        use crate::constrain::{TermSet, TokenTrie};
+        let tokenizer = train_tokenizer(Family::Qwen2, 300, None).unwrap().tokenizer;
+        // A model vocabulary past the tokenizer's, and not a multiple of 32.
+        let vocab = tokenizer.get_vocab_size(true) + 7;
+        let trie = Arc::new(TokenTrie::new(&tokenizer));
+        let set = Arc::new(TermSet::new(["E11.9", "E11.65", "I10"].iter()));
+        let unmasked = |guide: Option<&Guide>, suppressing: bool, stops: &[u32]| -> Vec<u32> {
+            let mut logits = vec![0.0f32; vocab];
+            if let Some(guide) = guide {
+                guide.apply(&mut logits, stops);
+            }
+            if suppressing {
+                suppress(&mut logits, stops, guide.is_some());
+            }
+            (0..vocab as u32).filter(|&i| logits[i as usize].is_finite()).collect()
+        };
+        let allowed = |words: Option<Vec<u32>>| -> Vec<u32> {
+            (0..vocab as u32)
+                .filter(|&i| words.as_ref().is_none_or(|w| (w[i as usize / 32] >> (i % 32)) & 1 == 1))
+                .collect()
+        };
+        for (constrained, min_new_tokens) in [(false, 0), (false, 2), (true, 0), (true, 5)] {
+            let guide = constrained.then(|| Guide::new(Arc::clone(&set), Arc::clone(&trie), 1, b", "));
+            let request = GenerationRequest {
+                min_new_tokens,
+                constraint: guide.clone(),
+                ..greedy_request(4, vec![ENDOFTEXT_ID])
+            };
+            let stops = request.stop_token_ids.clone();
+            let mut seq = Sequence::new(request);
+            let plan = seq.plan(vocab);
+            let want = unmasked(guide.as_ref(), min_new_tokens > 0, &stops);
+            assert_eq!(allowed(plan.allowed.clone()), want, "{constrained} {min_new_tokens}");
+            // One token into the answer.
+            let token = want.iter().copied().find(|&t| t != ENDOFTEXT_ID).unwrap();
+            let choice = Choice {
+                token,
+                logprob: 0.0,
+                top: Vec::new(),
+            };
+            seq.accept(&tokenizer, choice).unwrap();
+            let mut guide = guide;
+            if let Some(g) = &mut guide {
+                g.commit(token);
+            }
+            let want = unmasked(guide.as_ref(), min_new_tokens > 1, &stops);
+            assert_eq!(
+                allowed(seq.plan(vocab).allowed),
+                want,
+                "{constrained} {min_new_tokens}, one in"
+            );
+            assert_eq!(plan.sampling.step, 0);
+            assert_eq!(seq.plan(vocab).sampling.step, 1);
+        }
     }
 
     #[test]

@@ -19,6 +19,17 @@ pub struct RowSampling {
     pub step: u64,
 }
 
+/// How one row chooses its token (a sequence's step, as `generate::Sequence::plan` gives it):
+/// the tokens allowed, the sampling settings, and how many alternatives to report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPlan {
+    /// The allowed tokens as [`bitset`] words over the vocabulary; None: every token.
+    pub allowed: Option<Vec<u32>>,
+    pub sampling: RowSampling,
+    /// Alternatives to report (0 when no log-probabilities are asked for).
+    pub top_n: usize,
+}
+
 /// One row's result: the token (None when its mask allows nothing), its log-probability under
 /// the masked distribution before temperature, and the most likely allowed tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +61,9 @@ mod device {
     use super::{RowSampling, Sampled, TOP_N_MAX};
     use crate::kernels::device::CudaDevice;
     use crate::kernels::{KernelError, source};
+
+    /// Masks a [`DeviceSampler`] keeps on the device at most (each 19 KB for 151,936 tokens).
+    pub const MASK_CACHE_ENTRIES: usize = 1024;
 
     /// The `sample_rows` kernel, loaded on one GPU, with a cache of masks kept on the device.
     pub struct DeviceSampler {
@@ -85,6 +99,20 @@ mod device {
                 self.masks.insert(key, slice);
             }
             Ok(())
+        }
+
+        /// Keeps `words` on the device under a hash of its content and returns the key: a
+        /// mask seen before (the start of an answer in a term set, most of all) is not uploaded
+        /// again. The cache is emptied when it holds [`MASK_CACHE_ENTRIES`] masks.
+        pub fn keep_mask(&mut self, words: &[u32]) -> Result<u64, KernelError> {
+            let key = words.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &w| {
+                (hash ^ u64::from(w)).wrapping_mul(0x0100_0000_01b3)
+            });
+            if !self.masks.contains_key(&key) && self.masks.len() >= MASK_CACHE_ENTRIES {
+                self.masks.clear();
+            }
+            self.cache_mask(key, || words.to_vec())?;
+            Ok(key)
         }
 
         /// Uploads a step's own mask (a state deeper in a term than the start).

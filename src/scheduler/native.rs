@@ -1,13 +1,16 @@
 //! The decode batch of the native engine: a sequence lives in one of the engine's slots from
 //! its prefill to its end, so nothing is ever re-laid. A prefill runs the new prompts' rows
-//! into free slots; a step runs one row per live slot. Rows that reach a slot's capacity end
-//! with an error instead of failing the batch.
+//! into free slots; a step runs one row per live slot. Tokens are chosen by the engine
+//! (on the GPU for native-cuda) from each sequence's plan: its allowed tokens (terminology
+//! constraints, held-back stop tokens) and sampling settings. Rows that reach a slot's
+//! capacity end with an error instead of failing the batch.
 
 use tokenizers::Tokenizer;
 
 use crate::engine::EngineError;
 use crate::engine::cuda::{NativeEngine, NativeError, StepRows};
-use crate::generate::{Advance, GenerateError, Sequence};
+use crate::generate::{Advance, Choice, GenerateError, Sequence};
+use crate::kernels::sampling::Sampled;
 
 struct Row<T> {
     seq: Sequence,
@@ -81,9 +84,11 @@ impl<T> NativeBatch<T> {
             return Ok(());
         }
         let last: Vec<u32> = placed.iter().map(|p| p.1).collect();
-        let logits = engine.step(&rows, &last)?;
-        for ((slot, _, mut seq, mut meta), logits) in placed.into_iter().zip(logits) {
-            let advance = seq.advance(tokenizer, &logits);
+        let vocab = engine.config().vocab_size;
+        let plans: Vec<_> = placed.iter().map(|p| p.2.plan(vocab)).collect();
+        let sampled = engine.step_and_sample(&rows, &last, &plans)?;
+        for ((slot, _, mut seq, mut meta), sampled) in placed.into_iter().zip(sampled) {
+            let advance = accept(&mut seq, tokenizer, sampled);
             let next = advance.as_ref().ok().and_then(|a| a.next);
             if on_advance(&mut meta, advance)
                 && let Some(token) = next
@@ -128,10 +133,12 @@ impl<T> NativeBatch<T> {
         }
         rows.slots = live.iter().map(|&s| s as u32).collect();
         let all: Vec<u32> = (0..live.len() as u32).collect();
-        let logits = engine.step(&rows, &all)?;
-        for (&slot, logits) in live.iter().zip(logits) {
+        let vocab = engine.config().vocab_size;
+        let plans: Vec<_> = self.rows.iter().flatten().map(|r| r.seq.plan(vocab)).collect();
+        let sampled = engine.step_and_sample(&rows, &all, &plans)?;
+        for (&slot, sampled) in live.iter().zip(sampled) {
             let Some(row) = &mut self.rows[slot] else { continue };
-            let advance = row.seq.advance(tokenizer, &logits);
+            let advance = accept(&mut row.seq, tokenizer, sampled);
             let next = advance.as_ref().ok().and_then(|a| a.next);
             if on_advance(&mut row.meta, advance)
                 && let Some(token) = next
@@ -144,4 +151,17 @@ impl<T> NativeBatch<T> {
         }
         Ok(())
     }
+}
+
+/// Takes the engine's choice as `seq`'s next token; a row whose plan allowed nothing fails.
+fn accept(seq: &mut Sequence, tokenizer: &Tokenizer, sampled: Sampled) -> Result<Advance, GenerateError> {
+    let token = sampled
+        .token
+        .ok_or_else(|| EngineError::Input("no token is allowed at this step".into()))?;
+    let choice = Choice {
+        token,
+        logprob: sampled.logprob,
+        top: sampled.top,
+    };
+    seq.accept(tokenizer, choice)
 }

@@ -7,14 +7,18 @@ use super::reference::CpuBackend;
 use super::{NativeDecoder, NativeError, StepRows, WeightFormat};
 use crate::checkpoint::DecoderConfig;
 use crate::engine::ExecutionProvider;
+use crate::kernels::sampling::{RowPlan, RowSampling, Sampled};
 
 /// A loaded native decoder on its backend.
 pub enum NativeEngine {
     /// On the kernels' CPU reference (`native-cpu`).
     Reference(Box<NativeDecoder<CpuBackend>>),
-    /// On a GPU (`native-cuda`).
+    /// On a GPU (`native-cuda`), sampling there too.
     #[cfg(feature = "cuda-native")]
-    Cuda(Box<NativeDecoder<super::device::CudaBackend>>),
+    Cuda {
+        engine: Box<NativeDecoder<super::device::CudaBackend>>,
+        sampler: Box<crate::kernels::sampling::DeviceSampler>,
+    },
 }
 
 impl NativeEngine {
@@ -35,11 +39,14 @@ impl NativeEngine {
             )?))),
             #[cfg(feature = "cuda-native")]
             ExecutionProvider::NativeCuda => {
+                let cache = crate::kernels::default_ptx_cache();
                 let device = crate::kernels::device::CudaDevice::open(device_id as usize)?;
-                let backend = super::device::CudaBackend::new(device, Some(&crate::kernels::default_ptx_cache()))?;
-                Ok(Self::Cuda(Box::new(NativeDecoder::load(
-                    dir, backend, format, slots, capacity,
-                )?)))
+                let backend = super::device::CudaBackend::new(device, Some(&cache))?;
+                let sampler = crate::kernels::sampling::DeviceSampler::new(backend.device(), Some(&cache))?;
+                Ok(Self::Cuda {
+                    engine: Box::new(NativeDecoder::load(dir, backend, format, slots, capacity)?),
+                    sampler: Box::new(sampler),
+                })
             }
             other => {
                 let _ = device_id;
@@ -50,13 +57,52 @@ impl NativeEngine {
         }
     }
 
-    /// See [`NativeDecoder::step`].
-    pub fn step(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Vec<Vec<f32>>, NativeError> {
-        match self {
-            Self::Reference(engine) => engine.step(rows, logits_of),
-            #[cfg(feature = "cuda-native")]
-            Self::Cuda(engine) => engine.step(rows, logits_of),
+    /// Runs a step (see [`NativeDecoder::step`]) and chooses the token of each row of
+    /// `logits_of` by its plan: on the GPU for CUDA, so only ids and log-probabilities leave
+    /// it; with the sampling kernel's CPU reference on the CPU backend. Same seeds, same tokens.
+    pub fn step_and_sample(
+        &mut self,
+        rows: &StepRows,
+        logits_of: &[u32],
+        plans: &[RowPlan],
+    ) -> Result<Vec<Sampled>, NativeError> {
+        if plans.len() != logits_of.len() {
+            return Err(NativeError::Shape(format!(
+                "{} plans for {} rows",
+                plans.len(),
+                logits_of.len()
+            )));
         }
+        let vocab = self.config().vocab_size;
+        let params: Vec<RowSampling> = plans.iter().map(|p| p.sampling).collect();
+        let top_n = plans.iter().map(|p| p.top_n).max().unwrap_or(0);
+        let sampled = match self {
+            Self::Reference(engine) => {
+                let logits: Vec<f32> = engine.step(rows, logits_of)?.concat();
+                let masks: Vec<Option<&[u32]>> = plans.iter().map(|p| p.allowed.as_deref()).collect();
+                crate::kernels::reference::sample_rows(&logits, vocab, &masks, &params, top_n)
+            }
+            #[cfg(feature = "cuda-native")]
+            Self::Cuda { engine, sampler } => {
+                let Some(logits) = engine.step_logits(rows, logits_of)? else {
+                    return Ok(Vec::new());
+                };
+                let keys: Vec<Option<u64>> = plans
+                    .iter()
+                    .map(|p| p.allowed.as_deref().map(|words| sampler.keep_mask(words)).transpose())
+                    .collect::<Result<_, _>>()?;
+                let masks: Vec<_> = keys.iter().map(|k| k.and_then(|k| sampler.cached_mask(k))).collect();
+                sampler.sample(logits.data(), vocab, &masks, &params, top_n)?
+            }
+        };
+        Ok(sampled
+            .into_iter()
+            .zip(plans)
+            .map(|(mut s, p)| {
+                s.top.truncate(p.top_n);
+                s
+            })
+            .collect())
     }
 
     /// The checkpoint's configuration.
@@ -64,7 +110,7 @@ impl NativeEngine {
         match self {
             Self::Reference(engine) => engine.config(),
             #[cfg(feature = "cuda-native")]
-            Self::Cuda(engine) => engine.config(),
+            Self::Cuda { engine, .. } => engine.config(),
         }
     }
 
@@ -73,7 +119,7 @@ impl NativeEngine {
         match self {
             Self::Reference(engine) => engine.capacity(),
             #[cfg(feature = "cuda-native")]
-            Self::Cuda(engine) => engine.capacity(),
+            Self::Cuda { engine, .. } => engine.capacity(),
         }
     }
 
@@ -82,7 +128,7 @@ impl NativeEngine {
         match self {
             Self::Reference(engine) => engine.slots(),
             #[cfg(feature = "cuda-native")]
-            Self::Cuda(engine) => engine.slots(),
+            Self::Cuda { engine, .. } => engine.slots(),
         }
     }
 
@@ -91,7 +137,7 @@ impl NativeEngine {
         match self {
             Self::Reference(_) => "cpu-reference".into(),
             #[cfg(feature = "cuda-native")]
-            Self::Cuda(engine) => engine.backend().device().name().to_string(),
+            Self::Cuda { engine, .. } => engine.backend().device().name().to_string(),
         }
     }
 }
