@@ -120,7 +120,7 @@ fn bench<B: Backend>(o: &Options, make: impl Fn() -> Result<B>, bandwidth: Optio
             let gbs = weights as f64 * tokens_per_s / batch as f64 / 1e9;
             let share = bandwidth.map_or("not known".into(), |b| format!("{:.0}%", 100.0 * gbs / b));
             println!(
-                "| {format:?} | {batch} | {:.1} | {tokens_per_s:.0} | {gbs:.0} | {share} |",
+                "| {format:?} | {batch} | {:.1} | {tokens_per_s:.0} | {gbs:.1} | {share} |",
                 ttft * 1e3
             );
         }

@@ -48,9 +48,11 @@ fn load_nvrtc(folder: &Path) -> Result<(u32, u32), String> {
     Ok((major as u32, minor as u32))
 }
 
-/// Where compiled PTX is kept: `<setup cache>/ptx`.
+/// Where compiled PTX is kept: `DISTILL_SERVE_PTX_CACHE`, else `<setup cache>/ptx`.
 pub fn default_ptx_cache() -> PathBuf {
-    crate::paths::setup_cache_dir().join("ptx")
+    std::env::var_os("DISTILL_SERVE_PTX_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::paths::setup_cache_dir().join("ptx"))
 }
 
 /// Compiles `kernel` to PTX for `arch` (e.g. `sm_75`), or reads it from `cache` where the same
