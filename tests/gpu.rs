@@ -182,6 +182,30 @@ fn doctor_fails_on_a_configured_provider_that_cannot_run() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// The native engine's providers as doctor sees them: native-cpu always runs; native-cuda
+/// configured where there is no GPU fails the check, naming why.
+#[test]
+fn doctor_probes_the_native_engine() {
+    let out = doctor(&["--execution-provider", "native-cpu"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("provider native-cpu: runs (configured for the server default)"),
+        "{said}"
+    );
+    if gpu_present() || !cfg!(feature = "cuda-native") {
+        println!("skipped the no-GPU half: this machine has a GPU, or the build no native engine");
+        return;
+    }
+    let out = doctor(&["--execution-provider", "native-cuda"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("provider native-cuda: cannot run (configured for the server default): no CUDA driver"),
+        "{said}"
+    );
+}
+
 /// Whether an NVIDIA GPU answers here.
 fn gpu_present() -> bool {
     Command::new("nvidia-smi")
