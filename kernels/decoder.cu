@@ -58,11 +58,15 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float e
         out[(size_t)blockIdx.x * hidden + i] = row[i] * inv * weight[i];
 }
 
-// y[r][o] = sum_i x[r][i] * w[o][i] (+ bias[o]); one warp an output channel for up to
-// LINEAR_ROWS rows, so each weight read serves that many rows.
+__device__ __forceinline__ float weight_value(half_bits w) { return half_to_float(w); }
+__device__ __forceinline__ float weight_value(signed char w) { return (float)w; }
+
+// y[r][o] = scale[o] * sum_i x[r][i] * w[o][i] (+ bias[o]; no scale: 1); one warp an output
+// channel for up to LINEAR_ROWS rows, so each weight read serves that many rows.
 // Grid: (ceil(out / LINEAR_WARPS), ceil(rows / LINEAR_ROWS)); block LINEAR_WARPS * 32.
-extern "C" __global__ void linear_f16(const float* x, const half_bits* w, const float* bias, unsigned int rows,
-                                      unsigned int in, unsigned int out, float* y) {
+template <typename W>
+__device__ void linear_rows(const float* x, const W* w, const float* scale, const float* bias, unsigned int rows,
+                            unsigned int in, unsigned int out, float* y) {
     const unsigned int o = blockIdx.x * LINEAR_WARPS + (threadIdx.x >> 5);
     const unsigned int lane = threadIdx.x & 31u;
     const unsigned int r0 = blockIdx.y * LINEAR_ROWS;
@@ -70,36 +74,27 @@ extern "C" __global__ void linear_f16(const float* x, const half_bits* w, const 
     const unsigned int nrows = min(LINEAR_ROWS, rows - r0);
     float acc[LINEAR_ROWS];
     for (int k = 0; k < LINEAR_ROWS; ++k) acc[k] = 0.0f;
-    const half_bits* wo = w + (size_t)o * in;
+    const W* wo = w + (size_t)o * in;
     for (unsigned int i = lane; i < in; i += WARP) {
-        const float wi = half_to_float(wo[i]);
+        const float wi = weight_value(wo[i]);
         for (unsigned int k = 0; k < nrows; ++k) acc[k] += x[(size_t)(r0 + k) * in + i] * wi;
     }
     for (unsigned int k = 0; k < nrows; ++k) {
         const float s = warp_sum(acc[k]);
-        if (lane == 0) y[(size_t)(r0 + k) * out + o] = s + (bias ? bias[o] : 0.0f);
+        if (lane == 0) y[(size_t)(r0 + k) * out + o] = (scale ? s * scale[o] : s) + (bias ? bias[o] : 0.0f);
     }
 }
 
-// As linear_f16 with INT8 weights: y[r][o] = scale[o] * sum_i x[r][i] * q[o][i] (+ bias[o]).
+// FP16 weights.
+extern "C" __global__ void linear_f16(const float* x, const half_bits* w, const float* bias, unsigned int rows,
+                                      unsigned int in, unsigned int out, float* y) {
+    linear_rows(x, w, nullptr, bias, rows, in, out, y);
+}
+
+// INT8 weights with one scale per output channel.
 extern "C" __global__ void linear_i8(const float* x, const signed char* w, const float* scale, const float* bias,
                                      unsigned int rows, unsigned int in, unsigned int out, float* y) {
-    const unsigned int o = blockIdx.x * LINEAR_WARPS + (threadIdx.x >> 5);
-    const unsigned int lane = threadIdx.x & 31u;
-    const unsigned int r0 = blockIdx.y * LINEAR_ROWS;
-    if (o >= out) return;
-    const unsigned int nrows = min(LINEAR_ROWS, rows - r0);
-    float acc[LINEAR_ROWS];
-    for (int k = 0; k < LINEAR_ROWS; ++k) acc[k] = 0.0f;
-    const signed char* wo = w + (size_t)o * in;
-    for (unsigned int i = lane; i < in; i += WARP) {
-        const float wi = (float)wo[i];
-        for (unsigned int k = 0; k < nrows; ++k) acc[k] += x[(size_t)(r0 + k) * in + i] * wi;
-    }
-    for (unsigned int k = 0; k < nrows; ++k) {
-        const float s = warp_sum(acc[k]);
-        if (lane == 0) y[(size_t)(r0 + k) * out + o] = s * scale[o] + (bias ? bias[o] : 0.0f);
-    }
+    linear_rows(x, w, scale, bias, rows, in, out, y);
 }
 
 // Rotary embedding in place, `transformers`' rotate-half form: for i < dim/2,

@@ -64,63 +64,37 @@ __device__ __forceinline__ unsigned int key_at(const RowView& row, unsigned int 
     return float_key(row.logits[i] * row.inv_temperature);
 }
 
-// The key of the `rank`-th largest (1-based) allowed key that is >= `floor`; writes how many
-// allowed keys are strictly larger to `*above`. Counts only, so atomics stay deterministic.
-__device__ unsigned int select_by_count(const RowView& row, unsigned int floor, unsigned int rank,
-                                        unsigned int* above, unsigned int* hist,
-                                        unsigned int* shared_word) {
-    unsigned int prefix = 0u, prefix_mask = 0u, remaining = rank;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) hist[b] = 0u;
-        __syncthreads();
-        for (unsigned int i = row.begin; i < row.end; ++i) {
-            float logit = row.logits[i];
-            if (!is_allowed(row.mask, i, logit)) continue;
-            unsigned int key = key_at(row, i);
-            if (key < floor || (key & prefix_mask) != prefix) continue;
-            atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned int digit = 0u;
-            for (int b = RADIX_BINS - 1; b >= 0; --b) {
-                if (hist[b] >= remaining) { digit = (unsigned int)b; break; }
-                remaining -= hist[b];
-            }
-            shared_word[0] = digit;
-            shared_word[1] = remaining;
-        }
-        __syncthreads();
-        prefix |= shared_word[0] << shift;
-        prefix_mask |= 0xffu << shift;
-        remaining = shared_word[1];
-        __syncthreads();
+// Weight of a token in a count select: one.
+struct CountOne {
+    __device__ unsigned int operator()(float, float) const { return 1u; }
+};
+
+// Weight of a token in a mass select: exp(x - max) in units of 2^-32 (fixed point, so sums are
+// exact and deterministic).
+struct FixedMass {
+    __device__ unsigned long long operator()(float x, float max_x) const {
+        return __float2ull_rn(expf(x - max_x) * 4294967296.0f);
     }
-    *above = rank - remaining;
-    return prefix;
-}
+};
 
-// Fixed-point probability of a scaled logit: exp(x - max) in units of 2^-32.
-__device__ __forceinline__ unsigned long long fixed_mass(float x, float max_x) {
-    return __float2ull_rn(expf(x - max_x) * 4294967296.0f);
-}
-
-// The largest key v >= `floor` whose allowed tokens with key >= v carry at least `target`
-// fixed-point mass. Integer atomics only: deterministic.
-__device__ unsigned int select_by_mass(const RowView& row, unsigned int floor, float max_x,
-                                       unsigned long long target, unsigned long long* hist,
-                                       unsigned long long* shared_long, unsigned int* shared_word) {
+// Radix select over the allowed keys >= `floor`, 8 bits a pass from the top: the largest key v
+// whose tokens with key >= v weigh at least `target` (weights from `weigh`: counts or masses).
+// Writes what the tokens with larger keys weigh to `*above`. Integer atomics only.
+template <typename Weight, typename Weigh>
+__device__ unsigned int radix_select(const RowView& row, unsigned int floor, float max_x, Weight target,
+                                     Weigh weigh, Weight* above, Weight* hist, Weight* shared_remaining,
+                                     unsigned int* shared_digit) {
     unsigned int prefix = 0u, prefix_mask = 0u;
-    unsigned long long remaining = target;
+    Weight remaining = target;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) hist[b] = 0ull;
+        for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         for (unsigned int i = row.begin; i < row.end; ++i) {
             float logit = row.logits[i];
             if (!is_allowed(row.mask, i, logit)) continue;
             unsigned int key = key_at(row, i);
             if (key < floor || (key & prefix_mask) != prefix) continue;
-            atomicAdd(&hist[(key >> shift) & 0xffu], fixed_mass(logit * row.inv_temperature, max_x));
+            atomicAdd(&hist[(key >> shift) & 0xffu], weigh(logit * row.inv_temperature, max_x));
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -129,16 +103,24 @@ __device__ unsigned int select_by_mass(const RowView& row, unsigned int floor, f
                 if (hist[b] >= remaining) { digit = (unsigned int)b; break; }
                 remaining -= hist[b];
             }
-            shared_word[0] = digit;
-            shared_long[0] = remaining;
+            *shared_digit = digit;
+            *shared_remaining = remaining;
         }
         __syncthreads();
-        prefix |= shared_word[0] << shift;
+        prefix |= *shared_digit << shift;
         prefix_mask |= 0xffu << shift;
-        remaining = shared_long[0];
+        remaining = *shared_remaining;
         __syncthreads();
     }
+    *above = target - remaining;
     return prefix;
+}
+
+// The key of the `rank`-th largest (1-based) allowed key; `*above` allowed keys are larger.
+__device__ unsigned int select_by_count(const RowView& row, unsigned int rank, unsigned int* above,
+                                        unsigned int* hist, unsigned int* shared_word) {
+    return radix_select<unsigned int>(row, 0u, 0.0f, rank, CountOne(), above, hist, &shared_word[1],
+                                      &shared_word[0]);
 }
 
 // Masked sampling of `rows` rows of `vocab` logits.
@@ -243,13 +225,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
         const float max_x = max_logit * row.inv_temperature;
         unsigned int floor = 0u, above = 0u;
         const unsigned int k = top_k[r];
-        if (k > 0u && k < allowed_total) floor = select_by_count(row, 0u, k, &above, hist32, shared_word);
+        if (k > 0u && k < allowed_total) floor = select_by_count(row, k, &above, hist32, shared_word);
         if (top_p[r] < 1.0f) {
             unsigned long long mass = 0ull;
             for (unsigned int i = row.begin; i < row.end; ++i) {
                 float logit = row.logits[i];
                 if (!is_allowed(row.mask, i, logit) || key_at(row, i) < floor) continue;
-                mass += fixed_mass(logit * row.inv_temperature, max_x);
+                mass += FixedMass()(logit * row.inv_temperature, max_x);
             }
             if (t == 0) shared_long[0] = 0ull;
             __syncthreads();
@@ -258,7 +240,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
             unsigned long long target = (unsigned long long)((double)top_p[r] * (double)shared_long[0]);
             if (target == 0ull) target = 1ull;
             __syncthreads();
-            floor = select_by_mass(row, floor, max_x, target, hist64, shared_long, shared_word);
+            unsigned long long heavier = 0ull;
+            floor = radix_select<unsigned long long>(row, floor, max_x, target, FixedMass(), &heavier, hist64,
+                                                     &shared_long[0], &shared_word[0]);
         }
         // Draw: chunk masses in index order, then the owning thread walks its chunk.
         float part = 0.0f;
@@ -311,7 +295,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
     const unsigned int n = min(min(top_n, (unsigned int)TOP_N_MAX), allowed_total);
     if (n == 0u) return;
     unsigned int above = 0u;
-    const unsigned int cut = select_by_count(row, 0u, n, &above, hist32, shared_word);
+    const unsigned int cut = select_by_count(row, n, &above, hist32, shared_word);
     for (int pass = 0; pass < 2; ++pass) {
         unsigned int mine = 0u;
         for (unsigned int i = row.begin; i < row.end; ++i) {
