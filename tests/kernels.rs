@@ -60,6 +60,7 @@ fn a_kernel_that_does_not_compile_is_an_error_naming_it() {
         name: "broken",
         source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
         entry_points: &["k"],
+        options: &[],
     };
     match compile(&broken, "sm_75", None) {
         Err(KernelError::Compile { kernel, arch, log }) => {

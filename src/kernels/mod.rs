@@ -25,6 +25,8 @@ pub struct KernelSource {
     pub source: &'static str,
     /// The `extern "C"` entry points it defines.
     pub entry_points: &'static [&'static str],
+    /// Its NVRTC flags beyond the architecture.
+    pub options: &'static [&'static str],
 }
 
 /// Every kernel source the binary carries.
@@ -33,6 +35,9 @@ pub const SOURCES: &[KernelSource] = &[
         name: "sampling",
         source: include_str!("../../kernels/sampling.cu"),
         entry_points: &["sample_rows"],
+        // No fused multiply-add: the device rounds each operation as the CPU reference does, so
+        // the same seed picks the same token on both.
+        options: &["--fmad=false"],
     },
     KernelSource {
         name: "decoder",
@@ -49,6 +54,7 @@ pub const SOURCES: &[KernelSource] = &[
             "add_in_place",
             "gather_rows",
         ],
+        options: &[],
     },
 ];
 

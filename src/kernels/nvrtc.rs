@@ -60,7 +60,7 @@ pub fn default_ptx_cache() -> PathBuf {
 /// costs a recompilation next time, nothing else.
 pub fn compile(kernel: &KernelSource, arch: &str, cache: Option<&Path>) -> Result<Ptx, KernelError> {
     let (major, minor) = nvrtc_version()?;
-    let options = compile_options(arch);
+    let options = compile_options(kernel, arch);
     let key = fnv1a(
         [
             kernel.source,
@@ -105,14 +105,11 @@ pub fn compile(kernel: &KernelSource, arch: &str, cache: Option<&Path>) -> Resul
     Ok(Ptx::from_src(text))
 }
 
-/// NVRTC flags: no fused multiply-add, so the device rounds each operation as the CPU
-/// reference does and the same seed picks the same token on both.
-fn compile_options(arch: &str) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "--fmad=false".into(),
-        "--std=c++17".into(),
-    ]
+/// NVRTC flags: the architecture, C++17, and the kernel's own.
+fn compile_options(kernel: &KernelSource, arch: &str) -> Vec<String> {
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    options.extend(kernel.options.iter().map(|o| o.to_string()));
+    options
 }
 
 /// 64-bit FNV-1a: a hash that stays the same across Rust releases, for cache file names.
