@@ -72,20 +72,27 @@ pub const MIN_COMPUTE_CAPABILITY: (u32, u32) = (7, 5);
 /// What can go wrong finding CUDA, compiling kernels or running them.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    /// NVRTC cannot be loaded.
     #[error(
         "the NVRTC library (libnvrtc.so) was not found in {folder} or by the system's loader: run `scripts/setup.sh`, or install the CUDA toolkit"
     )]
     NvrtcMissing { folder: String },
+    /// A kernel source did not compile.
     #[error("NVRTC could not compile kernels/{kernel}.cu for {arch}: {log}")]
     Compile { kernel: String, arch: String, log: String },
+    /// No CUDA driver library.
     #[error("no CUDA driver (libcuda.so) on this machine")]
     NoDriver,
+    /// The driver has no such GPU.
     #[error("no CUDA GPU with ordinal {ordinal} (the driver sees {count})")]
     NoDevice { ordinal: usize, count: usize },
+    /// The GPU is older than the kernels' oldest target.
     #[error("GPU {name} has compute capability {major}.{minor}; the kernels need 7.5 (T4) or newer")]
     UnsupportedArchitecture { name: String, major: u32, minor: u32 },
+    /// The driver failed a call (out of memory, a failed launch, ...).
     #[error("CUDA driver: {0}")]
     Driver(String),
+    /// A call with arguments that do not fit together.
     #[error("{0}")]
     Invalid(String),
 }

@@ -25,12 +25,16 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Why the native engine could not load or run a model.
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
+    /// The checkpoint could not be read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The model is not one the engine runs (an encoder, too large a head).
     #[error("the native engine cannot run this model: {0}")]
     Unsupported(String),
+    /// A step's rows do not fit the model or its slots.
     #[error("invalid step: {0}")]
     Shape(String),
+    /// The weights and caches do not fit in the GPU's free memory.
     #[error(
         "not enough GPU memory: the model needs {needed_mib} MiB (weights and a KV cache of {slots} slots x {capacity} tokens), {free_mib} MiB are free"
     )]
@@ -40,6 +44,7 @@ pub enum NativeError {
         slots: usize,
         capacity: usize,
     },
+    /// The GPU or its kernels failed.
     #[cfg(feature = "cuda-native")]
     #[error(transparent)]
     Kernel(#[from] crate::kernels::KernelError),

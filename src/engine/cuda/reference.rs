@@ -12,7 +12,9 @@ use super::backend::{Backend, CacheShape, HostWeight, StepRows};
 /// f32 rows on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// Row-major values.
     pub values: Vec<f32>,
+    /// Values a row.
     pub width: usize,
 }
 
