@@ -12,6 +12,21 @@
 
 typedef unsigned short half_bits;
 
+#ifdef DISTILL_EMULATE
+// The CPU emulation of the tests (tests/emulate/): the compiler's IEEE half type.
+__device__ __forceinline__ float half_to_float(half_bits h) {
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+
+__device__ __forceinline__ half_bits float_to_half(float f) {
+    _Float16 h = (_Float16)f;
+    half_bits bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+#else
 __device__ __forceinline__ float half_to_float(half_bits h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -23,6 +38,7 @@ __device__ __forceinline__ half_bits float_to_half(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
