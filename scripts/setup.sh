@@ -61,6 +61,13 @@ if [ "${SETUP_CLIENTS:-1}" = 1 ]; then
   done
 fi
 
+# g++ (C++20): tests/kernel_emulation.rs compiles the CUDA kernels with it to run them on the CPU.
+if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! command -v g++ >/dev/null; then
+  echo "setup: installing g++ (Debian)"
+  { apt-get install -y -qq --no-install-recommends g++ >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null; }; }
+fi
+
 # promtool, to check the alert rules (docker/prometheus/): Debian's prometheus package, unpacked
 # into the cache (nothing is installed system-wide).
 PROM_VERSION=2.42.0+ds-5+b6
