@@ -107,9 +107,7 @@ fn first_tokens<T>(
     for (b, (mut seq, mut meta)) in seqs.into_iter().enumerate() {
         let last = logits.row(b).to_vec();
         let advance = seq.advance(tokenizer, &last);
-        let next = advance.as_ref().ok().and_then(|a| a.next);
-        let wanted = on_advance(&mut meta, advance);
-        if let (Some(token), true) = (next, wanted) {
+        if let Some(token) = deliver_next(&mut meta, advance, on_advance) {
             let next_position = seq.prompt().len() as i64;
             rows.push(Row {
                 seq,
@@ -121,6 +119,17 @@ fn first_tokens<T>(
         }
     }
     (rows, keep)
+}
+
+/// Hands a row's outcome to `on_advance`; the token to feed next when the row goes on (it did
+/// not finish, and its client still wants it).
+pub(super) fn deliver_next<T>(
+    meta: &mut T,
+    advance: Result<Advance, GenerateError>,
+    on_advance: &mut impl FnMut(&mut T, Result<Advance, GenerateError>) -> bool,
+) -> Option<u32> {
+    let next = advance.as_ref().ok().and_then(|a| a.next);
+    on_advance(meta, advance).then_some(next).flatten()
 }
 
 /// Runs the largest prefill `policy` allows (the longest bucket, as many rows as the token
@@ -357,10 +366,7 @@ impl<T> DecodeBatch<T> {
             let Some(row) = slot else { continue };
             let last = logits.row(b).to_vec();
             let advance = row.seq.advance(tokenizer, &last);
-            let next = advance.as_ref().ok().and_then(|a| a.next);
-            if on_advance(&mut row.meta, advance)
-                && let Some(token) = next
-            {
+            if let Some(token) = deliver_next(&mut row.meta, advance, &mut on_advance) {
                 row.next_token = token;
                 row.next_position += 1;
             } else {

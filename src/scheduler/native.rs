@@ -7,6 +7,7 @@
 
 use tokenizers::Tokenizer;
 
+use super::batch::deliver_next;
 use crate::engine::EngineError;
 use crate::engine::cuda::{NativeEngine, NativeError, StepRows};
 use crate::generate::{Advance, Choice, GenerateError, Sequence};
@@ -89,10 +90,7 @@ impl<T> NativeBatch<T> {
         let sampled = engine.step_and_sample(&rows, &last, &plans)?;
         for ((slot, _, mut seq, mut meta), sampled) in placed.into_iter().zip(sampled) {
             let advance = accept(&mut seq, tokenizer, sampled);
-            let next = advance.as_ref().ok().and_then(|a| a.next);
-            if on_advance(&mut meta, advance)
-                && let Some(token) = next
-            {
+            if let Some(token) = deliver_next(&mut meta, advance, &mut on_advance) {
                 let next_position = seq.prompt().len();
                 self.rows[slot] = Some(Row {
                     seq,
@@ -139,10 +137,7 @@ impl<T> NativeBatch<T> {
         for (&slot, sampled) in live.iter().zip(sampled) {
             let Some(row) = &mut self.rows[slot] else { continue };
             let advance = accept(&mut row.seq, tokenizer, sampled);
-            let next = advance.as_ref().ok().and_then(|a| a.next);
-            if on_advance(&mut row.meta, advance)
-                && let Some(token) = next
-            {
+            if let Some(token) = deliver_next(&mut row.meta, advance, &mut on_advance) {
                 row.next_token = token;
                 row.next_position += 1;
             } else {
