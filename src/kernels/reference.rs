@@ -1,6 +1,8 @@
-//! CPU references of the kernels: the same algorithm in the same order of floating-point
-//! operations (the vocabulary cut into [`THREADS`] contiguous chunks, summed chunk by chunk), so
-//! that the device must pick the same tokens. Slower than `generate::sampling`; for tests.
+//! The CPU reference of the sampling kernel: the same algorithm in the same order of
+//! floating-point operations (the vocabulary cut into [`THREADS`] contiguous chunks, summed chunk
+//! by chunk), so that the device must pick the same tokens. The native engine's CPU backend
+//! (`native-cpu`) samples with it; it is slower than `generate::sampling`, which the ONNX Runtime
+//! path uses.
 
 use super::philox;
 use super::sampling::{RowSampling, Sampled, TOP_N_MAX};
