@@ -436,7 +436,12 @@ impl Worker {
             let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
             let prompt_tokens: usize = pending.iter().map(|p| p.tokens).sum();
             let rows = pending.len();
-            let computed = rows * longest;
+            // A padded batch computes every row to the longest; the native engine only the
+            // prompts' own tokens.
+            let computed = match self.running {
+                Running::Onnx { .. } => rows * longest,
+                Running::Native { .. } => prompt_tokens,
+            };
             self.metrics.observe_prefill(computed, prompt_tokens);
             let seqs: Vec<(Sequence, Meta)> = pending
                 .into_iter()

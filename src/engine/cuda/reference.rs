@@ -24,9 +24,11 @@ impl HostTensor {
     }
 }
 
-/// A linear layer on the host.
+/// A linear layer on the host: its stored values widened to f32 once (exactly: FP16 and INT8
+/// values are f32 values), with the INT8 scales.
 pub struct HostLinear {
-    weight: HostWeight,
+    weight: Vec<f32>,
+    scales: Option<Vec<f32>>,
     bias: Option<Vec<f32>>,
     out: usize,
     inputs: usize,
@@ -71,8 +73,13 @@ impl Backend for CpuBackend {
         out: usize,
         inputs: usize,
     ) -> Result<HostLinear, NativeError> {
+        let (weight, scales) = match weight {
+            HostWeight::Fp16(values) => (values.iter().map(|v| v.to_f32()).collect(), None),
+            HostWeight::Int8 { values, scales } => (values.iter().map(|&v| f32::from(v)).collect(), Some(scales)),
+        };
         Ok(HostLinear {
             weight,
+            scales,
             bias: bias.map(<[f32]>::to_vec),
             out,
             inputs,
@@ -134,18 +141,10 @@ impl Backend for CpuBackend {
             .zip(x.values.par_chunks(inputs))
             .for_each(|(y, row)| {
                 for (o, y) in y.iter_mut().enumerate() {
-                    let span = o * inputs..(o + 1) * inputs;
-                    let sum = match &layer.weight {
-                        HostWeight::Fp16(w) => row.iter().zip(&w[span]).map(|(a, b)| a * b.to_f32()).sum::<f32>(),
-                        HostWeight::Int8 { values, scales } => {
-                            row.iter()
-                                .zip(&values[span])
-                                .map(|(a, &b)| a * f32::from(b))
-                                .sum::<f32>()
-                                * scales[o]
-                        }
-                    };
-                    *y = sum + layer.bias.as_ref().map_or(0.0, |b| b[o]);
+                    let weights = &layer.weight[o * inputs..(o + 1) * inputs];
+                    let sum = row.iter().zip(weights).map(|(a, b)| a * b).sum::<f32>();
+                    let scaled = layer.scales.as_ref().map_or(sum, |s| sum * s[o]);
+                    *y = scaled + layer.bias.as_ref().map_or(0.0, |b| b[o]);
                 }
             });
         Ok(HostTensor { values, width: out })
