@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod engine;
 pub mod export;
 pub mod generate;
+pub mod hash;
 pub mod infer;
 pub mod kernels;
 pub mod lifecycle;

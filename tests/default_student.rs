@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use common::server::TestServer;
-use distill_serve::constrain::load_icd10cm_xml;
 use distill_serve::distill::finetune::read_jsonl;
 use distill_serve::distill::job::PromptInput;
 use serde_json::{Value, json};
@@ -29,13 +27,7 @@ async fn the_default_student_answers_with_billable_codes_as_accurately_as_the_re
         "run scripts/setup.sh first: {} is missing",
         xml.display()
     );
-    let billable: HashSet<String> = load_icd10cm_xml(&xml)
-        .unwrap()
-        .entries
-        .into_iter()
-        .filter(|e| e.billable)
-        .map(|e| e.code)
-        .collect();
+    let billable = common::billable_codes(&xml);
     // Serve a copy, so the test writes nothing into the repository.
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("models");

@@ -153,13 +153,7 @@ async fn native_cuda_without_a_gpu_is_a_load_error_the_admin_api_reports() {
 async fn constrained_seeded_sampling_with_logprobs_on_the_native_engine() {
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/terminology/icd10cm_tabular_small.xml");
-    let codes: std::collections::BTreeSet<String> = distill_serve::constrain::load_icd10cm_xml(&fixture)
-        .unwrap()
-        .entries
-        .into_iter()
-        .filter(|e| e.billable)
-        .map(|e| e.code)
-        .collect();
+    let codes = common::billable_codes(&fixture);
     let (dir, repo) = repository("native-cpu");
     let terminology = format!("icd=icd10cm-xml:{}", fixture.display());
     let server = TestServer::start_with_repo(dir, repo, &["--terminology", &terminology]);

@@ -170,14 +170,11 @@ impl Guide {
         if self.waiting.is_some() {
             return None;
         }
-        let mut words = vec![0u32; vocab.div_ceil(32)];
         let stops = if self.accepts() { stop_ids } else { &[] };
-        for id in self.mask.iter().chain(stops.iter().copied()) {
-            if let Some(word) = words.get_mut(id as usize / 32) {
-                *word |= 1 << (id % 32);
-            }
-        }
-        Some(words)
+        Some(crate::kernels::sampling::bitset(
+            vocab,
+            self.mask.iter().chain(stops.iter().copied()),
+        ))
     }
 
     /// Follows the chosen (allowed) token.

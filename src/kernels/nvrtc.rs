@@ -61,7 +61,7 @@ pub fn default_ptx_cache() -> PathBuf {
 pub fn compile(kernel: &KernelSource, arch: &str, cache: Option<&Path>) -> Result<Ptx, KernelError> {
     let (major, minor) = nvrtc_version()?;
     let options = compile_options(kernel, arch);
-    let key = fnv1a(
+    let key = crate::hash::fnv1a(
         [
             kernel.source,
             arch,
@@ -69,7 +69,7 @@ pub fn compile(kernel: &KernelSource, arch: &str, cache: Option<&Path>) -> Resul
             &options.join(" "),
         ]
         .join("\0")
-        .as_bytes(),
+        .bytes(),
     );
     let cached = cache.map(|dir| dir.join(format!("{}-{arch}-{key:016x}.ptx", kernel.name)));
     if let Some(text) = cached.as_ref().and_then(|path| std::fs::read_to_string(path).ok()) {
@@ -110,23 +110,4 @@ fn compile_options(kernel: &KernelSource, arch: &str) -> Vec<String> {
     let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
     options.extend(kernel.options.iter().map(|o| o.to_string()));
     options
-}
-
-/// 64-bit FNV-1a: a hash that stays the same across Rust releases, for cache file names.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_keys_are_stable_and_distinct() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_ne!(fnv1a(b"sm_75"), fnv1a(b"sm_90"));
-    }
 }

@@ -105,9 +105,7 @@ mod device {
         /// mask seen before (the start of an answer in a term set, most of all) is not uploaded
         /// again. The cache is emptied when it holds [`MASK_CACHE_ENTRIES`] masks.
         pub fn keep_mask(&mut self, words: &[u32]) -> Result<u64, KernelError> {
-            let key = words.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &w| {
-                (hash ^ u64::from(w)).wrapping_mul(0x0100_0000_01b3)
-            });
+            let key = crate::hash::fnv1a(words.iter().flat_map(|w| w.to_le_bytes()));
             if !self.masks.contains_key(&key) && self.masks.len() >= MASK_CACHE_ENTRIES {
                 self.masks.clear();
             }

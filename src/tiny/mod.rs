@@ -367,7 +367,7 @@ fn write_config(config: &ModelConfig, spec: &TinySpec, out: &Path) -> Result<()>
 
 /// A tensor's random values as stored bytes.
 fn random_tensor(spec: &TensorSpec, seed: u64, std: f32, dtype: WeightDtype) -> Result<Vec<u8>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(spec.name.as_bytes()));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ crate::hash::fnv1a(spec.name.bytes()));
     let n: usize = spec.shape.iter().product();
     let (mean, std) = match spec.role {
         TensorRole::Linear | TensorRole::Embedding | TensorRole::Bias => (0.0, std),
@@ -381,12 +381,6 @@ fn random_tensor(spec: &TensorSpec, seed: u64, std: f32, dtype: WeightDtype) -> 
     Ok(match dtype {
         WeightDtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
         WeightDtype::Bf16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-    })
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

@@ -120,6 +120,17 @@ pub fn ort_greedy(session: &mut DecoderSession, prompt: &[u32], n: usize) -> Vec
     distill_serve::generate::greedy(session, prompt, n, &[]).unwrap()
 }
 
+/// The billable codes of an ICD-10-CM tabular XML file.
+pub fn billable_codes(xml: &Path) -> std::collections::BTreeSet<String> {
+    distill_serve::constrain::load_icd10cm_xml(xml)
+        .unwrap()
+        .entries
+        .into_iter()
+        .filter(|e| e.billable)
+        .map(|e| e.code)
+        .collect()
+}
+
 /// `path` inside the repository checkout.
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
