@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of our own CUDA kernels (kernels/, issue 15), in two halves:
-#   scripts/gpu-check.sh --build   here (cargo): release builds of the kernel and native engine
-#                                  tests and of the device-sampling and native engine benches,
-#                                  stripped, into target/gpu-check/ (a few MB each: small enough
-#                                  to carry to a GPU machine);
+#   scripts/gpu-check.sh --build   here (cargo): release builds of the kernel tests (with the
+#                                  GPU checks of tests/gpu_checks/) and of the device-sampling
+#                                  and native engine benches, stripped, into target/gpu-check/
+#                                  (a few MB each: small enough to carry to a GPU machine);
 #   scripts/gpu-check.sh           on the GPU machine (no cargo needed): runs them, NVRTC and
 #                                  the driver taken from the system's CUDA, and writes the log to
 #                                  $OUT (or target/gpu-check/) with the GPU's name and the date.
@@ -20,14 +20,10 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1" | tail -1
   }
-  for name in kernels native_engine; do
-    built=$(cargo test --release --locked --no-run --test "$name" --message-format=json 2>/dev/null | executable "$name")
-    cp "$built" "$BIN/$name-tests"
-    if [ "$name" = native_engine ]; then
-      built=$(cargo bench --locked --no-run --bench "$name" --message-format=json 2>/dev/null | executable "$name")
-      cp "$built" "$BIN/$name-bench"
-    fi
-  done
+  built=$(cargo test --release --locked --no-run --test kernels --message-format=json 2>/dev/null | executable kernels)
+  cp "$built" "$BIN/kernels-tests"
+  built=$(cargo bench --locked --no-run --bench native_engine --message-format=json 2>/dev/null | executable native_engine)
+  cp "$built" "$BIN/native_engine-bench"
   built=$(cargo bench --locked --no-run --bench device_sampling --message-format=json 2>/dev/null | executable device_sampling)
   cp "$built" "$BIN/device-sampling"
   strip "$BIN"/*
@@ -45,7 +41,6 @@ done
   echo "# gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
   "$BIN/kernels-tests" --test-threads 1 --nocapture
-  "$BIN/native_engine-tests" --test-threads 1 --nocapture gpu::
   "$BIN/device-sampling" --rows 32 --steps 50
   "$BIN/device-sampling" --rows 32 --steps 50 --top-n 5
   "$BIN/device-sampling" --rows 64 --steps 50

@@ -62,7 +62,8 @@ if [ "${SETUP_CLIENTS:-1}" = 1 ]; then
   done
 fi
 
-# g++ (C++20): tests/kernel_emulation.rs compiles the CUDA kernels with it to run them on the CPU.
+# g++ (C++20): the tests build the emulated GPU (tests/emulate/) with it, running the CUDA
+# kernels on the CPU.
 if [ "${SETUP_CLIENTS:-1}" = 1 ] && ! command -v g++ >/dev/null; then
   echo "setup: installing g++ (Debian)"
   { apt-get install -y -qq --no-install-recommends g++ >/dev/null 2>&1 \

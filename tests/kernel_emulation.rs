@@ -1,278 +1,68 @@
-//! The CUDA kernels themselves, run on the CPU: `tests/emulate/` compiles `kernels/*.cu` with
-//! g++ against a small CUDA shim (a thread per CUDA thread, barriers for `__syncthreads`, an
-//! exchange for warp shuffles) and launches a kernel as the CUDA backend does. The sampling
-//! kernel must pick exactly what its CPU reference picks, and each decoder kernel must compute
-//! what the native engine's CPU backend computes: the kernels' logic is checked where no GPU is
-//! (their speed, and the CUDA compiler's code, only on a GPU).
+//! The CUDA kernels and the host code that drives them, where no GPU is: this binary loads the
+//! emulated driver of `tests/emulate/` (a `libcuda.so` whose device memory is the host's and
+//! whose kernels are `kernels/*.cu` compiled for the CPU against a small CUDA shim) before
+//! anything touches CUDA, so `CudaDevice`, `CudaBackend` and `DeviceSampler` run unchanged through
+//! cudarc, with the PTX NVRTC compiles for them. Each decoder operation of the CUDA backend must
+//! compute what the CPU backend computes, and the GPU checks of `tests/gpu_checks/` run here in
+//! full: the kernels' logic and our launches are checked (their speed, and the CUDA compiler's
+//! code, only on a GPU).
+#![cfg(feature = "cuda-native")]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
+mod gpu_checks;
 
-use distill_serve::engine::cuda::reference::{CpuBackend, HostTensor};
+use distill_serve::engine::cuda::device::CudaBackend;
+use distill_serve::engine::cuda::reference::CpuBackend;
 use distill_serve::engine::cuda::{Backend, CacheShape, HostWeight, StepRows, WeightFormat};
-use distill_serve::kernels::reference::sample_rows;
-use distill_serve::kernels::sampling::{RowSampling, TOP_N_MAX, bitset};
-use half::f16;
+use distill_serve::kernels::device::CudaDevice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The harness, compiled once per test run.
-fn harness() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
-        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-harness-{}", std::process::id()));
-        let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror"])
-            .arg(dir.join("harness.cpp"))
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .expect("g++ (the C++ compiler cc builds need)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        exe
-    })
-}
+/// A mid-shape step costs about a second on the emulated GPU: 8 greedy steps there (32 on a
+/// real one; the tiny shapes take 32 here too).
+const MID_STEPS: usize = 8;
 
-/// A kernel argument: a buffer, a scalar (8 zero bytes: a null pointer), or a table of buffer
-/// addresses (indices into the arguments; -1 for null).
-enum Arg {
-    Buf(Vec<u8>),
-    Scalar(Vec<u8>),
-    Ptrs(Vec<i64>),
-}
-
-fn f32s(v: &[f32]) -> Arg {
-    Arg::Buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-fn u32s(v: &[u32]) -> Arg {
-    Arg::Buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-fn u64s(v: &[u64]) -> Arg {
-    Arg::Buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-fn halves(v: &[f32]) -> Arg {
-    Arg::Buf(v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect())
-}
-fn zeros(bytes: usize) -> Arg {
-    Arg::Buf(vec![0; bytes])
-}
-fn u32_(v: u32) -> Arg {
-    Arg::Scalar(v.to_le_bytes().to_vec())
-}
-fn f32_(v: f32) -> Arg {
-    Arg::Scalar(v.to_le_bytes().to_vec())
-}
-fn null() -> Arg {
-    Arg::Scalar(vec![0; 8])
-}
-fn read_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-fn read_u32(b: &[u8]) -> Vec<u32> {
-    b.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// Launches `kernel` on a `grid` of blocks of `block` threads; every argument's bytes after.
-fn launch(kernel: &str, grid: (usize, usize), block: u32, args: &[Arg]) -> Vec<Vec<u8>> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut input = (args.len() as u32).to_le_bytes().to_vec();
-    for arg in args {
-        let (kind, bytes): (u8, Vec<u8>) = match arg {
-            Arg::Buf(b) => (0, b.clone()),
-            Arg::Scalar(b) => (1, b.clone()),
-            Arg::Ptrs(p) => (2, p.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        };
-        input.push(kind);
-        input.extend((bytes.len() as u64).to_le_bytes());
-        input.extend(bytes);
-    }
-    let (inp, out) = (dir.path().join("in"), dir.path().join("out"));
-    std::fs::write(&inp, input).unwrap();
-    let status = Command::new(harness())
-        .args([kernel, &grid.0.to_string(), &grid.1.to_string(), &block.to_string()])
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "{kernel}: {status}");
-    let bytes = std::fs::read(&out).unwrap();
-    let mut results = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-        results.push(bytes[at + 8..at + 8 + len].to_vec());
-        at += 8 + len;
-    }
-    results
-}
-
-#[test]
-fn the_sampling_kernel_picks_what_its_reference_picks() {
-    let mut rng = ChaCha8Rng::seed_from_u64(21);
-    for (rows, vocab) in [(12usize, 1000usize), (4, 37), (3, 5000), (4, 151_936)] {
-        let logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-5.0f32..5.0)).collect();
-        // The last of twelve rows allows nothing.
-        let masks: Vec<Option<Vec<u32>>> = (0..rows)
-            .map(|r| match r % 4 {
-                _ if rows == 12 && r == 11 => Some(bitset(vocab, [])),
-                1 => Some(bitset(vocab, (0..vocab as u32).filter(|t| t % 3 == 1))),
-                3 => Some(bitset(vocab, [0, 5, vocab as u32 - 1])),
-                _ => None,
-            })
-            .collect();
-        let params: Vec<RowSampling> = (0..rows)
-            .map(|r| RowSampling {
-                temperature: [0.0, 1.0, 0.6, 1.4][r % 4],
-                top_k: [0, 10, 0, 3][(r / 2) % 4],
-                top_p: [1.0, 0.8, 0.5][r % 3],
-                seed: 77 + r as u64,
-                step: 3 * r as u64,
-            })
-            .collect();
-        let top_n = 5;
-        let mut args = vec![
-            f32s(&logits),
-            u32_(vocab as u32),
-            Arg::Ptrs(
-                masks
-                    .iter()
-                    .enumerate()
-                    .map(|(r, m)| if m.is_some() { 13 + r as i64 } else { -1 })
-                    .collect(),
-            ),
-            f32s(&params.iter().map(|p| p.temperature).collect::<Vec<_>>()),
-            u32s(&params.iter().map(|p| p.top_k).collect::<Vec<_>>()),
-            f32s(&params.iter().map(|p| p.top_p).collect::<Vec<_>>()),
-            u64s(&params.iter().map(|p| p.seed).collect::<Vec<_>>()),
-            u64s(&params.iter().map(|p| p.step).collect::<Vec<_>>()),
-            u32_(top_n as u32),
-            zeros(rows * 4),
-            zeros(rows * 4),
-            zeros(rows * TOP_N_MAX * 4),
-            zeros(rows * TOP_N_MAX * 4),
-        ];
-        args.extend(masks.iter().map(|m| u32s(m.as_deref().unwrap_or(&[]))));
-        let out = launch("sample_rows", (rows, 1), 256, &args);
-        let (tokens, logprobs) = (read_u32(&out[9]), read_f32(&out[10]));
-        let (top_ids, top_logprobs) = (read_u32(&out[11]), read_f32(&out[12]));
-        let host_masks: Vec<Option<&[u32]>> = masks.iter().map(|m| m.as_deref()).collect();
-        let want = sample_rows(&logits, vocab, &host_masks, &params, top_n);
-        for r in 0..rows {
-            let token = (tokens[r] != u32::MAX).then_some(tokens[r]);
-            assert_eq!(token, want[r].token, "vocab {vocab} row {r} {:?}", params[r]);
-            if token.is_some() {
-                assert!((logprobs[r] - want[r].logprob).abs() < 1e-5, "row {r}");
-            }
-            let ids: Vec<u32> = top_ids[r * TOP_N_MAX..][..top_n]
-                .iter()
-                .copied()
-                .take_while(|&id| id != u32::MAX)
-                .collect();
-            assert_eq!(
-                ids,
-                want[r].top.iter().map(|t| t.0).collect::<Vec<_>>(),
-                "vocab {vocab} row {r}"
-            );
-            for (m, &(_, lp)) in want[r].top.iter().enumerate() {
-                assert!((top_logprobs[r * TOP_N_MAX + m] - lp).abs() < 1e-5, "row {r} top {m}");
-            }
-        }
-        if rows == 12 {
-            assert_eq!(want[11].token, None, "a row with nothing allowed");
-        }
-    }
+/// The emulated GPU.
+fn gpu() -> Option<CudaDevice> {
+    common::fake_gpu::install();
+    let device = CudaDevice::open(0).expect("the emulated GPU");
+    println!("GPU: {}", device.name());
+    Some(device)
 }
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{what}[{i}]: {g} vs {w}");
-    }
-}
-
-fn tensor(values: Vec<f32>, width: usize) -> HostTensor {
-    HostTensor { values, width }
-}
-
-#[test]
-fn the_decoder_kernels_compute_what_the_cpu_backend_computes() {
-    let cpu = CpuBackend;
+/// Runs every operation of a decoder step on `backend` over the same seeded inputs; each
+/// operation's name and result on the host.
+fn every_operation<B: Backend>(backend: &B) -> Vec<(String, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let mut results = Vec::new();
+    let mut keep = |name: &str, tensor: &B::Tensor| results.push((name.to_string(), backend.to_host(tensor).unwrap()));
 
     let (vocab, hidden) = (50, 40);
-    let table = random(&mut rng, vocab * hidden);
-    let tokens = [3u32, 49, 0, 3];
-    let out = launch(
-        "embed",
-        (tokens.len(), 1),
-        256,
-        &[
-            halves(&table),
-            u32s(&tokens),
-            u32_(hidden as u32),
-            zeros(tokens.len() * hidden * 4),
-        ],
-    );
-    let want = cpu.embed(&cpu.table(&table, hidden).unwrap(), &tokens).unwrap();
-    assert_close(&read_f32(&out[3]), &want.values, "embed");
+    let table = backend.table(&random(&mut rng, vocab * hidden), hidden).unwrap();
+    keep("embed", &backend.embed(&table, &[3, 49, 0, 3]).unwrap());
 
-    let x = random(&mut rng, 3 * hidden);
-    let weight = random(&mut rng, hidden);
-    let out = launch(
-        "rms_norm",
-        (3, 1),
-        256,
-        &[
-            f32s(&x),
-            f32s(&weight),
-            f32_(1e-6),
-            u32_(hidden as u32),
-            zeros(x.len() * 4),
-        ],
-    );
-    let want = cpu
-        .rms_norm(&tensor(x.clone(), hidden), &tensor(weight, hidden), 1e-6)
-        .unwrap();
-    assert_close(&read_f32(&out[4]), &want.values, "rms_norm");
+    let x = backend.tensor(&random(&mut rng, 3 * hidden), hidden).unwrap();
+    let weight = backend.tensor(&random(&mut rng, hidden), hidden).unwrap();
+    keep("rms_norm", &backend.rms_norm(&x, &weight, 1e-6).unwrap());
 
     // 10 rows (two groups of eight), 19 outputs (not a multiple of the eight a block takes).
     let (rows, inputs, outputs) = (10, 70, 19);
-    let x = random(&mut rng, rows * inputs);
+    let x = backend.tensor(&random(&mut rng, rows * inputs), inputs).unwrap();
     let w = random(&mut rng, outputs * inputs);
     let bias = random(&mut rng, outputs);
     for format in [WeightFormat::Int8, WeightFormat::Fp16] {
         for with_bias in [false, true] {
             let host = HostWeight::new(&w, outputs, inputs, format);
-            let bias_arg = if with_bias { f32s(&bias) } else { null() };
-            let dims = [u32_(rows as u32), u32_(inputs as u32), u32_(outputs as u32)];
-            let (kernel, mut args) = match &host {
-                HostWeight::Int8 { values, scales } => {
-                    let q: Vec<u8> = values.iter().map(|&v| v as u8).collect();
-                    ("linear_i8", vec![f32s(&x), Arg::Buf(q), f32s(scales), bias_arg])
-                }
-                HostWeight::Fp16(values) => {
-                    let bits: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    ("linear_f16", vec![f32s(&x), Arg::Buf(bits), bias_arg])
-                }
-            };
-            args.extend(dims);
-            args.push(zeros(rows * outputs * 4));
-            let last = args.len() - 1;
-            let out = launch(kernel, (outputs.div_ceil(8), rows.div_ceil(8)), 256, &args);
-            let layer = cpu
-                .linear_weight(host.clone(), with_bias.then_some(&bias[..]), outputs, inputs)
+            let layer = backend
+                .linear_weight(host, with_bias.then_some(&bias[..]), outputs, inputs)
                 .unwrap();
-            let want = cpu.linear(&tensor(x.clone(), inputs), &layer).unwrap();
-            assert_close(
-                &read_f32(&out[last]),
-                &want.values,
-                &format!("{kernel} bias {with_bias}"),
+            keep(
+                &format!("linear {format:?} bias {with_bias}"),
+                &backend.linear(&x, &layer).unwrap(),
             );
         }
     }
@@ -281,108 +71,80 @@ fn the_decoder_kernels_compute_what_the_cpu_backend_computes() {
     let inv_freq: Vec<f32> = (0..dim / 2)
         .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / dim as f32))
         .collect();
+    let inv_freq = backend.tensor(&inv_freq, dim / 2).unwrap();
     let step = StepRows {
         tokens: vec![0; 9],
         slots: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
         positions: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
     };
-    let q = random(&mut rng, step.len() * heads * dim);
-    let out = launch(
-        "rope",
-        (step.len(), 1),
-        256,
-        &[
-            f32s(&q),
-            u32s(&step.positions),
-            f32s(&inv_freq),
-            u32_(heads as u32),
-            u32_(dim as u32),
-        ],
-    );
-    let mut want = tensor(q.clone(), heads * dim);
-    cpu.rope(&mut want, &step, &tensor(inv_freq.clone(), inv_freq.len()), heads, dim)
+    let step_rows = backend.rows(&step).unwrap();
+    let mut q = backend
+        .tensor(&random(&mut rng, step.len() * heads * dim), heads * dim)
         .unwrap();
-    assert_close(&read_f32(&out[0]), &want.values, "rope");
-
+    backend.rope(&mut q, &step_rows, &inv_freq, heads, dim).unwrap();
+    keep("rope", &q);
     let shape = CacheShape {
         slots: 2,
         kv_heads,
         capacity: 16,
         head_dim: dim,
     };
-    let k = random(&mut rng, step.len() * kv_heads * dim);
-    let v = random(&mut rng, step.len() * kv_heads * dim);
-    let cache_bytes = shape.len() * 2;
-    let appended = launch(
-        "kv_append",
-        (step.len(), 1),
-        256,
-        &[
-            f32s(&k),
-            f32s(&v),
-            u32s(&step.slots),
-            u32s(&step.positions),
-            u32_(kv_heads as u32),
-            u32_(dim as u32),
-            u32_(16),
-            zeros(cache_bytes),
-            zeros(cache_bytes),
-        ],
-    );
-    let scale = 1.0 / (dim as f32).sqrt();
-    let out = launch(
-        "attention",
-        (step.len(), heads),
-        128,
-        &[
-            f32s(&q),
-            Arg::Buf(appended[7].clone()),
-            Arg::Buf(appended[8].clone()),
-            u32s(&step.slots),
-            u32s(&step.positions),
-            u32_(heads as u32),
-            u32_(kv_heads as u32),
-            u32_(dim as u32),
-            u32_(16),
-            f32_(scale),
-            zeros(q.len() * 4),
-        ],
-    );
-    let mut cache = cpu.cache(shape).unwrap();
-    cpu.kv_append(
-        &mut cache,
-        &tensor(k, kv_heads * dim),
-        &tensor(v, kv_heads * dim),
-        &step,
-    )
-    .unwrap();
-    let want = cpu
-        .attention(&tensor(q.clone(), heads * dim), &cache, &step, heads)
+    let mut cache = backend.cache(shape).unwrap();
+    let k = backend
+        .tensor(&random(&mut rng, step.len() * kv_heads * dim), kv_heads * dim)
         .unwrap();
-    assert_close(&read_f32(&out[10]), &want.values, "attention");
+    let v = backend
+        .tensor(&random(&mut rng, step.len() * kv_heads * dim), kv_heads * dim)
+        .unwrap();
+    backend.kv_append(&mut cache, &k, &v, &step_rows).unwrap();
+    keep("attention", &backend.attention(&q, &cache, &step_rows, heads).unwrap());
 
-    let (gate, up) = (random(&mut rng, 300), random(&mut rng, 300));
-    let out = launch(
-        "silu_mul",
-        (2, 1),
-        256,
-        &[f32s(&gate), f32s(&up), u32_(300), zeros(1200)],
-    );
-    let want = cpu
-        .silu_mul(&tensor(gate.clone(), 30), &tensor(up.clone(), 30))
+    let gate = backend.tensor(&random(&mut rng, 300), 30).unwrap();
+    let up = backend.tensor(&random(&mut rng, 300), 30).unwrap();
+    keep("silu_mul", &backend.silu_mul(&gate, &up).unwrap());
+    keep("gather", &backend.gather(&gate, &[9, 0, 4]).unwrap());
+    let mut sum = backend.tensor(&backend.to_host(&gate).unwrap(), 30).unwrap();
+    backend.add(&mut sum, &up).unwrap();
+    keep("add", &sum);
+    results
+}
+
+#[test]
+fn each_cuda_backend_operation_computes_what_the_cpu_backend_computes() {
+    let device = gpu().unwrap();
+    let got = every_operation(&CudaBackend::new(device, None).unwrap());
+    let want = every_operation(&CpuBackend);
+    assert_eq!(got.len(), want.len());
+    for ((name, got), (_, want)) in got.iter().zip(&want) {
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{name}[{i}]: {g} vs {w}");
+        }
+    }
+}
+
+/// The emulated driver is no softer than a GPU on the one mistake it can see: a pointer
+/// argument outside every allocation fails the launch instead of touching host memory.
+#[test]
+fn a_launch_with_a_stray_pointer_fails_instead_of_running() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let device = gpu().unwrap();
+    let module = device
+        .load(distill_serve::kernels::source("decoder").unwrap(), None)
         .unwrap();
-    assert_close(&read_f32(&out[3]), &want.values, "silu_mul");
-    let out = launch("add_in_place", (2, 1), 256, &[f32s(&gate), f32s(&up), u32_(300)]);
-    let mut want = tensor(gate.clone(), 30);
-    cpu.add(&mut want, &tensor(up, 30)).unwrap();
-    assert_close(&read_f32(&out[0]), &want.values, "add_in_place");
-    let which = [9u32, 0, 4];
-    let out = launch(
-        "gather_rows",
-        (which.len(), 1),
-        256,
-        &[f32s(&gate), u32s(&which), u32_(30), zeros(which.len() * 120)],
-    );
-    let want = cpu.gather(&tensor(gate, 30), &which).unwrap();
-    assert_close(&read_f32(&out[3]), &want.values, "gather_rows");
+    let add = module.load_function("add_in_place").unwrap();
+    let stream = device.stream();
+    let y = stream.clone_htod(&[1.0f32; 4]).unwrap();
+    let (stray, count) = (0x1000u64, 4u32);
+    let mut args = stream.launch_builder(&add);
+    args.arg(&stray).arg(&y).arg(&count);
+    // SAFETY: the emulated driver checks pointer arguments before running anything.
+    let launched = unsafe { args.launch(LaunchConfig::for_num_elems(4)) };
+    assert!(launched.is_err(), "a stray pointer launched");
+    let mut x = stream.clone_htod(&[2.0f32; 4]).unwrap();
+    let mut args = stream.launch_builder(&add);
+    args.arg(&mut x).arg(&y).arg(&count);
+    // SAFETY: x and y hold the 4 values the kernel adds.
+    unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.unwrap();
+    assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0; 4]);
 }

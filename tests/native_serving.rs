@@ -1,7 +1,8 @@
 //! The native engine behind the server (`execution_provider = "native-cpu"` / `"native-cuda"`
 //! in `model.toml`): requests over HTTP get what the engine gives each prompt alone, however
-//! they are batched; a request longer than a slot is refused; `native-cuda` without a GPU is a
-//! load error the admin API reports while other models serve.
+//! they are batched; constraints, seeds and logprobs hold; a request longer than a slot is
+//! refused; `native-cuda` without a GPU is a load error the admin API reports while other
+//! models serve. `native-cuda` serves here through the emulated GPU of `tests/emulate/`.
 
 mod common;
 
@@ -60,7 +61,23 @@ async fn complete(server: &TestServer, prompt: &[u32]) -> (u16, Value) {
 
 #[tokio::test]
 async fn concurrent_requests_get_what_the_engine_gives_each_alone() {
-    let (dir, repo) = repository("native-cpu");
+    serves_what_the_engine_gives_each_alone("native-cpu", &[]).await;
+}
+
+/// `native-cuda` end to end where no GPU is: the server process loads the emulated driver of
+/// `tests/emulate/` (first on its library path), so the CUDA backend and the device sampler
+/// serve, and must give what the CPU reference gives.
+#[cfg(feature = "cuda-native")]
+#[tokio::test]
+async fn native_cuda_on_the_emulated_gpu_serves_what_the_engine_gives_each_alone() {
+    let fake = common::fake_gpu::library_dir().display().to_string();
+    serves_what_the_engine_gives_each_alone("native-cuda", &[("LD_LIBRARY_PATH", &fake)]).await;
+}
+
+/// Six prompts, alone and then at once through four slots of `provider`, each get the CPU
+/// reference engine's greedy continuation; a prompt longer than a slot is a 400.
+async fn serves_what_the_engine_gives_each_alone(provider: &str, env: &[(&str, &str)]) {
+    let (dir, repo) = repository(provider);
     let checkpoint = repo.join("native/1/checkpoint");
     let tokenizer = tokenizers::Tokenizer::from_file(checkpoint.join("tokenizer.json")).unwrap();
     let ModelConfig::Decoder(config) = Checkpoint::open(&checkpoint).unwrap().config else {
@@ -94,7 +111,7 @@ async fn concurrent_requests_get_what_the_engine_gives_each_alone() {
         "the prompts should continue differently: {expected:?}"
     );
 
-    let server = TestServer::start_with_repo(dir, repo, &[]);
+    let server = TestServer::start_with_env(dir, repo, &[], env);
     let mut alone = Vec::new();
     for prompt in &prompts {
         let (status, v) = complete(&server, prompt).await;
@@ -147,16 +164,29 @@ async fn native_cuda_without_a_gpu_is_a_load_error_the_admin_api_reports() {
     assert_eq!(server.post("/v1/completions", &body).await.status(), 200);
 }
 
-/// Tokens chosen by the engine from each sequence's plan: terminology constraints hold, a seed
-/// repeats its answer, and log-probabilities come back.
 #[tokio::test]
 async fn constrained_seeded_sampling_with_logprobs_on_the_native_engine() {
+    constrained_seeded_sampling_with_logprobs("native-cpu", &[]).await;
+}
+
+/// The same on `native-cuda` over the emulated GPU: masks go up to the device (the start of an
+/// answer's from its cache), the sampling kernel chooses, ids and log-probabilities come back.
+#[cfg(feature = "cuda-native")]
+#[tokio::test]
+async fn constrained_seeded_sampling_with_logprobs_on_the_emulated_gpu() {
+    let fake = common::fake_gpu::library_dir().display().to_string();
+    constrained_seeded_sampling_with_logprobs("native-cuda", &[("LD_LIBRARY_PATH", &fake)]).await;
+}
+
+/// Tokens chosen by the engine on `provider` from each sequence's plan: terminology constraints
+/// hold, a seed repeats its answer, and log-probabilities come back.
+async fn constrained_seeded_sampling_with_logprobs(provider: &str, env: &[(&str, &str)]) {
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/terminology/icd10cm_tabular_small.xml");
     let codes = common::billable_codes(&fixture);
-    let (dir, repo) = repository("native-cpu");
+    let (dir, repo) = repository(provider);
     let terminology = format!("icd=icd10cm-xml:{}", fixture.display());
-    let server = TestServer::start_with_repo(dir, repo, &["--terminology", &terminology]);
+    let server = TestServer::start_with_env(dir, repo, &["--terminology", &terminology], env);
     let mut answers = Vec::new();
     for seed in 0..6 {
         let body = json!({"model": "native", "prompt": "Code for the patient:", "max_tokens": 40,

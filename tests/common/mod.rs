@@ -2,7 +2,10 @@
 //! padded batches run through ONNX Runtime.
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda-native")]
+pub mod fake_gpu;
 pub mod launch;
+pub mod native;
 pub mod server;
 
 use std::path::{Path, PathBuf};

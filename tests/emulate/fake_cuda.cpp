@@ -1,0 +1,269 @@
+// A CUDA driver (libcuda.so) for tests where no GPU is: one emulated device whose memory is the
+// host's and whose kernels are kernels/*.cu compiled for the CPU against cuda_shim.h. The code
+// under test (cudarc, our host code: buffers, argument order, grids) runs unchanged and NVRTC
+// compiles the PTX it loads; a module only offers the entry points its PTX declares. Work runs
+// synchronously, so streams and events have nothing to order. A launch whose pointer argument
+// is neither null nor inside a live allocation fails with CUDA_ERROR_INVALID_VALUE.
+//
+// FAKE_CUDA_MEMORY_MB sets the device's memory (default 8192).
+#include "cuda_shim.h"
+
+#include "../../kernels/decoder.cu"
+#include "../../kernels/sampling.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace {
+
+enum Result : int {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    INVALID_IMAGE = 200,
+    NOT_FOUND = 500,
+};
+
+std::mutex lock;
+std::map<uintptr_t, size_t> allocations;
+size_t allocated = 0;
+
+size_t total_memory() {
+    const char* mb = std::getenv("FAKE_CUDA_MEMORY_MB");
+    return (mb ? std::strtoull(mb, nullptr, 10) : 8192ull) << 20;
+}
+
+bool is_device_pointer(const void* p) {
+    if (p == nullptr) return true;
+    const uintptr_t at = (uintptr_t)p;
+    std::lock_guard<std::mutex> guard(lock);
+    auto it = allocations.upper_bound(at);
+    if (it == allocations.begin()) return false;
+    --it;
+    return at < it->first + it->second;
+}
+
+/// A kernel callable with the driver's parameter array: parameter i is read as the kernel's
+/// i-th parameter type from `params[i]`, as the driver copies it.
+struct Kernel {
+    std::function<bool(void**)> valid;
+    std::function<void(void**)> run;
+};
+
+/// A pointer parameter must be null or inside a live allocation.
+template <class T>
+bool valid_argument(void* param) {
+    if constexpr (std::is_pointer_v<T>)
+        return is_device_pointer((const void*)*static_cast<T*>(param));
+    else
+        return true;
+}
+
+template <class... A, size_t... I>
+Kernel driver_entry(void (*kernel)(A...), std::index_sequence<I...>) {
+    return Kernel{
+        [](void** params) {
+            return (true && ... && valid_argument<A>(params[I]));
+        },
+        [kernel](void** params) { kernel(*static_cast<A*>(params[I])...); },
+    };
+}
+
+template <class... A>
+Kernel driver_entry(void (*kernel)(A...)) {
+    return driver_entry(kernel, std::index_sequence_for<A...>{});
+}
+
+const std::map<std::string, Kernel>& kernels() {
+    static const std::map<std::string, Kernel> table = {
+        {"sample_rows", driver_entry(sample_rows)},   {"embed", driver_entry(embed)},
+        {"rms_norm", driver_entry(rms_norm)},         {"linear_f16", driver_entry(linear_f16)},
+        {"linear_i8", driver_entry(linear_i8)},       {"rope", driver_entry(rope)},
+        {"kv_append", driver_entry(kv_append)},       {"attention", driver_entry(attention)},
+        {"silu_mul", driver_entry(silu_mul)},         {"add_in_place", driver_entry(add_in_place)},
+        {"gather_rows", driver_entry(gather_rows)},
+    };
+    return table;
+}
+
+struct Module {
+    std::string ptx;
+};
+
+struct Function {
+    const Kernel* kernel;
+};
+
+int context_marker, stream_marker, event_marker;
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+extern "C" {
+
+int cuInit(unsigned int) { return SUCCESS; }
+int cuDriverGetVersion(int* version) {
+    *version = 13000;
+    return SUCCESS;
+}
+int cuDeviceGetCount(int* count) {
+    *count = 1;
+    return SUCCESS;
+}
+int cuDeviceGet(int* device, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *device = 0;
+    return SUCCESS;
+}
+int cuDeviceGetName(char* name, int len, int) {
+    std::snprintf(name, (size_t)len, "distill-serve emulated GPU");
+    return SUCCESS;
+}
+int cuDeviceGetAttribute(int* value, int attribute, int) {
+    switch (attribute) {
+        case 75: *value = 9; break;  // compute capability 9.0
+        case 76: *value = 0; break;
+        default: *value = 0;         // no memory pools: cudarc allocates synchronously
+    }
+    return SUCCESS;
+}
+int cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = total_memory();
+    return SUCCESS;
+}
+int cuDevicePrimaryCtxRetain(void** context, int) {
+    *context = &context_marker;
+    return SUCCESS;
+}
+int cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
+int cuCtxSetCurrent(void*) { return SUCCESS; }
+int cuCtxGetCurrent(void** context) {
+    *context = &context_marker;
+    return SUCCESS;
+}
+int cuCtxSynchronize() { return SUCCESS; }
+
+int cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::mutex> guard(lock);
+    *total = total_memory();
+    *free = *total - std::min(*total, allocated);
+    return SUCCESS;
+}
+int cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
+    {
+        std::lock_guard<std::mutex> guard(lock);
+        if (allocated + bytes > total_memory()) return OUT_OF_MEMORY;
+    }
+    void* p = std::malloc(bytes ? bytes : 1);
+    if (!p) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> guard(lock);
+    allocations[(uintptr_t)p] = bytes;
+    allocated += bytes;
+    *pointer = (uintptr_t)p;
+    return SUCCESS;
+}
+int cuMemFree_v2(unsigned long long pointer) {
+    std::lock_guard<std::mutex> guard(lock);
+    auto it = allocations.find((uintptr_t)pointer);
+    if (it == allocations.end()) return INVALID_VALUE;
+    allocated -= it->second;
+    allocations.erase(it);
+    std::free((void*)pointer);
+    return SUCCESS;
+}
+int cuMemsetD8_v2(unsigned long long at, unsigned char value, size_t bytes) {
+    if (!is_device_pointer((void*)at)) return INVALID_VALUE;
+    std::memset((void*)at, value, bytes);
+    return SUCCESS;
+}
+int cuMemsetD8Async(unsigned long long at, unsigned char value, size_t bytes, void*) { return cuMemsetD8_v2(at, value, bytes); }
+int cuMemcpyHtoD_v2(unsigned long long to, const void* from, size_t bytes) {
+    if (!is_device_pointer((void*)to)) return INVALID_VALUE;
+    std::memcpy((void*)to, from, bytes);
+    return SUCCESS;
+}
+int cuMemcpyHtoDAsync_v2(unsigned long long to, const void* from, size_t bytes, void*) { return cuMemcpyHtoD_v2(to, from, bytes); }
+int cuMemcpyDtoH_v2(void* to, unsigned long long from, size_t bytes) {
+    if (!is_device_pointer((void*)from)) return INVALID_VALUE;
+    std::memcpy(to, (const void*)from, bytes);
+    return SUCCESS;
+}
+int cuMemcpyDtoHAsync_v2(void* to, unsigned long long from, size_t bytes, void*) { return cuMemcpyDtoH_v2(to, from, bytes); }
+int cuMemcpyDtoD_v2(unsigned long long to, unsigned long long from, size_t bytes) {
+    if (!is_device_pointer((void*)to) || !is_device_pointer((void*)from)) return INVALID_VALUE;
+    std::memmove((void*)to, (const void*)from, bytes);
+    return SUCCESS;
+}
+int cuMemcpyDtoDAsync_v2(unsigned long long to, unsigned long long from, size_t bytes, void*) {
+    return cuMemcpyDtoD_v2(to, from, bytes);
+}
+
+int cuStreamCreate(void** stream, unsigned int) {
+    *stream = &stream_marker;
+    return SUCCESS;
+}
+int cuStreamDestroy_v2(void*) { return SUCCESS; }
+int cuStreamSynchronize(void*) { return SUCCESS; }
+int cuStreamWaitEvent(void*, void*, unsigned int) { return SUCCESS; }
+int cuEventCreate(void** event, unsigned int) {
+    *event = &event_marker;
+    return SUCCESS;
+}
+int cuEventDestroy_v2(void*) { return SUCCESS; }
+int cuEventRecord(void*, void*) { return SUCCESS; }
+int cuEventSynchronize(void*) { return SUCCESS; }
+int cuEventQuery(void*) { return SUCCESS; }
+
+int cuModuleLoadData(void** module, const void* image) {
+    const std::string ptx = (const char*)image;
+    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) return INVALID_IMAGE;
+    *module = new Module{ptx};
+    return SUCCESS;
+}
+int cuModuleUnload(void* module) {
+    delete (Module*)module;
+    return SUCCESS;
+}
+int cuModuleGetFunction(void** function, void* module, const char* name) {
+    const auto found = kernels().find(name);
+    const std::string entry = std::string(".entry ") + name + "(";
+    if (found == kernels().end() || ((Module*)module)->ptx.find(entry) == std::string::npos) return NOT_FOUND;
+    static std::map<std::string, Function> functions;
+    std::lock_guard<std::mutex> guard(lock);
+    *function = &functions.try_emplace(name, Function{&found->second}).first->second;
+    return SUCCESS;
+}
+int cuLaunchKernel(void* function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by,
+                   unsigned int bz, unsigned int, void*, void** params, void** extra) {
+    const Kernel& kernel = *((Function*)function)->kernel;
+    if (extra != nullptr || by != 1 || bz != 1 || bx == 0 || bx > 1024 || gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+    if (!kernel.valid(params)) return INVALID_VALUE;
+    static std::mutex launching;
+    std::lock_guard<std::mutex> one_at_a_time(launching);
+    launch(dim3{gx, gy, gz}, dim3{bx, 1, 1}, [&] { kernel.run(params); });
+    return SUCCESS;
+}
+
+int cuGetErrorName(int error, const char** name) {
+    switch (error) {
+        case SUCCESS: *name = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case INVALID_IMAGE: *name = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case NOT_FOUND: *name = "CUDA_ERROR_NOT_FOUND"; break;
+        default: *name = "CUDA_ERROR_UNKNOWN";
+    }
+    return SUCCESS;
+}
+int cuGetErrorString(int error, const char** text) { return cuGetErrorName(error, text); }
+
+}  // extern "C"
+#pragma GCC visibility pop
