@@ -137,9 +137,14 @@ inline void run_block(Block& b) {
         f.shuffles = 0;
         start(f);
     }
-    for (unsigned int left = threads; left > 0;) {
+    // Fibers run in index order and in reverse by turns (per pass, per block), so a read of
+    // shared memory that lacks the barrier ordering it after the write shows up in either
+    // direction.
+    unsigned int pass = blockIdx.x + blockIdx.y;
+    for (unsigned int left = threads; left > 0; ++pass) {
         bool ran = false;
-        for (unsigned int t = 0; t < threads; ++t) {
+        for (unsigned int i = 0; i < threads; ++i) {
+            const unsigned int t = pass % 2 ? threads - 1 - i : i;
             Fiber& f = b.fibers[t];
             if (f.done || (f.waiting && f.waiting->generation == f.generation)) continue;
             f.waiting = nullptr;
