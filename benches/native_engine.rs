@@ -9,7 +9,7 @@
 //! cargo bench --bench native_engine -- --backend cpu --shape tiny --batch 1,4   # no GPU: smoke
 //! ```
 //! Flags: `--backend cuda|cpu` (cpu: the kernels' CPU reference), `--shape S`, `--formats
-//! int8,fp16`, `--batch 1,8,32,64`, `--decode-steps 32`, `--prompt-len 512`, `--bandwidth-gbs G`
+//! int8,fp16` (bf16 too), `--batch 1,8,32,64`, `--decode-steps 32`, `--prompt-len 512`, `--bandwidth-gbs G`
 //! (default: the card's datasheet figure when the bench knows its name), `--work-dir DIR`.
 
 // Only the checkpoint helper is used here, not the ONNX exports.

@@ -1,5 +1,5 @@
-// The layers of a Qwen2/Llama decoder step. Activations are f32 `[rows, width]`; weights FP16
-// or INT8 with one scale per output channel; the KV cache FP16, `[slot][kv_head][capacity][dim]`
+// The layers of a Qwen2/Llama decoder step. Activations are f32 `[rows, width]`; weights FP16,
+// BF16 or INT8 with one scale per output channel; the KV cache FP16, `[slot][kv_head][capacity][dim]`
 // per layer, allocated once. A "row" is one token of one sequence: its slot and its position,
 // so prompts (many rows of one slot) and decode steps (one row a slot) run through the same
 // kernels. The CPU reference is src/engine/cuda/reference.rs.
@@ -74,7 +74,13 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float e
         out[(size_t)blockIdx.x * hidden + i] = row[i] * inv * weight[i];
 }
 
+// A bfloat16 weight: the high half of an FP32 value.
+struct bf16_bits {
+    unsigned short bits;
+};
+
 __device__ __forceinline__ float weight_value(half_bits w) { return half_to_float(w); }
+__device__ __forceinline__ float weight_value(bf16_bits w) { return __int_as_float((int)((unsigned int)w.bits << 16)); }
 __device__ __forceinline__ float weight_value(signed char w) { return (float)w; }
 
 // y[r][o] = scale[o] * sum_i x[r][i] * w[o][i] (+ bias[o]; no scale: 1); one warp an output
@@ -104,6 +110,12 @@ __device__ void linear_rows(const float* x, const W* w, const float* scale, cons
 // FP16 weights.
 extern "C" __global__ void linear_f16(const float* x, const half_bits* w, const float* bias, unsigned int rows,
                                       unsigned int in, unsigned int out, float* y) {
+    linear_rows(x, w, nullptr, bias, rows, in, out, y);
+}
+
+// BF16 weights.
+extern "C" __global__ void linear_bf16(const float* x, const bf16_bits* w, const float* bias, unsigned int rows,
+                                       unsigned int in, unsigned int out, float* y) {
     linear_rows(x, w, nullptr, bias, rows, in, out, y);
 }
 

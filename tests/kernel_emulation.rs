@@ -54,7 +54,7 @@ fn every_operation<B: Backend>(backend: &B) -> Vec<(String, Vec<f32>)> {
     let x = backend.tensor(&random(&mut rng, rows * inputs), inputs).unwrap();
     let w = random(&mut rng, outputs * inputs);
     let bias = random(&mut rng, outputs);
-    for format in [WeightFormat::Int8, WeightFormat::Fp16] {
+    for format in [WeightFormat::Int8, WeightFormat::Fp16, WeightFormat::Bf16] {
         for with_bias in [false, true] {
             let host = HostWeight::new(&w, outputs, inputs, format);
             let layer = backend

@@ -44,6 +44,12 @@ fn fp16_llama_matches_candle() {
 }
 
 #[test]
+fn bf16_qwen2_and_llama_match_candle() {
+    assert_matches_candle(Family::Qwen2, WeightFormat::Bf16, 0.999);
+    assert_matches_candle(Family::Llama, WeightFormat::Bf16, 0.999);
+}
+
+#[test]
 fn int8_qwen2_and_llama_stay_close_to_candle() {
     assert_matches_candle(Family::Qwen2, WeightFormat::Int8, 0.99);
     assert_matches_candle(Family::Llama, WeightFormat::Int8, 0.99);

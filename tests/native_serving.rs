@@ -17,13 +17,19 @@ use serde_json::{Value, json};
 const SLOT_TOKENS: usize = 64;
 const NEW_TOKENS: usize = 8;
 
-/// A repository with model `native` (a tiny qwen2 with its checkpoint) on `provider`.
+/// A repository with model `native` (a tiny qwen2 with its checkpoint) on `provider`, FP16.
 fn repository(provider: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    repository_with(provider, WeightFormat::Fp16)
+}
+
+/// A repository with model `native` on `provider` with `weights`.
+fn repository_with(provider: &str, weights: WeightFormat) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("models");
     add_trainable_version(&repo, "native", 1, 5);
     let toml = format!(
-        "name = \"native\"\nexecution_provider = \"{provider}\"\nnative_weights = \"fp16\"\nmax_batch_size = 4\nnative_slot_tokens = {SLOT_TOKENS}\n"
+        "name = \"native\"\nexecution_provider = \"{provider}\"\nnative_weights = \"{}\"\nmax_batch_size = 4\nnative_slot_tokens = {SLOT_TOKENS}\n",
+        format!("{weights:?}").to_lowercase()
     );
     std::fs::write(repo.join("native/model.toml"), toml).unwrap();
     (dir, repo)
@@ -61,23 +67,23 @@ async fn complete(server: &TestServer, prompt: &[u32]) -> (u16, Value) {
 
 #[tokio::test]
 async fn concurrent_requests_get_what_the_engine_gives_each_alone() {
-    serves_what_the_engine_gives_each_alone("native-cpu", &[]).await;
+    serves_what_the_engine_gives_each_alone("native-cpu", WeightFormat::Fp16, &[]).await;
 }
 
 /// `native-cuda` end to end where no GPU is: the server process loads the emulated driver of
 /// `tests/emulate/` (first on its library path), so the CUDA backend and the device sampler
-/// serve, and must give what the CPU reference gives.
+/// serve, and must give what the CPU reference gives; BF16 weights.
 #[cfg(feature = "cuda-native")]
 #[tokio::test]
 async fn native_cuda_on_the_emulated_gpu_serves_what_the_engine_gives_each_alone() {
     let fake = common::fake_gpu::library_dir().display().to_string();
-    serves_what_the_engine_gives_each_alone("native-cuda", &[("LD_LIBRARY_PATH", &fake)]).await;
+    serves_what_the_engine_gives_each_alone("native-cuda", WeightFormat::Bf16, &[("LD_LIBRARY_PATH", &fake)]).await;
 }
 
-/// Six prompts, alone and then at once through four slots of `provider`, each get the CPU
-/// reference engine's greedy continuation; a prompt longer than a slot is a 400.
-async fn serves_what_the_engine_gives_each_alone(provider: &str, env: &[(&str, &str)]) {
-    let (dir, repo) = repository(provider);
+/// Six prompts, alone and then at once through four slots of `provider` with `weights`, each get
+/// the CPU reference engine's greedy continuation; a prompt longer than a slot is a 400.
+async fn serves_what_the_engine_gives_each_alone(provider: &str, weights: WeightFormat, env: &[(&str, &str)]) {
+    let (dir, repo) = repository_with(provider, weights);
     let checkpoint = repo.join("native/1/checkpoint");
     let tokenizer = tokenizers::Tokenizer::from_file(checkpoint.join("tokenizer.json")).unwrap();
     let ModelConfig::Decoder(config) = Checkpoint::open(&checkpoint).unwrap().config else {
@@ -95,7 +101,7 @@ async fn serves_what_the_engine_gives_each_alone(provider: &str, env: &[(&str, &
         .iter()
         .map(|t| tokenizer.encode(*t, false).unwrap().get_ids().to_vec())
         .collect();
-    let mut engine = NativeDecoder::load(&checkpoint, CpuBackend, WeightFormat::Fp16, 1, SLOT_TOKENS).unwrap();
+    let mut engine = NativeDecoder::load(&checkpoint, CpuBackend, weights, 1, SLOT_TOKENS).unwrap();
     let expected: Vec<String> = prompts
         .iter()
         .map(|p| {

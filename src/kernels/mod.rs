@@ -46,6 +46,7 @@ pub const SOURCES: &[KernelSource] = &[
             "embed",
             "rms_norm",
             "linear_f16",
+            "linear_bf16",
             "linear_i8",
             "rope",
             "kv_append",

@@ -83,11 +83,17 @@ Kernel driver_entry(void (*kernel)(A...)) {
 
 const std::map<std::string, Kernel>& kernels() {
     static const std::map<std::string, Kernel> table = {
-        {"sample_rows", driver_entry(sample_rows)},   {"embed", driver_entry(embed)},
-        {"rms_norm", driver_entry(rms_norm)},         {"linear_f16", driver_entry(linear_f16)},
-        {"linear_i8", driver_entry(linear_i8)},       {"rope", driver_entry(rope)},
-        {"kv_append", driver_entry(kv_append)},       {"attention", driver_entry(attention)},
-        {"silu_mul", driver_entry(silu_mul)},         {"add_in_place", driver_entry(add_in_place)},
+        {"sample_rows", driver_entry(sample_rows)},
+        {"embed", driver_entry(embed)},
+        {"rms_norm", driver_entry(rms_norm)},
+        {"linear_f16", driver_entry(linear_f16)},
+        {"linear_bf16", driver_entry(linear_bf16)},
+        {"linear_i8", driver_entry(linear_i8)},
+        {"rope", driver_entry(rope)},
+        {"kv_append", driver_entry(kv_append)},
+        {"attention", driver_entry(attention)},
+        {"silu_mul", driver_entry(silu_mul)},
+        {"add_in_place", driver_entry(add_in_place)},
         {"gather_rows", driver_entry(gather_rows)},
     };
     return table;

@@ -161,7 +161,7 @@ fn steps(shape: ShapePreset) -> usize {
 }
 
 /// The GPU's logits against the CPU reference's (cosine >= 0.9999 at every position) and
-/// the same greedy tokens, FP16 and INT8, tiny and mid.
+/// the same greedy tokens, FP16, BF16 and INT8, tiny and mid.
 #[test]
 fn the_cuda_backend_matches_the_cpu_reference() {
     let Some(_) = backend() else { return };
@@ -173,7 +173,7 @@ fn the_cuda_backend_matches_the_cpu_reference() {
         let st = student(family, 9, |s| s.shape = shape);
         // A shorter prompt for mid, whose CPU reference runs unoptimised in the test build.
         let prompt = st.encode(PROMPTS[if shape == ShapePreset::Mid { 1 } else { 2 }]);
-        for format in [WeightFormat::Fp16, WeightFormat::Int8] {
+        for format in [WeightFormat::Fp16, WeightFormat::Bf16, WeightFormat::Int8] {
             let mut cpu = NativeDecoder::load(&st.checkpoint, CpuBackend, format, 1, 128).unwrap();
             let mut gpu = NativeDecoder::load(&st.checkpoint, backend().unwrap(), format, 1, 128).unwrap();
             let (want_tokens, want) = greedy_alone(&mut cpu, &prompt, steps(shape));

@@ -3,7 +3,7 @@
 //! backend launches the kernel. The step itself ([`super::NativeDecoder`]) is written once
 //! against this trait, so its logic is tested where no GPU is.
 
-use half::f16;
+use half::{bf16, f16};
 
 use super::NativeError;
 
@@ -16,12 +16,16 @@ pub enum WeightFormat {
     Int8,
     /// IEEE half precision.
     Fp16,
+    /// bfloat16: FP32's range with 8 significant bits, what most students are trained and
+    /// shipped in (a BF16 checkpoint's values exactly).
+    Bf16,
 }
 
 /// A linear layer's weight `[out, in]` in its stored format, on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostWeight {
     Fp16(Vec<f16>),
+    Bf16(Vec<bf16>),
     Int8 { values: Vec<i8>, scales: Vec<f32> },
 }
 
@@ -30,6 +34,7 @@ impl HostWeight {
     pub fn new(weight: &[f32], out: usize, inputs: usize, format: WeightFormat) -> Self {
         match format {
             WeightFormat::Fp16 => Self::Fp16(weight.iter().map(|&w| f16::from_f32(w)).collect()),
+            WeightFormat::Bf16 => Self::Bf16(weight.iter().map(|&w| bf16::from_f32(w)).collect()),
             WeightFormat::Int8 => {
                 let mut values = Vec::with_capacity(out * inputs);
                 let mut scales = Vec::with_capacity(out);
@@ -48,6 +53,7 @@ impl HostWeight {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Fp16(values) => values.len() * 2,
+            Self::Bf16(values) => values.len() * 2,
             Self::Int8 { values, scales } => values.len() + scales.len() * 4,
         }
     }

@@ -39,6 +39,7 @@ impl DeviceTensor {
 
 enum DeviceWeight {
     Fp16(CudaSlice<u16>),
+    Bf16(CudaSlice<u16>),
     Int8 {
         values: CudaSlice<i8>,
         scales: CudaSlice<f32>,
@@ -77,6 +78,7 @@ struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
     linear_f16: CudaFunction,
+    linear_bf16: CudaFunction,
     linear_i8: CudaFunction,
     rope: CudaFunction,
     kv_append: CudaFunction,
@@ -123,6 +125,7 @@ impl CudaBackend {
             embed: function("embed")?,
             rms_norm: function("rms_norm")?,
             linear_f16: function("linear_f16")?,
+            linear_bf16: function("linear_bf16")?,
             linear_i8: function("linear_i8")?,
             rope: function("rope")?,
             kv_append: function("kv_append")?,
@@ -182,6 +185,9 @@ impl Backend for CudaBackend {
         let weight = match weight {
             HostWeight::Fp16(values) => {
                 DeviceWeight::Fp16(self.upload(&values.iter().map(|v| v.to_bits()).collect::<Vec<_>>())?)
+            }
+            HostWeight::Bf16(values) => {
+                DeviceWeight::Bf16(self.upload(&values.iter().map(|v| v.to_bits()).collect::<Vec<_>>())?)
             }
             HostWeight::Int8 { values, scales } => DeviceWeight::Int8 {
                 values: self.upload(&values)?,
@@ -277,6 +283,10 @@ impl Backend for CudaBackend {
         match &layer.weight {
             DeviceWeight::Fp16(w) => {
                 args = self.stream.launch_builder(&self.kernels.linear_f16);
+                args.arg(&x.data).arg(w);
+            }
+            DeviceWeight::Bf16(w) => {
+                args = self.stream.launch_builder(&self.kernels.linear_bf16);
                 args.arg(&x.data).arg(w);
             }
             DeviceWeight::Int8 { values, scales } => {

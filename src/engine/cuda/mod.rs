@@ -99,7 +99,7 @@ fn linear<B: Backend>(
 pub fn memory_needed(c: &DecoderConfig, format: WeightFormat, slots: usize, capacity: usize) -> usize {
     let per_weight = match format {
         WeightFormat::Int8 => 1,
-        WeightFormat::Fp16 => 2,
+        WeightFormat::Fp16 | WeightFormat::Bf16 => 2,
     };
     let (h, q, kv, m) = (
         c.hidden_size,

@@ -75,6 +75,7 @@ impl Backend for CpuBackend {
     ) -> Result<HostLinear, NativeError> {
         let (weight, scales) = match weight {
             HostWeight::Fp16(values) => (values.iter().map(|v| v.to_f32()).collect(), None),
+            HostWeight::Bf16(values) => (values.iter().map(|v| v.to_f32()).collect(), None),
             HostWeight::Int8 { values, scales } => (values.iter().map(|&v| f32::from(v)).collect(), Some(scales)),
         };
         Ok(HostLinear {
