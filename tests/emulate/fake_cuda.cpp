@@ -3,9 +3,8 @@
 // under test (cudarc, our host code: buffers, argument order, grids) runs unchanged and NVRTC
 // compiles the PTX it loads; a module only offers the entry points its PTX declares. Work runs
 // synchronously, so streams and events have nothing to order. A launch whose pointer argument
-// is neither null nor inside a live allocation fails with CUDA_ERROR_INVALID_VALUE.
-//
-// FAKE_CUDA_MEMORY_MB sets the device's memory (default 8192).
+// is neither null nor inside a live allocation fails with CUDA_ERROR_INVALID_VALUE. It defines
+// the entry points cudarc calls for our host code; cudarc names any other it looks up.
 #include "cuda_shim.h"
 
 #include "../../kernels/decoder.cu"
@@ -16,7 +15,6 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -35,10 +33,8 @@ std::mutex lock;
 std::map<uintptr_t, size_t> allocations;
 size_t allocated = 0;
 
-size_t total_memory() {
-    const char* mb = std::getenv("FAKE_CUDA_MEMORY_MB");
-    return (mb ? std::strtoull(mb, nullptr, 10) : 8192ull) << 20;
-}
+/// The device's memory: 8 GiB.
+constexpr size_t TOTAL_MEMORY = 8ull << 30;
 
 bool is_device_pointer(const void* p) {
     if (p == nullptr) return true;
@@ -107,7 +103,7 @@ struct Function {
     const Kernel* kernel;
 };
 
-int context_marker, stream_marker, event_marker;
+int context_marker, event_marker;
 
 }  // namespace
 
@@ -115,10 +111,6 @@ int context_marker, stream_marker, event_marker;
 extern "C" {
 
 int cuInit(unsigned int) { return SUCCESS; }
-int cuDriverGetVersion(int* version) {
-    *version = 13000;
-    return SUCCESS;
-}
 int cuDeviceGetCount(int* count) {
     *count = 1;
     return SUCCESS;
@@ -140,32 +132,26 @@ int cuDeviceGetAttribute(int* value, int attribute, int) {
     }
     return SUCCESS;
 }
-int cuDeviceTotalMem_v2(size_t* bytes, int) {
-    *bytes = total_memory();
-    return SUCCESS;
-}
 int cuDevicePrimaryCtxRetain(void** context, int) {
     *context = &context_marker;
     return SUCCESS;
 }
 int cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
-int cuCtxSetCurrent(void*) { return SUCCESS; }
 int cuCtxGetCurrent(void** context) {
     *context = &context_marker;
     return SUCCESS;
 }
-int cuCtxSynchronize() { return SUCCESS; }
 
 int cuMemGetInfo_v2(size_t* free, size_t* total) {
     std::lock_guard<std::mutex> guard(lock);
-    *total = total_memory();
+    *total = TOTAL_MEMORY;
     *free = *total - std::min(*total, allocated);
     return SUCCESS;
 }
 int cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
     {
         std::lock_guard<std::mutex> guard(lock);
-        if (allocated + bytes > total_memory()) return OUT_OF_MEMORY;
+        if (allocated + bytes > TOTAL_MEMORY) return OUT_OF_MEMORY;
     }
     void* p = std::malloc(bytes ? bytes : 1);
     if (!p) return OUT_OF_MEMORY;
@@ -202,30 +188,13 @@ int cuMemcpyDtoH_v2(void* to, unsigned long long from, size_t bytes) {
     return SUCCESS;
 }
 int cuMemcpyDtoHAsync_v2(void* to, unsigned long long from, size_t bytes, void*) { return cuMemcpyDtoH_v2(to, from, bytes); }
-int cuMemcpyDtoD_v2(unsigned long long to, unsigned long long from, size_t bytes) {
-    if (!is_device_pointer((void*)to) || !is_device_pointer((void*)from)) return INVALID_VALUE;
-    std::memmove((void*)to, (const void*)from, bytes);
-    return SUCCESS;
-}
-int cuMemcpyDtoDAsync_v2(unsigned long long to, unsigned long long from, size_t bytes, void*) {
-    return cuMemcpyDtoD_v2(to, from, bytes);
-}
 
-int cuStreamCreate(void** stream, unsigned int) {
-    *stream = &stream_marker;
-    return SUCCESS;
-}
-int cuStreamDestroy_v2(void*) { return SUCCESS; }
 int cuStreamSynchronize(void*) { return SUCCESS; }
-int cuStreamWaitEvent(void*, void*, unsigned int) { return SUCCESS; }
 int cuEventCreate(void** event, unsigned int) {
     *event = &event_marker;
     return SUCCESS;
 }
 int cuEventDestroy_v2(void*) { return SUCCESS; }
-int cuEventRecord(void*, void*) { return SUCCESS; }
-int cuEventSynchronize(void*) { return SUCCESS; }
-int cuEventQuery(void*) { return SUCCESS; }
 
 int cuModuleLoadData(void** module, const void* image) {
     const std::string ptx = (const char*)image;
