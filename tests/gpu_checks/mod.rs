@@ -90,6 +90,9 @@ fn device_sampling_matches_the_cpu_reference_token_for_token() {
             assert!((got[r].logprob - want[r].logprob).abs() < 1e-3, "row {r}");
             let ids = |s: &distill_serve::kernels::sampling::Sampled| s.top.iter().map(|t| t.0).collect::<Vec<_>>();
             assert_eq!(ids(&got[r]), ids(&want[r]), "row {r}");
+            for (m, (g, w)) in got[r].top.iter().zip(&want[r].top).enumerate() {
+                assert!((g.1 - w.1).abs() < 1e-3, "row {r} top {m}: {} vs {}", g.1, w.1);
+            }
             let token = got[r].token.unwrap() as usize;
             if let Some(mask) = &c.masks[r] {
                 assert!(
