@@ -149,13 +149,10 @@ int cuMemGetInfo_v2(size_t* free, size_t* total) {
     return SUCCESS;
 }
 int cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
-    {
-        std::lock_guard<std::mutex> guard(lock);
-        if (allocated + bytes > TOTAL_MEMORY) return OUT_OF_MEMORY;
-    }
+    std::lock_guard<std::mutex> guard(lock);  // one section: two threads cannot both pass the budget
+    if (allocated + bytes > TOTAL_MEMORY) return OUT_OF_MEMORY;
     void* p = std::malloc(bytes ? bytes : 1);
     if (!p) return OUT_OF_MEMORY;
-    std::lock_guard<std::mutex> guard(lock);
     allocations[(uintptr_t)p] = bytes;
     allocated += bytes;
     *pointer = (uintptr_t)p;
