@@ -35,6 +35,7 @@ pub struct Metrics {
     inter_token_latency: HistogramVec,
     model_version: IntGaugeVec,
     model_ready: IntGaugeVec,
+    cuda_graphs: IntGaugeVec,
     refresh_jobs: IntCounterVec,
     /// The version each model's info gauge shows, to remove it on a swap.
     serving: Mutex<HashMap<String, u32>>,
@@ -60,6 +61,8 @@ pub struct ModelMetrics {
     batch_tokens: Histogram,
     padding_tokens: IntCounter,
     bucket_dispatches: IntCounterVec,
+    /// Decode step shapes the native engine replays as CUDA graphs.
+    pub cuda_graphs: IntGauge,
 }
 
 impl ModelMetrics {
@@ -183,6 +186,11 @@ impl Metrics {
                 "1 when the model serves, 0 when it should but cannot (failed to load, or its engine keeps failing); no series when unloaded on purpose",
                 &["model"],
             )?,
+            cuda_graphs: gauge(
+                "distill_serve_cuda_graphs",
+                "Decode step shapes (sequences a step) the native-cuda engine has recorded as CUDA graphs and replays",
+                &["model"],
+            )?,
             refresh_jobs: counter(
                 "distill_serve_refresh_jobs_total",
                 "Distillation refresh jobs ended, by outcome (succeeded, rejected, failed, cancelled)",
@@ -209,6 +217,7 @@ impl Metrics {
         m.registry.register(Box::new(m.model_version.clone()))?;
         m.registry.register(Box::new(m.model_ready.clone()))?;
         m.registry.register(Box::new(m.refresh_jobs.clone()))?;
+        m.registry.register(Box::new(m.cuda_graphs.clone()))?;
         Ok(m)
     }
 
@@ -230,6 +239,7 @@ impl Metrics {
             batch_tokens: self.batch_tokens.with_label_values(&[model]),
             padding_tokens: self.padding_tokens.with_label_values(&[model]),
             bucket_dispatches: self.bucket_dispatches.clone(),
+            cuda_graphs: self.cuda_graphs.with_label_values(&[model]),
         }
     }
 

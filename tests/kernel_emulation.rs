@@ -34,36 +34,51 @@ fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-/// Runs every operation of a decoder step on `backend` over the same seeded inputs; each
-/// operation's name and result on the host.
+/// Runs every operation of a decoder step on `backend` over the same seeded inputs, each
+/// into an output buffer with room to spare; each operation's name and result on the host.
 fn every_operation<B: Backend>(backend: &B) -> Vec<(String, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(22);
     let mut results = Vec::new();
-    let mut keep = |name: &str, tensor: &B::Tensor| results.push((name.to_string(), backend.to_host(tensor).unwrap()));
+    let mut keep = |name: &str, tensor: &B::Tensor, rows: usize| {
+        results.push((name.to_string(), backend.to_host(tensor, rows).unwrap()))
+    };
+    let out = |width: usize| backend.zeros(12, width).unwrap();
 
     let (vocab, hidden) = (50, 40);
     let table = backend.table(&random(&mut rng, vocab * hidden), hidden).unwrap();
-    keep("embed", &backend.embed(&table, &[3, 49, 0, 3]).unwrap());
+    let mut inputs = backend.step_inputs(12, 4).unwrap();
+    let tokens = StepRows {
+        tokens: vec![3, 49, 0, 3],
+        slots: vec![0; 4],
+        positions: vec![0; 4],
+    };
+    backend.write_rows(&tokens, &[], &mut inputs).unwrap();
+    let mut embedded = out(hidden);
+    backend.embed(&table, &inputs, &mut embedded).unwrap();
+    keep("embed", &embedded, 4);
 
     let x = backend.tensor(&random(&mut rng, 3 * hidden), hidden).unwrap();
     let weight = backend.tensor(&random(&mut rng, hidden), hidden).unwrap();
-    keep("rms_norm", &backend.rms_norm(&x, &weight, 1e-6).unwrap());
+    let mut normed = out(hidden);
+    backend.rms_norm(&x, &weight, 1e-6, &mut normed).unwrap();
+    keep("rms_norm", &normed, 3);
 
     // 10 rows (two groups of eight), 19 outputs (not a multiple of the eight a block takes).
-    let (rows, inputs, outputs) = (10, 70, 19);
-    let x = backend.tensor(&random(&mut rng, rows * inputs), inputs).unwrap();
-    let w = random(&mut rng, outputs * inputs);
+    let (rows, inputs_width, outputs) = (10, 70, 19);
+    let x = backend
+        .tensor(&random(&mut rng, rows * inputs_width), inputs_width)
+        .unwrap();
+    let w = random(&mut rng, outputs * inputs_width);
     let bias = random(&mut rng, outputs);
     for format in [WeightFormat::Int8, WeightFormat::Fp16, WeightFormat::Bf16] {
         for with_bias in [false, true] {
-            let host = HostWeight::new(&w, outputs, inputs, format);
+            let host = HostWeight::new(&w, outputs, inputs_width, format);
             let layer = backend
-                .linear_weight(host, with_bias.then_some(&bias[..]), outputs, inputs)
+                .linear_weight(host, with_bias.then_some(&bias[..]), outputs, inputs_width)
                 .unwrap();
-            keep(
-                &format!("linear {format:?} bias {with_bias}"),
-                &backend.linear(&x, &layer).unwrap(),
-            );
+            let mut y = out(outputs);
+            backend.linear(&x, &layer, &mut y).unwrap();
+            keep(&format!("linear {format:?} bias {with_bias}"), &y, rows);
         }
     }
 
@@ -77,12 +92,12 @@ fn every_operation<B: Backend>(backend: &B) -> Vec<(String, Vec<f32>)> {
         slots: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
         positions: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
     };
-    let step_rows = backend.rows(&step).unwrap();
+    backend.write_rows(&step, &[8, 0, 4], &mut inputs).unwrap();
     let mut q = backend
         .tensor(&random(&mut rng, step.len() * heads * dim), heads * dim)
         .unwrap();
-    backend.rope(&mut q, &step_rows, &inv_freq, heads, dim).unwrap();
-    keep("rope", &q);
+    backend.rope(&mut q, &inputs, &inv_freq, heads, dim).unwrap();
+    keep("rope", &q, step.len());
     let shape = CacheShape {
         slots: 2,
         kv_heads,
@@ -96,16 +111,22 @@ fn every_operation<B: Backend>(backend: &B) -> Vec<(String, Vec<f32>)> {
     let v = backend
         .tensor(&random(&mut rng, step.len() * kv_heads * dim), kv_heads * dim)
         .unwrap();
-    backend.kv_append(&mut cache, &k, &v, &step_rows).unwrap();
-    keep("attention", &backend.attention(&q, &cache, &step_rows, heads).unwrap());
+    backend.kv_append(&mut cache, &k, &v, &inputs).unwrap();
+    let mut attended = out(heads * dim);
+    backend.attention(&q, &cache, &inputs, heads, &mut attended).unwrap();
+    keep("attention", &attended, step.len());
+    let mut gathered = out(heads * dim);
+    backend.gather(&attended, &inputs, &mut gathered).unwrap();
+    keep("gather", &gathered, 3);
 
     let gate = backend.tensor(&random(&mut rng, 300), 30).unwrap();
     let up = backend.tensor(&random(&mut rng, 300), 30).unwrap();
-    keep("silu_mul", &backend.silu_mul(&gate, &up).unwrap());
-    keep("gather", &backend.gather(&gate, &[9, 0, 4]).unwrap());
-    let mut sum = backend.tensor(&backend.to_host(&gate).unwrap(), 30).unwrap();
+    let mut mixed = out(30);
+    backend.silu_mul(&gate, &up, &mut mixed).unwrap();
+    keep("silu_mul", &mixed, 10);
+    let mut sum = backend.tensor(&backend.to_host(&gate, 10).unwrap(), 30).unwrap();
     backend.add(&mut sum, &up).unwrap();
-    keep("add", &sum);
+    keep("add", &sum, 10);
     results
 }
 
@@ -147,4 +168,54 @@ fn a_launch_with_a_stray_pointer_fails_instead_of_running() {
     // SAFETY: x and y hold the 4 values the kernel adds.
     unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.unwrap();
     assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0; 4]);
+}
+
+/// While a stream captures a graph, the emulated driver refuses what CUDA's thread-local
+/// capture mode refuses (here an allocation) and spoils the capture, so a step that allocated
+/// or copied while being recorded fails here as on a GPU; the stream works again afterwards.
+#[test]
+fn a_capture_refuses_memory_calls_and_is_spoiled_by_them() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
+    let device = gpu().unwrap();
+    let stream = device.stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let refused = stream.alloc_zeros::<f32>(4).unwrap_err();
+    assert_eq!(refused.0, CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    let ended = stream.end_capture(CUgraphInstantiate_flags(0)).err().unwrap();
+    assert_eq!(ended.0, CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    assert_eq!(stream.clone_dtoh(&stream.clone_htod(&[5u32]).unwrap()).unwrap(), [5]);
+}
+
+/// A graph holds its launches' pointers: replaying it after one of its buffers was freed fails
+/// (the emulated driver checks them again at each replay), which is why the native engine
+/// records decode steps on a workspace allocated once.
+#[test]
+fn a_graph_replayed_after_its_buffer_was_freed_fails() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let device = gpu().unwrap();
+    let module = device
+        .load(distill_serve::kernels::source("decoder").unwrap(), None)
+        .unwrap();
+    let add = module.load_function("add_in_place").unwrap();
+    let stream = device.stream();
+    let mut x = stream.clone_htod(&[2.0f32; 4]).unwrap();
+    let y = stream.clone_htod(&[1.0f32; 4]).unwrap();
+    let count = 4u32;
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let mut args = stream.launch_builder(&add);
+    args.arg(&mut x).arg(&y).arg(&count);
+    // SAFETY: x and y hold the 4 values the kernel adds.
+    unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.unwrap();
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![2.0; 4], "capturing ran the launch");
+    graph.launch().unwrap();
+    graph.launch().unwrap();
+    assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![4.0; 4]);
+    drop(y);
+    assert!(graph.launch().is_err(), "a graph ran on a freed buffer");
 }

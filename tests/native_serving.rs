@@ -144,6 +144,14 @@ async fn serves_what_the_engine_gives_each_alone(provider: &str, weights: Weight
         .collect();
     let (status, v) = complete(&server, &long).await;
     assert_eq!(status, 400, "{v}");
+    // native-cuda replays decode steps as CUDA graphs: one for a lone sequence, more for the
+    // batch's shapes; the CPU backend has none.
+    let graphs = server.metric("distill_serve_cuda_graphs{model=\"native\"}").await;
+    if provider == "native-cuda" {
+        assert!(graphs >= 2.0, "{graphs} decode shapes recorded as CUDA graphs");
+    } else {
+        assert_eq!(graphs, 0.0);
+    }
 }
 
 #[cfg(feature = "cuda-native")]

@@ -40,7 +40,12 @@ impl CudaDevice {
                 minor: compute_capability.1,
             });
         }
-        let stream = context.default_stream();
+        // Our work runs on one stream of our own: CUDA graphs cannot be captured on the legacy
+        // default stream. With one stream there is nothing for cudarc's per-buffer events to
+        // order, and waits on events recorded outside a capture would break the capture.
+        // SAFETY: every buffer of this context is used on `stream` only.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream()?;
         Ok(Self {
             context,
             stream,

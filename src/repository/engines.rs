@@ -75,7 +75,7 @@ pub(super) fn open_native(
     };
     let slots = limits.batch.max_batch_size.max(1);
     let started = std::time::Instant::now();
-    let engine = NativeEngine::open(
+    let mut engine = NativeEngine::open(
         &checkpoint,
         limits.execution_provider,
         limits.device_id,
@@ -84,6 +84,7 @@ pub(super) fn open_native(
         limits.native_slot_tokens,
     )
     .map_err(|e| e.to_string())?;
+    engine.set_graphs(limits.native_cuda_graphs);
     tracing::info!(
         model = %name,
         version,

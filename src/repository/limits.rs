@@ -27,6 +27,10 @@ pub struct ModelLimits {
     /// model's context, at most 4096].
     #[arg(long, env = "DISTILL_SERVE_NATIVE_SLOT_TOKENS")]
     pub native_slot_tokens: Option<usize>,
+    /// Whether native-cuda records each decode step shape as a CUDA graph and replays it;
+    /// false runs every step eagerly (vLLM's `enforce_eager`) [default: true].
+    #[arg(long, env = "DISTILL_SERVE_NATIVE_CUDA_GRAPHS", num_args = 0..=1, default_missing_value = "true")]
+    pub native_cuda_graphs: Option<bool>,
     /// The GPU a GPU provider runs models on (CUDA's numbering) [default: 0].
     #[arg(long, env = "DISTILL_SERVE_DEVICE_ID")]
     pub device_id: Option<u32>,
@@ -77,6 +81,8 @@ pub struct Limits {
     pub native_weights: WeightFormat,
     /// Tokens a native engine slot holds.
     pub native_slot_tokens: usize,
+    /// Whether native-cuda replays decode steps as CUDA graphs.
+    pub native_cuda_graphs: bool,
     pub device_id: u32,
     pub intra_threads: usize,
     pub admission: AdmissionLimits,
@@ -93,6 +99,7 @@ impl ModelLimits {
             execution_provider: self.execution_provider.or(under.execution_provider),
             native_weights: self.native_weights.or(under.native_weights),
             native_slot_tokens: self.native_slot_tokens.or(under.native_slot_tokens),
+            native_cuda_graphs: self.native_cuda_graphs.or(under.native_cuda_graphs),
             device_id: self.device_id.or(under.device_id),
             intra_threads: self.intra_threads.or(under.intra_threads),
             max_queue_time_ms: self.max_queue_time_ms.or(under.max_queue_time_ms),
@@ -117,6 +124,7 @@ impl ModelLimits {
                 .native_slot_tokens
                 .unwrap_or(context_length.min(4096))
                 .min(context_length),
+            native_cuda_graphs: self.native_cuda_graphs.unwrap_or(true),
             device_id: self.device_id.unwrap_or(0),
             intra_threads: self.intra_threads.unwrap_or(0),
             admission: AdmissionLimits {

@@ -385,7 +385,9 @@ impl Worker {
                     batch.step(session, tokenizer, on_advance).map_err(|e| e.to_string())
                 }
                 Running::Native { engine, batch } => {
-                    batch.step(engine, tokenizer, on_advance).map_err(|e| e.to_string())
+                    let stepped = batch.step(engine, tokenizer, on_advance).map_err(|e| e.to_string());
+                    metrics.cuda_graphs.set(engine.recorded_graphs() as i64);
+                    stepped
                 }
             };
             match stepped {

@@ -9,7 +9,7 @@
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::cuda::device::CudaBackend;
 use distill_serve::engine::cuda::reference::CpuBackend;
-use distill_serve::engine::cuda::{Backend, NativeDecoder, NativeError, StepRows, WeightFormat};
+use distill_serve::engine::cuda::{NativeDecoder, NativeError, StepRows, WeightFormat};
 use distill_serve::generate::argmax;
 use distill_serve::kernels::reference;
 use distill_serve::kernels::sampling::{DeviceSampler, RowSampling, TOP_N_MAX, bitset};
@@ -228,7 +228,7 @@ fn the_engine_samples_on_the_device() {
     }
     let vocab = gpu.config().vocab_size;
     let logits = gpu.step_logits(&rows, &last).unwrap().unwrap();
-    let host = gpu.backend().to_host(&logits).unwrap();
+    let host = sampler.stream().clone_dtoh(&logits.data().slice(..3 * vocab)).unwrap();
     let params: Vec<RowSampling> = (0..3)
         .map(|r| RowSampling {
             temperature: [0.0, 0.8, 1.2][r],
@@ -248,6 +248,73 @@ fn the_engine_samples_on_the_device() {
     );
     let cpu_logits = cpu.step(&rows, &last).unwrap();
     assert_eq!(got[0].token, Some(argmax(&cpu_logits[0])));
+}
+
+/// Decode steps replayed as CUDA graphs give bit for bit what the same steps give run
+/// eagerly, while sequences leave and join: three rows, then two (slot 1 ends), then three
+/// again with a new sequence in slot 1, so the three-row graph replays on new tokens and
+/// positions. Each decode shape is recorded once; prefills run eagerly.
+#[test]
+fn decode_steps_replayed_as_cuda_graphs_equal_eager_steps() {
+    let Some(recording) = backend() else { return };
+    let st = student(Family::Qwen2, 4, |_| {});
+    let mut graphs = NativeDecoder::load(&st.checkpoint, recording, WeightFormat::Int8, 3, 128).unwrap();
+    let mut eager = NativeDecoder::load(&st.checkpoint, backend().unwrap(), WeightFormat::Int8, 3, 128).unwrap();
+    eager.set_graphs(false);
+    let mut both = |rows: &StepRows, logits_of: &[u32]| -> Vec<u32> {
+        let got = graphs.step(rows, logits_of).unwrap();
+        assert_eq!(got, eager.step(rows, logits_of).unwrap(), "{rows:?}");
+        got.iter().map(|l| argmax(l)).collect()
+    };
+    // (token, position) to run next in each slot.
+    let mut next: Vec<Option<(u32, u32)>> = vec![None; 3];
+    let prefill = |slots: &[usize], prompts: &[&str], next: &mut Vec<Option<(u32, u32)>>| {
+        let mut rows = StepRows::default();
+        let mut last = Vec::new();
+        for (&slot, prompt) in slots.iter().zip(prompts) {
+            let prompt = st.encode(prompt);
+            for (i, &t) in prompt.iter().enumerate() {
+                rows.tokens.push(t);
+                rows.slots.push(slot as u32);
+                rows.positions.push(i as u32);
+            }
+            last.push(rows.len() as u32 - 1);
+            next[slot] = Some((0, prompt.len() as u32));
+        }
+        (rows, last)
+    };
+    let decode = |next: &[Option<(u32, u32)>]| {
+        let live: Vec<usize> = (0..next.len()).filter(|&s| next[s].is_some()).collect();
+        StepRows {
+            tokens: live.iter().filter_map(|&s| next[s]).map(|n| n.0).collect(),
+            slots: live.iter().map(|&s| s as u32).collect(),
+            positions: live.iter().filter_map(|&s| next[s]).map(|n| n.1).collect(),
+        }
+    };
+    // Takes each row's greedy token as its slot's next, one position on for decode rows.
+    let advance = |next: &mut Vec<Option<(u32, u32)>>, rows: &StepRows, last: &[u32], tokens: Vec<u32>| {
+        for (&row, token) in last.iter().zip(tokens) {
+            let slot = rows.slots[row as usize] as usize;
+            let position = rows.positions[row as usize] + 1;
+            next[slot] = Some((token, position));
+        }
+    };
+    for (slots, prompts, steps) in [(&[0, 1, 2][..], &PROMPTS[..], 4), (&[1], &["Code: I10"], 4)] {
+        let (rows, last) = prefill(slots, prompts, &mut next);
+        let tokens = both(&rows, &last);
+        advance(&mut next, &rows, &last, tokens);
+        for step in 0..2 * steps {
+            if step == steps && slots.len() == 3 {
+                next[1] = None; // slot 1 ends: two-row steps
+            }
+            let rows = decode(&next);
+            let all: Vec<u32> = (0..rows.len() as u32).collect();
+            let tokens = both(&rows, &all);
+            advance(&mut next, &rows, &all, tokens);
+        }
+    }
+    assert_eq!(graphs.recorded_graphs(), 2, "the 3-row and 2-row decode steps");
+    assert_eq!(eager.recorded_graphs(), 0);
 }
 
 #[test]

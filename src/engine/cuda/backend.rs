@@ -101,7 +101,11 @@ impl CacheShape {
     }
 }
 
-/// The operations of a decoder step. Tensors are f32 `[rows, width]`, row-major.
+/// The operations of a decoder step. Tensors are f32 `[rows, width]`, row-major, in buffers
+/// allocated once for up to some number of rows: each operation writes its result into an
+/// `out` buffer (taking as many rows as its input has), so a step allocates nothing and runs
+/// the same launches on the same buffers every time its row count repeats — which is what lets
+/// [`Backend::record`] keep a decode step as a CUDA graph.
 pub trait Backend {
     /// Activations on the backend.
     type Tensor;
@@ -111,8 +115,11 @@ pub trait Backend {
     type Table;
     /// One layer's K and V caches (FP16).
     type Cache;
-    /// A step's row indices (slots and positions) on the backend.
+    /// A step's inputs on the backend (its tokens, slots and positions, and the rows whose
+    /// logits are wanted), in buffers each step rewrites.
     type Rows;
+    /// Launches recorded to be run again (a CUDA graph).
+    type Graph;
 
     /// Free memory of the device, where it is limited (None: the host's).
     fn free_bytes(&self) -> Option<usize> {
@@ -120,6 +127,8 @@ pub trait Backend {
     }
     /// Uploads f32 values as a tensor of `width` columns.
     fn tensor(&self, values: &[f32], width: usize) -> Result<Self::Tensor, NativeError>;
+    /// A buffer for up to `rows` rows of `width`.
+    fn zeros(&self, rows: usize, width: usize) -> Result<Self::Tensor, NativeError>;
     /// Uploads a linear layer `[out, in]`.
     fn linear_weight(
         &self,
@@ -132,15 +141,23 @@ pub trait Backend {
     fn table(&self, values: &[f32], width: usize) -> Result<Self::Table, NativeError>;
     /// Allocates one layer's caches.
     fn cache(&self, shape: CacheShape) -> Result<Self::Cache, NativeError>;
-    /// Uploads a step's slots and positions.
-    fn rows(&self, rows: &StepRows) -> Result<Self::Rows, NativeError>;
+    /// Buffers for the inputs of steps of up to `rows` rows and `logit_rows` logits.
+    fn step_inputs(&self, rows: usize, logit_rows: usize) -> Result<Self::Rows, NativeError>;
+    /// Writes a step's rows, and the rows whose logits are wanted, into `into`.
+    fn write_rows(&self, rows: &StepRows, logits_of: &[u32], into: &mut Self::Rows) -> Result<(), NativeError>;
 
-    /// `table[token]` for each token.
-    fn embed(&self, table: &Self::Table, tokens: &[u32]) -> Result<Self::Tensor, NativeError>;
+    /// `table[token]` for each token of `rows`.
+    fn embed(&self, table: &Self::Table, rows: &Self::Rows, out: &mut Self::Tensor) -> Result<(), NativeError>;
     /// Each row divided by its root mean square (plus `eps`), times `weight`.
-    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor, NativeError>;
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<(), NativeError>;
     /// `x W^T + b`.
-    fn linear(&self, x: &Self::Tensor, layer: &Self::Linear) -> Result<Self::Tensor, NativeError>;
+    fn linear(&self, x: &Self::Tensor, layer: &Self::Linear, out: &mut Self::Tensor) -> Result<(), NativeError>;
     /// Rotary embedding in place of `heads` heads of `head_dim` a row, at the rows' positions.
     fn rope(
         &self,
@@ -165,13 +182,21 @@ pub trait Backend {
         cache: &Self::Cache,
         rows: &Self::Rows,
         heads: usize,
-    ) -> Result<Self::Tensor, NativeError>;
+        out: &mut Self::Tensor,
+    ) -> Result<(), NativeError>;
     /// `silu(gate) * up`.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, NativeError>;
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<(), NativeError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), NativeError>;
-    /// The rows `which` of `x`.
-    fn gather(&self, x: &Self::Tensor, which: &[u32]) -> Result<Self::Tensor, NativeError>;
-    /// The tensor's values on the host.
-    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, NativeError>;
+    /// The rows of `x` whose logits `rows` wants, in its order.
+    fn gather(&self, x: &Self::Tensor, rows: &Self::Rows, out: &mut Self::Tensor) -> Result<(), NativeError>;
+    /// The first `rows` rows of the tensor, on the host.
+    fn to_host(&self, x: &Self::Tensor, rows: usize) -> Result<Vec<f32>, NativeError>;
+
+    /// Runs `launches` as a graph to be replayed: Some(graph) when the backend recorded it
+    /// (nothing has run yet: replay it), None when it has no graphs and ran `launches` itself.
+    fn record(&self, launches: &mut dyn FnMut() -> Result<(), NativeError>)
+    -> Result<Option<Self::Graph>, NativeError>;
+    /// Runs a recorded graph again, on the buffers it was recorded with.
+    fn replay(&self, graph: &Self::Graph) -> Result<(), NativeError>;
 }

@@ -1,10 +1,14 @@
 //! The CUDA backend: each [`Backend`] operation launches its kernel of `kernels/decoder.cu` on
-//! one stream. Buffers are `cudarc` slices; FP16 values travel as their bit patterns (`u16`).
+//! one stream, and a recorded step is a CUDA graph of those launches. Buffers are `cudarc`
+//! slices; FP16 values travel as their bit patterns (`u16`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use half::f16;
 
 use super::NativeError;
@@ -20,10 +24,12 @@ const LINEAR_ROWS: u32 = 8;
 /// Threads of an attention block (ATTN_WARPS warps).
 const ATTENTION_THREADS: u32 = 128;
 
-/// f32 rows on the GPU.
+/// f32 rows on the GPU: a buffer for some number of rows of `width`, of which the last
+/// operation that wrote it filled `rows`.
 pub struct DeviceTensor {
     data: CudaSlice<f32>,
     width: usize,
+    rows: usize,
 }
 
 impl DeviceTensor {
@@ -33,7 +39,20 @@ impl DeviceTensor {
     }
 
     fn rows(&self) -> usize {
-        self.data.len() / self.width.max(1)
+        self.rows
+    }
+
+    /// Takes `rows` rows of `width` as this operation's output, if the buffer holds them.
+    fn fill(&mut self, rows: usize, width: usize) -> Result<(), NativeError> {
+        if self.width != width || self.data.len() < rows * width {
+            return Err(shape_error(format!(
+                "{rows} rows of {width} into a buffer of {} values in rows of {}",
+                self.data.len(),
+                self.width
+            )));
+        }
+        self.rows = rows;
+        Ok(())
     }
 }
 
@@ -67,11 +86,14 @@ pub struct DeviceCache {
     v: CudaSlice<u16>,
 }
 
-/// A step's slots and positions on the GPU.
+/// A step's tokens, slots, positions and rows to take logits of, on the GPU.
 pub struct DeviceRows {
+    tokens: CudaSlice<u32>,
     slots: CudaSlice<u32>,
     positions: CudaSlice<u32>,
+    logits_of: CudaSlice<u32>,
     len: usize,
+    logits_len: usize,
 }
 
 struct Kernels {
@@ -87,6 +109,14 @@ struct Kernels {
     add_in_place: CudaFunction,
     gather_rows: CudaFunction,
 }
+
+/// A CUDA graph of a step's launches.
+pub struct DeviceGraph(CudaGraph);
+
+// SAFETY: a graph may be launched from any thread as long as calls on it are serialised (CUDA's
+// graph thread-safety rules); it is only reached through `&mut NativeDecoder`, one thread at a
+// time, and its stream is cudarc's `Send` `Arc<CudaStream>`.
+unsafe impl Send for DeviceGraph {}
 
 /// The decoder kernels loaded on one GPU.
 pub struct CudaBackend {
@@ -148,8 +178,24 @@ impl CudaBackend {
         &self.device
     }
 
-    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, NativeError> {
-        Ok(self.stream.alloc_zeros::<f32>(len.max(1)).map_err(KernelError::from)?)
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, NativeError> {
+        Ok(self.stream.alloc_zeros::<T>(len.max(1)).map_err(KernelError::from)?)
+    }
+
+    /// Copies `values` to the start of `into`.
+    fn write<T: cudarc::driver::DeviceRepr>(&self, values: &[T], into: &mut CudaSlice<T>) -> Result<(), NativeError> {
+        let Some(mut head) = into.try_slice_mut(..values.len()) else {
+            return Err(shape_error(format!(
+                "{} values into a buffer of {}",
+                values.len(),
+                into.len()
+            )));
+        };
+        self.stream.memcpy_htod(values, &mut head).map_err(KernelError::from)?;
+        Ok(())
     }
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>, NativeError> {
@@ -163,15 +209,28 @@ impl Backend for CudaBackend {
     type Table = DeviceTable;
     type Cache = DeviceCache;
     type Rows = DeviceRows;
+    type Graph = DeviceGraph;
 
     fn free_bytes(&self) -> Option<usize> {
         self.device.free_memory().ok()
     }
 
     fn tensor(&self, values: &[f32], width: usize) -> Result<DeviceTensor, NativeError> {
+        if width == 0 || !values.len().is_multiple_of(width) {
+            return Err(shape_error(format!("{} values in rows of {width}", values.len())));
+        }
         Ok(DeviceTensor {
             data: self.upload(values)?,
             width,
+            rows: values.len() / width,
+        })
+    }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<DeviceTensor, NativeError> {
+        Ok(DeviceTensor {
+            data: self.alloc(rows * width)?,
+            width,
+            rows: 0,
         })
     }
 
@@ -211,40 +270,57 @@ impl Backend for CudaBackend {
     }
 
     fn cache(&self, shape: CacheShape) -> Result<DeviceCache, NativeError> {
-        let alloc = || {
-            self.stream
-                .alloc_zeros::<u16>(shape.len().max(1))
-                .map_err(KernelError::from)
-        };
         Ok(DeviceCache {
             shape,
-            k: alloc()?,
-            v: alloc()?,
+            k: self.alloc(shape.len())?,
+            v: self.alloc(shape.len())?,
         })
     }
 
-    fn rows(&self, rows: &StepRows) -> Result<DeviceRows, NativeError> {
+    fn step_inputs(&self, rows: usize, logit_rows: usize) -> Result<DeviceRows, NativeError> {
         Ok(DeviceRows {
-            slots: self.upload(&rows.slots)?,
-            positions: self.upload(&rows.positions)?,
-            len: rows.len(),
+            tokens: self.alloc(rows)?,
+            slots: self.alloc(rows)?,
+            positions: self.alloc(rows)?,
+            logits_of: self.alloc(logit_rows)?,
+            len: 0,
+            logits_len: 0,
         })
     }
 
-    fn embed(&self, table: &DeviceTable, tokens: &[u32]) -> Result<DeviceTensor, NativeError> {
-        let ids = self.upload(tokens)?;
-        let mut out = self.zeros(tokens.len() * table.width)?;
+    fn write_rows(&self, rows: &StepRows, logits_of: &[u32], into: &mut DeviceRows) -> Result<(), NativeError> {
+        if rows.slots.len() != rows.len() || rows.positions.len() != rows.len() {
+            return Err(shape_error(format!(
+                "{} tokens, {} slots, {} positions",
+                rows.len(),
+                rows.slots.len(),
+                rows.positions.len()
+            )));
+        }
+        self.write(&rows.tokens, &mut into.tokens)?;
+        self.write(&rows.slots, &mut into.slots)?;
+        self.write(&rows.positions, &mut into.positions)?;
+        self.write(logits_of, &mut into.logits_of)?;
+        into.len = rows.len();
+        into.logits_len = logits_of.len();
+        Ok(())
+    }
+
+    fn embed(&self, table: &DeviceTable, rows: &DeviceRows, out: &mut DeviceTensor) -> Result<(), NativeError> {
+        out.fill(rows.len, table.width)?;
         let width = table.width as u32;
         let mut args = self.stream.launch_builder(&self.kernels.embed);
-        args.arg(&table.data).arg(&ids).arg(&width).arg(&mut out);
-        launch(args, grid(tokens.len(), BLOCK))?;
-        Ok(DeviceTensor {
-            data: out,
-            width: table.width,
-        })
+        args.arg(&table.data).arg(&rows.tokens).arg(&width).arg(&mut out.data);
+        launch(args, grid(rows.len, BLOCK))
     }
 
-    fn rms_norm(&self, x: &DeviceTensor, weight: &DeviceTensor, eps: f32) -> Result<DeviceTensor, NativeError> {
+    fn rms_norm(
+        &self,
+        x: &DeviceTensor,
+        weight: &DeviceTensor,
+        eps: f32,
+        out: &mut DeviceTensor,
+    ) -> Result<(), NativeError> {
         if weight.data.len() != x.width {
             return Err(shape_error(format!(
                 "norm of {} for rows of {}",
@@ -252,18 +328,18 @@ impl Backend for CudaBackend {
                 x.width
             )));
         }
-        let mut out = self.zeros(x.data.len())?;
+        out.fill(x.rows(), x.width)?;
         let width = x.width as u32;
         let mut args = self.stream.launch_builder(&self.kernels.rms_norm);
-        args.arg(&x.data).arg(&weight.data).arg(&eps).arg(&width).arg(&mut out);
-        launch(args, grid(x.rows(), BLOCK))?;
-        Ok(DeviceTensor {
-            data: out,
-            width: x.width,
-        })
+        args.arg(&x.data)
+            .arg(&weight.data)
+            .arg(&eps)
+            .arg(&width)
+            .arg(&mut out.data);
+        launch(args, grid(x.rows(), BLOCK))
     }
 
-    fn linear(&self, x: &DeviceTensor, layer: &DeviceLinear) -> Result<DeviceTensor, NativeError> {
+    fn linear(&self, x: &DeviceTensor, layer: &DeviceLinear, out: &mut DeviceTensor) -> Result<(), NativeError> {
         if x.width != layer.inputs {
             return Err(shape_error(format!(
                 "rows of {} into a layer of {} inputs",
@@ -271,7 +347,7 @@ impl Backend for CudaBackend {
             )));
         }
         let rows = x.rows();
-        let mut out = self.zeros(rows * layer.out)?;
+        out.fill(rows, layer.out)?;
         let (rows_arg, inputs, outputs) = (rows as u32, layer.inputs as u32, layer.out as u32);
         let no_bias = 0u64;
         let config = LaunchConfig {
@@ -298,12 +374,8 @@ impl Backend for CudaBackend {
             Some(bias) => args.arg(bias),
             None => args.arg(&no_bias),
         };
-        args.arg(&rows_arg).arg(&inputs).arg(&outputs).arg(&mut out);
-        launch(args, config)?;
-        Ok(DeviceTensor {
-            data: out,
-            width: layer.out,
-        })
+        args.arg(&rows_arg).arg(&inputs).arg(&outputs).arg(&mut out.data);
+        launch(args, config)
     }
 
     fn rope(
@@ -339,7 +411,7 @@ impl Backend for CudaBackend {
         rows: &DeviceRows,
     ) -> Result<(), NativeError> {
         let s = cache.shape;
-        if k.width != s.kv_heads * s.head_dim || k.rows() != rows.len || v.data.len() != k.data.len() {
+        if k.width != s.kv_heads * s.head_dim || k.rows() != rows.len || v.rows() != k.rows() || v.width != k.width {
             return Err(shape_error(format!(
                 "K/V rows of {} for {} kv heads of {}",
                 k.width, s.kv_heads, s.head_dim
@@ -365,7 +437,8 @@ impl Backend for CudaBackend {
         cache: &DeviceCache,
         rows: &DeviceRows,
         heads: usize,
-    ) -> Result<DeviceTensor, NativeError> {
+        out: &mut DeviceTensor,
+    ) -> Result<(), NativeError> {
         let s = cache.shape;
         if q.width != heads * s.head_dim || q.rows() != rows.len || !heads.is_multiple_of(s.kv_heads) {
             return Err(shape_error(format!(
@@ -373,7 +446,7 @@ impl Backend for CudaBackend {
                 s.kv_heads
             )));
         }
-        let mut out = self.zeros(q.data.len())?;
+        out.fill(rows.len, q.width)?;
         let (heads_arg, kv_heads, dim, capacity) =
             (heads as u32, s.kv_heads as u32, s.head_dim as u32, s.capacity as u32);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -393,60 +466,78 @@ impl Backend for CudaBackend {
             .arg(&dim)
             .arg(&capacity)
             .arg(&scale)
-            .arg(&mut out);
-        launch(args, config)?;
-        Ok(DeviceTensor {
-            data: out,
-            width: q.width,
-        })
+            .arg(&mut out.data);
+        launch(args, config)
     }
 
-    fn silu_mul(&self, gate: &DeviceTensor, up: &DeviceTensor) -> Result<DeviceTensor, NativeError> {
-        if gate.data.len() != up.data.len() {
+    fn silu_mul(&self, gate: &DeviceTensor, up: &DeviceTensor, out: &mut DeviceTensor) -> Result<(), NativeError> {
+        if gate.width != up.width || gate.rows() != up.rows() {
             return Err(shape_error("gate and up differ in size".into()));
         }
-        let count = gate.data.len();
-        let mut out = self.zeros(count)?;
+        out.fill(gate.rows(), gate.width)?;
+        let count = gate.rows() * gate.width;
         let count_arg = count as u32;
         let mut args = self.stream.launch_builder(&self.kernels.silu_mul);
-        args.arg(&gate.data).arg(&up.data).arg(&count_arg).arg(&mut out);
-        launch(args, grid(count.div_ceil(BLOCK as usize), BLOCK))?;
-        Ok(DeviceTensor {
-            data: out,
-            width: gate.width,
-        })
+        args.arg(&gate.data).arg(&up.data).arg(&count_arg).arg(&mut out.data);
+        launch(args, grid(count.div_ceil(BLOCK as usize), BLOCK))
     }
 
     fn add(&self, x: &mut DeviceTensor, y: &DeviceTensor) -> Result<(), NativeError> {
-        if x.data.len() != y.data.len() {
+        if x.width != y.width || x.rows() != y.rows() {
             return Err(shape_error("adding tensors of different sizes".into()));
         }
-        let count = x.data.len();
+        let count = x.rows() * x.width;
         let count_arg = count as u32;
         let mut args = self.stream.launch_builder(&self.kernels.add_in_place);
         args.arg(&mut x.data).arg(&y.data).arg(&count_arg);
         launch(args, grid(count.div_ceil(BLOCK as usize), BLOCK))
     }
 
-    fn gather(&self, x: &DeviceTensor, which: &[u32]) -> Result<DeviceTensor, NativeError> {
-        if let Some(bad) = which.iter().find(|&&r| r as usize >= x.rows()) {
-            return Err(shape_error(format!("row {bad} of {}", x.rows())));
+    fn gather(&self, x: &DeviceTensor, rows: &DeviceRows, out: &mut DeviceTensor) -> Result<(), NativeError> {
+        // The rows' indices were checked against the step (`NativeDecoder::check`), whose rows
+        // `x` holds.
+        if x.rows() != rows.len {
+            return Err(shape_error(format!(
+                "logits of a step of {} rows from {}",
+                rows.len,
+                x.rows()
+            )));
         }
-        let ids = self.upload(which)?;
-        let mut out = self.zeros(which.len() * x.width)?;
+        out.fill(rows.logits_len, x.width)?;
         let width = x.width as u32;
         let mut args = self.stream.launch_builder(&self.kernels.gather_rows);
-        args.arg(&x.data).arg(&ids).arg(&width).arg(&mut out);
-        launch(args, grid(which.len(), BLOCK))?;
-        Ok(DeviceTensor {
-            data: out,
-            width: x.width,
-        })
+        args.arg(&x.data).arg(&rows.logits_of).arg(&width).arg(&mut out.data);
+        launch(args, grid(rows.logits_len, BLOCK))
     }
 
-    fn to_host(&self, x: &DeviceTensor) -> Result<Vec<f32>, NativeError> {
-        let mut values = self.stream.clone_dtoh(&x.data).map_err(KernelError::from)?;
-        values.truncate(x.rows() * x.width);
-        Ok(values)
+    fn to_host(&self, x: &DeviceTensor, rows: usize) -> Result<Vec<f32>, NativeError> {
+        let Some(head) = x.data.try_slice(..rows * x.width) else {
+            return Err(shape_error(format!("{rows} rows of a buffer of {}", x.data.len())));
+        };
+        Ok(self.stream.clone_dtoh(&head).map_err(KernelError::from)?)
+    }
+
+    fn record(
+        &self,
+        launches: &mut dyn FnMut() -> Result<(), NativeError>,
+    ) -> Result<Option<DeviceGraph>, NativeError> {
+        // Thread-local: only this thread's calls must keep to what a capture allows; another
+        // model's work on another thread goes on.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(KernelError::from)?;
+        let recorded = launches();
+        // The capture ends whatever happened, so the stream is usable again.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        match graph.map_err(KernelError::from)? {
+            Some(graph) => Ok(Some(DeviceGraph(graph))),
+            None => Err(KernelError::Invalid("the capture recorded no graph".into()).into()),
+        }
+    }
+
+    fn replay(&self, graph: &DeviceGraph) -> Result<(), NativeError> {
+        graph.0.launch().map_err(KernelError::from)?;
+        Ok(())
     }
 }

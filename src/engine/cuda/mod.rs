@@ -5,17 +5,26 @@
 //! which rows a step holds. The step is written once against [`Backend`]: the CUDA backend
 //! (feature `cuda-native`) launches `kernels/decoder.cu`, and [`reference::CpuBackend`] is the
 //! CPU reference every kernel is checked against.
+//!
+//! A step writes its activations into a [`Workspace`] allocated at load for a decode step of
+//! every slot, so a decode step of n rows launches the same kernels on the same buffers each
+//! time: the first one of each n is recorded as a CUDA graph and later ones replay it (as
+//! vLLM and TensorRT-LLM do), which saves the launch overhead of the ~16 kernels a layer.
+//! Steps with more rows (prefills) run eagerly in a workspace of their own.
 
 pub mod backend;
 #[cfg(feature = "cuda-native")]
 pub mod device;
 pub mod reference;
 mod serving;
+mod workspace;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 pub use backend::{Backend, CacheShape, HostWeight, StepRows, WeightFormat};
 pub use serving::NativeEngine;
+use workspace::Workspace;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, DecoderConfig, ModelConfig};
 
@@ -63,15 +72,27 @@ struct Layer<B: Backend> {
     cache: B::Cache,
 }
 
-/// A decoder checkpoint on a backend, with its slots.
-pub struct NativeDecoder<B: Backend> {
-    backend: B,
-    config: DecoderConfig,
+/// The weights and caches of a decoder on a backend.
+struct Model<B: Backend> {
     embed: B::Table,
     layers: Vec<Layer<B>>,
     final_norm: B::Tensor,
     lm_head: B::Linear,
     inv_freq: B::Tensor,
+}
+
+/// A decoder checkpoint on a backend, with its slots.
+pub struct NativeDecoder<B: Backend> {
+    backend: B,
+    config: DecoderConfig,
+    model: Model<B>,
+    /// Activations of steps of up to `slots` rows (what graphs are recorded on).
+    workspace: Workspace<B>,
+    /// Activations of the last step too big for `workspace`, until a step fits again.
+    spill: Option<Workspace<B>>,
+    /// A recorded decode step for each row count seen, while graphs are on.
+    graphs: HashMap<usize, B::Graph>,
+    use_graphs: bool,
     slots: usize,
     capacity: usize,
 }
@@ -109,7 +130,10 @@ pub fn memory_needed(c: &DecoderConfig, format: WeightFormat, slots: usize, capa
     );
     let layer = (h * q + 2 * h * kv + q * h + 3 * h * m) * per_weight;
     let cache = 2 * slots * capacity * kv * 2;
-    c.vocab_size * h * 2 + c.vocab_size * h * per_weight + c.num_layers * (layer + cache)
+    c.vocab_size * h * 2
+        + c.vocab_size * h * per_weight
+        + c.num_layers * (layer + cache)
+        + workspace::bytes(c, slots, slots)
 }
 
 impl<B: Backend> NativeDecoder<B> {
@@ -189,17 +213,38 @@ impl<B: Backend> NativeDecoder<B> {
         };
         let inv_freq = c.rope.inv_freq(c.head_dim);
         let inv_freq = backend.tensor(&inv_freq, inv_freq.len())?;
+        let workspace = Workspace::new(&backend, &c, slots, slots)?;
         Ok(Self {
             backend,
             config: c,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-            inv_freq,
+            model: Model {
+                embed,
+                layers,
+                final_norm,
+                lm_head,
+                inv_freq,
+            },
+            workspace,
+            spill: None,
+            graphs: HashMap::new(),
+            use_graphs: true,
             slots,
             capacity,
         })
+    }
+
+    /// Whether decode steps are recorded as graphs and replayed (on by default; the CPU
+    /// backend has none and always runs eagerly).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        if !on {
+            self.graphs.clear();
+        }
+    }
+
+    /// How many decode step shapes (row counts) are recorded as graphs.
+    pub fn recorded_graphs(&self) -> usize {
+        self.graphs.len()
     }
 
     /// The checkpoint's configuration.
@@ -226,41 +271,76 @@ impl<B: Backend> NativeDecoder<B> {
     /// prompt's rows see each other causally) and returns the logits of the rows listed in
     /// `logits_of`, in that order. A slot's positions before a row's must have been run.
     pub fn step(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Vec<Vec<f32>>, NativeError> {
-        let Some(logits) = self.step_logits(rows, logits_of)? else {
+        self.run(rows, logits_of)?;
+        if logits_of.is_empty() {
             return Ok(Vec::new());
-        };
-        let values = self.backend.to_host(&logits)?;
+        }
+        let values = self.backend.to_host(self.logits(), logits_of.len())?;
         Ok(values.chunks(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
-    /// As [`Self::step`], leaving the logits `[logits_of.len(), vocab]` on the backend (for
-    /// sampling on the device); None when `logits_of` is empty.
-    pub fn step_logits(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Option<B::Tensor>, NativeError> {
+    /// As [`Self::step`], leaving the logits on the backend (for sampling on the device): their
+    /// first `logits_of.len()` rows of `vocab`; None when `logits_of` is empty.
+    pub fn step_logits(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<Option<&B::Tensor>, NativeError> {
+        self.run(rows, logits_of)?;
+        Ok((!logits_of.is_empty()).then(|| self.logits()))
+    }
+
+    /// The logits of the last step: in the spill workspace when it had one.
+    fn logits(&self) -> &B::Tensor {
+        &self.spill.as_ref().unwrap_or(&self.workspace).logits
+    }
+
+    /// Runs a step, leaving its logits in [`Self::logits`].
+    fn run(&mut self, rows: &StepRows, logits_of: &[u32]) -> Result<(), NativeError> {
         self.check(rows, logits_of)?;
-        let c = &self.config;
-        let b = &self.backend;
-        let eps = c.rms_norm_eps as f32;
-        let device_rows = b.rows(rows)?;
-        let mut x = b.embed(&self.embed, &rows.tokens)?;
-        for layer in &mut self.layers {
-            let normed = b.rms_norm(&x, &layer.input_norm, eps)?;
-            let mut q = b.linear(&normed, &layer.q)?;
-            let mut k = b.linear(&normed, &layer.k)?;
-            let v = b.linear(&normed, &layer.v)?;
-            b.rope(&mut q, &device_rows, &self.inv_freq, c.num_heads, c.head_dim)?;
-            b.rope(&mut k, &device_rows, &self.inv_freq, c.num_kv_heads, c.head_dim)?;
-            b.kv_append(&mut layer.cache, &k, &v, &device_rows)?;
-            let attended = b.attention(&q, &layer.cache, &device_rows, c.num_heads)?;
-            b.add(&mut x, &b.linear(&attended, &layer.o)?)?;
-            let normed = b.rms_norm(&x, &layer.post_norm, eps)?;
-            let mixed = b.silu_mul(&b.linear(&normed, &layer.gate)?, &b.linear(&normed, &layer.up)?)?;
-            b.add(&mut x, &b.linear(&mixed, &layer.down)?)?;
+        let (n, wanted) = (rows.len(), logits_of.len());
+        let Self {
+            backend,
+            config,
+            model,
+            workspace,
+            spill,
+            graphs,
+            use_graphs,
+            ..
+        } = self;
+        let fits = workspace.fits(n, wanted);
+        let ws = if fits {
+            *spill = None;
+            workspace
+        } else {
+            match spill {
+                Some(big) if big.fits(n, wanted) => big,
+                other => {
+                    *other = None;
+                    other.insert(Workspace::new(backend, config, n, wanted)?)
+                }
+            }
+        };
+        backend.write_rows(rows, logits_of, &mut ws.inputs)?;
+        // A decode step (every row's logits, in order) repeats its shape: record it once.
+        let decode = logits_of.iter().enumerate().all(|(i, &r)| r as usize == i) && wanted == n;
+        if !(*use_graphs && decode && fits) {
+            forward(backend, config, model, ws, wanted > 0)?;
+        } else if let Some(graph) = graphs.get(&n) {
+            backend.replay(graph)?;
+        } else {
+            let recorded = backend.record(&mut || forward(backend, config, model, ws, true));
+            match recorded {
+                Ok(Some(graph)) => {
+                    backend.replay(&graph)?;
+                    graphs.insert(n, graph);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = n, "recording a decode step as a CUDA graph failed; running eagerly from now on");
+                    *use_graphs = false;
+                    forward(backend, config, model, ws, true)?;
+                }
+            }
         }
-        if logits_of.is_empty() {
-            return Ok(None);
-        }
-        let last = b.rms_norm(&b.gather(&x, logits_of)?, &self.final_norm, eps)?;
-        Ok(Some(b.linear(&last, &self.lm_head)?))
+        Ok(())
     }
 
     /// Rejects rows outside the slots, the capacity or the vocabulary before any kernel runs.
@@ -291,4 +371,42 @@ impl<B: Backend> NativeDecoder<B> {
         }
         Ok(())
     }
+}
+
+/// Enqueues a step whose inputs are in `ws.inputs`: every layer over its rows, then (when
+/// `logits`) the final norm and the LM head over the rows whose logits are wanted.
+fn forward<B: Backend>(
+    b: &B,
+    c: &DecoderConfig,
+    model: &mut Model<B>,
+    ws: &mut Workspace<B>,
+    logits: bool,
+) -> Result<(), NativeError> {
+    let eps = c.rms_norm_eps as f32;
+    let rows = &ws.inputs;
+    b.embed(&model.embed, rows, &mut ws.x)?;
+    for layer in &mut model.layers {
+        b.rms_norm(&ws.x, &layer.input_norm, eps, &mut ws.normed)?;
+        b.linear(&ws.normed, &layer.q, &mut ws.q)?;
+        b.linear(&ws.normed, &layer.k, &mut ws.k)?;
+        b.linear(&ws.normed, &layer.v, &mut ws.v)?;
+        b.rope(&mut ws.q, rows, &model.inv_freq, c.num_heads, c.head_dim)?;
+        b.rope(&mut ws.k, rows, &model.inv_freq, c.num_kv_heads, c.head_dim)?;
+        b.kv_append(&mut layer.cache, &ws.k, &ws.v, rows)?;
+        b.attention(&ws.q, &layer.cache, rows, c.num_heads, &mut ws.attended)?;
+        b.linear(&ws.attended, &layer.o, &mut ws.delta)?;
+        b.add(&mut ws.x, &ws.delta)?;
+        b.rms_norm(&ws.x, &layer.post_norm, eps, &mut ws.normed)?;
+        b.linear(&ws.normed, &layer.gate, &mut ws.gate)?;
+        b.linear(&ws.normed, &layer.up, &mut ws.up)?;
+        b.silu_mul(&ws.gate, &ws.up, &mut ws.mixed)?;
+        b.linear(&ws.mixed, &layer.down, &mut ws.delta)?;
+        b.add(&mut ws.x, &ws.delta)?;
+    }
+    if logits {
+        b.gather(&ws.x, rows, &mut ws.gathered)?;
+        b.rms_norm(&ws.gathered, &model.final_norm, eps, &mut ws.last)?;
+        b.linear(&ws.last, &model.lm_head, &mut ws.logits)?;
+    }
+    Ok(())
 }

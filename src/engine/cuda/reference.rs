@@ -34,6 +34,13 @@ pub struct HostLinear {
     inputs: usize,
 }
 
+/// A step's rows and the rows whose logits are wanted.
+#[derive(Debug, Clone, Default)]
+pub struct HostRows {
+    step: StepRows,
+    logits_of: Vec<u32>,
+}
+
 /// One layer's FP16 caches on the host.
 pub struct HostCache {
     shape: CacheShape,
@@ -54,7 +61,8 @@ impl Backend for CpuBackend {
     type Linear = HostLinear;
     type Table = HostTensor;
     type Cache = HostCache;
-    type Rows = StepRows;
+    type Rows = HostRows;
+    type Graph = std::convert::Infallible;
 
     fn tensor(&self, values: &[f32], width: usize) -> Result<HostTensor, NativeError> {
         check(width > 0 && values.len().is_multiple_of(width), || {
@@ -62,6 +70,13 @@ impl Backend for CpuBackend {
         })?;
         Ok(HostTensor {
             values: values.to_vec(),
+            width,
+        })
+    }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<HostTensor, NativeError> {
+        Ok(HostTensor {
+            values: Vec::with_capacity(rows * width),
             width,
         })
     }
@@ -101,43 +116,54 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn rows(&self, rows: &StepRows) -> Result<StepRows, NativeError> {
-        Ok(rows.clone())
+    fn step_inputs(&self, _rows: usize, _logit_rows: usize) -> Result<HostRows, NativeError> {
+        Ok(HostRows::default())
     }
 
-    fn embed(&self, table: &HostTensor, tokens: &[u32]) -> Result<HostTensor, NativeError> {
+    fn write_rows(&self, rows: &StepRows, logits_of: &[u32], into: &mut HostRows) -> Result<(), NativeError> {
+        into.step.clone_from(rows);
+        into.logits_of = logits_of.to_vec();
+        Ok(())
+    }
+
+    fn embed(&self, table: &HostTensor, rows: &HostRows, out: &mut HostTensor) -> Result<(), NativeError> {
         let width = table.width;
-        let mut values = Vec::with_capacity(tokens.len() * width);
-        for &t in tokens {
+        out.values.clear();
+        out.width = width;
+        for &t in &rows.step.tokens {
             let t = t as usize;
             check(t < table.rows(), || {
                 format!("token {t} outside a vocabulary of {}", table.rows())
             })?;
-            values.extend_from_slice(&table.values[t * width..(t + 1) * width]);
+            out.values.extend_from_slice(&table.values[t * width..(t + 1) * width]);
         }
-        Ok(HostTensor { values, width })
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &HostTensor, weight: &HostTensor, eps: f32) -> Result<HostTensor, NativeError> {
+    fn rms_norm(&self, x: &HostTensor, weight: &HostTensor, eps: f32, out: &mut HostTensor) -> Result<(), NativeError> {
         check(weight.values.len() == x.width, || {
             format!("norm of {} for rows of {}", weight.values.len(), x.width)
         })?;
-        let mut values = Vec::with_capacity(x.values.len());
+        out.values.clear();
+        out.width = x.width;
         for row in x.values.chunks(x.width) {
             let mean = row.iter().map(|v| v * v).sum::<f32>() / x.width as f32;
             let inv = 1.0 / (mean + eps).sqrt();
-            values.extend(row.iter().zip(&weight.values).map(|(v, w)| v * inv * w));
+            out.values
+                .extend(row.iter().zip(&weight.values).map(|(v, w)| v * inv * w));
         }
-        Ok(HostTensor { values, width: x.width })
+        Ok(())
     }
 
-    fn linear(&self, x: &HostTensor, layer: &HostLinear) -> Result<HostTensor, NativeError> {
+    fn linear(&self, x: &HostTensor, layer: &HostLinear, y: &mut HostTensor) -> Result<(), NativeError> {
         check(x.width == layer.inputs, || {
             format!("rows of {} into a layer of {} inputs", x.width, layer.inputs)
         })?;
         let (inputs, out) = (layer.inputs, layer.out);
-        let mut values = vec![0.0f32; x.rows() * out];
-        values
+        y.values.clear();
+        y.values.resize(x.rows() * out, 0.0);
+        y.width = out;
+        y.values
             .par_chunks_mut(out)
             .zip(x.values.par_chunks(inputs))
             .for_each(|(y, row)| {
@@ -148,13 +174,13 @@ impl Backend for CpuBackend {
                     *y = scaled + layer.bias.as_ref().map_or(0.0, |b| b[o]);
                 }
             });
-        Ok(HostTensor { values, width: out })
+        Ok(())
     }
 
     fn rope(
         &self,
         x: &mut HostTensor,
-        rows: &StepRows,
+        rows: &HostRows,
         inv_freq: &HostTensor,
         heads: usize,
         head_dim: usize,
@@ -164,7 +190,7 @@ impl Backend for CpuBackend {
         })?;
         let half = head_dim / 2;
         for (r, row) in x.values.chunks_mut(x.width).enumerate() {
-            let position = rows.positions[r] as f32;
+            let position = rows.step.positions[r] as f32;
             for head in row.chunks_mut(head_dim) {
                 for i in 0..half {
                     let angle = position * inv_freq.values[i];
@@ -183,8 +209,9 @@ impl Backend for CpuBackend {
         cache: &mut HostCache,
         k: &HostTensor,
         v: &HostTensor,
-        rows: &StepRows,
+        rows: &HostRows,
     ) -> Result<(), NativeError> {
+        let rows = &rows.step;
         let CacheShape {
             slots,
             kv_heads,
@@ -212,9 +239,11 @@ impl Backend for CpuBackend {
         &self,
         q: &HostTensor,
         cache: &HostCache,
-        rows: &StepRows,
+        rows: &HostRows,
         heads: usize,
-    ) -> Result<HostTensor, NativeError> {
+        out: &mut HostTensor,
+    ) -> Result<(), NativeError> {
+        let rows = &rows.step;
         let CacheShape {
             kv_heads,
             capacity,
@@ -223,8 +252,10 @@ impl Backend for CpuBackend {
         } = cache.shape;
         let group = heads / kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut values = vec![0.0f32; q.values.len()];
-        for (r, out) in values.chunks_mut(q.width).enumerate() {
+        out.values.clear();
+        out.values.resize(q.values.len(), 0.0);
+        out.width = q.width;
+        for (r, out) in out.values.chunks_mut(q.width).enumerate() {
             let (slot, last) = (rows.slots[r] as usize, rows.positions[r] as usize);
             for h in 0..heads {
                 let query = &q.values[r * q.width + h * head_dim..][..head_dim];
@@ -247,23 +278,22 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        Ok(HostTensor { values, width: q.width })
+        Ok(())
     }
 
-    fn silu_mul(&self, gate: &HostTensor, up: &HostTensor) -> Result<HostTensor, NativeError> {
+    fn silu_mul(&self, gate: &HostTensor, up: &HostTensor, out: &mut HostTensor) -> Result<(), NativeError> {
         check(gate.values.len() == up.values.len(), || {
             "gate and up differ in size".into()
         })?;
-        let values = gate
-            .values
-            .iter()
-            .zip(&up.values)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
-        Ok(HostTensor {
-            values,
-            width: gate.width,
-        })
+        out.values.clear();
+        out.width = gate.width;
+        out.values.extend(
+            gate.values
+                .iter()
+                .zip(&up.values)
+                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+        );
+        Ok(())
     }
 
     fn add(&self, x: &mut HostTensor, y: &HostTensor) -> Result<(), NativeError> {
@@ -274,17 +304,30 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gather(&self, x: &HostTensor, which: &[u32]) -> Result<HostTensor, NativeError> {
-        let mut values = Vec::with_capacity(which.len() * x.width);
-        for &r in which {
+    fn gather(&self, x: &HostTensor, rows: &HostRows, out: &mut HostTensor) -> Result<(), NativeError> {
+        out.values.clear();
+        out.width = x.width;
+        for &r in &rows.logits_of {
             let r = r as usize;
             check(r < x.rows(), || format!("row {r} of {}", x.rows()))?;
-            values.extend_from_slice(&x.values[r * x.width..(r + 1) * x.width]);
+            out.values.extend_from_slice(&x.values[r * x.width..(r + 1) * x.width]);
         }
-        Ok(HostTensor { values, width: x.width })
+        Ok(())
     }
 
-    fn to_host(&self, x: &HostTensor) -> Result<Vec<f32>, NativeError> {
-        Ok(x.values.clone())
+    fn to_host(&self, x: &HostTensor, rows: usize) -> Result<Vec<f32>, NativeError> {
+        check(rows <= x.rows(), || format!("{rows} rows of {}", x.rows()))?;
+        Ok(x.values[..rows * x.width].to_vec())
+    }
+
+    fn record(
+        &self,
+        launches: &mut dyn FnMut() -> Result<(), NativeError>,
+    ) -> Result<Option<Self::Graph>, NativeError> {
+        launches().map(|()| None)
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<(), NativeError> {
+        match *graph {}
     }
 }

@@ -105,6 +105,24 @@ impl NativeEngine {
             .collect())
     }
 
+    /// Whether decode steps are replayed as CUDA graphs (see [`NativeDecoder::set_graphs`]).
+    pub fn set_graphs(&mut self, on: bool) {
+        match self {
+            Self::Reference(engine) => engine.set_graphs(on),
+            #[cfg(feature = "cuda-native")]
+            Self::Cuda { engine, .. } => engine.set_graphs(on),
+        }
+    }
+
+    /// Decode step shapes recorded as CUDA graphs so far (none on the CPU backend).
+    pub fn recorded_graphs(&self) -> usize {
+        match self {
+            Self::Reference(engine) => engine.recorded_graphs(),
+            #[cfg(feature = "cuda-native")]
+            Self::Cuda { engine, .. } => engine.recorded_graphs(),
+        }
+    }
+
     /// The checkpoint's configuration.
     pub fn config(&self) -> &DecoderConfig {
         match self {
