@@ -1,8 +1,10 @@
 //! The native decoder engine (`src/engine/cuda/`) on a GPU: decode tokens/s per batch size for
 //! INT8 and FP16 weights, against the card's memory bandwidth (a decode step reads every weight
 //! once: weight bytes x steps/s over the bandwidth is the share of the roofline reached), and
-//! the time to first token of a `--prompt-len` prompt. The student is the random qwen2 of
-//! `--shape` (default the 1.5B dimensions), written once under `--work-dir`.
+//! the time to first token of a `--prompt-len` prompt. On a GPU each batch runs with its decode
+//! steps replayed as CUDA graphs and then eagerly, so their ratio comes from one run. The
+//! student is the random qwen2 of `--shape` (default the 1.5B dimensions), written once under
+//! `--work-dir`. A decode step here copies its logits to the host (as `NativeDecoder::step`).
 //!
 //! ```sh
 //! cargo bench --bench native_engine                               # on a GPU machine
@@ -98,15 +100,17 @@ fn run<B: Backend>(engine: &mut NativeDecoder<B>, o: &Options, batch: usize) -> 
     Ok((ttft, tokens_per_s))
 }
 
-fn bench<B: Backend>(o: &Options, make: impl Fn() -> Result<B>, bandwidth: Option<f64>) -> Result<()> {
+/// Runs the table on backends from `make`, each batch once per entry of `graphs` (whether decode
+/// steps replay as CUDA graphs).
+fn bench<B: Backend>(o: &Options, make: impl Fn() -> Result<B>, bandwidth: Option<f64>, graphs: &[bool]) -> Result<()> {
     let ckpt = bench_models::bench_checkpoint(&o.work_dir, "native", o.shape)?;
     let slots = o.batches.iter().copied().max().unwrap_or(1);
     let capacity = o.prompt_len + o.decode_steps + 1;
     println!(
-        "| weights | batch | TTFT ({} tokens) ms | decode tok/s | weight GB/s | of bandwidth |",
+        "| weights | batch | CUDA graphs | TTFT ({} tokens) ms | decode tok/s | weight GB/s | of bandwidth |",
         o.prompt_len
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for &format in &o.formats {
         let started = Instant::now();
         let mut engine = NativeDecoder::load(&ckpt, make()?, format, slots, capacity)?;
@@ -116,13 +120,17 @@ fn bench<B: Backend>(o: &Options, make: impl Fn() -> Result<B>, bandwidth: Optio
         // Bytes a decode step reads: every weight but the embedding table (one row a token).
         let weights = memory_needed(&c, format, 0, 0) - c.vocab_size * c.hidden_size * 2;
         for &batch in &o.batches {
-            let (ttft, tokens_per_s) = run(&mut engine, o, batch)?;
-            let gbs = weights as f64 * tokens_per_s / batch as f64 / 1e9;
-            let share = bandwidth.map_or("not known".into(), |b| format!("{:.0}%", 100.0 * gbs / b));
-            println!(
-                "| {format:?} | {batch} | {:.1} | {tokens_per_s:.0} | {gbs:.1} | {share} |",
-                ttft * 1e3
-            );
+            for &on in graphs {
+                engine.set_graphs(on);
+                let (ttft, tokens_per_s) = run(&mut engine, o, batch)?;
+                let gbs = weights as f64 * tokens_per_s / batch as f64 / 1e9;
+                let share = bandwidth.map_or("not known".into(), |b| format!("{:.0}%", 100.0 * gbs / b));
+                let on = if on { "on" } else { "off" };
+                println!(
+                    "| {format:?} | {batch} | {on} | {:.1} | {tokens_per_s:.0} | {gbs:.1} | {share} |",
+                    ttft * 1e3
+                );
+            }
         }
         println!(
             "\n{format:?}: loaded in {loaded:.1} s; weights {:.0} MiB, KV cache {:.0} MiB\n",
@@ -140,7 +148,8 @@ fn main() -> Result<()> {
         o.shape, o.backend, o.decode_steps, o.prompt_len
     );
     match o.backend {
-        BackendChoice::Cpu => bench(&o, || Ok(CpuBackend), None),
+        // The CPU backend has no graphs.
+        BackendChoice::Cpu => bench(&o, || Ok(CpuBackend), None, &[false]),
         BackendChoice::Cuda => cuda(&o),
     }
 }
@@ -162,5 +171,10 @@ fn cuda(o: &Options) -> Result<()> {
         bandwidth.map_or("not known".into(), |b| format!("{b:.0} GB/s"))
     );
     drop(probe);
-    bench(o, || Ok(CudaBackend::new(CudaDevice::open(0)?, None)?), bandwidth)
+    bench(
+        o,
+        || Ok(CudaBackend::new(CudaDevice::open(0)?, None)?),
+        bandwidth,
+        &[true, false],
+    )
 }
