@@ -133,15 +133,35 @@ mod device {
             params: &[RowSampling],
             top_n: usize,
         ) -> Result<Vec<Sampled>, KernelError> {
+            let (address, _guard) = logits.device_ptr(&self.stream);
+            // SAFETY: the slice holds `logits.len()` values on this stream's GPU, and the guard
+            // keeps it alive until the kernel has run.
+            unsafe { self.sample_at(address, logits.len(), vocab, masks, params, top_n) }
+        }
+
+        /// As [`Self::sample`], on `values` f32 logits at device address `logits`: for logits in
+        /// buffers another library owns (ONNX Runtime's CUDA outputs bound to the device).
+        ///
+        /// # Safety
+        /// `logits` must address `values` f32 in this stream's context, written by work ordered
+        /// before this call on the stream, and stay allocated until it returns.
+        pub unsafe fn sample_at(
+            &self,
+            logits: u64,
+            values: usize,
+            vocab: usize,
+            masks: &[Option<&CudaSlice<u32>>],
+            params: &[RowSampling],
+            top_n: usize,
+        ) -> Result<Vec<Sampled>, KernelError> {
             let rows = params.len();
             if rows == 0 {
                 return Ok(Vec::new());
             }
-            if masks.len() != rows || logits.len() < rows * vocab || vocab == 0 || vocab > u32::MAX as usize {
+            if masks.len() != rows || values < rows * vocab || vocab == 0 || vocab > u32::MAX as usize {
                 return Err(KernelError::Invalid(format!(
-                    "{rows} rows of {vocab} logits need {} values and {rows} masks; got {} and {}",
+                    "{rows} rows of {vocab} logits need {} values and {rows} masks; got {values} and {}",
                     rows * vocab,
-                    logits.len(),
                     masks.len()
                 )));
             }
@@ -183,7 +203,7 @@ mod device {
             };
             let mut launch = stream.launch_builder(&self.function);
             launch
-                .arg(logits)
+                .arg(&logits)
                 .arg(&vocab_arg)
                 .arg(&mask_addresses)
                 .arg(&temperature)
@@ -197,8 +217,8 @@ mod device {
                 .arg(&mut top_ids)
                 .arg(&mut top_logprobs);
             // SAFETY: the arguments match `sample_rows`' parameters in order and type; every buffer
-            // holds what the kernel indexes (checked above: rows x vocab logits, masks of vocab bits,
-            // rows x TOP_N_MAX outputs).
+            // holds what the kernel indexes (checked above: rows x vocab logits, as the caller
+            // vouches for `logits`; masks of vocab bits; rows x TOP_N_MAX outputs).
             unsafe { launch.launch(config) }?;
             drop(guards);
             let tokens = stream.clone_dtoh(&tokens)?;

@@ -6,6 +6,7 @@
 //! CUDA backend's logits match the CPU backend's and ONNX Runtime's; logits stay on the device
 //! for the sampler; a model too big for the device is an error at load.
 
+use cudarc::driver::DevicePtr;
 use distill_serve::checkpoint::Family;
 use distill_serve::engine::cuda::device::CudaBackend;
 use distill_serve::engine::cuda::reference::CpuBackend;
@@ -103,6 +104,14 @@ fn device_sampling_matches_the_cpu_reference_token_for_token() {
         }
         let again = sampler.sample(&logits, vocab, &device_masks, &c.params, 5).unwrap();
         assert_eq!(again, got, "a second run differs");
+        // By device address, as a buffer another library owns (ONNX Runtime's) is sampled.
+        let (address, _guard) = logits.device_ptr(sampler.stream());
+        // SAFETY: `logits` holds its values on the sampler's stream and outlives the call.
+        let by_address = unsafe { sampler.sample_at(address, logits.len(), vocab, &device_masks, &c.params, 5) };
+        assert_eq!(by_address.unwrap(), got, "sampled by address");
+        // SAFETY: as above; the length vouched for is short of the rows, which is refused.
+        let short = unsafe { sampler.sample_at(address, rows * vocab - 1, vocab, &device_masks, &c.params, 5) };
+        assert!(short.is_err(), "too few logits accepted");
     }
 }
 
