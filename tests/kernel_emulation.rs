@@ -11,6 +11,7 @@
 mod common;
 mod gpu_checks;
 
+use cudarc::driver::{CudaSlice, DevicePtr, DriverError};
 use distill_serve::engine::cuda::device::CudaBackend;
 use distill_serve::engine::cuda::reference::CpuBackend;
 use distill_serve::engine::cuda::{Backend, CacheShape, HostWeight, StepRows, WeightFormat};
@@ -144,29 +145,43 @@ fn each_cuda_backend_operation_computes_what_the_cpu_backend_computes() {
     }
 }
 
+/// The `add_in_place` kernel (`x += y` over `count` values) on `device`.
+fn add_in_place(device: &CudaDevice) -> cudarc::driver::CudaFunction {
+    let module = device
+        .load(distill_serve::kernels::source("decoder").unwrap(), None)
+        .unwrap();
+    module.load_function("add_in_place").unwrap()
+}
+
+/// Launches `x += y` over 4 values, `x` given as a device address.
+fn add_four(
+    device: &CudaDevice,
+    add: &cudarc::driver::CudaFunction,
+    x: &u64,
+    y: &CudaSlice<f32>,
+) -> Result<(), DriverError> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let count = 4u32;
+    let mut args = device.stream().launch_builder(add);
+    args.arg(x).arg(y).arg(&count);
+    // SAFETY: the emulated driver checks pointer arguments before running anything.
+    unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.map(|_| ())
+}
+
 /// The emulated driver is no softer than a GPU on the one mistake it can see: a pointer
 /// argument outside every allocation fails the launch instead of touching host memory.
 #[test]
 fn a_launch_with_a_stray_pointer_fails_instead_of_running() {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
     let device = gpu().unwrap();
-    let module = device
-        .load(distill_serve::kernels::source("decoder").unwrap(), None)
-        .unwrap();
-    let add = module.load_function("add_in_place").unwrap();
+    let add = add_in_place(&device);
     let stream = device.stream();
     let y = stream.clone_htod(&[1.0f32; 4]).unwrap();
-    let (stray, count) = (0x1000u64, 4u32);
-    let mut args = stream.launch_builder(&add);
-    args.arg(&stray).arg(&y).arg(&count);
-    // SAFETY: the emulated driver checks pointer arguments before running anything.
-    let launched = unsafe { args.launch(LaunchConfig::for_num_elems(4)) };
-    assert!(launched.is_err(), "a stray pointer launched");
-    let mut x = stream.clone_htod(&[2.0f32; 4]).unwrap();
-    let mut args = stream.launch_builder(&add);
-    args.arg(&mut x).arg(&y).arg(&count);
-    // SAFETY: x and y hold the 4 values the kernel adds.
-    unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.unwrap();
+    assert!(
+        add_four(&device, &add, &0x1000, &y).is_err(),
+        "a stray pointer launched"
+    );
+    let x = stream.clone_htod(&[2.0f32; 4]).unwrap();
+    add_four(&device, &add, &x.device_ptr(stream).0, &y).unwrap();
     assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0; 4]);
 }
 
@@ -194,23 +209,15 @@ fn a_capture_refuses_memory_calls_and_is_spoiled_by_them() {
 #[test]
 fn a_graph_replayed_after_its_buffer_was_freed_fails() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
     let device = gpu().unwrap();
-    let module = device
-        .load(distill_serve::kernels::source("decoder").unwrap(), None)
-        .unwrap();
-    let add = module.load_function("add_in_place").unwrap();
+    let add = add_in_place(&device);
     let stream = device.stream();
-    let mut x = stream.clone_htod(&[2.0f32; 4]).unwrap();
+    let x = stream.clone_htod(&[2.0f32; 4]).unwrap();
     let y = stream.clone_htod(&[1.0f32; 4]).unwrap();
-    let count = 4u32;
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
-    let mut args = stream.launch_builder(&add);
-    args.arg(&mut x).arg(&y).arg(&count);
-    // SAFETY: x and y hold the 4 values the kernel adds.
-    unsafe { args.launch(LaunchConfig::for_num_elems(4)) }.unwrap();
+    add_four(&device, &add, &x.device_ptr(stream).0, &y).unwrap();
     let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
     assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![2.0; 4], "capturing ran the launch");
     graph.launch().unwrap();
