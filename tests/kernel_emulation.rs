@@ -226,3 +226,87 @@ fn a_graph_replayed_after_its_buffer_was_freed_fails() {
     drop(y);
     assert!(graph.launch().is_err(), "a graph ran on a freed buffer");
 }
+
+/// Once a decode step of a batch size has run, later ones allocate nothing on the device: the
+/// step replays its graph on the workspace, a start-of-answer mask stays cached, and the
+/// sampler reuses its parameter and result buffers (grown when a step has more rows). The
+/// tokens are the CPU reference engine's, so the reused buffers hold each step's own values.
+#[test]
+fn steady_decode_steps_allocate_nothing_on_the_device() {
+    use distill_serve::engine::ExecutionProvider;
+    use distill_serve::engine::cuda::NativeEngine;
+    use distill_serve::kernels::sampling::{RowPlan, RowSampling, bitset};
+    gpu().unwrap();
+    let st = common::student(distill_serve::checkpoint::Family::Qwen2, 4, |_| {});
+    let open = |provider| NativeEngine::open(&st.checkpoint, provider, 0, WeightFormat::Int8, 2, 64).unwrap();
+    let (mut gpu_engine, mut cpu_engine) = (open(ExecutionProvider::NativeCuda), open(ExecutionProvider::NativeCpu));
+    let vocab = gpu_engine.config().vocab_size;
+    let even = bitset(vocab, (0..vocab as u32).step_by(2));
+    // Slot 0 greedy; slot 1 seeded top-p over even tokens, with 3 alternatives.
+    let plan = |slot: u32, step: u64| RowPlan {
+        allowed: (slot == 1).then(|| even.clone()),
+        sampling: RowSampling {
+            temperature: [0.0, 0.9][slot as usize],
+            top_k: 0,
+            top_p: [1.0, 0.8][slot as usize],
+            seed: 11,
+            step,
+        },
+        top_n: [0, 3][slot as usize],
+    };
+    let mut both = |rows: &StepRows, logits_of: &[u32]| {
+        let plans: Vec<RowPlan> = logits_of
+            .iter()
+            .map(|&r| plan(rows.slots[r as usize], rows.positions[r as usize] as u64))
+            .collect();
+        let got = gpu_engine.step_and_sample(rows, logits_of, &plans).unwrap();
+        let want = cpu_engine.step_and_sample(rows, logits_of, &plans).unwrap();
+        let tokens: Vec<u32> = got.iter().map(|s| s.token.unwrap()).collect();
+        assert_eq!(
+            tokens,
+            want.iter().map(|s| s.token.unwrap()).collect::<Vec<_>>(),
+            "{rows:?}"
+        );
+        assert_eq!(got[got.len() - 1].top.len(), plans[plans.len() - 1].top_n);
+        tokens
+    };
+    let prompt = |slot: u32, text: &str, after: &mut StepRows| {
+        for (i, t) in st.encode(text).into_iter().enumerate() {
+            after.tokens.push(t);
+            after.slots.push(slot);
+            after.positions.push(i as u32);
+        }
+        after.len() as u32 - 1
+    };
+    // Slot 0's prompt alone (one row sampled), then slot 1's beside slot 0's first decode row.
+    let mut rows = StepRows::default();
+    let last = prompt(0, common::PROMPTS[0], &mut rows);
+    let mut next = vec![(both(&rows, &[last])[0], rows.positions[last as usize] + 1)];
+    let mut rows = StepRows {
+        tokens: vec![next[0].0],
+        slots: vec![0],
+        positions: vec![next[0].1],
+    };
+    let last = prompt(1, common::PROMPTS[1], &mut rows);
+    let tokens = both(&rows, &[0, last]);
+    next = vec![
+        (tokens[0], next[0].1 + 1),
+        (tokens[1], rows.positions[last as usize] + 1),
+    ];
+    let mut allocations = Vec::new();
+    for _ in 0..5 {
+        let rows = StepRows {
+            tokens: next.iter().map(|n| n.0).collect(),
+            slots: vec![0, 1],
+            positions: next.iter().map(|n| n.1).collect(),
+        };
+        let tokens = both(&rows, &[0, 1]);
+        next = tokens.into_iter().zip(&next).map(|(t, n)| (t, n.1 + 1)).collect();
+        allocations.push(common::fake_gpu::allocations_made());
+    }
+    assert!(
+        allocations.iter().all(|&a| a == allocations[0]),
+        "allocations after each decode step: {allocations:?}"
+    );
+    assert_eq!(gpu_engine.recorded_graphs(), 1);
+}

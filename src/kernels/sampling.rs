@@ -54,7 +54,7 @@ pub fn bitset(vocab: usize, allowed: impl IntoIterator<Item = u32>) -> Vec<u32> 
 mod device {
     use std::collections::HashMap;
     use std::path::Path;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -71,6 +71,7 @@ mod device {
         _module: Arc<CudaModule>,
         function: CudaFunction,
         masks: HashMap<u64, CudaSlice<u32>>,
+        staging: Mutex<Option<Staging>>,
     }
 
     impl DeviceSampler {
@@ -83,6 +84,7 @@ mod device {
                 _module: module,
                 function,
                 masks: HashMap::new(),
+                staging: Mutex::new(None),
             })
         }
 
@@ -185,56 +187,128 @@ mod device {
                     None => 0,
                 });
             }
-            let mask_addresses = stream.clone_htod(&mask_addresses)?;
-            let temperature = stream.clone_htod(&params.iter().map(|p| p.temperature).collect::<Vec<_>>())?;
-            let top_k = stream.clone_htod(&params.iter().map(|p| p.top_k).collect::<Vec<_>>())?;
-            let top_p = stream.clone_htod(&params.iter().map(|p| p.top_p).collect::<Vec<_>>())?;
-            let seed = stream.clone_htod(&params.iter().map(|p| p.seed).collect::<Vec<_>>())?;
-            let step = stream.clone_htod(&params.iter().map(|p| p.step).collect::<Vec<_>>())?;
-            let mut tokens = stream.alloc_zeros::<u32>(rows)?;
-            let mut logprobs = stream.alloc_zeros::<f32>(rows)?;
-            let mut top_ids = stream.alloc_zeros::<u32>(rows * TOP_N_MAX)?;
-            let mut top_logprobs = stream.alloc_zeros::<f32>(rows * TOP_N_MAX)?;
+            let mut kept = self
+                .staging
+                .lock()
+                .map_err(|_| KernelError::Invalid("a sampling call panicked on this sampler".into()))?;
+            let staging = match &mut *kept {
+                Some(staging) if staging.rows >= rows => staging,
+                slot => {
+                    *slot = None; // freed before the larger one is allocated
+                    slot.insert(Staging::new(stream, rows)?)
+                }
+            };
+            stream.memcpy_htod(&pack_params(&mask_addresses, params), &mut staging.params)?;
+            let (params_at, params_guard) = staging.params.device_ptr(stream);
+            let (outputs_at, outputs_guard) = staging.outputs.device_ptr(stream);
             let (vocab_arg, top_n_arg) = (vocab as u32, top_n.min(TOP_N_MAX) as u32);
             let config = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (crate::kernels::reference::THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let [masks_at, seeds_at, steps_at, temperatures_at, top_k_at, top_p_at] =
+                param_offsets(rows).map(|words| params_at + 4 * words as u64);
+            let [tokens_at, logprobs_at, top_ids_at, top_logprobs_at] =
+                output_offsets(rows).map(|words| outputs_at + 4 * words as u64);
             let mut launch = stream.launch_builder(&self.function);
             launch
                 .arg(&logits)
                 .arg(&vocab_arg)
-                .arg(&mask_addresses)
-                .arg(&temperature)
-                .arg(&top_k)
-                .arg(&top_p)
-                .arg(&seed)
-                .arg(&step)
+                .arg(&masks_at)
+                .arg(&temperatures_at)
+                .arg(&top_k_at)
+                .arg(&top_p_at)
+                .arg(&seeds_at)
+                .arg(&steps_at)
                 .arg(&top_n_arg)
-                .arg(&mut tokens)
-                .arg(&mut logprobs)
-                .arg(&mut top_ids)
-                .arg(&mut top_logprobs);
-            // SAFETY: the arguments match `sample_rows`' parameters in order and type; every buffer
-            // holds what the kernel indexes (checked above: rows x vocab logits, as the caller
-            // vouches for `logits`; masks of vocab bits; rows x TOP_N_MAX outputs).
+                .arg(&tokens_at)
+                .arg(&logprobs_at)
+                .arg(&top_ids_at)
+                .arg(&top_logprobs_at);
+            // SAFETY: the arguments match `sample_rows`' parameters in order (pointers passed as
+            // device addresses); every buffer holds what the kernel indexes (checked above: rows x
+            // vocab logits, as the caller vouches for `logits`; masks of vocab bits; the staging
+            // buffers hold `rows` rows of the layouts of `pack_params` and `unpack`).
             unsafe { launch.launch(config) }?;
-            drop(guards);
-            let tokens = stream.clone_dtoh(&tokens)?;
-            let logprobs = stream.clone_dtoh(&logprobs)?;
-            let top_ids = stream.clone_dtoh(&top_ids)?;
-            let top_logprobs = stream.clone_dtoh(&top_logprobs)?;
-            Ok((0..rows)
-                .map(|r| Sampled {
-                    token: (tokens[r] != u32::MAX).then_some(tokens[r]),
-                    logprob: logprobs[r],
-                    top: (0..top_n.min(TOP_N_MAX))
-                        .map(|m| (top_ids[r * TOP_N_MAX + m], top_logprobs[r * TOP_N_MAX + m]))
-                        .take_while(|&(id, _)| id != u32::MAX)
-                        .collect(),
-                })
-                .collect())
+            drop((guards, params_guard, outputs_guard));
+            let wanted = if top_n == 0 { 2 * rows } else { OUTPUT_WORDS * rows };
+            let Some(outputs) = staging.outputs.try_slice(..wanted) else {
+                return Err(KernelError::Invalid("sampling outputs out of their buffer".into()));
+            };
+            let words = stream.clone_dtoh(&outputs)?;
+            Ok(unpack(&words, rows, top_n))
         }
+    }
+
+    /// u32 words of parameters a row takes: mask address, seed and step (two words each, first,
+    /// so they stay 8-byte aligned), then temperature, top_k and top_p.
+    const PARAM_WORDS: usize = 9;
+    /// u32 words of results a row gives: token, logprob, and `TOP_N_MAX` ids and logprobs.
+    const OUTPUT_WORDS: usize = 2 + 2 * TOP_N_MAX;
+
+    /// Where each parameter of `rows` rows starts, in words: masks, seeds, steps (u64s, two
+    /// words a row), temperatures, top_k, top_p; [`pack_params`] writes them in this order.
+    fn param_offsets(rows: usize) -> [usize; 6] {
+        [0, 2 * rows, 4 * rows, 6 * rows, 7 * rows, 8 * rows]
+    }
+
+    /// Where each result of `rows` rows starts, in words: tokens, logprobs, top ids, top
+    /// logprobs (`TOP_N_MAX` a row for the last two).
+    fn output_offsets(rows: usize) -> [usize; 4] {
+        [0, rows, 2 * rows, 2 * rows + rows * TOP_N_MAX]
+    }
+
+    /// Device buffers a sampling call reuses for up to `rows` rows, so a step allocates nothing
+    /// and its parameters go up in one copy and its choices come back in one.
+    struct Staging {
+        rows: usize,
+        params: CudaSlice<u32>,
+        outputs: CudaSlice<u32>,
+    }
+
+    impl Staging {
+        fn new(stream: &Arc<CudaStream>, rows: usize) -> Result<Self, KernelError> {
+            Ok(Self {
+                rows,
+                params: stream.alloc_zeros(PARAM_WORDS * rows)?,
+                outputs: stream.alloc_zeros(OUTPUT_WORDS * rows)?,
+            })
+        }
+    }
+
+    /// The parameters of `params.len()` rows as `sample_rows` reads them (see [`param_offsets`]).
+    fn pack_params(mask_addresses: &[u64], params: &[RowSampling]) -> Vec<u32> {
+        let wide = |value: u64| [value as u32, (value >> 32) as u32];
+        let mut words = Vec::with_capacity(PARAM_WORDS * params.len());
+        words.extend(mask_addresses.iter().flat_map(|&a| wide(a)));
+        words.extend(params.iter().flat_map(|p| wide(p.seed)));
+        words.extend(params.iter().flat_map(|p| wide(p.step)));
+        words.extend(params.iter().map(|p| p.temperature.to_bits()));
+        words.extend(params.iter().map(|p| p.top_k));
+        words.extend(params.iter().map(|p| p.top_p.to_bits()));
+        words
+    }
+
+    /// Each row's result from the kernel's result words (see [`output_offsets`]; the top ones
+    /// only read when `top_n` > 0).
+    fn unpack(words: &[u32], rows: usize, top_n: usize) -> Vec<Sampled> {
+        let [tokens, logprobs, top_ids, top_logprobs] = output_offsets(rows);
+        let at = |r: usize, m: usize| r * TOP_N_MAX + m;
+        (0..rows)
+            .map(|r| Sampled {
+                token: (words[tokens + r] != u32::MAX).then_some(words[tokens + r]),
+                logprob: f32::from_bits(words[logprobs + r]),
+                top: (0..top_n.min(TOP_N_MAX))
+                    .map(|m| {
+                        (
+                            words[top_ids + at(r, m)],
+                            f32::from_bits(words[top_logprobs + at(r, m)]),
+                        )
+                    })
+                    .take_while(|&(id, _)| id != u32::MAX)
+                    .collect(),
+            })
+            .collect()
     }
 }

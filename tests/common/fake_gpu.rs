@@ -46,10 +46,23 @@ pub fn library_dir() -> &'static Path {
 /// `libcuda.so` by name, the loader hands cudarc this library. Call it before anything touches
 /// CUDA, in a test binary of its own (a process keeps the first driver it loads).
 pub fn install() {
-    static LOADED: OnceLock<()> = OnceLock::new();
-    LOADED.get_or_init(|| {
-        // SAFETY: our own test library; its initialisers only set up empty tables.
-        let library = unsafe { libloading::Library::new(library_dir().join("libcuda.so")) }.unwrap();
-        std::mem::forget(library);
-    });
+    driver();
+}
+
+/// The emulated driver, loaded once and kept for the process.
+fn driver() -> &'static libloading::Library {
+    static LOADED: OnceLock<libloading::Library> = OnceLock::new();
+    // SAFETY: our own test library; its initialisers only set up empty tables.
+    LOADED.get_or_init(|| unsafe { libloading::Library::new(library_dir().join("libcuda.so")) }.unwrap())
+}
+
+/// Device allocations the emulated driver has made on this thread so far.
+pub fn allocations_made() -> u64 {
+    // SAFETY: the library defines this function with this signature (tests/emulate/fake_cuda.cpp).
+    unsafe {
+        let count = driver()
+            .get::<unsafe extern "C" fn() -> u64>(b"fake_cuda_allocations_made")
+            .unwrap();
+        count()
+    }
 }

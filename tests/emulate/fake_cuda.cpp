@@ -42,6 +42,9 @@ enum Result : int {
 std::mutex lock;
 std::map<uintptr_t, size_t> allocations;
 size_t allocated = 0;
+/// Device allocations this thread has made (tests check that steady steps make none; per
+/// thread, so tests running side by side in one process do not count each other's).
+thread_local unsigned long long allocations_made = 0;
 
 /// The device's memory: 8 GiB.
 constexpr size_t TOTAL_MEMORY = 8ull << 30;
@@ -159,6 +162,9 @@ int context_marker, event_marker;
 #pragma GCC visibility push(default)
 extern "C" {
 
+// Not a CUDA entry point: how many device allocations the calling thread has made.
+unsigned long long fake_cuda_allocations_made() { return allocations_made; }
+
 int cuInit(unsigned int) { return SUCCESS; }
 int cuDeviceGetCount(int* count) {
     *count = 1;
@@ -205,6 +211,7 @@ int cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
     if (!p) return OUT_OF_MEMORY;
     allocations[(uintptr_t)p] = bytes;
     allocated += bytes;
+    ++allocations_made;
     *pointer = (uintptr_t)p;
     return SUCCESS;
 }
