@@ -270,25 +270,14 @@ fn steady_decode_steps_allocate_nothing_on_the_device() {
         assert_eq!(got[got.len() - 1].top.len(), plans[plans.len() - 1].top_n);
         tokens
     };
-    let prompt = |slot: u32, text: &str, after: &mut StepRows| {
-        for (i, t) in st.encode(text).into_iter().enumerate() {
-            after.tokens.push(t);
-            after.slots.push(slot);
-            after.positions.push(i as u32);
-        }
-        after.len() as u32 - 1
-    };
     // Slot 0's prompt alone (one row sampled), then slot 1's beside slot 0's first decode row.
     let mut rows = StepRows::default();
-    let last = prompt(0, common::PROMPTS[0], &mut rows);
+    let last = rows.push_prompt(0, &st.encode(common::PROMPTS[0]));
     let mut next = vec![(both(&rows, &[last])[0], rows.positions[last as usize] + 1)];
-    let mut rows = StepRows {
-        tokens: vec![next[0].0],
-        slots: vec![0],
-        positions: vec![next[0].1],
-    };
-    let last = prompt(1, common::PROMPTS[1], &mut rows);
-    let tokens = both(&rows, &[0, last]);
+    let mut rows = StepRows::default();
+    let first = rows.push(next[0].0, 0, next[0].1);
+    let last = rows.push_prompt(1, &st.encode(common::PROMPTS[1]));
+    let tokens = both(&rows, &[first, last]);
     next = vec![
         (tokens[0], next[0].1 + 1),
         (tokens[1], rows.positions[last as usize] + 1),

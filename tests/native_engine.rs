@@ -106,10 +106,7 @@ fn continuous_batching_gives_each_sequence_its_output_alone() {
         let mut last_row = Vec::new();
         for r in &running {
             let position = prompts[r.seq].len() + r.tokens.len() - 1;
-            rows.tokens.push(*r.tokens.last().unwrap());
-            rows.slots.push(r.slot);
-            rows.positions.push(position as u32);
-            last_row.push(rows.len() as u32 - 1);
+            last_row.push(rows.push(*r.tokens.last().unwrap(), r.slot, position as u32));
         }
         let a_done = done.iter().any(|r| r.seq == 0);
         for &(at, seq, slot) in &joins {
@@ -118,12 +115,7 @@ fn continuous_batching_gives_each_sequence_its_output_alone() {
                 continue;
             }
             d_joined |= seq == 3;
-            for (i, &t) in prompts[seq].iter().enumerate() {
-                rows.tokens.push(t);
-                rows.slots.push(slot);
-                rows.positions.push(i as u32);
-            }
-            last_row.push(rows.len() as u32 - 1);
+            last_row.push(rows.push_prompt(slot, &prompts[seq]));
             running.push(Running {
                 seq,
                 slot,

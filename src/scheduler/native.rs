@@ -74,12 +74,8 @@ impl<T> NativeBatch<T> {
                     continue;
                 }
             };
-            for (position, &token) in prompt.iter().enumerate() {
-                rows.tokens.push(token);
-                rows.slots.push(slot as u32);
-                rows.positions.push(position as u32);
-            }
-            placed.push((slot, rows.len() as u32 - 1, seq, meta));
+            let last = rows.push_prompt(slot as u32, prompt);
+            placed.push((slot, last, seq, meta));
         }
         if placed.is_empty() {
             return Ok(());
@@ -125,11 +121,11 @@ impl<T> NativeBatch<T> {
             return Ok(());
         }
         let mut rows = StepRows::default();
-        for row in self.rows.iter().flatten() {
-            rows.tokens.push(row.next_token);
-            rows.positions.push(row.next_position as u32);
+        for (slot, row) in self.rows.iter().enumerate() {
+            if let Some(row) = row {
+                rows.push(row.next_token, slot as u32, row.next_position as u32);
+            }
         }
-        rows.slots = live.iter().map(|&s| s as u32).collect();
         let all: Vec<u32> = (0..live.len() as u32).collect();
         let vocab = engine.config().vocab_size;
         let plans: Vec<_> = self.rows.iter().flatten().map(|r| r.seq.plan(vocab)).collect();

@@ -228,12 +228,7 @@ fn the_engine_samples_on_the_device() {
     let mut rows = StepRows::default();
     let mut last = Vec::new();
     for (slot, prompt) in prompts.iter().enumerate() {
-        for (i, &t) in prompt.iter().enumerate() {
-            rows.tokens.push(t);
-            rows.slots.push(slot as u32);
-            rows.positions.push(i as u32);
-        }
-        last.push(rows.len() as u32 - 1);
+        last.push(rows.push_prompt(slot as u32, prompt));
     }
     let vocab = gpu.config().vocab_size;
     let logits = gpu.step_logits(&rows, &last).unwrap().unwrap();
@@ -282,12 +277,7 @@ fn decode_steps_replayed_as_cuda_graphs_equal_eager_steps() {
         let mut last = Vec::new();
         for (&slot, prompt) in slots.iter().zip(prompts) {
             let prompt = st.encode(prompt);
-            for (i, &t) in prompt.iter().enumerate() {
-                rows.tokens.push(t);
-                rows.slots.push(slot as u32);
-                rows.positions.push(i as u32);
-            }
-            last.push(rows.len() as u32 - 1);
+            last.push(rows.push_prompt(slot as u32, &prompt));
             next[slot] = Some((0, prompt.len() as u32));
         }
         (rows, last)

@@ -69,6 +69,23 @@ pub struct StepRows {
 }
 
 impl StepRows {
+    /// Adds a row: `token` of the sequence in `slot` at `position`; the row's index.
+    pub fn push(&mut self, token: u32, slot: u32, position: u32) -> u32 {
+        self.tokens.push(token);
+        self.slots.push(slot);
+        self.positions.push(position);
+        self.len() as u32 - 1
+    }
+
+    /// Adds `prompt` as the rows of a sequence starting in `slot` at position 0; the index of
+    /// its last row (whose logits choose the first token).
+    pub fn push_prompt(&mut self, slot: u32, prompt: &[u32]) -> u32 {
+        for (position, &token) in prompt.iter().enumerate() {
+            self.push(token, slot, position as u32);
+        }
+        self.len() as u32 - 1
+    }
+
     /// How many rows.
     pub fn len(&self) -> usize {
         self.tokens.len()
